@@ -1,0 +1,98 @@
+"""Config dataclasses: frozen, registered by a short name, round-trip through JSON and YAML.
+
+Every method's options are a ``@register_config("name")`` frozen dataclass. ``to_dict`` writes
+``{"method": name, **fields}``; ``config_from_dict`` reads it back to the registered type, so the CLI,
+a YAML recipe and Python build the very same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import WeightsmithError, close_names
+
+C = TypeVar("C")
+
+# kind ("adapter", "merge", ...) -> name -> class
+_REGISTRY: dict[str, dict[str, type]] = {}
+
+
+def register_config(name: str, kind: str) -> Callable[[type[C]], type[C]]:
+    """Register a frozen dataclass under ``name`` within ``kind``."""
+
+    def wrap(cls: type[C]) -> type[C]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__} must be a dataclass")
+        table = _REGISTRY.setdefault(kind, {})
+        if name in table and table[name] is not cls:
+            raise TypeError(f"{kind} config '{name}' registered twice")
+        table[name] = cls
+        cls.method = name  # type: ignore[attr-defined]
+        cls.kind = kind  # type: ignore[attr-defined]
+        return cls
+
+    return wrap
+
+
+def registered(kind: str) -> dict[str, type]:
+    """All configs registered under ``kind`` (imports the method packages first)."""
+    return dict(_REGISTRY.get(kind, {}))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"method": type(config).method}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], kind: str) -> Any:
+    data = dict(data)
+    name = data.pop("method", None)
+    table = _REGISTRY.get(kind, {})
+    if name not in table:
+        raise WeightsmithError(
+            f"unknown {kind} method '{name}'; known: {', '.join(sorted(table)) or '(none)'}"
+        )
+    cls = table[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise WeightsmithError(
+            f"{kind} method '{name}' has no option '{unknown[0]}'; "
+            f"options: {close_names(unknown[0], list(fields))}"
+        )
+    for key, value in list(data.items()):
+        if isinstance(value, list):
+            data[key] = tuple(value)
+    return cls(**data)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    path = Path(path)
+    text = (
+        yaml.safe_dump(to_dict(config), sort_keys=False)
+        if path.suffix in (".yaml", ".yml")
+        else json.dumps(to_dict(config), indent=2)
+    )
+    path.write_text(text)
+
+
+def load_config(path: str | Path, kind: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsmithError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise WeightsmithError(f"{path}: not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise WeightsmithError(f"{path}: expected a mapping with a 'method' key")
+    return config_from_dict(data, kind)

@@ -1,0 +1,53 @@
+"""Evaluation: perplexity of a causal LM on a text (strided windows) and classification accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    window: int = 512,
+    stride: int = 256,
+    max_tokens: int | None = None,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Perplexity with strided sliding windows: each token is scored once, with up to ``window - stride``
+    tokens of left context beyond its own window start (the standard Hugging Face recipe)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        target_len = end - prev_end
+        chunk = ids[begin:end].unsqueeze(0).to(device)
+        labels = chunk.clone()
+        labels[:, :-target_len] = -100
+        loss = model(input_ids=chunk, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        nll += float(loss) * n
+        count += n
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def accuracy(predict: Callable[[Sequence[Any]], torch.Tensor], x: Sequence[Any], y: Sequence[int],
+             batch_size: int = 64) -> float:  # fmt: skip
+    """Fraction of ``x`` whose ``predict(batch).argmax(-1)`` equals ``y``."""
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        logits = predict(x[i : i + batch_size])
+        correct += int((logits.argmax(-1).cpu() == torch.as_tensor(y[i : i + batch_size])).sum())
+    return correct / max(len(y), 1)
