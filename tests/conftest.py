@@ -11,7 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WEIGHTSMITH_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Converted assets (the SmolLM2 safetensors cache) persist between test runs in the repository's .cache.
-os.environ.setdefault("WEIGHTSMITH_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "weightsmith"))
+os.environ.setdefault(
+    "WEIGHTSMITH_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "weightsmith")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -97,7 +97,11 @@ def test_module_store_matches_state_dict():
 
 
 def test_selector_glob_regex_and_suffix():
-    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"]
+    names = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+    ]
     assert Selector.of("q_proj.weight").filter(names) == names[:1]
     assert Selector.of("*.mlp.*").filter(names) == names[1:2]
     assert Selector.of("re:layers\\.\\d+\\.").filter(names) == names[:2]

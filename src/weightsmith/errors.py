@@ -12,9 +12,7 @@ class ShapeMismatchError(WeightsmithError):
 
     def __init__(self, name: str, expected: tuple[int, ...], got: tuple[int, ...], where: str = "") -> None:
         suffix = f" ({where})" if where else ""
-        super().__init__(
-            f"tensor '{name}': expected shape {tuple(expected)}, got {tuple(got)}{suffix}"
-        )
+        super().__init__(f"tensor '{name}': expected shape {tuple(expected)}, got {tuple(got)}{suffix}")
 
 
 def close_names(name: str, candidates: list[str], n: int = 5) -> str:

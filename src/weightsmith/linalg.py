@@ -75,7 +75,9 @@ def orthonormal_columns(A: Tensor) -> Tensor:
     return Q * signs.unsqueeze(-2)
 
 
-def dct_matrix(n: int, device: torch.device | str | None = None, dtype: torch.dtype = COMPUTE_DTYPE) -> Tensor:
+def dct_matrix(
+    n: int, device: torch.device | str | None = None, dtype: torch.dtype = COMPUTE_DTYPE
+) -> Tensor:
     """Orthonormal DCT-II matrix ``C`` (n x n) with ``C @ C.T = I``; row k is the k-th cosine."""
     k = torch.arange(n, device=device, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(n, device=device, dtype=torch.float64).unsqueeze(0)

@@ -55,7 +55,9 @@ def _hub_download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=list(MODEL_FILES)))
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower()
-        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"download failed ({type(exc).__name__})"
+        why = (
+            "the hub is offline (HF_HUB_OFFLINE=1)" if offline else f"download failed ({type(exc).__name__})"
+        )
         raise WeightsmithError(
             f"'{repo_id}' is not a local path and looks like a hub id, but {why}. "
             f"Pass a local model directory, a .safetensors file, or a packaged asset "
@@ -71,7 +73,9 @@ def resolve(spec: str | os.PathLike[str]) -> Path:
             return assets.minilm_dir()
         if s == "smollm2":
             return _smollm2_cache()
-        raise WeightsmithError(f"asset '{s}' is a data set, not a model; models: {', '.join(assets.asset_names('model'))}")
+        raise WeightsmithError(
+            f"asset '{s}' is a data set, not a model; models: {', '.join(assets.asset_names('model'))}"
+        )
     p = Path(s).expanduser()
     if p.exists():
         return p
@@ -97,7 +101,9 @@ def load_model(
     """Load ``(model, tokenizer)``. ``task``: "auto", "causal-lm", "encoder" or "classification"."""
     path = resolve(spec)
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise WeightsmithError(f"{path}: loading a model needs a directory with config.json (got weights only)")
+        raise WeightsmithError(
+            f"{path}: loading a model needs a directory with config.json (got weights only)"
+        )
     from transformers import (
         AutoConfig,
         AutoModel,

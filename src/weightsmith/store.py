@@ -8,10 +8,10 @@ streams through ``execute.map_weights`` with bounded memory.
 from __future__ import annotations
 
 import json
-from abc import abstractmethod
 import os
 import shutil
 import struct
+from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +207,9 @@ def open_store(path: str | os.PathLike[str]) -> WeightStore:
         return SafetensorsStore([p], str(p))
     if p.suffix in (".bin", ".pt", ".pth"):
         return _torch_state_dict(p)
-    raise WeightsmithError(f"{p}: unknown weight format (expected .safetensors, a model directory or .bin/.pt)")
+    raise WeightsmithError(
+        f"{p}: unknown weight format (expected .safetensors, a model directory or .bin/.pt)"
+    )
 
 
 def _torch_state_dict(path: Path) -> WeightStore:
@@ -303,7 +305,9 @@ class ShardWriter:
             save_file(self._buffer, str(path), metadata=self.metadata)
         except OSError as exc:
             self.abort()
-            raise WeightsmithError(f"writing {self.out} failed ({exc.strerror}); nothing was left behind") from exc
+            raise WeightsmithError(
+                f"writing {self.out} failed ({exc.strerror}); nothing was left behind"
+            ) from exc
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 

@@ -1,0 +1,483 @@
+"""The adapter results table: every registered adapter method, full fine-tuning and a frozen-encoder
+head-only baseline on MiniLM (Rotten Tomatoes, 2016 debates; 3 seeds), and SmolLM2 perplexity on
+Hamlet after adaptation with a few methods.
+
+    python benchmarks/adapt_results.py sweep --out DIR [--tiny] [--workers 12] [--budget-s 470]
+    python benchmarks/adapt_results.py lm --out DIR [--tiny]
+    python benchmarks/adapt_results.py table --results DIR [--results DIR2 ...] --md OUT.md
+
+``sweep`` first times every method alone (isolated, 60 steps), then runs the accuracy jobs in
+``--workers`` processes sharing one GPU (small models are launch-bound, so this is what fits the GPU
+budget); results are appended to ``DIR/results.jsonl`` as they finish, so a cut-off run keeps them.
+``table`` aggregates (mean and sample std over seeds) and checks each paper's claim direction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WEIGHTSMITH_PROGRESS", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Fixed protocol. Debates has ~900 training statements, so it gets more epochs for a similar number
+# of optimizer steps (~230-250) as Rotten Tomatoes (4000 examples, 2 epochs).
+CLS_PROTOCOL: dict[str, dict[str, Any]] = {
+    "rotten_tomatoes": {"max_examples": 4000, "epochs": 2},
+    "debates": {"max_examples": None, "epochs": 8},
+}
+COMMON = {"max_len": 64, "batch_size": 32, "warmup": 0.06, "schedule": "linear", "head_lr": 2e-3}
+SEEDS = (0, 1, 2)
+LM_METHODS = ("lora", "dora", "nola", "vera", "loldu", "full")
+# Language modelling: learning rates for a short run (few steps) on SmolLM2.
+LM_LR = {"full": 2e-5, "lora": 5e-4, "dora": 5e-4, "nola": 5e-3, "vera": 5e-3, "loldu": 1e-2}
+LORA_RANK = 8
+MATCH_LORA = ("randlora",)  # methods whose rank is chosen to match LoRA r=8's parameter count
+
+
+def _setup() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def method_names() -> list[str]:
+    import weightsmith.adapters  # noqa: F401
+    from weightsmith.config import registered
+
+    return sorted(registered("adapter"))
+
+
+def count_params(config: Any, targets: str | None) -> int:
+    from weightsmith import adapters, models
+
+    encoder, _ = models.load_model("minilm", task="encoder")
+    adapters.adapt(encoder, config, targets=targets, calibration=_calibration(encoder, config))
+    return adapters.trainable_parameters(encoder)
+
+
+def _calibration(encoder: Any, config: Any) -> Any:
+    if not config.needs_calibration():
+        return None
+    import torch
+
+    return [
+        {
+            "input_ids": torch.randint(1000, 5000, (8, 32)),
+            "attention_mask": torch.ones(8, 32, dtype=torch.long),
+        }
+    ]
+
+
+def method_configs() -> dict[str, dict[str, Any]]:
+    """``{method: config dict}``: defaults, LoRA-family ranks 8, RandLoRA rank matched to LoRA r=8."""
+    import weightsmith.adapters  # noqa: F401  (registers every method)
+    from weightsmith.config import config_from_dict, registered, to_dict
+    from weightsmith.tasks import get_task
+
+    targets = get_task("rotten_tomatoes").default_targets
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in sorted(registered("adapter").items()):
+        fields = {f for f in cls.__dataclass_fields__}
+        d: dict[str, Any] = {"method": name}
+        if name in ("lora", "dora", "pissa", "eva") and "rank" in fields:
+            d["rank"] = LORA_RANK
+        out[name] = to_dict(config_from_dict(d, "adapter"))
+    lora_params = count_params(config_from_dict(out["lora"], "adapter"), targets) if "lora" in out else None
+    if "adalora" in out:  # rank budget: hold for the first ~10 % of steps, prune until the last ~20 %
+        out["adalora"].update(tinit=20, tfinal=40)
+    for name in MATCH_LORA:
+        if name not in out or lora_params is None or "rank" not in out[name]:
+            continue
+        best = None
+        for r in (4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128):
+            try:
+                n = count_params(config_from_dict({**out[name], "rank": r}, "adapter"), targets)
+            except Exception:
+                continue
+            if best is None or abs(n - lora_params) < abs(best[1] - lora_params):
+                best = (r, n)
+        if best is not None:
+            out[name]["rank"] = best[0]
+            if "alpha" in out[name]:  # keep PEFT's convention alpha = 20 r (scaling alpha / r = 20)
+                out[name]["alpha"] = 20.0 * best[0]
+    return out
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One training run (in a worker process)."""
+    _setup()
+    from weightsmith.config import config_from_dict
+    from weightsmith.train import finetune
+
+    adapter: Any = job["adapter"]["method"]
+    if adapter not in ("full", "head"):
+        adapter = config_from_dict(job["adapter"], "adapter")
+    t0 = time.perf_counter()
+    try:
+        r = finetune(
+            job["model"],
+            job["task"],
+            adapter,
+            max_examples=job.get("max_examples"),
+            max_len=job["max_len"],
+            eval_examples=job.get("eval_examples"),
+            **job["train"],
+        )
+        res = r.to_dict()
+        res.pop("loss_history")
+        return {**job, "result": res}
+    except Exception as exc:  # recorded in the table, not hidden
+        return {**job, "error": f"{type(exc).__name__}: {exc}"[:400], "elapsed": time.perf_counter() - t0}
+
+
+def cls_jobs(
+    configs: dict[str, dict[str, Any]], tiny: bool, device: str, seeds: tuple[int, ...]
+) -> list[dict]:
+    jobs = []
+    adapters = [{"method": "full"}, {"method": "head"}, *configs.values()]
+    for seed in seeds:  # seed-major: a run cut short still has whole seeds
+        for task, proto in CLS_PROTOCOL.items():
+            for a in adapters:
+                train = {
+                    **{k: v for k, v in COMMON.items() if k != "max_len"},
+                    "epochs": proto["epochs"],
+                    "seed": seed,
+                    "device": device,
+                }
+                job = {
+                    "kind": "cls",
+                    "model": "minilm",
+                    "task": task,
+                    "adapter": a,
+                    "max_len": COMMON["max_len"],
+                    "max_examples": proto["max_examples"],
+                    "train": train,
+                }
+                if tiny:
+                    job.update(max_examples=24, eval_examples=24)
+                    job["train"].update(epochs=1, batch_size=8)
+                    if a["method"] == "adalora":
+                        job["adapter"] = {**a, "tinit": 0, "tfinal": 0}
+                jobs.append(job)
+    return jobs
+
+
+def timing_jobs(configs: dict[str, dict[str, Any]], tiny: bool, device: str) -> list[dict]:
+    jobs = []
+    for a in [{"method": "full"}, {"method": "head"}, *configs.values()]:
+        if a["method"] == "adalora":
+            a = {**a, "tinit": 0 if tiny else 5, "tfinal": 0 if tiny else 10}
+        train = {
+            **{k: v for k, v in COMMON.items() if k != "max_len"},
+            "max_steps": 3 if tiny else 60,
+            "seed": 0,
+            "device": device,
+        }
+        jobs.append(
+            {
+                "kind": "timing",
+                "model": "minilm",
+                "task": "rotten_tomatoes",
+                "adapter": a,
+                "max_len": COMMON["max_len"],
+                "max_examples": 64 if tiny else 4000,
+                "eval_examples": 16 if tiny else 256,
+                "train": train,
+            }
+        )
+    return jobs
+
+
+def sweep(args: argparse.Namespace) -> None:
+    _setup()
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    configs = method_configs()
+    if args.methods:
+        keep = set(args.methods.split(","))
+        configs = {k: v for k, v in configs.items() if k in keep}
+    machine = {
+        "host": platform.node(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor(),
+        "workers": args.workers,
+        "methods": sorted(configs),
+        "protocol": CLS_PROTOCOL,
+        "common": COMMON,
+        "tiny": args.tiny,
+    }
+    (out / "machine.json").write_text(json.dumps(machine, indent=2))
+    results = (out / "results.jsonl").open("a")
+    print(f"[{time.perf_counter() - start:.0f}s] methods: {', '.join(sorted(configs))}", flush=True)
+    for job in timing_jobs(configs, args.tiny, device):  # isolated, one at a time
+        r = run_job(job)
+        results.write(json.dumps(r) + "\n")
+        results.flush()
+        tag = r["result"]["train_time_s"] / max(1, r["result"]["steps"]) if "result" in r else r.get("error")
+        print(f"[{time.perf_counter() - start:.0f}s] timing {job['adapter']['method']}: {tag}", flush=True)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    jobs = cls_jobs(configs, args.tiny, device, seeds)
+    deadline = start + args.budget_s
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_setup) as pool:
+        pending = {pool.submit(run_job, j) for j in jobs}
+        while pending:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                print(f"budget reached; {len(pending)} jobs not finished", flush=True)
+                for f in pending:
+                    f.cancel()
+                results.close()
+                os._exit(0)  # running workers are abandoned; finished results are on disk
+            done, pending = wait(pending, timeout=min(left, 30), return_when=FIRST_COMPLETED)
+            for f in done:
+                r = f.result()
+                results.write(json.dumps(r) + "\n")
+                results.flush()
+                what = f"{r['result']['metric']:.4f}" if "result" in r else r["error"]
+                print(
+                    f"[{time.perf_counter() - start:.0f}s] {r['task']} {r['adapter']['method']} "
+                    f"seed {r['train']['seed']}: {what}",
+                    flush=True,
+                )
+    results.close()
+
+
+def lm(args: argparse.Namespace) -> None:
+    """SmolLM2 on Hamlet: val perplexity before and after a short adaptation (run on CPU here)."""
+    _setup()
+    from weightsmith import models
+    from weightsmith.tasks import get_task
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps, eval_tokens = (2, 128) if args.tiny else (args.lm_steps, 2048)
+    configs = method_configs()
+    task = get_task("hamlet", max_len=128, eval_examples=eval_tokens)
+    model, tok = models.load_model("smollm2", task="causal-lm")
+    base_ppl = task.evaluate(model, tok, "val")
+    del model
+    results = (out / "lm.jsonl").open("a")
+    results.write(
+        json.dumps({"kind": "lm", "adapter": {"method": "none"}, "result": {"metric": base_ppl}}) + "\n"
+    )
+    print(f"base perplexity {base_ppl:.3f}", flush=True)
+    methods = [
+        m for m in (args.methods.split(",") if args.methods else LM_METHODS) if m == "full" or m in configs
+    ]
+    for m in methods:
+        adapter = {"method": "full"} if m == "full" else configs[m]
+        job = {
+            "kind": "lm",
+            "model": "smollm2",
+            "task": "hamlet",
+            "adapter": adapter,
+            "max_len": 128,
+            "eval_examples": eval_tokens,
+            "train": {
+                "max_steps": steps,
+                "batch_size": 4,
+                "lr": LM_LR.get(m, 5e-4),
+                "seed": 0,
+                "device": "cpu",
+                "warmup": 0.1,
+                "schedule": "linear",
+            },
+        }
+        r = run_job(job)
+        results.write(json.dumps(r) + "\n")
+        results.flush()
+        print(m, r.get("result", {}).get("metric"), r.get("error", ""), flush=True)
+    results.close()
+
+
+# ------------------------------------------------------------------------------------------- table
+
+
+def _load(dirs: list[str]) -> tuple[list[dict], list[dict], dict]:
+    rows, lm_rows, machine = [], [], {}
+    for d in dirs:
+        p = Path(d)
+        if (p / "machine.json").is_file():
+            machine = json.loads((p / "machine.json").read_text())
+        for name, sink in (("results.jsonl", rows), ("lm.jsonl", lm_rows)):
+            if (p / name).is_file():
+                sink.extend(json.loads(line) for line in (p / name).read_text().splitlines() if line.strip())
+    return rows, lm_rows, machine
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _label(a: dict[str, Any]) -> str:
+    m = a["method"]
+    opts = ", ".join(f"{k}={v}" for k, v in a.items() if k in ("rank", "num_basis", "n_basis", "num_bases"))
+    return f"{m} ({opts})" if opts else m
+
+
+def table(args: argparse.Namespace) -> str:
+    rows, lm_rows, machine = _load(args.results)
+    timing = {r["adapter"]["method"]: r for r in rows if r["kind"] == "timing" and "result" in r}
+    by: dict[tuple[str, str], list[dict]] = {}
+    cfg: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    for r in rows:
+        if r["kind"] != "cls":
+            continue
+        m = r["adapter"]["method"]
+        cfg[m] = r["adapter"]
+        if "error" in r:
+            errors[m] = r["error"]
+            continue
+        by.setdefault((r["task"], m), []).append(r["result"])
+    lines = [
+        f"Machine: {machine.get('device', '?')} (torch {machine.get('torch', '?')}), "
+        f"{machine.get('workers', '?')} concurrent training processes for the accuracy runs.",
+        "",
+    ]
+    summary: dict[tuple[str, str], dict[str, float]] = {}
+    for task in CLS_PROTOCOL:
+        lines += [
+            f"### MiniLM on {task}",
+            "",
+            "| method | trainable params | vs LoRA | test accuracy (mean ± std) | seeds "
+            "| train s/step (alone) | peak MiB (alone) | train time s (concurrent) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lora_n = by.get((task, "lora"), [{}])[0].get("trainable_params")
+        order = sorted(
+            {m for (t, m) in by if t == task}, key=lambda m: -_stats([x["metric"] for x in by[(task, m)]])[0]
+        )
+        for m in order:
+            res = by[(task, m)]
+            mean, std = _stats([x["metric"] for x in res])
+            n = res[0]["trainable_params"]
+            ratio = f"{n / lora_n:.3g}×" if lora_n else ""
+            tm = timing.get(m, {}).get("result")
+            sps = f"{1000 * tm['train_time_s'] / max(1, tm['steps']):.1f} ms" if tm else ""
+            mem = f"{tm['peak_memory_mb']:.0f}" if tm else ""
+            tt = statistics.fmean(x["train_time_s"] for x in res)
+            summary[(task, m)] = {"mean": mean, "std": std, "params": n}
+            lines.append(
+                f"| {_label(cfg[m])} | {n:,} | {ratio} | {100 * mean:.2f} ± {100 * std:.2f} | {len(res)} "
+                f"| {sps} | {mem} | {tt:.1f} |"
+            )
+        lines.append("")
+    if errors:
+        lines += ["Failed runs:", ""] + [f"- {m}: {e}" for m, e in sorted(errors.items())] + [""]
+    lines += claims(summary)
+    if lm_rows:
+        lines += [
+            "### SmolLM2-135M on Hamlet (held-out last 10 % of the play)",
+            "",
+            "| method | trainable params | val perplexity | steps | train time s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in lm_rows:
+            res = r.get("result")
+            if res is None:
+                lines.append(f"| {r['adapter']['method']} | | failed: {r['error']} | | |")
+            elif r["adapter"]["method"] == "none":
+                lines.append(f"| pretrained (no training) | 0 | {res['metric']:.2f} | 0 | |")
+            else:
+                lines.append(
+                    f"| {_label(r['adapter'])} | {res['trainable_params']:,} | {res['metric']:.2f} "
+                    f"| {res['steps']} | {res['train_time_s']:.0f} |"
+                )
+        lines.append("")
+    text = "\n".join(lines)
+    if args.md:
+        Path(args.md).write_text(text)
+    print(text)
+    return text
+
+
+def claims(s: dict[tuple[str, str], dict[str, float]]) -> list[str]:
+    """The direction of each paper's headline claim, checked on these numbers."""
+    out = ["### Paper claims, checked", ""]
+    for task in CLS_PROTOCOL:
+        lora, full = s.get((task, "lora")), s.get((task, "full"))
+        if lora is None:
+            continue
+        out.append(f"On {task} (LoRA r=8: {100 * lora['mean']:.2f} %, {lora['params']:,} parameters):")
+        for m, paper in (
+            ("nola", "NOLA: near LoRA accuracy with a small fraction of its parameters"),
+            ("loldu", "LoLDU: comparable to LoRA with orders of magnitude fewer parameters"),
+            ("vera", "VeRA: near LoRA accuracy with far fewer parameters"),
+        ):
+            x = s.get((task, m))
+            if x is None:
+                continue
+            gap = 100 * (x["mean"] - lora["mean"])
+            frac = x["params"] / lora["params"]
+            noise = 100 * max(2 * x["std"], 2 * lora["std"], 1.0)
+            holds = frac < 0.2 and gap > -noise
+            out.append(
+                f"- {paper}: {frac:.3g}× LoRA's parameters, accuracy {gap:+.2f} points vs LoRA "
+                f"(tolerance {noise:.2f}) → **{'holds' if holds else 'does not hold'}**."
+            )
+        x = s.get((task, "svfit"))
+        if x is not None:
+            frac = x["params"] / lora["params"]
+            gap = 100 * (x["mean"] - lora["mean"])
+            out.append(
+                f"- SVFit: far fewer parameters than LoRA (paper: 16× fewer, and better accuracy): "
+                f"{1 / frac:.3g}× fewer, accuracy {gap:+.2f} points → fewer parameters "
+                f"**{'holds' if frac < 1 / 4 else 'does not hold'}**; better than LoRA "
+                f"**{'holds' if gap > 0 else 'does not hold'}**."
+            )
+        x = s.get((task, "randlora"))
+        if x is not None and full is not None:
+            gl, gr = 100 * (full["mean"] - lora["mean"]), 100 * (full["mean"] - x["mean"])
+            out.append(
+                f"- RandLoRA: closer to full fine-tuning than LoRA at equal parameters ({x['params']:,} vs "
+                f"{lora['params']:,}): gap to full FT {gr:+.2f} (RandLoRA) vs {gl:+.2f} (LoRA) points → "
+                f"**{'holds' if gr < gl else 'does not hold'}**."
+            )
+        out.append("")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sweep")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tiny", action="store_true")
+    s.add_argument("--workers", type=int, default=12)
+    s.add_argument("--budget-s", type=float, default=470.0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--methods", default=None, help="comma-separated subset of adapter methods")
+    s.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    s = sub.add_parser("lm")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tiny", action="store_true")
+    s.add_argument("--methods", default=None)
+    s.add_argument("--lm-steps", type=int, default=30)
+    s = sub.add_parser("table")
+    s.add_argument("--results", action="append", required=True)
+    s.add_argument("--md", default=None)
+    args = p.parse_args()
+    {"sweep": sweep, "lm": lm, "table": table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Adapter training-step speed and peak memory: weightsmith vs PEFT, side by side on one GPU.
+
+Setup (the issue's anchor): a 1.1B Llama-shaped model (hidden 2048, 16 layers, intermediate 5632,
+32 heads / 4 KV heads, vocab 32000, random init, bf16), batch 4 x 1024 tokens, adapters on
+q,k,v,o,gate,up,down, AdamW, causal-LM loss. Median step time over the measured steps, and peak
+allocated GPU memory (model included). Every registered weightsmith method is run; PEFT is run
+for the methods it has.
+
+    PYTHONPATH=src python3 benchmarks/bench_adapters.py --out results.jsonl          # GPU
+    PYTHONPATH=src python3 benchmarks/bench_adapters.py --tiny --steps 2 --warmup 1  # CPU smoke run
+    python3 benchmarks/bench_adapters.py --report results.jsonl > benchmarks/results/adapters-speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# weightsmith configs for the benchmark (method -> kwargs); methods not listed use their defaults
+OURS: dict[str, dict[str, Any]] = {
+    "lora": {"rank": 16, "alpha": 32},
+    "dora": {"rank": 16, "alpha": 32},
+    "pissa": {"rank": 16, "alpha": 32, "niter": 2},
+    "adalora": {"init_rank": 16, "target_rank": 8},
+    "vera": {"rank": 256},
+    "randlora": {"rank": 32},
+    "bone": {"rank": 64},
+    "hra": {"rank": 8},
+}
+SKIP = {"eva": "data-driven init (one SVD of calibration activations per layer); its adapter is LoRA's"}
+
+
+def peft_configs() -> dict[str, Callable[[], Any]]:
+    import peft
+
+    t = list(TARGETS)
+    return {
+        "lora": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=t),
+        "dora": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=t, use_dora=True),
+        "vera": lambda: peft.VeraConfig(r=256, target_modules=t),
+        "randlora": lambda: peft.RandLoraConfig(r=32, target_modules=t),
+        "bone": lambda: peft.MissConfig(r=64, target_modules=t),
+        "hra": lambda: peft.HRAConfig(r=8, target_modules=t),
+        "adalora": lambda: peft.AdaLoraConfig(init_r=16, target_r=8, total_step=1000, target_modules=t),
+    }
+
+
+def build_base(tiny: bool) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tiny:
+        cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=176, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)  # fmt: skip
+    else:
+        cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32,
+                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu"):  # random init is slow on CPU
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.cpu().eval()  # each run copies it to the GPU
+
+
+def run(
+    base: torch.nn.Module, lib: str, method: str, device: str, steps: int, warmup: int, batch: int, seq: int
+) -> dict[str, Any]:
+    from weightsmith import adapters
+
+    model = copy.deepcopy(base).to(device)
+    model.train()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    t0 = time.perf_counter()
+    hook: Callable[[int], None] = lambda step: None  # noqa: E731
+    if method == "full":
+        net = model
+    elif lib == "peft":
+        import peft
+
+        net = peft.get_peft_model(model, peft_configs()[method]())
+        if method == "adalora":
+            hook = lambda step: net.base_model.update_and_allocate(step)  # noqa: E731
+    else:
+        cfg = adapters.registered_adapters()[method](**OURS.get(method, {}))
+        adapters.adapt(model, cfg, targets=",".join(TARGETS))
+        net = model
+        hook = lambda step: adapters.adapter_step(net, step, 1000)  # noqa: E731
+    if device == "cuda":
+        torch.cuda.synchronize()
+    init_s = time.perf_counter() - t0
+    params = [p for p in net.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = net(input_ids=ids, labels=ids).loss
+        if lib == "weightsmith" and method != "full":
+            loss = loss + adapters.adapter_regularization(net)
+        loss.backward()
+        opt.step()
+        hook(step)
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    out = {
+        "lib": lib, "method": method, "step_ms": 1000 * statistics.median(times), "peak_gib": peak,
+        "trainable": n_train, "init_s": init_s, "loss": float(loss.detach()), "finite": bool(torch.isfinite(loss)),
+    }  # fmt: skip
+    del net, model, opt, params, loss
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def report(path: Path, device_name: str | None = None) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    meta = next((r for r in rows if "device" in r), {})
+    res = {(r["lib"], r["method"]): r for r in rows if "method" in r}
+    lora = res.get(("weightsmith", "lora"))
+    lines = [
+        "# Adapter training step: weightsmith vs PEFT",
+        "",
+        f"Device: {device_name or meta.get('device', '?')}; torch {meta.get('torch', '?')}, "
+        f"peft {meta.get('peft', '?')}, transformers {meta.get('transformers', '?')}.",
+        "Model: Llama-shaped 1.1B (hidden 2048, 16 layers, intermediate 5632, 32/4 heads, vocab 32000), random "
+        "init, bf16; batch 4 x 1024 tokens; adapters on q,k,v,o,gate,up,down; AdamW; median step time over "
+        f"{meta.get('steps', '?')} steps after {meta.get('warmup', '?')} warm-up; peak = max allocated GPU memory "
+        "(model included). Produced by `benchmarks/bench_adapters.py`.",
+        "",
+        "| method | weightsmith ms | PEFT ms | PEFT / ws (speed-up) | ws GiB | PEFT GiB | ws / our LoRA time "
+        "| trainable (ws) | trainable (PEFT) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    methods = sorted({m for _, m in res}, key=lambda m: (m != "full", m != "lora", m))
+    for m in methods:
+        w, p = res.get(("weightsmith", m)), res.get(("peft", m))
+        if m == "full":
+            w = res.get(("torch", "full"))
+
+        def f(r: dict[str, Any] | None, key: str, fmt: str = "{:.1f}") -> str:
+            return fmt.format(r[key]) if r is not None and key in r else "-"
+
+        speed = f"{p['step_ms'] / w['step_ms']:.2f}x" if w and p and m != "full" else "-"
+        rel = f"{w['step_ms'] / lora['step_ms']:.2f}" if w and lora and m != "full" else "-"
+        name = "full fine-tuning" if m == "full" else m
+        lines.append(
+            f"| {name} | {f(w, 'step_ms')} | {f(p, 'step_ms')} | {speed} | {f(w, 'peak_gib')} | {f(p, 'peak_gib')} "
+            f"| {rel} | {f(w, 'trainable', '{:,}')} | {f(p, 'trainable', '{:,}')} |"
+        )
+    skipped = [r for r in rows if "skipped" in r]
+    if skipped:
+        lines += ["", "Not run:"] + [f"- {r['lib']} {r['skipped']}: {r['why']}" for r in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer toy model (CPU smoke test)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--libs", default="torch,peft,weightsmith")
+    ap.add_argument("--methods", default="", help="comma list (default: all)")
+    ap.add_argument("--deadline", type=float, default=1e9, help="stop starting new runs after this many seconds")
+    ap.add_argument("--out", type=Path, default=Path("adapters-speed.jsonl"))
+    ap.add_argument("--report", type=Path, default=None)
+    args = ap.parse_args()
+    if args.report is not None:
+        sys.stdout.write(report(args.report))
+        return
+    torch.set_num_threads(4 if torch.cuda.is_available() else 1)
+    import peft
+    import transformers
+
+    from weightsmith import adapters
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    seq = 32 if args.tiny else args.seq
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+        "peft": peft.__version__, "transformers": transformers.__version__, "steps": args.steps, "warmup": args.warmup,
+    }  # fmt: skip
+    start = time.perf_counter()
+    base = build_base(args.tiny)
+    wanted = set(filter(None, args.methods.split(",")))
+    plan: list[tuple[str, str]] = []
+    libs = args.libs.split(",")
+    if "torch" in libs:
+        plan.append(("torch", "full"))
+    if "peft" in libs:
+        plan += [("peft", m) for m in peft_configs()]
+    if "weightsmith" in libs:
+        plan += [("weightsmith", m) for m in sorted(adapters.registered_adapters())]
+    with args.out.open("a") as fh:
+        fh.write(json.dumps(meta) + "\n")
+        for lib, method in plan:
+            if wanted and method not in wanted:
+                continue
+            if lib == "weightsmith" and method in SKIP:
+                fh.write(json.dumps({"lib": lib, "skipped": method, "why": SKIP[method]}) + "\n")
+                continue
+            if time.perf_counter() - start > args.deadline:
+                fh.write(json.dumps({"lib": lib, "skipped": method, "why": "time budget of the run"}) + "\n")
+                continue
+            try:
+                r = run(base, lib, method, device, args.steps, args.warmup, args.batch, seq)
+            except Exception as exc:  # record and go on: one failing method must not hide the others
+                r = {"lib": lib, "skipped": method, "why": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            fh.write(json.dumps(r) + "\n")
+            fh.flush()
+            print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The adapter contract: what every method states, and nothing else.
+
+A method is an :class:`AdapterConfig` (a frozen dataclass registered with
+``@register_config("name", kind="adapter")``) whose ``create(W0, ctx)`` returns an :class:`Adapter`:
+the reparameterisation ``W' = W0 + delta(W0)`` of *one* weight. Attaching to modules, enabling,
+merging, unmerging, saving and loading are written once, in ``_attach.py`` / ``_io.py``.
+
+Conventions every method can rely on:
+
+- ``W0`` is always ``[out_features, in_features]`` (GPT-2 ``Conv1D`` weights are transposed by the
+  core; for ``nn.Embedding`` it is ``[num_embeddings, dim]``). In ``create``, ``merge`` and
+  ``unmerge`` it is float32; in ``forward`` it is the live weight (model dtype, maybe a view).
+- ``create`` returns an adapter whose parameters are float32 on ``W0.device``. In ``forward`` the
+  activations may be bfloat16/float16 while the parameters are float32: cast parameters to
+  ``x.dtype`` (``self.A.to(x.dtype)``), never the activations to float32.
+- ``nn.Parameter`` = trainable and saved. Persistent buffers are saved but not trained. Tensors that
+  can be regenerated (shared random bases from ``ctx.shared``, SVD factors of ``W0``) must be
+  registered with ``persistent=False``: ``create`` runs again on load and rebuilds them.
+- Bases shared between layers come from ``ctx.shared.get(key, shape, factory)``; register the result
+  as a non-persistent buffer. The core keeps one copy in memory, also across ``model.to(...)``.
+- ``forward(x, W0, base_out)`` receives ``base_out = x W0ᵀ`` without the layer's bias and returns
+  ``x W'ᵀ``; the core adds the bias. Multiplicative methods (DoRA, HRA) can therefore rescale or
+  re-project ``base_out`` directly.
+- Errors about user input (a rank too large for the matrix, ...) are ``ctx.error(message)``, which
+  names the weight and its shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import WeightsmithError
+from ..linalg import seeded_generator
+
+T = TypeVar("T")
+
+
+class SharedBases:
+    """Tensors shared by all layers of one adapter (one per ``(key, shape)``), e.g. VeRA's random A, B.
+
+    Each tensor is made once by ``factory(generator)`` on CPU in float32 from a generator seeded by
+    ``(seed, key)`` only (never the global RNG), then moved to ``device``. They are never written to
+    adapter files: loading calls ``create`` again and regenerates them bit-identically from the seed.
+    ``group(key, factory)`` keeps one plain Python object per key for coordination between layers
+    (AdaLoRA's global budget); it is not saved either.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self._tensors: dict[tuple[str, tuple[int, ...]], Tensor] = {}
+        self._groups: dict[str, Any] = {}
+        self._last_fn: Callable[[Tensor], Tensor] | None = None
+
+    def key_seed(self, key: str) -> int:
+        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    def get(self, key: str, shape: tuple[int, ...], factory: Callable[[torch.Generator], Tensor]) -> Tensor:
+        shape = tuple(int(s) for s in shape)
+        slot = (key, shape)
+        if slot not in self._tensors:
+            t = factory(seeded_generator(self.key_seed(key)))
+            if tuple(t.shape) != shape:
+                raise ValueError(f"shared basis '{key}': factory made shape {tuple(t.shape)}, expected {shape}")
+            self._tensors[slot] = t.to(device=self.device, dtype=torch.float32)
+        return self._tensors[slot]
+
+    def group(self, key: str, factory: Callable[[], T]) -> T:
+        if key not in self._groups:
+            self._groups[key] = factory()
+        return self._groups[key]  # type: ignore[no-any-return]
+
+    def slot_of(self, t: Tensor) -> tuple[str, tuple[int, ...]] | None:
+        for slot, s in self._tensors.items():
+            if s is t:
+                return slot
+        return None
+
+    def moved(self, slot: tuple[str, tuple[int, ...]], fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """The tensor at ``slot`` after ``fn`` (a ``Module._apply`` function), applied once for all layers."""
+        if fn is not self._last_fn:
+            self._tensors = {k: fn(t) for k, t in self._tensors.items()}
+            self._last_fn = fn
+            if self._tensors:
+                self.device = next(iter(self._tensors.values())).device
+        return self._tensors[slot]
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self._tensors.values())
+
+
+@dataclass
+class AdapterContext:
+    """What ``create`` may know besides ``W0``: where the weight sits and what it shares."""
+
+    name: str  # the weight's name, e.g. "model.layers.0.self_attn.q_proj.weight"
+    index: int  # position among the adapted weights (0, 1, ...)
+    seed: int  # the adapter's seed (config.seed, default 0)
+    kind: str  # "linear" | "embedding"
+    shared: SharedBases
+    inputs: Tensor | None = None  # calibration activations [n, in_features] (data-driven inits, EVA)
+    shapes: tuple[tuple[int, int], ...] = ()  # [out, in] of every weight this adapter is attached to
+    # True when create() only rebuilds the structure before saved tensors are loaded into it
+    # (load_adapters, from_peft): data-driven inits may then skip their data and use zeros.
+    restoring: bool = False
+
+    def error(self, message: str, shape: tuple[int, ...] | None = None) -> WeightsmithError:
+        where = f"weight '{self.name}'" + (f" (shape {tuple(shape)})" if shape is not None else "")
+        return WeightsmithError(f"{where}: {message}")
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator for this layer's own random init, seeded by (seed, weight name)."""
+        return seeded_generator(self.shared.key_seed(f"layer:{self.name}"), device)
+
+
+class Adapter(nn.Module):
+    """One adapter on one weight. Subclasses define ``delta``; most also a fast ``forward``."""
+
+    def delta(self, W0: Tensor) -> Tensor:
+        """The dense update ``ΔW`` (same shape as ``W0``), so that ``W' = W0 + ΔW``."""
+        raise TypeError(f"{type(self).__name__} must define delta(W0)")
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:  # type: ignore[override]
+        """``x W'ᵀ`` given ``base_out = x W0ᵀ`` (both WITHOUT the bias: the core adds the bias afterwards)."""
+        return base_out + F.linear(x, self.delta(W0).to(x.dtype))
+
+    def embed(self, ids: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        """Output of an adapted embedding (``W0`` is ``[num_embeddings, dim]``)."""
+        return base_out + F.embedding(ids, self.delta(W0).to(base_out.dtype))
+
+    def merge(self, W0: Tensor) -> Tensor:
+        """``W0 + ΔW``; methods whose ``unmerge`` needs state from merge time override this."""
+        return W0 + self.delta(W0)
+
+    def unmerge(self, W_merged: Tensor) -> Tensor:
+        """Recover ``W0`` from ``W0 + ΔW``. Valid as is only when ``delta`` does not depend on ``W0``."""
+        return W_merged - self.delta(W_merged)
+
+    def low_rank(self) -> tuple[Tensor, Tensor] | None:
+        """Exact factors ``(B [out, k], A [k, in])`` with ``delta(W0) == B @ A`` for every ``W0``, or None.
+
+        Used to export to PEFT LoRA without an SVD; None (the default) means "use a truncated SVD".
+        """
+        return None
+
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        """Called by ``adapter_step`` after backward, before the gradients are zeroed."""
+
+    def regularizer(self) -> Tensor | None:
+        """A term to add to the training loss (AdaLoRA's orthogonality penalty), or None."""
+        return None
+
+    # Shared bases registered as buffers stay a single tensor across model.to(device/dtype).
+    def link_shared(self, shared: SharedBases) -> None:
+        """Called by the core after ``create``: remember which buffers are shared bases."""
+        self._shared_bases = shared
+        self._shared_slots = {n: s for n, b in self._buffers.items() if b is not None and (s := shared.slot_of(b))}
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Adapter:  # type: ignore[override]
+        slots: dict[str, tuple[str, tuple[int, ...]]] = self.__dict__.get("_shared_slots", {})
+        if not slots:
+            return super()._apply(fn, recurse)  # type: ignore[no-any-return]
+        for n in slots:
+            self._buffers[n] = None
+        super()._apply(fn, recurse)
+        for n, slot in slots.items():
+            self._buffers[n] = self._shared_bases.moved(slot, fn)
+        return self
+
+
+A = TypeVar("A", bound="AdapterConfig")
+
+
+class AdapterConfig:
+    """Base of every adapter config (a frozen dataclass registered with ``register_config``).
+
+    Class-level switches a method may set: ``supports_embedding`` (may attach to ``nn.Embedding``).
+    A config with a ``seed`` field seeds its shared bases and random inits with it.
+    """
+
+    supports_embedding: ClassVar[bool] = False
+    seed = 0
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> Adapter:
+        raise TypeError(f"{type(self).__name__} must define create(W0, ctx)")
+
+    @classmethod
+    def example(cls: type[A]) -> A:
+        """Small settings for the conformance suite (toy weights of shapes like 48x64, 64x32)."""
+        return cls()
+
+    def needs_calibration(self) -> bool:
+        """True when ``create`` requires ``ctx.inputs`` (data-driven inits)."""
+        return False
+
+    def layer_configs(self, names: list[str], inputs: Mapping[str, Tensor] | None) -> dict[str, AdapterConfig]:
+        """Per-weight configs before creation (EVA redistributes ranks across layers here)."""
+        return {n: self for n in names}

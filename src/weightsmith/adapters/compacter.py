@@ -1,0 +1,108 @@
+"""Compacter: the update as a sum of Kronecker products with shared "slow" and low-rank "fast" factors.
+
+Karimi Mahabadi, Henderson & Ruder, "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers",
+NeurIPS 2021, arXiv:2106.04647 (PHM layers: Zhang et al., ICLR 2021, arXiv:2102.08597).
+
+    ΔW = Σ_{i=1..n} A_i ⊗ B_i,   A_i [n, n] shared by all layers ("slow"),   B_i = s_i t_iᵀ ("fast")
+
+with ``s_i`` [out/n, r] and ``t_i`` [in/n, r] per layer (LPHM, r = 1 in the paper). Compacter puts such
+PHM layers in a bottleneck adapter; here the PHM matrix is the additive update of the adapted weight
+itself (an adapter of the same family as LoRA), so there is no bottleneck or non-linearity.
+Initialisation follows the authors' code: ``A`` ~ N(0, 0.01²), ``t`` Glorot-uniform; ``s`` starts at
+zero so ``ΔW = 0``. Trainable numbers: ``n³`` once (shared) plus ``r (out + in)`` per layer.
+
+The core has no shared *trainable* tensors, so the first layer created owns ``A`` as its parameter
+(saved once, under that layer) and every other layer holds a plain reference to the same tensor.
+The fast path works on x reshaped to [n, in/n] and never forms the [out, in] update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import register_config
+from ..linalg import seeded_generator
+from ._core import Adapter, AdapterConfig, AdapterContext
+
+
+class CompacterAdapter(Adapter):
+    """Trainable ``phm_s`` [n, out/n, r], ``phm_t`` [n, in/n, r]; ``phm_rule`` [n, n, n] (own or shared)."""
+
+    def __init__(self, rule: nn.Parameter, owner: bool, s: Tensor, t: Tensor) -> None:
+        super().__init__()
+        if owner:
+            self.phm_rule = rule
+        else:
+            self.__dict__["phm_rule"] = rule  # a reference, not registered: saved and moved by its owner
+        self.phm_s = nn.Parameter(s)
+        self.phm_t = nn.Parameter(t)
+
+    def delta(self, W0: Tensor) -> Tensor:
+        A = self.phm_rule.to(self.phm_s.device)
+        B = self.phm_s @ self.phm_t.transpose(1, 2)  # [n, out/n, in/n]
+        n, p, q = B.shape
+        return torch.einsum("iab,ikl->akbl", A, B).reshape(n * p, n * q)
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        dt = x.dtype
+        A, s, t = self.phm_rule.to(x.device, dt), self.phm_s.to(dt), self.phm_t.to(dt)
+        n = A.shape[0]
+        X = x.reshape(*x.shape[:-1], n, x.shape[-1] // n)  # [..., b, l]
+        Z = torch.einsum("...bl,ilr->...ibr", X, t)
+        Y = torch.einsum("iab,...ibr->...iar", A, Z)
+        out = torch.einsum("...iar,ikr->...ak", Y, s)
+        return base_out + out.reshape(base_out.shape)
+
+
+def glorot_uniform(shape: tuple[int, int, int], g: torch.Generator) -> Tensor:
+    bound = math.sqrt(6.0 / (shape[1] + shape[2]))
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+@register_config("compacter", kind="adapter")
+@dataclass(frozen=True)
+class Compacter(AdapterConfig):
+    """``phm_dim`` n (divides both sides); ``rank`` r of the fast weights; ``shared_slow_weights``: one A."""
+
+    phm_dim: int = 4
+    rank: int = 1
+    phm_init_range: float = 0.01
+    shared_slow_weights: bool = True
+    seed: int = 0
+
+    @classmethod
+    def example(cls) -> Compacter:
+        return cls(phm_dim=4, rank=2)
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> CompacterAdapter:
+        out_f, in_f = W0.shape
+        n, r = self.phm_dim, self.rank
+        if n < 1 or out_f % n or in_f % n:
+            raise ctx.error(f"Compacter phm_dim {n} must divide both sides", tuple(W0.shape))
+        if r < 1 or r > min(out_f, in_f) // n:
+            raise ctx.error(f"Compacter rank {r} is not in 1..{min(out_f, in_f) // n}", tuple(W0.shape))
+
+        def make_rule(g: torch.Generator) -> nn.Parameter:
+            A = torch.randn(n, n, n, generator=g) * self.phm_init_range
+            return nn.Parameter(A.to(W0.device))
+
+        g = ctx.generator()
+        created: list[bool] = []
+
+        def first_rule(key: str) -> nn.Parameter:
+            created.append(True)
+            return make_rule(seeded_generator(ctx.shared.key_seed(key)))
+
+        if self.shared_slow_weights:
+            key = f"compacter.phm_rule.{n}"
+            rule = ctx.shared.group(key, lambda: first_rule(key))
+        else:
+            created.append(True)
+            rule = make_rule(g)
+        t = glorot_uniform((n, in_f // n, r), g).to(W0.device)
+        s = torch.zeros(n, out_f // n, r, device=W0.device)
+        return CompacterAdapter(rule, bool(created), s, t)

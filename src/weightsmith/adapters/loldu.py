@@ -1,0 +1,89 @@
+"""LoLDU: Lower-Diag-Upper decomposition of the weight; train only the diagonal and one scale.
+
+Shi, Wei, Wu, Ran, Sun, He & Yang, "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for
+Parameter-Efficient Fine-Tuning", 2024, arXiv:2410.13618.
+
+LU with partial pivoting gives ``W0 = P L diag(z0) U`` (L unit lower, U unit upper). Keeping the first r
+columns of L and rows of U:
+
+    W' = W_res + σ · P L_r diag(z) U_r,   W_res = W0 - σ0 · P L_r diag(z0) U_r
+    =>  ΔW = P L_r (σ diag(z) - σ0 diag(z0)) U_r
+
+``z`` [r] (init ``z0``, the top-left pivots) and the scalar ``σ`` (init ``sigma_init``; the authors' code
+starts it at ``lora_alpha / rank``) train: ``r + 1`` numbers per layer. ``rank=None`` keeps the full
+decomposition (``min(out, in)``), the reference code's default for 768-wide models. ``P`` is folded
+into ``L`` as a row permutation (``P L_r``) instead of a dense ``[out, out]`` matrix as in the reference
+code; the factors are rebuilt from W0 on load (not saved). A zero pivot keeps ``z0 = 0`` for that row;
+the residual absorbs whatever the truncated product does not represent, so ΔW stays exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import register_config
+from ._core import Adapter, AdapterConfig, AdapterContext
+
+
+def ldu(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(P L, z, U1)`` with ``W = (P L) diag(z) U1``: L unit lower [out, k], U1 unit upper [k, in]."""
+    P, L, U = torch.linalg.lu(W.double())
+    z = torch.diagonal(U)
+    U1 = U / torch.where(z == 0, torch.ones_like(z), z)[:, None]
+    return (P @ L).float(), z.float(), U1.float()
+
+
+class LoLDUAdapter(Adapter):
+    """Trainable ``z`` [r] and ``sigma`` (scalar); frozen ``PL`` [out, r], ``U`` [r, in], ``z0``."""
+
+    PL: Tensor
+    U: Tensor
+    z0: Tensor
+
+    def __init__(self, PL: Tensor, z0: Tensor, U: Tensor, sigma_init: float) -> None:
+        super().__init__()
+        self.register_buffer("PL", PL, persistent=False)
+        self.register_buffer("U", U, persistent=False)
+        self.register_buffer("z0", z0.clone(), persistent=False)
+        self.sigma0 = float(sigma_init)
+        self.z = nn.Parameter(z0.clone())
+        self.sigma = nn.Parameter(torch.tensor(float(sigma_init), device=z0.device))
+
+    def diag(self) -> Tensor:
+        return self.sigma * self.z - self.sigma0 * self.z0
+
+    def delta(self, W0: Tensor) -> Tensor:
+        return (self.PL * self.diag()) @ self.U
+
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        return self.PL * self.diag(), self.U
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        dt = x.dtype
+        h = F.linear(x, self.U.to(dt)) * self.diag().to(dt)
+        return base_out + F.linear(h, self.PL.to(dt))
+
+
+@register_config("loldu", kind="adapter")
+@dataclass(frozen=True)
+class LoLDU(AdapterConfig):
+    """``rank`` r of the kept LDU factors (None: all); ``sigma_init`` starts the trainable scale σ."""
+
+    rank: int | None = None
+    sigma_init: float = 1.0
+
+    @classmethod
+    def example(cls) -> LoLDU:
+        return cls(rank=8)
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> LoLDUAdapter:
+        limit = min(W0.shape)
+        r = limit if self.rank is None else self.rank
+        if r < 1 or r > limit:
+            raise ctx.error(f"LoLDU rank {r} is not in 1..{limit}", tuple(W0.shape))
+        PL, z, U = ldu(W0)
+        return LoLDUAdapter(PL[:, :r].contiguous(), z[:r].contiguous(), U[:r].contiguous(), self.sigma_init)

@@ -1,0 +1,99 @@
+"""NOLA: LoRA's factors as linear combinations of frozen random bases; only the mixing coefficients train.
+
+Koohpayegani, Navaneet, Nooralinejad, Kolouri & Pirsiavash, "NOLA: Compressing LoRA using Linear
+Combination of Random Basis", ICLR 2024, arXiv:2310.02556.
+
+    ΔW = s · A B,   A = Σ_{i=1..k} α_i A_i  ([out, r]),   B = Σ_{j=1..l} β_j B_j  ([r, in])
+
+with ``s = alpha / r``. The bases ``A_i``, ``B_j`` are drawn from U(-1, 1)/sqrt(k) (resp. sqrt(l)) as in
+the authors' code and are never stored: they come from ``ctx.shared`` (seeded by the adapter's seed),
+so a saved NOLA adapter holds ``k + l`` numbers per layer. Layers of the same shape share one set of
+bases (each layer keeps its own coefficients); the authors draw a fresh seed per layer instead, which
+costs memory but no file space. Initialisation: ``α = 0`` (so ``ΔW = 0``) and ``β ~ N(0, 1/in)``,
+which gives ``B`` the variance of LoRA's Kaiming-uniform down-projection; the authors' GPT-2 code
+reaches the same start with zero coefficients plus a frozen Kaiming offset added to ``B``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import register_config
+from ._core import Adapter, AdapterConfig, AdapterContext
+
+
+def nola_basis(count: int, rows: int, cols: int) -> Callable[[torch.Generator], Tensor]:
+    """Factory for ``count`` random ``[rows, cols]`` matrices, entries U(-1, 1) / sqrt(count)."""
+
+    def make(g: torch.Generator) -> Tensor:
+        return (torch.rand(count, rows, cols, generator=g) * 2 - 1) / math.sqrt(count)
+
+    return make
+
+
+class NOLAAdapter(Adapter):
+    """Trainable ``alpha`` [k], ``beta`` [l]; shared ``A_basis`` [k, out, r], ``B_basis`` [l, r, in]."""
+
+    A_basis: Tensor
+    B_basis: Tensor
+
+    def __init__(self, A_basis: Tensor, B_basis: Tensor, beta: Tensor, scaling: float) -> None:
+        super().__init__()
+        self.register_buffer("A_basis", A_basis, persistent=False)
+        self.register_buffer("B_basis", B_basis, persistent=False)
+        self.alpha = nn.Parameter(torch.zeros(A_basis.shape[0], device=beta.device))
+        self.beta = nn.Parameter(beta)
+        self.scaling = scaling
+
+    def factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``A = Σ α_i A_i`` [out, r] and ``B = Σ β_j B_j`` [r, in]."""
+        A = torch.einsum("k,kor->or", self.alpha, self.A_basis)
+        B = torch.einsum("l,lri->ri", self.beta, self.B_basis)
+        return (A, B) if dtype is None else (A.to(dtype), B.to(dtype))
+
+    def delta(self, W0: Tensor) -> Tensor:
+        A, B = self.factors()
+        return (A @ B) * self.scaling
+
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        A, B = self.factors()
+        return A * self.scaling, B
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        A, B = self.factors(x.dtype)
+        return base_out + F.linear(F.linear(x, B), A) * self.scaling
+
+
+@register_config("nola", kind="adapter")
+@dataclass(frozen=True)
+class NOLA(AdapterConfig):
+    """``rank`` r of the LoRA factors; ``num_basis_A`` k and ``num_basis_B`` l; scaling ``alpha / rank``."""
+
+    rank: int = 8
+    num_basis_A: int = 1024
+    num_basis_B: int = 1024
+    alpha: float = 8.0
+    seed: int = 0
+
+    @classmethod
+    def example(cls) -> NOLA:
+        return cls(rank=4, num_basis_A=16, num_basis_B=12, alpha=4.0)
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> NOLAAdapter:
+        out_f, in_f = W0.shape
+        r = self.rank
+        if r < 1 or r > min(out_f, in_f):
+            raise ctx.error(f"NOLA rank {r} is not in 1..{min(out_f, in_f)}", tuple(W0.shape))
+        if self.num_basis_A < 1 or self.num_basis_B < 1:
+            raise ctx.error("NOLA needs num_basis_A >= 1 and num_basis_B >= 1")
+        k, l = self.num_basis_A, self.num_basis_B
+        A_basis = ctx.shared.get("nola.A", (k, out_f, r), nola_basis(k, out_f, r))
+        B_basis = ctx.shared.get("nola.B", (l, r, in_f), nola_basis(l, r, in_f))
+        beta = torch.randn(l, generator=ctx.generator()) / math.sqrt(in_f)
+        return NOLAAdapter(A_basis, B_basis, beta.to(W0.device), self.alpha / r)

@@ -1,0 +1,128 @@
+"""RandLoRA: a full-rank update from shared random low-rank bases with trainable diagonal scalings.
+
+Albert, Zhang, Saratchandran, Rodriguez-Opazo, van den Hengel & Abbasnejad, "RandLoRA: Full-rank
+parameter-efficient fine-tuning of large models", ICLR 2025, arXiv:2502.00987.
+
+For a weight with larger side D and smaller side d (``n = ceil(d / r)`` bases, so ``n r >= d``):
+
+    M = s · Σ_{i=1..n} B_i Λ_i A Γ_i,   B_i [D, r], A [r, d] frozen,  Λ_i = diag(λ_i) [r], Γ_i = diag(γ_i) [d]
+
+and ``ΔW = M`` when ``out >= in``, ``ΔW = Mᵀ`` otherwise (the trainable scalings sit on the small side,
+as in PEFT). ``s = alpha / r``. ``λ`` [n, r] starts at 0 (``ΔW = 0``), ``γ`` [n, d] at ``1 / D``; the
+bases are unit-variance uniform, drawn once at the largest sizes among the adapted weights (each layer
+slices them, as PEFT does) from ``ctx.shared`` and never saved: a file holds ``n (r + d)`` numbers per
+layer, where PEFT 0.21 writes the bases again for every layer. The fast path multiplies by the scaled
+``A`` (``[n r, d]``) and ``B`` and never forms the ``[out, in]`` update; ``ScaledBasis`` keeps only
+``A, λ, γ`` for backward instead of the ``[n, r, d]`` product. PEFT's sparse (ternary) bases are not
+offered (PEFT notes they bring no speed or memory gain yet).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import register_config
+from ._core import Adapter, AdapterConfig, AdapterContext
+
+
+class ScaledBasis(torch.autograd.Function):
+    """``λ[:, :, None] * A[None] * γ[:, None, :]`` -> [n, r, d], saving only the factors for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, A: Tensor, lam: Tensor, gamma: Tensor) -> Tensor:
+        ctx.save_for_backward(A, lam, gamma)
+        return lam[:, :, None] * A[None] * gamma[:, None, :]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor]:
+        A, lam, gamma = ctx.saved_tensors
+        grad_lam = torch.einsum("nrd,rd,nd->nr", grad, A, gamma)
+        grad_gamma = torch.einsum("nrd,rd,nr->nd", grad, A, lam)
+        return None, grad_lam, grad_gamma
+
+
+def unit_uniform(shape: tuple[int, ...]) -> Any:
+    def make(g: torch.Generator) -> Tensor:
+        t = torch.rand(shape, generator=g) * 2 - 1
+        return t / t.std()
+
+    return make
+
+
+class RandLoRAAdapter(Adapter):
+    """Trainable ``randlora_lambda`` [n, r], ``randlora_gamma`` [n, d]; shared ``randlora_A``, ``_B``."""
+
+    randlora_A: Tensor
+    randlora_B: Tensor
+
+    def __init__(
+        self, A: Tensor, B: Tensor, out_f: int, in_f: int, rank: int, n: int, scaling: float
+    ) -> None:
+        super().__init__()
+        self.register_buffer("randlora_A", A, persistent=False)  # [r, d_max]
+        self.register_buffer("randlora_B", B, persistent=False)  # [D_max, n_max, r]
+        self.out_f, self.in_f, self.rank, self.n, self.scaling = out_f, in_f, rank, n, scaling
+        d, D = min(out_f, in_f), max(out_f, in_f)
+        self.randlora_lambda = nn.Parameter(torch.zeros(n, rank, device=A.device))
+        self.randlora_gamma = nn.Parameter(torch.full((n, d), 1.0 / D, device=A.device))
+
+    def scaled_bases(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``Bf`` [D, n r] with column ``i r + k`` = ``B_i[:, k]``, and ``Af`` [n r, d] with row
+        ``i r + k`` = ``λ_ik A[k] Γ_i``."""
+        d, D = min(self.out_f, self.in_f), max(self.out_f, self.in_f)
+        A = self.randlora_A[: self.rank, :d].to(dtype)
+        Bf = self.randlora_B[:D, : self.n, : self.rank].reshape(D, self.n * self.rank).to(dtype)
+        Af = ScaledBasis.apply(A, self.randlora_lambda.to(dtype), self.randlora_gamma.to(dtype))
+        return Bf, Af.reshape(self.n * self.rank, d)
+
+    def delta(self, W0: Tensor) -> Tensor:
+        Bf, Af = self.scaled_bases(self.randlora_lambda.dtype)
+        M = (Bf @ Af) * self.scaling  # [D, d]
+        return M if self.out_f >= self.in_f else M.T
+
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        """Exact factors of rank n r (>= min side: the update is full rank by design)."""
+        Bf, Af = self.scaled_bases(self.randlora_lambda.dtype)
+        return (Bf * self.scaling, Af) if self.out_f >= self.in_f else (Af.T * self.scaling, Bf.T)
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        Bf, Af = self.scaled_bases(x.dtype)
+        if self.out_f >= self.in_f:
+            h = F.linear(F.linear(x, Af), Bf)
+        else:
+            h = F.linear(F.linear(x, Bf.T), Af.T)
+        return base_out + h * self.scaling
+
+
+@register_config("randlora", kind="adapter")
+@dataclass(frozen=True)
+class RandLoRA(AdapterConfig):
+    """``rank`` r of each random basis (PEFT default 32); scaling ``alpha / rank`` (PEFT's alpha: 640)."""
+
+    rank: int = 32
+    alpha: float = 640.0
+    seed: int = 0
+
+    @classmethod
+    def example(cls) -> RandLoRA:
+        return cls(rank=8, alpha=16.0)
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> RandLoRAAdapter:
+        out_f, in_f = W0.shape
+        r = self.rank
+        if r < 1 or r > min(out_f, in_f):
+            raise ctx.error(f"RandLoRA rank {r} is not in 1..{min(out_f, in_f)}", tuple(W0.shape))
+        shapes = (*(ctx.shapes or ()), (out_f, in_f))
+        d_max = max(min(s) for s in shapes)
+        D_max = max(max(s) for s in shapes)
+        n_max = max(math.ceil(min(s) / r) for s in shapes)
+        A = ctx.shared.get("randlora.A", (r, d_max), unit_uniform((r, d_max)))
+        B = ctx.shared.get("randlora.B", (D_max, n_max, r), unit_uniform((D_max, n_max, r)))
+        n = math.ceil(min(out_f, in_f) / r)
+        return RandLoRAAdapter(A, B, out_f, in_f, r, n, self.alpha / r)

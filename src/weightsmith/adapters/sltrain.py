@@ -1,0 +1,100 @@
+"""SLTrain: a low-rank plus a sparse update, the sparse support drawn uniformly at random and fixed.
+
+Han, Li, Huang, Hong, Takeda, Jawanpuria & Mishra, "SLTrain: a sparse plus low-rank approach for
+parameter and memory efficient pretraining", NeurIPS 2024, arXiv:2406.02214.
+
+    ΔW = (α / r) B A + S,   B [out, r], A [r, in],   S with support I (|I| = round(δ · out · in)) and values V
+
+The paper parameterises the whole weight this way for pre-training; as an adapter it is the update of
+a frozen W0. ``A`` is Kaiming-uniform, ``B = 0``; the paper draws V ~ U(±1/√in), here ``V = 0`` so
+that ``ΔW = 0`` at the start. The support is sampled without replacement from a generator seeded by
+(seed, weight name) and rebuilt on load, so a file holds ``r (out + in) + |I|`` numbers per layer and
+no indices. The fast path applies the low-rank part as two thin products and S as a sparse COO
+product (``torch.sparse.mm``), never forming the dense update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import register_config
+from ._core import Adapter, AdapterConfig, AdapterContext
+
+
+def random_support(numel: int, nnz: int, g: torch.Generator) -> Tensor:
+    """``nnz`` distinct flat indices in ``[0, numel)``, uniform at random, sorted (no full permutation)."""
+    if nnz * 4 >= numel:
+        return torch.randperm(numel, generator=g)[:nnz].sort().values
+    picked = torch.empty(0, dtype=torch.long)
+    while picked.numel() < nnz:
+        draw = torch.randint(0, numel, (nnz - picked.numel() + nnz // 8 + 16,), generator=g)
+        picked = torch.cat([picked, draw]).unique()
+    # a uniform subset of a uniform random set is uniform; unique() sorted it, so subsample at random
+    keep = torch.randperm(picked.numel(), generator=g)[:nnz]
+    return picked[keep].sort().values
+
+
+class SLTrainAdapter(Adapter):
+    """Trainable ``A`` [r, in], ``B`` [out, r] and ``values`` [|I|]; frozen support ``index`` [2, |I|]."""
+
+    index: Tensor
+
+    def __init__(self, A: Tensor, out_f: int, flat: Tensor, scaling: float) -> None:
+        super().__init__()
+        in_f = A.shape[1]
+        self.shape = (out_f, in_f)
+        self.A = nn.Parameter(A)
+        self.B = nn.Parameter(torch.zeros(out_f, A.shape[0], device=A.device))
+        self.values = nn.Parameter(torch.zeros(flat.numel(), device=A.device))
+        self.register_buffer("index", torch.stack([flat // in_f, flat % in_f]).to(A.device), persistent=False)
+        self.scaling = scaling
+
+    def sparse(self, dtype: torch.dtype) -> Tensor:
+        return torch.sparse_coo_tensor(
+            self.index, self.values.to(dtype), self.shape, check_invariants=False, is_coalesced=True
+        )
+
+    def delta(self, W0: Tensor) -> Tensor:
+        S = torch.zeros(self.shape, device=self.values.device, dtype=self.values.dtype)
+        S = S.index_put((self.index[0], self.index[1]), self.values)
+        return self.scaling * (self.B @ self.A) + S
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        dt = x.dtype
+        low = F.linear(F.linear(x, self.A.to(dt)), self.B.to(dt)) * self.scaling
+        x2 = x.reshape(-1, x.shape[-1])
+        sp = torch.sparse.mm(self.sparse(dt), x2.T).T.reshape(base_out.shape)
+        return base_out + low + sp
+
+
+@register_config("sltrain", kind="adapter")
+@dataclass(frozen=True)
+class SLTrain(AdapterConfig):
+    """``rank`` r and ``alpha`` (scaling α/r) of the low-rank part; ``density`` δ of the sparse part."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    density: float = 0.03
+    seed: int = 0
+
+    @classmethod
+    def example(cls) -> SLTrain:
+        return cls(rank=4, alpha=8.0, density=0.05)
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> SLTrainAdapter:
+        out_f, in_f = W0.shape
+        r = self.rank
+        if r < 1 or r > min(out_f, in_f):
+            raise ctx.error(f"SLTrain rank {r} is not in 1..{min(out_f, in_f)}", tuple(W0.shape))
+        if not 0.0 <= self.density <= 1.0:
+            raise ctx.error(f"SLTrain density must be in [0, 1], got {self.density}")
+        g = ctx.generator()
+        A = torch.empty(r, in_f)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
+        flat = random_support(out_f * in_f, round(self.density * out_f * in_f), g)
+        return SLTrainAdapter(A.to(W0.device), out_f, flat, self.alpha / r)

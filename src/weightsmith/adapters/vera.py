@@ -1,0 +1,90 @@
+"""VeRA: one pair of frozen random matrices shared by every layer, scaled per layer by two vectors.
+
+Kopiczko, Blankevoort & Asano, "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024, arXiv:2310.11454.
+
+    ΔW = Λ_b B Λ_d A,   Λ_b = diag(b) [out],  Λ_d = diag(d) [r],  A [r, in],  B [out, r] frozen
+
+Only ``d`` (init ``d_initial``) and ``b`` (init 0, so ``ΔW = 0``) train: ``r + out`` numbers per layer.
+As in PEFT, ``A`` and ``B`` are drawn once at the largest in/out size among the adapted weights
+(Kaiming-uniform) and each layer uses the top-left slice ``A[:, :in]``, ``B[:out, :]``. They come
+from ``ctx.shared`` (seeded by the config's seed) and are never saved; PEFT saves them by default
+(``save_projection=True``) and draws them from ``projection_prng_key`` with its own RNG sequence, so
+bases agree with PEFT only when copied over, not when seeded alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import register_config
+from ._core import Adapter, AdapterConfig, AdapterContext
+
+
+def kaiming_uniform(shape: tuple[int, int], g: torch.Generator) -> Tensor:
+    """U(-b, b), ``b = sqrt(3) * sqrt(2) / sqrt(fan_in)``, fan_in = shape[1] (He et al.; PEFT's VeRA init)."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+class VeRAAdapter(Adapter):
+    """Trainable ``vera_lambda_d`` (d) and ``vera_lambda_b`` (b); shared frozen ``vera_A``, ``vera_B``."""
+
+    vera_A: Tensor
+    vera_B: Tensor
+
+    def __init__(self, A: Tensor, B: Tensor, out_f: int, in_f: int, rank: int, d_initial: float) -> None:
+        super().__init__()
+        self.register_buffer("vera_A", A, persistent=False)
+        self.register_buffer("vera_B", B, persistent=False)
+        self.out_f, self.in_f, self.rank = out_f, in_f, rank
+        self.vera_lambda_d = nn.Parameter(torch.full((rank,), float(d_initial), device=A.device))
+        self.vera_lambda_b = nn.Parameter(torch.zeros(out_f, device=A.device))
+
+    def bases(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        A = self.vera_A[: self.rank, : self.in_f]
+        B = self.vera_B[: self.out_f, : self.rank]
+        return (A, B) if dtype is None else (A.to(dtype), B.to(dtype))
+
+    def delta(self, W0: Tensor) -> Tensor:
+        A, B = self.bases()
+        return (self.vera_lambda_b[:, None] * B) @ (self.vera_lambda_d[:, None] * A)
+
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        A, B = self.bases()
+        return self.vera_lambda_b[:, None] * B, self.vera_lambda_d[:, None] * A
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        A, B = self.bases(x.dtype)
+        h = F.linear(x, A) * self.vera_lambda_d.to(x.dtype)
+        return base_out + F.linear(h, B) * self.vera_lambda_b.to(x.dtype)
+
+
+@register_config("vera", kind="adapter")
+@dataclass(frozen=True)
+class VeRA(AdapterConfig):
+    """``rank`` r of the shared random matrices (PEFT default 256); ``d_initial`` starts every entry of d."""
+
+    rank: int = 256
+    d_initial: float = 0.1
+    seed: int = 0
+
+    @classmethod
+    def example(cls) -> VeRA:
+        return cls(rank=16)
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> VeRAAdapter:
+        out_f, in_f = W0.shape
+        if self.rank < 1:
+            raise ctx.error(f"VeRA rank must be >= 1, got {self.rank}")
+        shapes = ctx.shapes or ((out_f, in_f),)
+        max_out = max(max(s[0] for s in shapes), out_f)
+        max_in = max(max(s[1] for s in shapes), in_f)
+        r = self.rank
+        A = ctx.shared.get("vera.A", (r, max_in), lambda g: kaiming_uniform((r, max_in), g))
+        B = ctx.shared.get("vera.B", (max_out, r), lambda g: kaiming_uniform((max_out, r), g))
+        return VeRAAdapter(A, B, out_f, in_f, r, self.d_initial)

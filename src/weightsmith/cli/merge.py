@@ -1,0 +1,55 @@
+"""``weightsmith merge RECIPE.yaml OUT``: run a merge recipe (ours or mergekit's YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ._app import app
+
+HELP = """Merge checkpoints (or LoRA adapters) as a RECIPE.yaml says and write a Hugging Face model
+directory to OUT (sharded safetensors + index, config and tokenizer copied from the base), atomically.
+
+\b
+Our recipe format (methods: average, task_arithmetic, ties, dare, dare_ties, gta, opcm, lora):
+  method: ties              # its options sit beside it:
+  density: 0.2              #   ties: density, scaling, trim (model|tensor), weighted_election
+  scaling: 1.0              #   dare / dare_ties: p, scaling, rescale (inverse|l1), seed
+  base: path/to/base        #   opcm: alpha (models are merged in the order listed)
+  models:                   #   lora: mode (concat|dense); models are PEFT adapter directories
+    - model: path/to/ft-a
+      weight: 1.0
+    - path/to/ft-b
+  exclude: ["*classifier*"] # optional select/exclude globs: the rest is copied from the base
+  dtype: bfloat16           # optional output dtype (default: the base's)
+
+\b
+mergekit YAML (detected by its merge_method key), read with mergekit 0.1.5's semantics:
+  merge_method: ties        # linear, task_arithmetic, ties, dare_ties, dare_linear
+  base_model: path/to/base
+  parameters: {normalize: true, lambda: 1.0}
+  models:
+    - model: path/to/ft-a
+      parameters: {weight: 0.5, density: [0.2, 0.8]}   # scalars, layer gradients, {filter, value} lists
+  dtype: float32
+
+Computation is float32 everywhere; see docs/merging.md for where mergekit's semantics differ from the
+papers (weighted sign vote, L1 rescale in DARE, per-tensor trim) and how to get each with our recipe.
+"""
+
+
+@app.command("merge", help=HELP)
+def merge_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML: ours or mergekit's (auto-detected)."),
+    out: Path = typer.Argument(..., help="Output model directory."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB or 500MB."),
+) -> None:
+    from ..merge import recipe as recipes
+    from ..progress import log
+
+    result = recipes.run(recipe, out, dtype=dtype, device=device, force=force, shard_size=shard_size)
+    log(f"merged model written to {result}")

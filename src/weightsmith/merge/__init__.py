@@ -1,0 +1,31 @@
+"""Merging checkpoints and adapters in weight space.
+
+Every non-underscore module of this package is imported here, so each merge method file registers
+its configs (``weightsmith.config.registered("merge")``) just by being in the package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ._core import TaskVector, check_inputs, merge, write_model
+from .task_arithmetic import DARE, DARETIES, GTA, TIES, Average, TaskArithmetic, merge_tensors
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = [
+    "DARE",
+    "DARETIES",
+    "GTA",
+    "TIES",
+    "Average",
+    "TaskArithmetic",
+    "TaskVector",
+    "check_inputs",
+    "merge",
+    "merge_tensors",
+    "write_model",
+]

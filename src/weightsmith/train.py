@@ -1,0 +1,550 @@
+"""Fine-tuning loop: adapters, full fine-tuning or head-only training on a :mod:`weightsmith.tasks` task.
+
+``finetune(model="minilm", task="rotten_tomatoes", adapter=LoRA(rank=8), epochs=1, seed=0, out="run")``
+returns a :class:`TrainResult`. AdamW, linear warm-up then linear/cosine/constant decay, gradient
+accumulation, bf16 autocast on CUDA, evaluation after each epoch, and resumable checkpoints written
+atomically to ``OUT/checkpoint`` (each epoch and every ``checkpoint_every`` optimizer steps). A
+non-finite loss or gradient stops training with a clear error; the last good checkpoint is kept.
+
+Output directory (``out``): ``adapter/`` (native or PEFT format) or ``model/`` (full fine-tuning),
+``head.safetensors`` (classification head), ``run.json`` (what was trained, how, and the result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import config as cfg
+from .errors import WeightsmithError
+from .execute import resolve_device
+from .progress import console, enabled, log
+from .store import atomic_replace, atomic_write_text, prepare_output
+from .tasks import Task, get_task
+
+FULL, HEAD = "full", "head"
+# Learning rates used when none is given: the usual ranges reported by each paper for
+# BERT/RoBERTa-size encoders (full fine-tuning 2e-5..5e-5; LoRA 4e-4..5e-4; VeRA, NOLA, LoLDU and
+# SVFit train few scalars/vectors and use 10x larger rates). Methods not listed use 5e-4.
+DEFAULT_LR: dict[str, float] = {
+    FULL: 5e-5,
+    HEAD: 5e-3,
+    "lora": 5e-4,
+    "dora": 5e-4,
+    "pissa": 2e-4,
+    "eva": 5e-4,
+    "adalora": 1e-3,
+    "vera": 5e-3,
+    "nola": 5e-3,
+    "loldu": 1e-2,
+    "svfit": 5e-3,
+    "randlora": 5e-4,
+    "hra": 1e-3,
+    "bone": 5e-4,
+    "hydra": 5e-4,
+    "compacter": 3e-3,
+    "monarch": 5e-4,
+    "sltrain": 5e-4,
+}
+STATE_FILE, OPTIM_FILE, META_FILE = "state.safetensors", "optim.pt", "meta.json"
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """Optimisation settings (everything except the model, task and adapter)."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    lr: float | None = None  # None: DEFAULT_LR for the method
+    head_lr: float = 2e-3
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup: float = 0.06  # fraction of the optimizer steps
+    schedule: str = "linear"  # linear | cosine | constant
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    checkpoint_every: int | None = None  # optimizer steps; a checkpoint is also written every epoch
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the test metric, cost, and per-epoch validation history."""
+
+    model: str
+    task: str
+    method: str
+    metric_name: str
+    metric: float  # on the test split (classification) or held-out text (LM)
+    val_history: list[float]
+    trainable_params: int
+    total_params: int
+    steps: int
+    wall_time_s: float
+    peak_memory_mb: float
+    memory_kind: str  # "cuda" (max allocated) or "cpu-rss" (process peak RSS)
+    train_time_s: float  # wall time minus the per-epoch evaluations
+    lr: float
+    seed: int
+    loss_history: list[float] = field(default_factory=list)
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrainingDiverged(WeightsmithError):
+    """The loss or gradient became NaN/Inf; the last good checkpoint (if any) is kept."""
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def method_name(adapter: Any) -> str:
+    if adapter is None or adapter == HEAD:
+        return HEAD
+    if adapter == FULL:
+        return FULL
+    return str(type(adapter).method)
+
+
+def _attach(task: Task, model: nn.Module, tok: Any, adapter: Any, targets: Any, batch_size: int) -> None:
+    """Freeze/unfreeze and attach the adapter. The head is always trainable."""
+    method = method_name(adapter)
+    backbone = task.backbone(model)
+    for p in model.parameters():
+        p.requires_grad_(method == FULL)
+    if method not in (FULL, HEAD):
+        from . import adapters
+
+        calibration = None
+        if adapter.needs_calibration():
+            calibration = [
+                {k: v for k, v in b.items() if k != "labels"}
+                for _, b in zip(range(4), task.batches(0, 0, batch_size), strict=False)
+            ]
+        if targets is None:
+            targets = task.default_targets
+        adapters.adapt(backbone, adapter, targets=targets, calibration=calibration)
+    head = task.head(model)
+    if head is not None:
+        for p in head.parameters():
+            p.requires_grad_(True)
+
+
+def _schedule(args: TrainArgs, total: int) -> Any:
+    warm = int(round(args.warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if args.schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, total - warm)
+        if args.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+        return max(0.0, 1.0 - frac)
+
+    return factor
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu-rss"
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+
+
+def _resume_keys(model: nn.Module, base_keys: set[str]) -> list[str]:
+    """State to checkpoint: trainable parameters plus every tensor the adapter added (masks, ...)."""
+    trainable = set(_trainable(model))
+
+    def new(k: str) -> bool:  # adapted layers keep the original module as ``<layer>.base``
+        return k not in base_keys and k.replace(".base.", ".", 1) not in base_keys
+
+    return [k for k in model.state_dict() if k in trainable or new(k)]
+
+
+def _save_checkpoint(out: Path, model: nn.Module, keys: list[str], opt: Any, sched: Any, meta: dict) -> None:
+    tmp = out / f".checkpoint.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = model.state_dict()
+    save_file({k: state[k].detach().cpu().contiguous() for k in keys}, str(tmp / STATE_FILE))
+    extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        extra["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(extra, tmp / OPTIM_FILE)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    atomic_replace(tmp, out / "checkpoint")
+
+
+def _load_checkpoint(ckpt: Path, model: nn.Module, keys: list[str], opt: Any, sched: Any) -> dict:
+    state = load_file(str(ckpt / STATE_FILE))
+    missing = sorted(set(keys) - set(state))
+    if missing:
+        raise WeightsmithError(
+            f"{ckpt}: checkpoint lacks '{missing[0]}' ({len(missing)} tensors); "
+            "it was written for another method or model; start again with --force"
+        )
+    model.load_state_dict(state, strict=False)
+    extra = torch.load(ckpt / OPTIM_FILE, weights_only=True, map_location="cpu")
+    opt.load_state_dict(extra["optimizer"])
+    sched.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"])
+    if "cuda_rng" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    return dict(json.loads((ckpt / META_FILE).read_text()))
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def _progress(total: int, description: str) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        disable=not enabled(),
+    )
+
+
+def _batches_from(task: Task, epoch: int, seed: int, bs: int, skip: int) -> Iterator[tuple[int, dict]]:
+    for i, batch in enumerate(task.batches(epoch, seed, bs)):
+        if i >= skip:
+            yield i, batch
+
+
+def finetune(
+    model: str | None = None,
+    task: str | Task = "rotten_tomatoes",
+    adapter: Any = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    resume: bool = False,
+    targets: Any = None,
+    format: str = "native",
+    max_examples: int | None = None,
+    max_len: int | None = None,
+    eval_examples: int | None = None,
+    args: TrainArgs | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train ``adapter`` (a registered adapter config, ``"full"``, or ``None``/``"head"`` for the head
+    alone) on ``task`` starting from ``model`` (default: the task's model). Keyword ``overrides`` are
+    :class:`TrainArgs` fields (``epochs=2, lr=1e-3, seed=1, ...``)."""
+    args = dataclasses.replace(args or TrainArgs(), **overrides)
+    if format not in ("native", "peft"):
+        raise WeightsmithError(f"--format must be 'native' or 'peft' (got '{format}')")
+    if args.schedule not in ("linear", "cosine", "constant"):
+        raise WeightsmithError(f"schedule must be linear, cosine or constant (got '{args.schedule}')")
+    if args.batch_size < 1 or args.grad_accum < 1 or (args.max_steps is not None and args.max_steps < 1):
+        raise WeightsmithError("batch size, gradient accumulation and max steps must be at least 1")
+    t = task if isinstance(task, Task) else get_task(task, model, max_examples, max_len, eval_examples)
+    method = method_name(adapter)
+    if isinstance(adapter, str) and adapter not in (FULL, HEAD):
+        from . import adapters  # noqa: F401  (registers the methods)
+
+        adapter = cfg.config_from_dict({"method": adapter}, "adapter")
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(method, 5e-4)
+    head_lr = lr if method == HEAD else args.head_lr  # head-only training: --lr is the head's rate
+    device = resolve_device(args.device)
+
+    out_dir = Path(out) if out is not None else None
+    meta_run = {
+        "model": t.model_spec,
+        "task": t.name,
+        "max_examples": t.max_examples,
+        "max_len": t.max_len,
+        "eval_examples": t.eval_examples,
+        "adapter": _adapter_dict(adapter),
+        "targets": targets,
+        "format": format,
+        "args": {**dataclasses.asdict(args), "lr": lr},
+    }
+    ckpt = out_dir / "checkpoint" if out_dir is not None else None
+    if out_dir is not None:
+        if resume:
+            if ckpt is None or not (ckpt / META_FILE).is_file():
+                raise WeightsmithError(f"--resume: {out_dir} has no checkpoint to resume from")
+        else:
+            prepare_output(out_dir, force)
+
+    torch.manual_seed(args.seed)
+    net, tok = t.build()
+    t.prepare(tok)
+    base_keys = set(net.state_dict())
+    _attach(t, net, tok, adapter, targets, args.batch_size)
+    if out_dir is not None and not resume:  # the old output goes only once the new run has started
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+    net.to(device)
+    params = _trainable(net)
+    head = t.head(net)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    groups = [
+        {"params": [p for p in params.values() if id(p) not in head_ids], "lr": lr},
+        {"params": [p for p in params.values() if id(p) in head_ids], "lr": head_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    per_epoch = math.ceil(t.batches_per_epoch(args.batch_size) / args.grad_accum)
+    total = args.max_steps if args.max_steps is not None else args.epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(args, total))
+    keys = _resume_keys(net, base_keys)
+
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "val": [], "loss": [], "elapsed": 0.0, "run": meta_run}
+    if resume and ckpt is not None:
+        saved = json.loads((ckpt / META_FILE).read_text())
+        if saved.get("run") != json.loads(json.dumps(meta_run)):
+            raise WeightsmithError(
+                f"--resume: {out_dir} was started with other settings; "
+                "use the same options as the first run, or --force to start over"
+            )
+        state = _load_checkpoint(ckpt, net, keys, opt, sched)
+        log(f"resuming {out_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
+
+    n_trainable = sum(p.numel() for p in params.values())
+    n_total = sum(p.numel() for p in net.parameters())
+    use_bf16 = args.bf16 and device.type == "cuda"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter() - float(state["elapsed"])
+    step, epoch = int(state["step"]), int(state["epoch"])
+    net.train()
+
+    def checkpoint(next_epoch: int, next_batch: int) -> None:
+        if out_dir is None:
+            return
+        state.update(step=step, epoch=next_epoch, batch=next_batch, elapsed=time.perf_counter() - start)
+        _save_checkpoint(out_dir, net, keys, opt, sched, state)
+
+    with _progress(total, "train") as bar:
+        job = bar.add_task(f"{method} · {t.name}", total=total, completed=step, status="")
+        while step < total and epoch < epochs:
+            n_batches = t.batches_per_epoch(args.batch_size)
+            micro, running = 0, 0.0
+            for i, batch in _batches_from(t, epoch, args.seed, args.batch_size, int(state["batch"])):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = t.loss(net, batch)
+                reg = _regularization(net, method)
+                total_loss = (loss + reg) / args.grad_accum
+                if not torch.isfinite(total_loss):
+                    _diverged(out_dir, step, epoch, f"loss is {float(loss)}")
+                total_loss.backward()
+                running += float(loss.detach())
+                micro += 1
+                if micro % args.grad_accum and i + 1 < n_batches:
+                    continue
+                norm = nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm or float("inf"))
+                if not torch.isfinite(norm):
+                    _diverged(out_dir, step, epoch, f"gradient norm is {float(norm)}")
+                opt.step()
+                sched.step()
+                _adapter_step(net, method, step, total)
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                state["loss"].append(round(running / micro, 6))
+                bar.update(job, completed=step, status=f"loss {running / micro:.4f}")
+                micro, running = 0, 0.0
+                if step >= total:
+                    break
+                if args.checkpoint_every and step % args.checkpoint_every == 0:
+                    checkpoint(epoch, i + 1)
+            t_eval = time.perf_counter()
+            val = t.evaluate(net, tok, "val", device)
+            state["eval_time"] = float(state.get("eval_time", 0.0)) + time.perf_counter() - t_eval
+            state["val"].append(val)
+            state["batch"] = 0
+            log(f"epoch {epoch + 1}/{epochs}: val {t.metric_name} {val:.4f}")
+            epoch += 1
+            checkpoint(epoch, 0)
+
+    wall = time.perf_counter() - start
+    metric = t.evaluate(net, tok, "test", device) if t.kind == "classification" else state["val"][-1]
+    peak, kind = _peak_memory(device)
+    result = TrainResult(
+        t.model_spec,
+        t.name,
+        method,
+        t.metric_name,
+        float(metric),
+        list(state["val"]),
+        n_trainable,
+        n_total,
+        step,
+        wall,
+        peak,
+        kind,
+        wall - float(state.get("eval_time", 0.0)),
+        lr,
+        args.seed,
+        list(state["loss"]),
+        str(out_dir) if out_dir is not None else None,
+    )
+    if out_dir is not None:
+        _write_outputs(out_dir, t, net, tok, method, format, {**meta_run, "result": result.to_dict()})
+    return result
+
+
+def _regularization(model: nn.Module, method: str) -> torch.Tensor | float:
+    if method in (FULL, HEAD):
+        return 0.0
+    from . import adapters
+
+    return adapters.adapter_regularization(model)
+
+
+def _adapter_step(model: nn.Module, method: str, step: int, total: int) -> None:
+    if method not in (FULL, HEAD):
+        from . import adapters
+
+        adapters.adapter_step(model, step, total)
+
+
+def _diverged(out_dir: Path | None, step: int, epoch: int, what: str) -> None:
+    ckpt = out_dir / "checkpoint" if out_dir is not None else None
+    if ckpt is not None and (ckpt / META_FILE).is_file():
+        saved = json.loads((ckpt / META_FILE).read_text())["step"]
+        kept = f"the last good checkpoint ({ckpt}, step {saved}) is kept: lower --lr and rerun with --resume"
+    else:
+        kept = "no checkpoint had been written yet; lower --lr (or set --checkpoint-every) and start again"
+    raise TrainingDiverged(f"training stopped at step {step + 1} (epoch {epoch + 1}): {what}; {kept}")
+
+
+def _adapter_dict(adapter: Any) -> dict[str, Any]:
+    name = method_name(adapter)
+    return {"method": name} if name in (FULL, HEAD) else cfg.to_dict(adapter)
+
+
+def _write_outputs(out: Path, t: Task, model: nn.Module, tok: Any, method: str, fmt: str, run: dict) -> None:
+    model.eval()
+    backbone, head = t.backbone(model), t.head(model)
+    if method == FULL:
+        tmp = out / f".model.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        backbone.save_pretrained(tmp)  # type: ignore[operator]
+        tok.save_pretrained(tmp)
+        atomic_replace(tmp, out / "model")
+    elif method != HEAD:
+        from . import adapters
+
+        if fmt == "peft":
+            adapters.to_peft(backbone, out / "adapter")
+        else:
+            adapters.save_adapters(backbone, out / "adapter", force=True)
+    if head is not None:
+        tmp_head = out / f".head.partial-{os.getpid()}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp_head))
+        os.replace(tmp_head, out / "head.safetensors")
+    atomic_write_text(out / "run.json", json.dumps(run, indent=2))
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+
+
+def load_finetuned(out: str | os.PathLike[str], device: str = "cpu") -> tuple[nn.Module, Any, Task]:
+    """Rebuild ``(model, tokenizer, task)`` from a finished ``finetune`` output directory (adapters
+    attached, not merged)."""
+    out = Path(out)
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        raise WeightsmithError(f"{out}: not a finished weightsmith adapt output (run.json missing)")
+    run = json.loads(run_file.read_text())
+    t = get_task(run["task"], run["model"], run["max_examples"], run["max_len"], run["eval_examples"])
+    method = run["adapter"]["method"]
+    if method == FULL:
+        t = dataclasses.replace(t, model_spec=str(out / "model"))
+    net, tok = t.build()
+    backbone = t.backbone(net)
+    if method not in (FULL, HEAD):
+        from . import adapters
+
+        if run["format"] == "peft":
+            adapters.from_peft(backbone, out / "adapter")
+        else:
+            adapters.load_adapters(backbone, out / "adapter")
+    head = t.head(net)
+    if head is not None:
+        head.load_state_dict(load_file(str(out / "head.safetensors")))
+    return net.to(device).eval(), tok, t
+
+
+def export_run_merged(
+    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False
+) -> Path:
+    """Write a finished run's backbone with its adapter merged as a Hugging Face model directory
+    (``AutoModel``/``AutoModelForCausalLM.from_pretrained`` loads it), plus the tokenizer and, for
+    classification, ``head.safetensors`` and ``run.json``."""
+    final = prepare_output(out, force)
+    net, tok, t = load_finetuned(run_dir)
+    backbone = t.backbone(net)
+    staging = final.with_name(f".{final.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if any(True for _ in _adapted(backbone)):
+            from . import adapters
+
+            adapters.export_merged(backbone, staging)
+        else:
+            backbone.save_pretrained(staging)  # type: ignore[operator]
+        tok.save_pretrained(staging)
+        src = Path(run_dir)
+        for name in ("head.safetensors", "run.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, staging / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    atomic_replace(staging, final)
+    return final
+
+
+def export_run_peft(
+    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], rank: int | None = None, force: bool = False
+) -> dict[str, float]:
+    """Write a finished run's adapter as a PEFT LoRA directory. LoRA/DoRA (and exactly low-rank
+    adapters) convert exactly; other methods via the truncated SVD of their update (``rank``, default
+    16). Returns the relative Frobenius error of each weight's update."""
+    net, _, t = load_finetuned(run_dir)
+    backbone = t.backbone(net)
+    if not any(True for _ in _adapted(backbone)):
+        method = json.loads((Path(run_dir) / "run.json").read_text())["adapter"]["method"]
+        raise WeightsmithError(f"{run_dir}: a '{method}' run has no adapter to write as PEFT; use --merged")
+    from . import adapters
+
+    return dict(adapters.to_peft(backbone, out, rank=rank, force=force))
+
+
+def _adapted(model: nn.Module) -> Iterator[Any]:
+    from . import adapters
+
+    return adapters.adapted_layers(model)
