@@ -64,17 +64,28 @@ def build_base(tiny: bool) -> torch.nn.Module:
         cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=176, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)  # fmt: skip
     else:
-        cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32,
+        cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632,
+                          num_attention_heads=32,
                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu"):  # random init is slow on CPU
+    with torch.device(
+        "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    ):  # random init is slow on CPU
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     return model.cpu().eval()  # each run copies it to the GPU
 
 
 def run(
-    base: torch.nn.Module, lib: str, method: str, device: str, steps: int, warmup: int, batch: int, seq: int
+    base: torch.nn.Module,
+    lib: str,
+    method: str,
+    device: str,
+    steps: int,
+    warmup: int,
+    batch: int,
+    seq: int,
+    profile: bool = False,
 ) -> dict[str, Any]:
     from weightsmith import adapters
 
@@ -106,10 +117,8 @@ def run(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for step in range(warmup + steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+
+    def one(step: int) -> torch.Tensor:
         loss = net(input_ids=ids, labels=ids).loss
         if lib == "weightsmith" and method != "full":
             loss = loss + adapters.adapter_regularization(net)
@@ -117,20 +126,36 @@ def run(
         opt.step()
         hook(step)
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    for step in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = one(step)
         if device == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            one(warmup + steps)
+            torch.cuda.synchronize()
+        print(f"== profile {lib} {method}", flush=True)
+        print(
+            p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60),
+            flush=True,
+        )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     out = {
         "lib": lib, "method": method, "step_ms": 1000 * statistics.median(times), "peak_gib": peak,
-        "trainable": n_train, "init_s": init_s, "loss": float(loss.detach()), "finite": bool(torch.isfinite(loss)),
+        "trainable": n_train, "init_s": init_s, "loss": float(loss.detach()),
+        "finite": bool(torch.isfinite(loss)),
     }  # fmt: skip
-    del net, model, opt, params, loss
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return out  # the model and optimizer go with this frame; main() collects them
 
 
 def report(path: Path, device_name: str | None = None) -> str:
@@ -143,9 +168,11 @@ def report(path: Path, device_name: str | None = None) -> str:
         "",
         f"Device: {device_name or meta.get('device', '?')}; torch {meta.get('torch', '?')}, "
         f"peft {meta.get('peft', '?')}, transformers {meta.get('transformers', '?')}.",
-        "Model: Llama-shaped 1.1B (hidden 2048, 16 layers, intermediate 5632, 32/4 heads, vocab 32000), random "
+        "Model: Llama-shaped 1.1B (hidden 2048, 16 layers, intermediate 5632, 32/4 heads, vocab 32000), "
+        "random "
         "init, bf16; batch 4 x 1024 tokens; adapters on q,k,v,o,gate,up,down; AdamW; median step time over "
-        f"{meta.get('steps', '?')} steps after {meta.get('warmup', '?')} warm-up; peak = max allocated GPU memory "
+        f"{meta.get('steps', '?')} steps after {meta.get('warmup', '?')} warm-up; "
+        "peak = max allocated GPU memory "
         "(model included). Produced by `benchmarks/bench_adapters.py`.",
         "",
         "| method | weightsmith ms | PEFT ms | PEFT / ws (speed-up) | ws GiB | PEFT GiB | ws / our LoRA time "
@@ -165,7 +192,8 @@ def report(path: Path, device_name: str | None = None) -> str:
         rel = f"{w['step_ms'] / lora['step_ms']:.2f}" if w and lora and m != "full" else "-"
         name = "full fine-tuning" if m == "full" else m
         lines.append(
-            f"| {name} | {f(w, 'step_ms')} | {f(p, 'step_ms')} | {speed} | {f(w, 'peak_gib')} | {f(p, 'peak_gib')} "
+            f"| {name} | {f(w, 'step_ms')} | {f(p, 'step_ms')} | {speed} "
+            f"| {f(w, 'peak_gib')} | {f(p, 'peak_gib')} "
             f"| {rel} | {f(w, 'trainable', '{:,}')} | {f(p, 'trainable', '{:,}')} |"
         )
     skipped = [r for r in rows if "skipped" in r]
@@ -183,9 +211,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--libs", default="torch,peft,weightsmith")
     ap.add_argument("--methods", default="", help="comma list (default: all)")
-    ap.add_argument("--deadline", type=float, default=1e9, help="stop starting new runs after this many seconds")
+    ap.add_argument(
+        "--deadline", type=float, default=1e9, help="stop starting new runs after this many seconds"
+    )
     ap.add_argument("--out", type=Path, default=Path("adapters-speed.jsonl"))
     ap.add_argument("--report", type=Path, default=None)
+    ap.add_argument("--profile", default="", help="comma list of lib:method to profile one step of")
     args = ap.parse_args()
     if args.report is not None:
         sys.stdout.write(report(args.report))
@@ -200,7 +231,8 @@ def main() -> None:
     seq = 32 if args.tiny else args.seq
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-        "peft": peft.__version__, "transformers": transformers.__version__, "steps": args.steps, "warmup": args.warmup,
+        "peft": peft.__version__, "transformers": transformers.__version__,
+        "steps": args.steps, "warmup": args.warmup,
     }  # fmt: skip
     start = time.perf_counter()
     base = build_base(args.tiny)
@@ -225,12 +257,16 @@ def main() -> None:
                 fh.write(json.dumps({"lib": lib, "skipped": method, "why": "time budget of the run"}) + "\n")
                 continue
             try:
-                r = run(base, lib, method, device, args.steps, args.warmup, args.batch, seq)
+                prof = f"{lib}:{method}" in args.profile.split(",")
+                r = run(base, lib, method, device, args.steps, args.warmup, args.batch, seq, prof)
             except Exception as exc:  # record and go on: one failing method must not hide the others
                 r = {"lib": lib, "skipped": method, "why": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
             fh.write(json.dumps(r) + "\n")
             fh.flush()
             print(json.dumps(r), flush=True)

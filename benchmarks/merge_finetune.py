@@ -28,8 +28,19 @@ def finetuned(task: str, epochs: int = 2) -> Path:
     out = CACHE / f"ft-{task}"
     if (out / "run.json").is_file():
         return out
-    res = finetune("minilm", task, "full", out=out, force=True, max_examples=2000, max_len=64,
-                   eval_examples=200, epochs=epochs, batch_size=32, seed=0)  # fmt: skip
+    res = finetune(
+        "minilm",
+        task,
+        "full",
+        out=out,
+        force=True,
+        max_examples=2000,
+        max_len=64,
+        eval_examples=200,
+        epochs=epochs,
+        batch_size=32,
+        seed=0,
+    )
     print(f"{task}: test accuracy {res.metric:.4f} in {res.wall_time_s:.0f} s", flush=True)
     return out
 

@@ -95,6 +95,9 @@ class DictStore(WeightStore):
     def __iter__(self) -> Iterator[str]:
         return iter(self._state)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._state
+
     def __len__(self) -> int:
         return len(self._state)
 
@@ -143,6 +146,9 @@ class SafetensorsStore(WeightStore):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._meta)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._meta
 
     def __len__(self) -> int:
         return len(self._meta)

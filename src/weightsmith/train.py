@@ -123,7 +123,7 @@ def method_name(adapter: Any) -> str:
     return str(type(adapter).method)
 
 
-def _attach(task: Task, model: nn.Module, tok: Any, adapter: Any, targets: Any, batch_size: int) -> None:
+def _attach(task: Task, model: nn.Module, adapter: Any, targets: Any, batch_size: int, device: Any) -> None:
     """Freeze/unfreeze and attach the adapter. The head is always trainable."""
     method = method_name(adapter)
     backbone = task.backbone(model)
@@ -135,7 +135,7 @@ def _attach(task: Task, model: nn.Module, tok: Any, adapter: Any, targets: Any, 
         calibration = None
         if adapter.needs_calibration():
             calibration = [
-                {k: v for k, v in b.items() if k != "labels"}
+                {k: v.to(device) for k, v in b.items() if k != "labels"}
                 for _, b in zip(range(4), task.batches(0, 0, batch_size), strict=False)
             ]
         if targets is None:
@@ -301,12 +301,12 @@ def finetune(
     net, tok = t.build()
     t.prepare(tok)
     base_keys = set(net.state_dict())
-    _attach(t, net, tok, adapter, targets, args.batch_size)
+    net.to(device)  # adapters are created on the device (SVD/LU inits and calibration run there)
+    _attach(t, net, adapter, targets, args.batch_size, device)
     if out_dir is not None and not resume:  # the old output goes only once the new run has started
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-    net.to(device)
     params = _trainable(net)
     head = t.head(net)
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
@@ -322,7 +322,15 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(args, total))
     keys = _resume_keys(net, base_keys)
 
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "val": [], "loss": [], "elapsed": 0.0, "run": meta_run}
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "val": [],
+        "loss": [],
+        "elapsed": 0.0,
+        "run": meta_run,
+    }
     if resume and ckpt is not None:
         saved = json.loads((ckpt / META_FILE).read_text())
         if saved.get("run") != json.loads(json.dumps(meta_run)):

@@ -184,7 +184,7 @@ def test_embedding(method):
     perturb(m)
     y = m(ids)
     assert not close(y, y0, 1e-4)
-    (_, layer), = adapters.adapted_layers(m)
+    ((_, layer),) = adapters.adapted_layers(m)
     a, W = layer.adapters["default"], layer.weight()
     base = F.embedding(ids, W)
     assert close(a.embed(ids, W, base), Adapter.embed(a, ids, W, base))

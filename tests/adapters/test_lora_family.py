@@ -120,7 +120,11 @@ def test_eva_components_are_pca_of_inputs_and_ranks_redistribute():
 
 
 def test_eva_redistribution_by_hand():
-    ratios = {"x": torch.tensor([0.5, 0.3, 0.1]), "y": torch.tensor([0.4, 0.2, 0.05]), "z": torch.tensor([0.01])}
+    ratios = {
+        "x": torch.tensor([0.5, 0.3, 0.1]),
+        "y": torch.tensor([0.4, 0.2, 0.05]),
+        "z": torch.tensor([0.01]),
+    }
     assert redistribute(ratios, 4) == {"x": 2, "y": 2, "z": 0}
     assert redistribute(ratios, 2) == {"x": 1, "y": 1, "z": 0}
 
@@ -139,9 +143,11 @@ def test_adalora_budget_schedule_masks_and_regularizer():
     assert b == int((12 - 4) * (1 - 6 / 15) ** 3 + 4)
     assert alloc.budget(18, total) == (4, True)
     # orthogonality penalty: 0.3 * mean over the 4 matrices of ||PᵀP - I||_F, ||QQᵀ - I||_F
-    ref = sum(
-        (a.P.T @ a.P - torch.eye(6)).norm() + (a.Q @ a.Q.T - torch.eye(6)).norm() for a in layers
-    ) * 0.3 / 4
+    ref = (
+        sum((a.P.T @ a.P - torch.eye(6)).norm() + (a.Q @ a.Q.T - torch.eye(6)).norm() for a in layers)
+        * 0.3
+        / 4
+    )
     assert torch.allclose(adapters.adapter_regularization(net), ref)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
     x = torch.randn(16, 10)
@@ -156,3 +162,20 @@ def test_adalora_budget_schedule_masks_and_regularizer():
         if step > 2:
             assert kept <= budget, (step, kept, budget)
     assert sum(int((a.E != 0).sum()) for a in layers) == 4
+
+
+def test_hand_written_backwards_pass_gradcheck():
+    from weightsmith.adapters.dora import _DoRALinear
+    from weightsmith.adapters.lora import lora_forward
+
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    base, x, A, B = t(2, 3, 5), t(2, 3, 4), t(2, 4), t(5, 2)
+    assert torch.autograd.gradcheck(lambda *a: lora_forward(*a, 0.7), (base, x, A, B))
+    m, n = t(5), torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda b, x, A, B, m: _DoRALinear.apply(b, x, A, B, m, n, 0.7), (base, x, A, B, m)
+    )

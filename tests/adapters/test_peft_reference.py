@@ -67,7 +67,9 @@ def copy_lora_from_peft(pm, ours, names, dora=False):
 def test_lora_outputs_merge_and_files_match_peft(rslora, tmp_path):
     base = Toy()
     names = ("emb", *LINEAR)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(names), init_lora_weights=False, use_rslora=rslora)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(names), init_lora_weights=False, use_rslora=rslora
+    )
     pm = get_peft_model(copy.deepcopy(base), cfg)
     ours = copy.deepcopy(base)
     adapters.adapt(ours, LoRA(rank=4, alpha=8, rslora=rslora), targets=",".join(names))
@@ -77,7 +79,10 @@ def test_lora_outputs_merge_and_files_match_peft(rslora, tmp_path):
     # files: to_peft writes what save_pretrained writes, and PEFT loads ours to the same outputs
     pm.save_pretrained(tmp_path / "peft")
     adapters.to_peft(ours, tmp_path / "ours")
-    theirs, mine = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs, mine = (
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"),
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+    )
     assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in theirs)
     c_theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     c_mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())

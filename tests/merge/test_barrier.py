@@ -18,7 +18,7 @@ class Scalar(nn.Module):
 
 
 def _evaluate(m: Scalar) -> tuple[float, float]:
-    v = float(m.w) ** 2
+    v = float(m.w.detach()) ** 2
     return v, 1 - v
 
 
@@ -32,7 +32,11 @@ def test_barrier_of_a_parabola_by_hand():
     # From w=0 to w=2: loss 0 -> 4, linear reference 4 alpha, curve (2 alpha)^2: below the chord, barrier 0.
     # Reverse sign: evaluate -loss: the gap at alpha=1/2 is 1 (= max of 4a - 4a^2).
     c2 = barrier_curve(
-        Scalar(), {"w": torch.tensor(0.0)}, {"w": torch.tensor(2.0)}, lambda m: (-(float(m.w) ** 2), 0.0), k=3
+        Scalar(),
+        {"w": torch.tensor(0.0)},
+        {"w": torch.tensor(2.0)},
+        lambda m: (-(float(m.w.detach()) ** 2), 0.0),
+        k=3,
     )
     assert c2.loss_barrier == 1.0 and c2.midpoint_acc == 0.0
 

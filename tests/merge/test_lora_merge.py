@@ -44,7 +44,9 @@ def lora_pair(tmp_path):
 
 def exact_sum(paths, weights):
     ads = [load_adapter(p) for p in paths]
-    return {n: sum(w * a.modules[n].delta() for a, w in zip(ads, weights, strict=True)) for n in ads[0].modules}
+    return {
+        n: sum(w * a.modules[n].delta() for a, w in zip(ads, weights, strict=True)) for n in ads[0].modules
+    }
 
 
 def peft_combined_delta(base_state, paths, weights, combination):

@@ -10,6 +10,7 @@ import torch
 
 import weightsmith.merge  # noqa: F401  (registers every merge method)
 from weightsmith.config import registered
+from weightsmith.merge._chunked import CHUNK, chunk_generator, merge_streamed
 from weightsmith.merge.task_arithmetic import (
     DARE,
     DARETIES,
@@ -83,8 +84,7 @@ def test_dare_rescale_keeps_the_expectation():
     p, n = 0.7, 400
     base = torch.zeros(64)
     tau = torch.linspace(-1.0, 1.0, 64)
-    gens = [torch.Generator().manual_seed(i) for i in range(n)]
-    draws = torch.stack([merge_tensors(base, [tau], DARE(p=p), generators=[g]) for g in gens])
+    draws = torch.stack([merge_tensors(base, [tau], DARE(p=p), seeds=[i]) for i in range(n)])
     kept = (draws != 0).float().mean()
     assert abs(float(kept) - (1 - p)) < 4 * math.sqrt(p * (1 - p) / draws.numel())
     sd = tau.abs() * math.sqrt(p / (1 - p) / n)
@@ -100,7 +100,8 @@ def test_ties_worked_by_hand():
     t1 = torch.tensor([0.9, -0.1, 0.5, 0.0, -0.8])
     t2 = torch.tensor([-0.7, 0.2, 0.6, 0.3, 0.05])
     t3 = torch.tensor([0.4, 0.0, -0.2, -0.9, 0.1])
-    # trim (top 2 of 5 by magnitude): t1 -> [.9, 0, 0, 0, -.8]; t2 -> [-.7, 0, .6, 0, 0]; t3 -> [.4, 0, 0, -.9, 0]
+    # trim (top 2 of 5 by magnitude): t1 -> [.9, 0, 0, 0, -.8]; t2 -> [-.7, 0, .6, 0, 0];
+    # t3 -> [.4, 0, 0, -.9, 0]
     # elect: sums [.6, 0, .6, -.9, -.8] -> signs [+, + (tie), +, -, -]
     # disjoint mean: [(.9+.4)/2, 0, .6, -.9, -.8]
     expected = torch.tensor([0.65, 0.0, 0.6, -0.9, -0.8])
@@ -150,8 +151,24 @@ def test_average_is_the_weighted_mean_without_a_base():
 
 def test_dare_ties_elects_after_dropping():
     base, thetas = tensors(3)
-    gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    out = merge_tensors(base, thetas, DARETIES(p=0.5), generators=gens)
-    gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    dropped = [base + (torch.rand(base.shape, generator=g) < 0.5) * (t - base) / 0.5 for t, g in zip(thetas, gens)]
+    out = merge_tensors(base, thetas, DARETIES(p=0.5), seeds=[7, 8, 9])
+    gens = [chunk_generator(s, 0) for s in (7, 8, 9)]  # one chunk: the whole (small) tensor
+    dropped = [
+        base + (torch.rand(base.shape, generator=g) < 0.5) * (t - base) / 0.5
+        for t, g in zip(thetas, gens, strict=True)
+    ]
     torch.testing.assert_close(out, ties_stacked(base, dropped, 1.0, [1.0] * 3, False), rtol=0, atol=1e-6)
+
+
+def test_chunked_evaluation_equals_one_chunk(monkeypatch):
+    """Tensors larger than a chunk: thresholds, tie budgets and L1 factors are whole-tensor quantities."""
+    import weightsmith.merge._chunked as chunked
+
+    base, thetas = tensors(3, (64, 50), seed=5)
+    thetas[1][3:9] = base[3:9] + 0.1  # many exact ties in |tau|
+    spec = GTA("magnitude", 0.3, rescale="l1", elect="weighted_sum", normalize="weights")
+    args = (base, thetas, spec, [1.0, 0.5, 2.0], [0.3, 0.6, 0.2])
+    whole = merge_streamed(*args)
+    monkeypatch.setattr(chunked, "CHUNK", 200)  # 4 rows of 50 per chunk
+    torch.testing.assert_close(merge_streamed(*args), whole, rtol=0, atol=1e-6)
+    assert CHUNK > 200

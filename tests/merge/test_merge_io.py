@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 from merge_fixtures import cli_app, make_family, write_checkpoint
-from safetensors.torch import load_file
 
 from weightsmith.errors import WeightsmithError
 from weightsmith.merge import TIES, TaskArithmetic, TaskVector, merge, merge_tensors
@@ -80,8 +79,13 @@ def test_dtype_policy(tmp_path):
 
 def test_our_recipe_with_select(fam, tmp_path):
     base, fts = fam
-    recipe = {"method": "task_arithmetic", "scaling": 0.5, "base": str(base),
-              "models": [{"model": str(fts[0]), "weight": 2.0}, str(fts[1])], "exclude": ["lm_head*"]}  # fmt: skip
+    recipe = {
+        "method": "task_arithmetic",
+        "scaling": 0.5,
+        "base": str(base),
+        "models": [{"model": str(fts[0]), "weight": 2.0}, str(fts[1])],
+        "exclude": ["lm_head*"],
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     r = load_recipe(path)
@@ -111,7 +115,9 @@ def test_different_shapes_are_named(fam, tmp_path):
     t = read_dir(fts[1])
     t["model.layers.1.mlp.up_proj.weight"] = torch.zeros(33, 16)
     bad = write_checkpoint(tmp_path / "bad", t)
-    with pytest.raises(WeightsmithError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(32, 16\) vs \(33, 16\)"):
+    with pytest.raises(
+        WeightsmithError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(32, 16\) vs \(33, 16\)"
+    ):
         merge([fts[0], bad], TaskArithmetic(), tmp_path / "out", base=base)
     no_partial_left(tmp_path, tmp_path / "out")
 
@@ -121,7 +127,9 @@ def test_missing_tensors_are_named(fam, tmp_path):
     t = read_dir(fts[1])
     del t["model.layers.2.self_attn.k_proj.weight"]
     bad = write_checkpoint(tmp_path / "bad", t)
-    with pytest.raises(WeightsmithError, match=r"lacks 1 tensor.*model\.layers\.2\.self_attn\.k_proj\.weight"):
+    with pytest.raises(
+        WeightsmithError, match=r"lacks 1 tensor.*model\.layers\.2\.self_attn\.k_proj\.weight"
+    ):
         merge([fts[0], bad], TaskArithmetic(), tmp_path / "out", base=base)
 
 
@@ -139,7 +147,9 @@ def test_nan_is_named_with_its_file(fam, tmp_path):
     t = read_dir(fts[1])
     t["model.layers.0.mlp.down_proj.weight"][3, 4] = float("nan")
     bad = write_checkpoint(tmp_path / "nan", t)
-    with pytest.raises(WeightsmithError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight' in .*nan contains NaN"):
+    with pytest.raises(
+        WeightsmithError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight' in .*nan contains NaN"
+    ):
         merge([fts[0], bad], TaskArithmetic(), tmp_path / "out", base=base, shard_size="2KB")
     no_partial_left(tmp_path, tmp_path / "out")
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from merge_fixtures import make_family
 from safetensors.torch import load_file
 
 from weightsmith.merge import recipe
-
-from merge_fixtures import make_family
 
 mergekit = pytest.importorskip("mergekit")
 
@@ -84,8 +83,12 @@ def test_matches_mergekit(family, case):
 def test_dare_is_distributionally_the_same(family):
     """One model, weight 1, density 0.3: both keep ~30% of each delta and L1-rescale the survivors."""
     base, fts, root = family
-    cfg = {"merge_method": "dare_linear", "base_model": str(base), "dtype": "float32",
-           "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0, "density": 0.3}}]}  # fmt: skip
+    cfg = {
+        "merge_method": "dare_linear",
+        "base_model": str(base),
+        "dtype": "float32",
+        "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0, "density": 0.3}}],
+    }
     ref = run_mergekit(cfg, root / "mk-dare-dist")
     ours = run_ours(cfg, root, "dare-dist")
     b, theta = load_file(str(base / "model.safetensors")), load_file(str(fts[0] / "model.safetensors"))
@@ -100,9 +103,8 @@ def test_dare_is_distributionally_the_same(family):
 
 
 def test_cli_detects_mergekit_yaml(family, tmp_path):
-    from typer.testing import CliRunner
-
     from merge_fixtures import cli_app
+    from typer.testing import CliRunner
 
     base, fts, root = family
     cfg = config("ties", base, fts, 0.5)

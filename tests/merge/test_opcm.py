@@ -40,7 +40,9 @@ def test_economy_projection_equals_full_svd(shape, alpha):
     fast = project_out(delta, tau, alpha)
     torch.testing.assert_close(fast, project_out_full(delta, tau, alpha), rtol=1e-5, atol=1e-5)
     exact = project_out_full(delta.double(), tau.double(), alpha)
-    torch.testing.assert_close(project_out(delta.double(), tau.double(), alpha), exact, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        project_out(delta.double(), tau.double(), alpha), exact, rtol=1e-10, atol=1e-10
+    )
 
 
 def test_projection_removes_the_dominant_block_and_diagonal():
@@ -59,8 +61,12 @@ def test_projection_removes_the_dominant_block_and_diagonal():
 
 def models(T=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    base = {"w1": torch.randn(12, 20, generator=g), "w2": torch.randn(20, 8, generator=g),
-            "bias": torch.randn(20, generator=g), "embed.weight": torch.randn(30, 12, generator=g)}  # fmt: skip
+    base = {
+        "w1": torch.randn(12, 20, generator=g),
+        "w2": torch.randn(20, 8, generator=g),
+        "bias": torch.randn(20, generator=g),
+        "embed.weight": torch.randn(30, 12, generator=g),
+    }
     fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(T)]
     return base, fts
 
@@ -75,7 +81,9 @@ def test_fold_invariants_and_constant_state():
     norms = [math.sqrt(sum(float(v.square().sum()) for v in taus[0].values()))]
     for tau in taus[1:]:
         for k in base:  # tau~ from the state before the update
-            projected_sum[k] += project_out(state.merged[k], tau[k], 0.5) if cfg.projected(k, tau[k].ndim) else tau[k]
+            projected_sum[k] += (
+                project_out(state.merged[k], tau[k], 0.5) if cfg.projected(k, tau[k].ndim) else tau[k]
+            )
         old = {k: v.clone() for k, v in state.merged.items()}
         new = opcm_update(state, tau, cfg)
         assert all(torch.equal(old[k], state.merged[k]) for k in old)  # the old state is not mutated
@@ -102,10 +110,14 @@ def test_one_model_returns_it():
 def test_merge_continual_on_disk(tmp_path):
     base_dir, ft_dirs = make_family(tmp_path, n=3)
     steps = []
-    out = merge_continual(base_dir, ft_dirs, tmp_path / "out", OPCM(alpha=0.5), on_step=lambda s: steps.append(s.lam))
+    out = merge_continual(
+        base_dir, ft_dirs, tmp_path / "out", OPCM(alpha=0.5), on_step=lambda s: steps.append(s.lam)
+    )
     b = open_store(base_dir)
     state = opcm(b, [open_store(d) for d in ft_dirs], OPCM(alpha=0.5))
     got = open_store(out)
     for k in b:
         torch.testing.assert_close(got[k], b[k] + state.merged[k], rtol=1e-6, atol=1e-6)
-    assert steps[0] == 1.0 and 1.0 < steps[-1] < 3.0  # lambda_t grows like sqrt(t) for near-orthogonal updates
+    assert (
+        steps[0] == 1.0 and 1.0 < steps[-1] < 3.0
+    )  # lambda_t grows like sqrt(t) for near-orthogonal updates

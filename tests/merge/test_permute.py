@@ -179,3 +179,12 @@ def test_spec_mismatch_raises_clear_error():
     spec = mlp_spec({"a.weight": 0, "b.weight": 0}, ["a", "b"])
     with pytest.raises(WeightsmithError, match="b.weight"):
         spec.sizes({"a.weight": torch.zeros(4, 3), "b.weight": torch.zeros(2, 5)})
+
+
+def test_infer_chain_spec_matches_hand_written_cnn_and_mlp_specs():
+    from weightsmith.merge.permute import infer_chain_spec
+
+    cnn = zoo.CNN(8, 2, channels=(3, 4), hidden=5)
+    assert infer_chain_spec(cnn.state_dict()) == _cnn_spec(cnn)
+    mlp = zoo.MLP(10, (6, 7), 3)
+    assert infer_chain_spec(mlp.state_dict()) == mlp_spec(mlp.state_dict(), mlp.linear_names())

@@ -22,7 +22,6 @@ from ..errors import WeightsmithError, close_names
 from ..select import Selector
 from ._core import Adapter, AdapterConfig, AdapterContext, SharedBases
 
-
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "heads", "pooler", "cls")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 CALIBRATION_ROWS = 4096  # rows of activations kept per layer for data-driven inits
@@ -65,12 +64,12 @@ class AdaptedLayer(nn.Module):
 
     # W0 as [out, in] (a view for Conv1D; [num_embeddings, dim] for embeddings)
     def weight(self) -> Tensor:
-        W: Tensor = self.base.weight
+        W: Tensor = self.base.weight  # type: ignore[assignment]
         return W.T if self.kind == "conv1d" else W
 
     def _write(self, W: Tensor) -> None:
         with torch.no_grad():
-            target = self.base.weight
+            target: Tensor = self.base.weight  # type: ignore[assignment]
             target.copy_((W.T if self.kind == "conv1d" else W).to(target.dtype))
 
     def active(self) -> list[Adapter]:
@@ -86,7 +85,7 @@ class AdaptedLayer(nn.Module):
             if len(active) == 1:
                 return active[0].embed(x, W0, out)
             return out + sum(a.embed(x, W0, out) - out for a in active)
-        out = torch.matmul(x, self.base.weight) if self.kind == "conv1d" else F.linear(x, W0)
+        out = torch.matmul(x, W0.T) if self.kind == "conv1d" else F.linear(x, W0)
         if len(active) == 1:
             y = active[0](x, W0, out)
         else:
@@ -151,15 +150,21 @@ def _is_head(weight_name: str) -> bool:
     return bool(parts) and parts[-1] in HEAD_NAMES
 
 
-def _select(model: nn.Module, config: AdapterConfig, targets: Selector | str | None) -> list[tuple[str, nn.Module, str]]:
+def _select(
+    model: nn.Module, config: AdapterConfig, targets: Selector | str | None
+) -> list[tuple[str, nn.Module, str]]:
     cands = list(_candidates(model))
     names = [n for n, _, _ in cands]
     if not cands:
-        raise WeightsmithError(f"{type(model).__name__} has no nn.Linear, Conv1D or nn.Embedding layer to adapt")
+        raise WeightsmithError(
+            f"{type(model).__name__} has no nn.Linear, Conv1D or nn.Embedding layer to adapt"
+        )
     if targets is None:
         hits = [c for c in cands if c[2] != "embedding" and not _is_head(c[0])]
         if not hits:
-            raise WeightsmithError(f"no linear layers outside the heads to adapt; layers: {close_names('', names)}")
+            raise WeightsmithError(
+                f"no linear layers outside the heads to adapt; layers: {close_names('', names)}"
+            )
         return hits
     sel = Selector.of(targets)
     chosen = set(sel.require(names, "adaptable layers (Linear, Conv1D, Embedding) of the model"))
@@ -184,12 +189,15 @@ def _replace(model: nn.Module, weight_name: str, new: nn.Module) -> None:
 def _present(module: nn.Module, kind: str) -> Tensor:
     if isinstance(module, AdaptedLayer):
         return module.weight()
-    W: Tensor = module.weight
+    W: Tensor = module.weight  # type: ignore[assignment]
     return W.T if kind == "conv1d" else W
 
 
 def collect_inputs(
-    model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable[Any], max_rows: int = CALIBRATION_ROWS
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    max_rows: int = CALIBRATION_ROWS,
 ) -> dict[str, Tensor]:
     """Run ``batches`` through ``model`` and keep up to ``max_rows`` input rows per module (float32, CPU).
 
@@ -248,7 +256,9 @@ def attach(
     cands = {n: (m, k) for n, m, k in _candidates(model)}
     for wname in layer_configs:
         if wname not in cands:
-            raise WeightsmithError(f"model has no adaptable weight '{wname}'; close: {close_names(wname, list(cands))}")
+            raise WeightsmithError(
+                f"model has no adaptable weight '{wname}'; close: {close_names(wname, list(cands))}"
+            )
         mod = cands[wname][0]
         if isinstance(mod, AdaptedLayer) and name in mod.adapters:
             raise WeightsmithError(
@@ -314,7 +324,10 @@ def adapt(
 
 
 def _layers_with(model: nn.Module, name: str | None) -> list[tuple[AdaptedLayer, list[str]]]:
-    layers = [(layer, [n for n in layer.adapters if name is None or n == name]) for _, layer in adapted_layers(model)]
+    layers = [
+        (layer, [n for n in layer.adapters if name is None or n == name])
+        for _, layer in adapted_layers(model)
+    ]
     layers = [(layer, ns) for layer, ns in layers if ns]
     if not layers:
         known = sorted({n for _, layer in adapted_layers(model) for n in layer.adapters})
@@ -336,7 +349,8 @@ def merge_adapters(model: nn.Module, name: str | None = None) -> None:
     todo = [(layer, [n for n in ns if n not in layer.merged and (name is not None or layer.enabled[n])])
             for layer, ns in layers]  # fmt: skip
     if not any(ns for _, ns in todo):
-        raise WeightsmithError(f"adapter '{name or 'all'}' is already merged; unmerge_adapters first")
+        what = f"adapter '{name}' is" if name else "all enabled adapters are"
+        raise WeightsmithError(f"{what} already merged; unmerge_adapters first")
     if name is not None:
         for layer, _ in layers:
             if name in layer.merged:
@@ -349,11 +363,11 @@ def merge_adapters(model: nn.Module, name: str | None = None) -> None:
 
 
 def unmerge_adapters(model: nn.Module, name: str | None = None) -> None:
-    """Subtract merged adapters from the base weights, restoring W0 (all merged ones when ``name`` is None)."""
+    """Subtract merged adapters from the base weights, restoring W0 (all merged ones if ``name`` is None)."""
     layers = _layers_with(model, name)
     todo = [(layer, [n for n in reversed(layer.merged) if name is None or n == name]) for layer, _ in layers]
     if not any(ns for _, ns in todo):
-        raise WeightsmithError(f"adapter '{name or 'all'}' is not merged")
+        raise WeightsmithError(f"adapter '{name}' is not merged" if name else "no adapter is merged")
     for layer, ns in todo:
         for n in ns:
             layer.unmerge(n)
@@ -364,7 +378,8 @@ def set_adapters_enabled(model: nn.Module, enabled: bool, name: str | None = Non
         for n in ns:
             if n in layer.merged:
                 raise WeightsmithError(
-                    f"adapter '{n}' is merged into '{layer.weight_name}'; unmerge_adapters before disabling it"
+                    f"adapter '{n}' is merged into '{layer.weight_name}'; "
+                    "unmerge_adapters before disabling it"
                 )
             layer.enabled[n] = enabled
 
@@ -422,7 +437,10 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def adapter_step(model: nn.Module, step: int, total: int) -> None:
-    """Call every adapter's ``on_train_step`` (AdaLoRA's budget schedule); after backward, before zero_grad."""
+    """Call every adapter's ``on_train_step`` (AdaLoRA's budget schedule).
+
+    Call it once per optimisation step, after ``backward()`` and before the gradients are zeroed.
+    """
     for _, layer in adapted_layers(model):
         for a in layer.adapters.values():
             a.on_train_step(step, total)  # type: ignore[operator]

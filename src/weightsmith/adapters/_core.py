@@ -69,7 +69,9 @@ class SharedBases:
         if slot not in self._tensors:
             t = factory(seeded_generator(self.key_seed(key)))
             if tuple(t.shape) != shape:
-                raise ValueError(f"shared basis '{key}': factory made shape {tuple(t.shape)}, expected {shape}")
+                raise ValueError(
+                    f"shared basis '{key}': factory made shape {tuple(t.shape)}, expected {shape}"
+                )
             self._tensors[slot] = t.to(device=self.device, dtype=torch.float32)
         return self._tensors[slot]
 
@@ -165,7 +167,9 @@ class Adapter(nn.Module):
     def link_shared(self, shared: SharedBases) -> None:
         """Called by the core after ``create``: remember which buffers are shared bases."""
         self._shared_bases = shared
-        self._shared_slots = {n: s for n, b in self._buffers.items() if b is not None and (s := shared.slot_of(b))}
+        self._shared_slots = {
+            n: s for n, b in self._buffers.items() if b is not None and (s := shared.slot_of(b))
+        }
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Adapter:  # type: ignore[override]
         slots: dict[str, tuple[str, tuple[int, ...]]] = self.__dict__.get("_shared_slots", {})
@@ -204,6 +208,8 @@ class AdapterConfig:
         """True when ``create`` requires ``ctx.inputs`` (data-driven inits)."""
         return False
 
-    def layer_configs(self, names: list[str], inputs: Mapping[str, Tensor] | None) -> dict[str, AdapterConfig]:
+    def layer_configs(
+        self, names: list[str], inputs: Mapping[str, Tensor] | None
+    ) -> dict[str, AdapterConfig]:
         """Per-weight configs before creation (EVA redistributes ranks across layers here)."""
         return {n: self for n in names}

@@ -37,8 +37,10 @@ def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tens
     return out
 
 
-def save_adapters(model: nn.Module, out_dir: str | os.PathLike[str], force: bool = False, name: str | None = None) -> Path:
-    """Write the model's adapters (or only ``name``) to ``out_dir``; refuses to overwrite without ``force``."""
+def save_adapters(
+    model: nn.Module, out_dir: str | os.PathLike[str], force: bool = False, name: str | None = None
+) -> Path:
+    """Write the model's adapters (or only ``name``) to ``out_dir``; never overwrites unless ``force``."""
     out = prepare_output(out_dir, force)
     layers = _layers_with(model, name)
     meta: dict[str, Any] = {"format": FORMAT, "version": 1, "adapters": {}}
@@ -73,7 +75,9 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike[str]) -> list[s
     except json.JSONDecodeError as exc:
         raise WeightsmithError(f"{cfg_path}: not valid JSON: {exc}") from exc
     if meta.get("format") != FORMAT:
-        raise WeightsmithError(f"{cfg_path}: not a weightsmith adapter config (format {meta.get('format')!r})")
+        raise WeightsmithError(
+            f"{cfg_path}: not a weightsmith adapter config (format {meta.get('format')!r})"
+        )
     with safe_open(str(t_path), framework="pt") as fh:
         saved = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     loaded = []

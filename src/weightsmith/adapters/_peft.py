@@ -26,6 +26,7 @@ from ..errors import ShapeMismatchError, WeightsmithError
 from ..linalg import truncated_svd
 from ..store import ShardWriter, atomic_replace, prepare_output
 from ._attach import AdaptedLayer, _layers_with, adapted_layers, attach, base_state_dict, remove_adapters
+from ._core import Adapter
 from .dora import DoRA, DoRAAdapter
 from .lora import LoRA, LoRAAdapter
 
@@ -39,9 +40,11 @@ def _module_path(layer: AdaptedLayer) -> str:
     return layer.weight_name[: -len(".weight")]
 
 
-def _peft_tensors(layer: AdaptedLayer, name: str, rank: int | None) -> tuple[dict[str, Tensor], int, float, float]:
+def _peft_tensors(
+    layer: AdaptedLayer, name: str, rank: int | None
+) -> tuple[dict[str, Tensor], int, float, float]:
     """PEFT tensors for one layer: (tensors, rank, alpha, relative error)."""
-    a = layer.adapters[name]
+    a: Adapter = layer.adapters[name]  # type: ignore[assignment]
     path = PREFIX + _module_path(layer)
     W0 = layer.weight().detach().float()
     rel = 0.0
@@ -74,7 +77,11 @@ def _peft_tensors(layer: AdaptedLayer, name: str, rank: int | None) -> tuple[dic
 
 
 def to_peft(
-    model: nn.Module, out_dir: str | os.PathLike[str], name: str = "default", rank: int | None = None, force: bool = False
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    name: str = "default",
+    rank: int | None = None,
+    force: bool = False,
 ) -> dict[str, float]:
     """Write adapter ``name`` as a PEFT LoRA adapter directory; returns the relative error per weight.
 
@@ -122,7 +129,9 @@ def to_peft(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        save_file(
+            {k: v.cpu() for k, v in tensors.items()}, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"}
+        )
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,16 +168,24 @@ def from_peft(model: nn.Module, peft_dir: str | os.PathLike[str], name: str = "d
         raise WeightsmithError(f"{d}: expected {PEFT_CONFIG} and {PEFT_WEIGHTS} (a PEFT adapter directory)")
     cfg = json.loads((d / PEFT_CONFIG).read_text())
     if cfg.get("peft_type") != "LORA":
-        raise WeightsmithError(f"{d / PEFT_CONFIG}: peft_type {cfg.get('peft_type')!r}; only LORA can be imported")
+        raise WeightsmithError(
+            f"{d / PEFT_CONFIG}: peft_type {cfg.get('peft_type')!r}; only LORA can be imported"
+        )
     for key in ("lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication"):
         if cfg.get(key):
-            raise WeightsmithError(f"{d / PEFT_CONFIG}: '{key}' is set; weightsmith imports plain LoRA/DoRA only")
+            raise WeightsmithError(
+                f"{d / PEFT_CONFIG}: '{key}' is set; weightsmith imports plain LoRA/DoRA only"
+            )
     with safe_open(str(d / PEFT_WEIGHTS), framework="pt") as fh:
         saved = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     suffixes = (".lora_A.weight", ".lora_embedding_A")
-    paths = [k[len(PREFIX) : -len(s)] for k in saved for s in suffixes if k.startswith(PREFIX) and k.endswith(s)]
+    paths = [
+        k[len(PREFIX) : -len(s)] for k in saved for s in suffixes if k.startswith(PREFIX) and k.endswith(s)
+    ]
     if not paths:
-        raise WeightsmithError(f"{d / PEFT_WEIGHTS}: no LoRA tensors (keys like '{PREFIX}<module>.lora_A.weight')")
+        raise WeightsmithError(
+            f"{d / PEFT_WEIGHTS}: no LoRA tensors (keys like '{PREFIX}<module>.lora_A.weight')"
+        )
     dora = bool(cfg.get("use_dora"))
     rslora = bool(cfg.get("use_rslora"))
     r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
@@ -231,6 +248,6 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike[str], force: bool
             writer.add(key, t)
         if isinstance(model, PreTrainedModel):
             writer.write_text("config.json", model.config.to_json_string())
-            if model.generation_config is not None and model.can_generate():
+            if model.can_generate() and model.generation_config is not None:
                 writer.write_text("generation_config.json", model.generation_config.to_json_string())
     return Path(out_dir)

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
-from .lora import check_rank
+from .lora import check_rank, lora_forward
 
 
 class RankAllocator:
@@ -35,7 +34,8 @@ class RankAllocator:
         self.layers: list[AdaLoRAAdapter] = []
         self.n_layers = n_layers
         self.done_step: int | None = None
-        self.ema: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        self.avg: list[Tensor] = []  # smoothed sensitivity Ī per P, Q, Λ of every layer, in order
+        self.unc: list[Tensor] = []  # uncertainty Ū
 
     def budget(self, step: int, total: int) -> tuple[int, bool]:
         c = self.cfg
@@ -49,36 +49,42 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_importance(self) -> None:
-        b1, b2 = self.cfg.beta1, self.cfg.beta2
-        for i, layer in enumerate(self.layers):
-            for pname, p in (("P", layer.P), ("Q", layer.Q), ("E", layer.E)):
-                if p.grad is None:
-                    continue
-                ipt = (p * p.grad).abs()
-                avg, unc = self.ema.get((i, pname), (torch.zeros_like(p), torch.zeros_like(p)))
-                avg = b1 * avg + (1 - b1) * ipt
-                unc = b2 * unc + (1 - b2) * (ipt - avg).abs()
-                self.ema[(i, pname)] = (avg, unc)
-
-    def _score(self, i: int, pname: str, like: Tensor) -> Tensor:
-        avg, unc = self.ema.get((i, pname), (torch.zeros_like(like), torch.zeros_like(like)))
-        return avg * unc
+        # one fused (foreach) update over every P, Q, Λ: Ī ← β1 Ī + (1-β1)|θ∇θ|, Ū ← β2 Ū + (1-β2)|I - Ī|
+        triples = [(layer.P, layer.Q, layer.E) for layer in self.layers]
+        params: list[Tensor] = [p for t in triples for p in t if p.grad is not None]
+        if not params:
+            return
+        if len(self.avg) != len(params):
+            self.avg = [torch.zeros_like(p) for p in params]
+            self.unc = [torch.zeros_like(p) for p in params]
+        ipt = torch._foreach_mul(params, [p.grad for p in params])  # type: ignore[misc]
+        torch._foreach_abs_(ipt)
+        torch._foreach_lerp_(self.avg, ipt, 1 - self.cfg.beta1)
+        torch._foreach_sub_(ipt, self.avg)
+        torch._foreach_abs_(ipt)
+        torch._foreach_lerp_(self.unc, ipt, 1 - self.cfg.beta2)
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> None:
-        scores = []
-        for i, layer in enumerate(self.layers):
-            s_e = self._score(i, "E", layer.E).view(-1)
-            s_q = self._score(i, "Q", layer.Q).mean(1)
-            s_p = self._score(i, "P", layer.P).mean(0)
-            scores.append(s_e + s_q + s_p)
         k = sum(layer.E.numel() for layer in self.layers) - budget
-        if k <= 0:
+        if k <= 0 or len(self.avg) != 3 * len(self.layers):
             return
-        threshold = torch.kthvalue(torch.cat([s.cpu() for s in scores]), k).values.item()
-        for layer, s in zip(self.layers, scores, strict=True):
-            layer.keep = (s > threshold).to(layer.E.device)
-            layer.E.mul_(layer.keep.unsqueeze(1).to(layer.E.dtype))
+        score = torch._foreach_mul(self.avg, self.unc)
+        triplets = [
+            score[3 * i + 2].view(-1) + score[3 * i + 1].mean(1) + score[3 * i].mean(0)
+            for i in range(len(self.layers))
+        ]
+        flat = torch.cat([t.to(triplets[0].device) for t in triplets])
+        threshold = torch.kthvalue(flat, k).values  # stays on the device: no synchronisation
+        keep = (flat > threshold).split([t.numel() for t in triplets])
+        for layer, kp in zip(self.layers, keep, strict=True):
+            layer.keep = kp
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        Es = [layer.E for layer in self.layers]
+        torch._foreach_mul_(Es, [layer.keep.to(layer.E.dtype).unsqueeze(1) for layer in self.layers])
 
     def step(self, step: int, total: int) -> None:
         if self.done_step == step:
@@ -86,7 +92,9 @@ class RankAllocator:
         self.done_step = step
         c = self.cfg
         if total - c.tfinal <= c.tinit:
-            raise ValueError(f"AdaLoRA: tinit ({c.tinit}) must be < total steps ({total}) - tfinal ({c.tfinal})")
+            raise ValueError(
+                f"AdaLoRA: tinit ({c.tinit}) must be < total steps ({total}) - tfinal ({c.tfinal})"
+            )
         final_step = total - c.tfinal
         if step < final_step:
             self.update_importance()
@@ -95,22 +103,26 @@ class RankAllocator:
                 self.mask_to_budget(budget)
         elif step == final_step:  # as in PEFT: no importance update at the final allocation
             self.mask_to_budget(self.budget(step, total)[0])
-            self.ema.clear()
+            self.avg, self.unc = [], []
         else:
-            with torch.no_grad():
-                for layer in self.layers:
-                    layer.E.mul_(layer.keep.unsqueeze(1).to(layer.E.dtype))
+            self.apply_masks()
 
 
 class AdaLoRAAdapter(Adapter):
-    def __init__(self, P: Tensor, E: Tensor, Q: Tensor, scaling: float, allocator: RankAllocator, dropout: float) -> None:
+    keep: Tensor
+
+    def __init__(
+        self, P: Tensor, E: Tensor, Q: Tensor, scaling: float, allocator: RankAllocator, dropout: float
+    ) -> None:
         super().__init__()
         self.P = nn.Parameter(P)
         self.E = nn.Parameter(E)  # the diagonal Λ as [r, 1], like PEFT's lora_E
         self.Q = nn.Parameter(Q)
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("keep", torch.ones(E.shape[0], dtype=torch.bool, device=E.device), persistent=False)
+        self.register_buffer(
+            "keep", torch.ones(E.shape[0], dtype=torch.bool, device=E.device), persistent=False
+        )
         self._allocator: Any = allocator
 
     def delta(self, W0: Tensor) -> Tensor:
@@ -120,8 +132,7 @@ class AdaLoRAAdapter(Adapter):
         return self.P * self.scaling, self.Q * self.E
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        h = F.linear(self.dropout(x), (self.Q * self.E).to(x.dtype))
-        return base_out + F.linear(h, self.P.to(x.dtype)) * self.scaling
+        return lora_forward(base_out, self.dropout(x), self.Q * self.E, self.P, self.scaling)
 
     def on_train_step(self, step: int, total_steps: int) -> None:
         self._allocator.step(step, total_steps)
@@ -154,7 +165,9 @@ class AdaLoRA(AdapterConfig):
 
     def __post_init__(self) -> None:
         if not 0 < self.target_rank <= self.init_rank:
-            raise ValueError(f"AdaLoRA needs 0 < target_rank <= init_rank, got {self.target_rank}, {self.init_rank}")
+            raise ValueError(
+                f"AdaLoRA needs 0 < target_rank <= init_rank, got {self.target_rank}, {self.init_rank}"
+            )
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise ValueError("AdaLoRA beta1 and beta2 must lie in (0, 1)")
 

@@ -13,14 +13,43 @@ cached (the frozen base changes only when something is merged into it), so a ste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
 from .lora import check_rank, lora_init, lora_scaling
+
+
+class _DoRALinear(torch.autograd.Function):
+    """``y = (m / n) ⊙ (base_out + s · (x Aᵀ) Bᵀ)`` with the norm ``n`` constant; hand-written backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, m: Tensor, n: Tensor, s: float
+    ) -> Tensor:
+        A_c, B_c = A.to(x.dtype), B.to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = torch.mm(x2, A_c.t())
+        z = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B_c.t(), alpha=s)
+        c = (m / n).to(x.dtype)
+        ctx.save_for_backward(x2, h, A_c, B_c, z, c, n)
+        ctx.s, ctx.x_shape, ctx.dtype = s, x.shape, A.dtype
+        return (z * c).view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x2, h, A_c, B_c, z, c, n = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dm = (g2 * z).sum(0, dtype=torch.float32).to(ctx.dtype) / n if ctx.needs_input_grad[4] else None
+        gz = g2 * c
+        gB = torch.mm(gz, B_c).mul_(ctx.s)
+        dx = torch.mm(gB, A_c).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        dA = torch.mm(gB.t(), x2).to(ctx.dtype) if ctx.needs_input_grad[2] else None
+        dB = torch.mm(gz.t(), h).mul_(ctx.s).to(ctx.dtype) if ctx.needs_input_grad[3] else None
+        return gz.view(g.shape), dx, dA, dB, dm, None, None
 
 
 class DoRAAdapter(Adapter):
@@ -43,9 +72,9 @@ class DoRAAdapter(Adapter):
         """``||W0 + s·BA||`` per output row, without materialising the sum (no gradient)."""
         with torch.no_grad():
             A, B, s = self.A.float(), self.B.float(), self.scaling
-            cross = (B * (W0 @ A.T.to(W0.dtype)).float()).sum(1)
-            quad = ((B @ (A @ A.T)) * B).sum(1)
-            return (self._base_row_sq(W0) + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+            P = (W0 @ A.t().to(W0.dtype)).float()  # W0 Aᵀ, [out, r]
+            inner = torch.addmm(P, B, A @ A.t(), beta=2 * s, alpha=s * s)  # 2s W0Aᵀ + s² B A Aᵀ
+            return (self._base_row_sq(W0) + (B * inner).sum(1)).clamp_min(0).sqrt()
 
     def delta(self, W0: Tensor) -> Tensor:
         V = W0 + (self.B @ self.A) * self.scaling
@@ -53,9 +82,7 @@ class DoRAAdapter(Adapter):
         return (self.m.unsqueeze(1) / n) * V - W0
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        c = (self.m / self.row_norm(W0)).to(x.dtype)
-        lora = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
-        return torch.add(base_out, lora, alpha=self.scaling) * c
+        return _DoRALinear.apply(base_out, x, self.A, self.B, self.m, self.row_norm(W0), self.scaling)  # type: ignore[no-any-return]
 
     def merge(self, W0: Tensor) -> Tensor:
         V = W0 + (self.B @ self.A) * self.scaling

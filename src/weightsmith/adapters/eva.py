@@ -27,7 +27,10 @@ from .lora import LoRAAdapter, check_rank, lora_scaling
 
 
 def input_components(X: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``k`` principal directions of the rows of ``X``: (components [k, in], singular values, variance ratios)."""
+    """Top-``k`` principal directions of the rows of ``X``.
+
+    Returns (components [k, in], singular values, explained-variance ratios).
+    """
     Xc = X.float() - X.float().mean(0, keepdim=True)
     _, S, Vh = svd(Xc)
     ratio = S.square() / S.square().sum().clamp_min(1e-30)
@@ -68,7 +71,9 @@ class EVA(AdapterConfig):
     def needs_calibration(self) -> bool:
         return True
 
-    def layer_configs(self, names: list[str], inputs: Mapping[str, Tensor] | None) -> dict[str, AdapterConfig]:
+    def layer_configs(
+        self, names: list[str], inputs: Mapping[str, Tensor] | None
+    ) -> dict[str, AdapterConfig]:
         if inputs is None:
             return {n: self for n in names}
         ratios = {}
@@ -96,6 +101,8 @@ class EVA(AdapterConfig):
             return LoRAAdapter(torch.zeros(self.rank, in_f, device=W0.device), B, s, self.dropout)
         V, S, _ = input_components(ctx.inputs, self.rank)
         if V.shape[0] < self.rank:
-            raise ctx.error(f"only {V.shape[0]} calibration rows for rank {self.rank}; pass more calibration data")
+            raise ctx.error(
+                f"only {V.shape[0]} calibration rows for rank {self.rank}; pass more calibration data"
+            )
         A = V / S.sqrt().clamp_min(1e-12).unsqueeze(1) if self.whiten else V
         return LoRAAdapter(A.to(W0.device).contiguous(), B, s, self.dropout)

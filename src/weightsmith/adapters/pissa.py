@@ -17,16 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
 from ..linalg import rsvd, svd
 from ._core import Adapter, AdapterConfig, AdapterContext
-from .lora import check_rank, lora_scaling
+from .lora import check_rank, lora_forward, lora_scaling
 
 
 class PiSSAAdapter(Adapter):
+    A0: Tensor
+    B0: Tensor
+
     def __init__(self, A0: Tensor, B0: Tensor, scaling: float) -> None:
         super().__init__()
         self.A = nn.Parameter(A0.clone())
@@ -42,9 +44,8 @@ class PiSSAAdapter(Adapter):
         return torch.cat([self.B, -self.B0], 1) * self.scaling, torch.cat([self.A, self.A0], 0)
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        A = torch.cat([self.A, self.A0], 0).to(x.dtype)
-        B = torch.cat([self.B, -self.B0], 1).to(x.dtype)
-        return base_out + F.linear(F.linear(x, A), B) * self.scaling
+        A, B = torch.cat([self.A, self.A0], 0), torch.cat([self.B, -self.B0], 1)
+        return lora_forward(base_out, x, A, B, self.scaling)
 
 
 @register_config("pissa", kind="adapter")

@@ -33,13 +33,15 @@ class ComparisonResult:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_matrices": len(self.matrices), "num_skipped": len(self.skipped)}
         if self.matrices:
-            counts = np.array([m["num_intruders"] for m in self.matrices])
+            counts: np.ndarray = np.array([m["num_intruders"] for m in self.matrices])
             out["total_intruders"] = int(counts.sum())
             out["matrices_with_intruders"] = int((counts > 0).sum())
             for key in KEYS[1:]:
                 vals = np.array([m[key] for m in self.matrices if m[key] is not None], dtype=np.float64)
                 out[f"mean_{key}"] = num(vals.mean()) if vals.size else None
-        out.update({"k": self.k, "epsilon": self.epsilon, "device": self.device, "seconds": round(self.seconds, 3)})
+        out.update(
+            {"k": self.k, "epsilon": self.epsilon, "device": self.device, "seconds": round(self.seconds, 3)}
+        )
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -67,17 +69,23 @@ def compare_weights(
     if max_batch_bytes is None:
         max_batch_bytes = (1 << 29) if dev.type == "cuda" else (1 << 26)
     names, skipped = candidate_matrices(base, select, min_side=1)
+    # WeightStore's ``in`` reads the tensor (Mapping.__contains__ via __getitem__): compare name sets
+    base_names, other_names = set(base), set(other)
     pairs = []
     for n in names:
-        if n not in other:
+        if n not in other_names:
             skipped.append({"name": n, "reason": f"missing in {other.source}"})
         elif other.meta(n).shape != base.meta(n).shape:
-            a, b = list(base.meta(n).shape), list(other.meta(n).shape)
-            skipped.append({"name": n, "reason": f"shape mismatch: base {a} vs other {b}"})
+            s0, s1 = list(base.meta(n).shape), list(other.meta(n).shape)
+            skipped.append({"name": n, "reason": f"shape mismatch: base {s0} vs other {s1}"})
         else:
             pairs.append(n)
     sel = Selector.of(select)
-    skipped.extend({"name": n, "reason": f"missing in {base.source}"} for n in other if n not in base and sel.matches(n))
+    skipped.extend(
+        {"name": n, "reason": f"missing in {base.source}"}
+        for n in other
+        if n not in base_names and sel.matches(n)
+    )
     records: dict[str, dict[str, Any]] = {}
     batches = list(shape_batches(base, pairs, max_batch_bytes, transposed_alike=False))
     for _, members in track(batches, "compare", total=len(batches)):

@@ -46,7 +46,12 @@ def _kde(points: Tensor, data: Tensor, h: float) -> Tensor:
     def rank(v: Tensor, right: bool) -> Tensor:
         return torch.searchsorted(d, v.contiguous(), right=right)
 
-    at_lo, at_x, at_x_r, at_hi = rank(points - h, True), rank(points, False), rank(points, True), rank(points + h, False)
+    at_lo, at_x, at_x_r, at_hi = (
+        rank(points - h, True),
+        rank(points, False),
+        rank(points, True),
+        rank(points + h, False),
+    )
     c1 = (at_x_r - at_lo).to(d.dtype)  # d in (x - h, x]
     s1 = csum.gather(-1, at_x_r) - csum.gather(-1, at_lo)
     c2 = (at_hi - at_x).to(d.dtype)  # d in [x, x + h)

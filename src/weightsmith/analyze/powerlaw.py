@@ -47,7 +47,8 @@ def fit_power_law(
 
     ``max_candidates`` limits the xmin search to that many evenly spaced ranks (used for the long
     pooled FARMS spectra); ``None`` scores every candidate exactly. Work runs in float64 on the
-    device of ``evals`` in chunks of about ``chunk_elements`` elements (default: 64K on CPU, cache-sized; 128M on CUDA).
+    device of ``evals`` in chunks of about ``chunk_elements`` elements (default: 64K on CPU so a chunk
+    stays in cache, 128M on CUDA).
     """
     single = evals.dim() == 1
     x = evals.reshape(1, -1) if single else evals

@@ -30,7 +30,9 @@ def _esd_examples(result: AnalysisResult, count: int) -> list[dict[str, Any]]:
     return [have[i] for i in idx]
 
 
-def add_analysis(report: Any, result: AnalysisResult, title: str | None = None, esd_examples: int = 6) -> None:
+def add_analysis(
+    report: Any, result: AnalysisResult, title: str | None = None, esd_examples: int = 6
+) -> None:
     """Summary table, per-layer alpha / stable rank / MP plots, example ESDs and the full metric table."""
     name = title or f"Spectral analysis: {result.model}"
     summary = result.summary()
@@ -48,10 +50,10 @@ def add_analysis(report: Any, result: AnalysisResult, title: str | None = None, 
     if result.farms:
         report.figure(plots.plot_layer_metric(recs, "farms_alpha", "FARMS alpha", "FARMS alpha per layer",
                                               bands=(2, 6)), "FARMS alpha per layer")  # fmt: skip
-    report.figure(plots.plot_layer_metric(recs, "stable_rank", "stable rank", "stable rank ||W||_F^2 / ||W||_2^2",
+    report.figure(plots.plot_layer_metric(recs, "stable_rank", "stable rank", "||W||_F^2 / ||W||_2^2",
                                           log=True), "stable rank per layer (log scale)")  # fmt: skip
     report.figure(plots.plot_layer_metric(recs, "mp_softrank", "MP soft rank", "Marchenko-Pastur soft rank"),
-                  "lambda_plus / lambda_max: small values mean strong spikes beyond the random bulk")  # fmt: skip
+                  "lambda_plus / lambda_max: small means strong spikes beyond the random bulk")  # fmt: skip
     for m in _esd_examples(result, esd_examples):
         fig = plots.plot_esd(result.esds[m["name"]], m["alpha"], m["xmin"], m["name"])
         report.figure(fig, f"ESD of {m['name']} {m['shape']}, fitted tail above xmin={m['xmin']:.4g}")
@@ -74,7 +76,14 @@ def add_comparison(report: Any, result: ComparisonResult, title: str | None = No
     )
     report.table(["metric", "value"], list(result.summary().items()))
     report.figure(plots.plot_intruders(result.matrices, result.k, result.epsilon), "intruders per layer")
-    cols = ["name", "num_intruders", "intruder_energy", "subspace_overlap", "relative_norm", "delta_effective_rank"]
+    cols = [
+        "name",
+        "num_intruders",
+        "intruder_energy",
+        "subspace_overlap",
+        "relative_norm",
+        "delta_effective_rank",
+    ]
     rows = [[m[c] for c in cols] for m in result.matrices]
     report.table(cols, rows, caption="per-matrix comparison")
     if result.skipped:

@@ -51,9 +51,13 @@ def candidate_matrices(
             what = "conv/N-D tensor (not reshaped)" if len(meta.shape) > 2 else f"{len(meta.shape)}-D tensor"
             skipped.append({"name": name, "reason": f"{what} of shape {list(meta.shape)}; only 2-D weights"})
         elif not meta.dtype.is_floating_point:
-            skipped.append({"name": name, "reason": f"non-floating dtype {str(meta.dtype).removeprefix('torch.')}"})
+            skipped.append(
+                {"name": name, "reason": f"non-floating dtype {str(meta.dtype).removeprefix('torch.')}"}
+            )
         elif min(meta.shape) < min_side:
-            skipped.append({"name": name, "reason": f"smaller side {min(meta.shape)} < {min_side}: too few eigenvalues"})
+            skipped.append(
+                {"name": name, "reason": f"smaller side {min(meta.shape)} < {min_side}: too few eigenvalues"}
+            )
         else:
             keep.append(name)
     return keep, skipped
@@ -123,7 +127,12 @@ class AnalysisResult:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "matrices": self.matrices, "skipped": self.skipped, "summary": self.summary()}
+        return {
+            "model": self.model,
+            "matrices": self.matrices,
+            "skipped": self.skipped,
+            "summary": self.summary(),
+        }
 
     def add_to_report(self, report: Any, title: str | None = None, esd_examples: int = 6) -> None:
         from .report_sections import add_analysis
@@ -167,14 +176,31 @@ def analyze_weights(
         fa = farms_alpha(W, farms_config) if farms else None
         for b, n in enumerate(kept):
             rec: dict[str, Any] = {"name": n, "shape": list(store.meta(n).shape)}
-            rec.update({k: num(metrics[k][b]) for k in ("alpha_weighted", "log_norm", "log_spectral_norm",
-                                                        "stable_rank", "effective_rank", "log_alpha_norm")})
+            rec.update(
+                {
+                    k: num(metrics[k][b])
+                    for k in (
+                        "alpha_weighted",
+                        "log_norm",
+                        "log_spectral_norm",
+                        "stable_rank",
+                        "effective_rank",
+                        "log_alpha_norm",
+                    )
+                }
+            )
             rec["alpha"] = num(fit.alpha[b])
             rec["mp_softrank"] = num(mpf.mp_softrank[b])
             rec["num_spikes"] = num(mpf.num_spikes[b])
             rec["farms_alpha"] = num(fa[b]) if fa is not None else None
-            rec.update({"xmin": num(fit.xmin[b]), "ks_distance": num(fit.D[b]),
-                        "num_pl_spikes": num(fit.num_pl_spikes[b]), "num_evals": M})
+            rec.update(
+                {
+                    "xmin": num(fit.xmin[b]),
+                    "ks_distance": num(fit.D[b]),
+                    "num_pl_spikes": num(fit.num_pl_spikes[b]),
+                    "num_evals": M,
+                }
+            )
             records[n] = rec
             if keep_esd:
                 esds[n] = evals[b].float().cpu().numpy()

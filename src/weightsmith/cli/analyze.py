@@ -62,14 +62,19 @@ def analyze_cmd(
         log(f"wrote {html_out}")
     _emit(result.to_json(), json_out, html_out)
     s = result.summary()
-    log(f"{s['num_matrices']} matrices, mean alpha {s.get('mean_alpha')}, {s['num_skipped']} skipped, {s['seconds']} s")
+    log(
+        f"{s['num_matrices']} matrices, mean alpha {s.get('mean_alpha')}, "
+        f"{s['num_skipped']} skipped, {s['seconds']} s"
+    )
 
 
 @app.command("compare")
 def compare_cmd(
     base: str = typer.Argument(..., help="the base (pre-trained) model"),
     other: str = typer.Argument(..., help="the fine-tuned model"),
-    json_out: Path | None = typer.Option(None, "--json", help="write the comparison as JSON here ('-': stdout)"),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="write the comparison as JSON here ('-': stdout)"
+    ),
     html_out: Path | None = typer.Option(None, "--html", help="write a self-contained HTML report here"),
     k: int = typer.Option(10, "--k", min=1, help="top singular vectors of OTHER examined"),
     epsilon: float = typer.Option(0.5, "--epsilon", min=0.0, max=1.0, help="intruder |cosine| threshold"),

@@ -10,6 +10,10 @@ import importlib
 import pkgutil
 
 from ._core import TaskVector, check_inputs, merge, write_model
+from .lora_merge import LoRAMerge, merge_adapters
+from .opcm import OPCM, merge_continual, opcm
+from .recipe import load_recipe
+from .recipe import run as run_recipe
 from .task_arithmetic import DARE, DARETIES, GTA, TIES, Average, TaskArithmetic, merge_tensors
 
 for _info in pkgutil.iter_modules(__path__):
@@ -17,15 +21,7 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
-    "DARE",
-    "DARETIES",
-    "GTA",
-    "TIES",
-    "Average",
-    "TaskArithmetic",
-    "TaskVector",
-    "check_inputs",
-    "merge",
-    "merge_tensors",
-    "write_model",
-]
+    "DARE", "DARETIES", "GTA", "OPCM", "TIES", "Average", "LoRAMerge", "TaskArithmetic", "TaskVector",
+    "check_inputs", "load_recipe", "merge", "merge_adapters", "merge_continual", "merge_tensors", "opcm",
+    "run_recipe", "write_model",
+]  # fmt: skip

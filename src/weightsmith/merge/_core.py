@@ -83,9 +83,9 @@ class TaskVector(Mapping[str, Tensor]):
 def check_inputs(stores: Sequence[WeightStore], out_dtype: torch.dtype | None = None) -> None:
     """Same tensor names, shapes and (unless an output dtype is given) float dtypes in every store."""
     first = stores[0]
-    names = set(first)
+    names = {n for n in first if first.meta(n).dtype.is_floating_point}  # buffers (ids) come from the base
     for other in stores[1:]:
-        theirs = set(other)
+        theirs = {n for n in other if other.meta(n).dtype.is_floating_point}
         missing, extra = sorted(names - theirs), sorted(theirs - names)
         if missing or extra:
             parts = (
@@ -101,7 +101,7 @@ def check_inputs(stores: Sequence[WeightStore], out_dtype: torch.dtype | None = 
             raise WeightsmithError("; ".join(parts) + ". Merging needs checkpoints of one architecture.")
         bad = [
             f"'{n}' {tuple(first.meta(n).shape)} vs {tuple(other.meta(n).shape)}"
-            for n in first
+            for n in sorted(names)
             if first.meta(n).shape != other.meta(n).shape
         ]
         if bad:
@@ -109,7 +109,7 @@ def check_inputs(stores: Sequence[WeightStore], out_dtype: torch.dtype | None = 
                 f"shape mismatch between {first.source} and {other.source} in {len(bad)} "
                 f"tensor(s): {_few(bad)}. Merging needs checkpoints of one architecture."
             )
-        for n in first:
+        for n in sorted(names):
             a, b = first.meta(n).dtype, other.meta(n).dtype
             if a != b and (out_dtype is None or not (a.is_floating_point and b.is_floating_point)):
                 raise WeightsmithError(
@@ -134,36 +134,49 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=torch.float32)))
 
 
+PREFETCH_BYTES = 1 << 30
+
+
 def _reader(
     stores: Sequence[WeightStore],
     names: Sequence[str],
     device: torch.device,
     check: bool,
     stop: threading.Event,
+    merged: set[str],
 ) -> Iterator[tuple[str, list[Tensor]]]:
-    """Yield ``(name, tensors)`` while a background thread reads the next name ahead."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=1)
+    """Yield ``(name, tensors)`` while a background thread reads ahead, holding at most
+    ``PREFETCH_BYTES`` of not-yet-finished inputs (a huge tensor is read only when nothing else is held)."""
+    q: queue.Queue[Any] = queue.Queue()
+    cond = threading.Condition()
+    held = [0]
+
+    def sources(name: str) -> Sequence[WeightStore]:
+        return stores if name in merged else stores[:1]
+
+    def size(name: str) -> int:
+        return sum(s.meta(name).nbytes for s in sources(name))
 
     def work() -> None:
         try:
             for name in names:
+                need = size(name)
+                with cond:
+                    while held[0] and held[0] + need > PREFETCH_BYTES and not stop.is_set():
+                        cond.wait(0.1)
+                    held[0] += need
+                if stop.is_set():
+                    return
                 tensors = []
-                for s in stores:
-                    t = s[name]
+                for s in sources(name):
+                    t = s[name].to(device, non_blocking=device.type == "cuda")
                     if check and not _finite(t):
                         raise WeightsmithError(
                             f"tensor '{name}' in {s.source} contains NaN or Inf; "
                             "fix or re-download that checkpoint"
                         )
-                    tensors.append(t.to(device, non_blocking=device.type == "cuda"))
-                while not stop.is_set():
-                    try:
-                        q.put((name, tensors), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
+                    tensors.append(t)
+                q.put((name, tensors))
         except BaseException as exc:  # handed to the consumer, which re-raises it
             q.put(exc)
             return
@@ -178,6 +191,9 @@ def _reader(
         if isinstance(item, BaseException):
             raise item
         yield item
+        with cond:  # the consumer is done with this item
+            held[0] -= size(item[0])
+            cond.notify()
 
 
 class _BackgroundWriter:
@@ -242,7 +258,9 @@ def write_model(
     bg: _BackgroundWriter | None = None
     try:
         bg = _BackgroundWriter(writer)
-        for name, tensors in track(_reader(stores, names, dev, check_finite, stop), description, len(names)):
+        for name, tensors in track(
+            _reader(stores, names, dev, check_finite, stop, merged), description, len(names)
+        ):
             first = tensors[0]
             if name in merged and first.is_floating_point():
                 try:
@@ -352,7 +370,8 @@ def merge(
     Tensors that ``select`` leaves out are copied from the base (or the first model). ``params`` may
     give per-tensor (spec, weights, densities), as mergekit's filters and gradients do.
     """
-    from .task_arithmetic import gta_finalize, gta_init, gta_update, magnitude_threshold, sparsify
+    from ._chunked import merge_streamed
+    from .task_arithmetic import magnitude_threshold
 
     spec0 = method.gta()
     if spec0.uses_base and base is None:
@@ -389,19 +408,10 @@ def merge(
 
     def merge_one(name: str, tensors: list[Tensor]) -> Tensor:
         spec, wts, dens = resolve(name)
-        b = tensors[0].float() if spec.uses_base else None
         thetas = tensors[1:] if spec.uses_base else tensors
-        state = gta_init(thetas[0], spec)
-        for i, theta in enumerate(thetas):
-            tau = theta.float() - b if b is not None else theta.float()
-            gen = None
-            if spec.sparsify == "random" and dens[i] < 1:
-                gen = torch.Generator(device=dev).manual_seed(seed_for(spec.seed, i, name))
-            tau = sparsify(tau, spec, dens[i], thresholds[i], gen)
-            state = gta_update(state, tau, wts[i], spec)
-            del tau
-        mixed = gta_finalize(state, spec)
-        return mixed.add_(b) if b is not None else mixed
+        seeds = [seed_for(spec.seed, i, name) for i in range(len(thetas))]
+        target = out_dtype or tensors[0].dtype
+        return merge_streamed(tensors[0], thetas, spec, wts, dens, thresholds, seeds, target)
 
     return write_model(
         stores,

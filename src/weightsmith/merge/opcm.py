@@ -183,4 +183,6 @@ def merge_continual(
 def _run(recipe: Recipe, out: Path, **kw: Any) -> Path:
     if recipe.base is None:
         raise WeightsmithError("OPCM needs a base model (base: ...)")
+    if recipe.weights is not None and any(w != 1.0 for w in recipe.weights):
+        raise WeightsmithError("OPCM takes no per-model weights: its scaling is adaptive; remove 'weight:'")
     return merge_continual(recipe.base, recipe.models, out, recipe.method, select=recipe.select, **kw)

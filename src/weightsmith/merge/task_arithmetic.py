@@ -193,41 +193,6 @@ def trim_magnitude(delta: Tensor, density: float, threshold: float | None = None
     return delta * (keep | tied.view_as(keep))
 
 
-def drop_random(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
-    """DARE's drop: keep each entry independently with probability ``density`` (= 1 - p)."""
-    if density >= 1.0:
-        return delta
-    keep = torch.rand(delta.shape, device=delta.device, generator=generator) < density
-    return delta * keep
-
-
-def rescale(delta: Tensor, kept: Tensor, how: str, density: float) -> Tensor:
-    """``inverse``: kept / density (the DARE paper); ``l1``: kept * ||delta||_1 / ||kept||_1 (mergekit)."""
-    if how == "inverse" and density > 0:
-        return kept / density
-    if how == "l1":
-        before, after = float(delta.abs().sum()), float(kept.abs().sum())
-        if before >= 1e-7 and after >= 1e-7:
-            return kept * (before / after)
-    return kept
-
-
-def sparsify(
-    delta: Tensor,
-    spec: GTA,
-    density: float,
-    threshold: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    if spec.sparsify == "magnitude":
-        kept = trim_magnitude(delta, density, threshold)
-    elif spec.sparsify == "random":
-        kept = drop_random(delta, density, generator)
-    else:
-        return delta
-    return kept if density >= 1.0 else rescale(delta, kept, spec.rescale, density)
-
-
 # ------------------------------------------------------------------------ the fold over task vectors
 
 
@@ -298,19 +263,14 @@ def merge_tensors(
     thetas: Sequence[Tensor],
     method: object,
     weights: Sequence[float] | None = None,
-    generators: Sequence[torch.Generator | None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Tensor:
-    """Merge one tensor: ``method`` is any config with ``.gta()``; ``thetas`` are fine-tuned tensors.
-    Computes in float32 and returns float32 (the caller casts)."""
+    """Merge one tensor: ``method`` is any config with ``.gta()``; ``thetas`` are the fine-tuned tensors;
+    ``seeds`` (one per task) drive DARE's masks. Computes and returns float32."""
+    from ._chunked import merge_streamed
+
     spec: GTA = method.gta()  # type: ignore[attr-defined]
     if spec.uses_base and base is None:
         raise WeightsmithError(f"merge method '{type(method).method}' needs a base model")  # type: ignore[attr-defined]
     w = list(weights) if weights is not None else [1.0] * len(thetas)
-    gens = list(generators) if generators is not None else [None] * len(thetas)
-    b = base.float() if base is not None and spec.uses_base else None
-    state = gta_init(thetas[0], spec)
-    for theta, wi, g in zip(thetas, w, gens, strict=True):
-        tau = theta.float() - b if b is not None else theta.float()
-        state = gta_update(state, sparsify(tau, spec, spec.density, generator=g), wi, spec)
-    mixed = gta_finalize(state, spec)
-    return mixed + b if b is not None else mixed
+    return merge_streamed(base, thetas, spec, w, [spec.density] * len(thetas), seeds=seeds)

@@ -87,7 +87,9 @@ def plot_esd(evals: np.ndarray, alpha: float | None, xmin: float | None, title: 
     if alpha is not None and xmin is not None and math.isfinite(alpha) and math.isfinite(xmin):
         x = np.logspace(math.log10(xmin), hi, 50)
         share = (ev >= xmin).mean()  # the fitted density covers only the tail's share of the mass
-        ax.loglog(x, share * (alpha - 1) / xmin * (x / xmin) ** (-alpha), "r-", lw=1.5, label=f"alpha={alpha:.2f}")
+        ax.loglog(
+            x, share * (alpha - 1) / xmin * (x / xmin) ** (-alpha), "r-", lw=1.5, label=f"alpha={alpha:.2f}"
+        )
         ax.axvline(xmin, color="r", lw=0.6, ls=":")
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")

@@ -16,8 +16,8 @@ from typing import Any
 from ..store import atomic_write_text
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;
-color:#1b1f24;padding:0 1rem;line-height:1.45}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;
+max-width:1100px;color:#1b1f24;padding:0 1rem;line-height:1.45}
 h1{font-size:1.7rem;margin-bottom:.2rem}h2{font-size:1.3rem;margin-top:2.2rem;border-bottom:1px solid #d0d7de}
 .sub{color:#57606a;margin-top:0}figure{margin:1rem 0}figure img,figure svg{max-width:100%;height:auto}
 figcaption{color:#57606a;font-size:.9rem}table{border-collapse:collapse;font-size:.85rem;margin:1rem 0}
@@ -116,7 +116,8 @@ class Report:
         )
         cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
         self._blocks.append(
-            f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+            f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>"
         )
         return self
 

@@ -1,0 +1,80 @@
+"""The analyze, compare and nuclear-norm commands end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import weightsmith.cli.analyze  # noqa: F401  (registers the commands)
+from weightsmith.cli._app import app
+from weightsmith.errors import WeightsmithError
+
+runner = CliRunner()
+
+
+def _files(tmp_path: Path) -> tuple[Path, Path]:
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.proj.weight": torch.randn(40, 24, generator=g) for i in range(2)}
+    base["norm.weight"] = torch.ones(24)
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["layers.0.proj.weight"] = tuned["layers.0.proj.weight"][:, :20].contiguous()
+    tuned["layers.1.proj.weight"][0, 0] = float("nan")
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+
+
+def test_analyze_writes_json_and_html_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    base, tuned = _files(tmp_path)
+    out, html = tmp_path / "out" / "a.json", tmp_path / "out" / "a.html"
+    res = runner.invoke(
+        app, ["analyze", str(tuned), "--json", str(out), "--html", str(html), "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["model"] == str(tuned)
+    assert [m["name"] for m in data["matrices"]] == ["layers.0.proj.weight"]
+    reasons = {s["name"]: s["reason"] for s in data["skipped"]}
+    assert "NaN/Inf" in reasons["layers.1.proj.weight"] and "1-D" in reasons["norm.weight"]
+    assert "<img" in html.read_text()
+    again = runner.invoke(app, ["analyze", str(tuned), "--json", str(out)])
+    assert isinstance(again.exception, WeightsmithError) and "--force" in str(again.exception)
+    forced = runner.invoke(app, ["analyze", str(base), "--json", str(out), "--force", "--no-farms"])
+    assert forced.exit_code == 0 and json.loads(out.read_text())["matrices"][0]["farms_alpha"] is None
+
+
+def test_compare_names_shape_mismatches(tmp_path: Path) -> None:
+    base, tuned = _files(tmp_path)
+    res = runner.invoke(app, ["compare", str(base), str(base), "--json", "-", "--k", "3", "--epsilon", "0.4"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout[res.stdout.index("{") :])
+    assert data["summary"]["k"] == 3 and data["summary"]["total_intruders"] == 0
+    res = runner.invoke(app, ["compare", str(base), str(tuned), "--json", "-"])
+    assert isinstance(res.exception, WeightsmithError)
+    assert "layers.0.proj.weight: shape mismatch: base [40, 24] vs other [40, 20]" in str(res.exception)
+
+
+def test_bad_options_are_user_errors(tmp_path: Path) -> None:
+    base, _ = _files(tmp_path)
+    res = runner.invoke(app, ["analyze", str(base), "--device", "tpu"])
+    assert isinstance(res.exception, WeightsmithError)
+    res = runner.invoke(app, ["nuclear-norm", "smollm2", "--text", str(tmp_path / "missing.txt")])
+    assert isinstance(res.exception, WeightsmithError) and "missing.txt" in str(res.exception)
+
+
+@pytest.mark.usefixtures("smollm2_dir")
+def test_nuclear_norm_on_hamlet() -> None:
+    res = runner.invoke(
+        app, ["nuclear-norm", "smollm2", "--max-tokens", "48", "--windows", "2", "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout[res.stdout.index("{") :])
+    assert data["windows"] == 2 and data["tokens"] == 96
+    # L unit rows: the squared column norms sum to L, so the top-L column norms sum to between L/sqrt(d)
+    # and L (Cauchy-Schwarz), i.e. MNN / L lies in [1/sqrt(d), 1] with d = 576 for SmolLM2
+    assert 1 / 576**0.5 <= data["mnn"] <= 1.0
