@@ -83,8 +83,9 @@ class RankAllocator:
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        Es = [layer.E for layer in self.layers]
-        torch._foreach_mul_(Es, [layer.keep.to(layer.E.dtype).unsqueeze(1) for layer in self.layers])
+        Es: list[Tensor] = [layer.E for layer in self.layers]
+        masks: list[Tensor] = [layer.keep.to(layer.E.dtype).unsqueeze(1) for layer in self.layers]
+        torch._foreach_mul_(Es, masks)  # type: ignore[arg-type]
 
     def step(self, step: int, total: int) -> None:
         if self.done_step == step:
