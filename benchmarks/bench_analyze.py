@@ -1,16 +1,20 @@
 """weightsmith analyze vs WeightWatcher 0.7.x, side by side on the same machine and the same matrices.
 
-    python benchmarks/bench_analyze.py --model smollm2 --device cpu --layers 6 --threads 1
-    python benchmarks/bench_analyze.py --model llama1b --device cuda
+    python benchmarks/bench_analyze.py --model smollm2 --device cpu --threads 1 --ww-mp
+    python benchmarks/bench_analyze.py --model llama1b --device cuda --sweep
 
 ``smollm2`` is the packaged SmolLM2-135M; ``llama1b`` is a randomly initialised Llama-shaped 1.1B model
 (hidden 2048, 22 layers, intermediate 5632, 32 heads, 4 KV heads, vocab 32000) written tensor by tensor
 to sharded safetensors (never materialised as a model); ``smollm2-random`` has SmolLM2's shapes with
 random weights (for machines without the packaged asset). ``--layers N`` keeps the 2-D weights of the first
-N decoder layers (plus the embeddings unless ``--no-embeddings``). Both tools see every selected 2-D
-weight; WeightWatcher gets them as an in-memory float32 state dict (its loading is not timed), ours
-reads them from the store (loading is timed). WeightWatcher runs with its defaults (no MP fit); ours
-always includes the MP fit and is timed with and without FARMS. Writes a JSON line per run to --out.
+N decoder layers (plus the embeddings unless ``--no-embeddings``).
+
+Same work for both: every selected 2-D weight as one in-memory float32 state dict (loading timed for
+neither), WeightWatcher's default ``analyze()`` (power-law fit and norm metrics, no MP fit) against
+ours with ``mp_fit=False, farms=False``; with ``--ww-mp`` also WeightWatcher ``analyze(mp_fit=True)``
+against ours with the MP fit. Extra columns: ours reading the safetensors store (loading timed), ours
+with FARMS, and with ``--sweep`` every eigensolver precision x CUDA streams setting. One warm-up call
+of each tool on a 64x128 matrix precedes the timing. Writes a JSON line per run to --out.
 """
 
 from __future__ import annotations
@@ -88,17 +92,44 @@ def select_names(store, layers: int | None, embeddings: bool) -> list[str]:
     return names
 
 
-def run_ww(state: dict) -> tuple[float, dict[str, float]]:
+def run_ww(state: dict, mp_fit: bool = False) -> tuple[float, dict[str, dict[str, float]]]:
     import weightwatcher as ww
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     start = time.perf_counter()
-    details = ww.WeightWatcher(model=state).analyze()
+    details = ww.WeightWatcher(model=state).analyze(mp_fit=mp_fit)
     seconds = time.perf_counter() - start
-    alphas = {}
-    for row in details.itertuples():
-        alphas[f"{row.name}.weight"] = float(row.alpha)
-    return seconds, alphas
+    cols = ("alpha", "xmin", "num_pl_spikes", "mp_softrank")
+    out = {
+        f"{r.name}.weight": {c: float(getattr(r, c)) for c in cols if hasattr(r, c)}
+        for r in details.itertuples()
+    }
+    return seconds, out
+
+
+def agreement(ours: dict[str, dict], ww: dict[str, dict], names: list[str]) -> dict[str, float | int | None]:
+    """alpha within 1%, relative alpha differences, same xmin (1%) and tail size, MP soft rank (2%)."""
+    rel, xmin_ok, tail_ok, mp_ok, mp_n = [], 0, 0, 0, 0
+    for n in names:
+        a, b = ours.get(n, {}), ww.get(n, {})
+        if a.get("alpha") is None or not math.isfinite(b.get("alpha", math.nan)) or b["alpha"] <= 0:
+            continue
+        rel.append(abs(a["alpha"] - b["alpha"]) / b["alpha"])
+        xmin_ok += abs(a["xmin"] - b["xmin"]) <= 0.01 * abs(b["xmin"])
+        tail_ok += a["num_pl_spikes"] == b["num_pl_spikes"]
+        if a.get("mp_softrank") is not None and math.isfinite(b.get("mp_softrank", math.nan)):
+            mp_n += 1
+            mp_ok += abs(a["mp_softrank"] - b["mp_softrank"]) <= 0.02 * b["mp_softrank"]
+    rel.sort()
+    return {
+        "alphas_compared": len(rel),
+        "alpha_within_1pct": sum(r <= 0.01 for r in rel),
+        "alpha_median_rel_diff": rel[len(rel) // 2] if rel else None,
+        "alpha_max_rel_diff": rel[-1] if rel else None,
+        "xmin_within_1pct": xmin_ok,
+        "same_tail_size": tail_ok,
+        "mp_softrank_within_2pct": f"{mp_ok}/{mp_n}" if mp_n else None,
+    }
 
 
 def main() -> None:
@@ -108,6 +139,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="only the first N decoder layers")
     ap.add_argument("--no-embeddings", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both tools")
+    ap.add_argument("--ww-mp", action="store_true", help="also time both tools with the MP fit")
+    ap.add_argument("--sweep", action="store_true", help="time every precision x streams setting")
     ap.add_argument("--workdir", default="/tmp/weightsmith-bench")
     ap.add_argument("--out", default=None, help="append a JSON line with the results here")
     args = ap.parse_args()
@@ -124,6 +157,7 @@ def main() -> None:
     from weightsmith.store import DictStore, open_store
 
     dev = resolve_device(None if args.device == "auto" else args.device)
+    cuda = dev.type == "cuda"
     if args.model == "smollm2":
         store = models.open_weights("smollm2")
     else:
@@ -131,55 +165,62 @@ def main() -> None:
         store = open_store(build_llama(Path(args.workdir) / args.model, args.model))
         print(f"built {args.model} safetensors in {time.perf_counter() - t:.1f} s", flush=True)
     names = select_names(store, args.layers, not args.no_embeddings)
-    sel = Selector(predicate=set(names).__contains__)
+    state = {n: store[n].float() for n in names}
     print(f"{args.model}: {len(names)} matrices on {dev}", flush=True)
 
-    # warm-up (CUDA context, solver handles) for both tools on a small matrix
     tiny = {"warm.weight": torch.randn(64, 128)}
-    analyze_weights(DictStore(tiny), device=dev)
+    analyze_weights(DictStore(tiny), device=dev, farms=True)
     run_ww(tiny)
 
-    timings = {}
-    for farms in (False, True):
-        if dev.type == "cuda":
+    def ours(src: object, **kw: object) -> tuple[float, dict[str, dict]]:
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        res = analyze_weights(store, select=sel, device=dev, farms=farms, keep_esd=False)
-        if dev.type == "cuda":
+        res = analyze_weights(src, device=dev, keep_esd=False, **kw)  # type: ignore[arg-type]
+        if cuda:
             torch.cuda.synchronize()
-        timings["farms" if farms else "plain"] = time.perf_counter() - t
-        print(f"weightsmith (farms={farms}): {timings['farms' if farms else 'plain']:.2f} s", flush=True)
-    ours = {m["name"]: m["alpha"] for m in res.matrices}
+        return time.perf_counter() - t, {m["name"]: m for m in res.matrices}
 
-    state = {n: store[n].float() for n in names}
-    ww_seconds, ww_alphas = run_ww(state)
-    del state
-    print(f"WeightWatcher: {ww_seconds:.2f} s", flush=True)
-
-    rel = []
-    for n in names:
-        a, b = ours.get(n), ww_alphas.get(n)
-        if a is not None and b is not None and math.isfinite(b) and b > 0:
-            rel.append(abs(a - b) / b)
-    rel.sort()
-    gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else None
-    row = {
+    mem = DictStore(state)
+    row: dict[str, object] = {
         "model": args.model,
         "device": str(dev),
-        "machine": gpu or platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
         "matrices": len(names),
         "layers": args.layers,
-        "ww_seconds": round(ww_seconds, 2),
-        "ours_seconds": round(timings["plain"], 2),
-        "ours_farms_seconds": round(timings["farms"], 2),
-        "speedup": round(ww_seconds / timings["plain"], 1),
-        "speedup_with_farms": round(ww_seconds / timings["farms"], 1),
-        "alphas_compared": len(rel),
-        "alpha_within_1pct": sum(r <= 0.01 for r in rel),
-        "alpha_median_rel_diff": rel[len(rel) // 2] if rel else None,
-        "alpha_max_rel_diff": rel[-1] if rel else None,
     }
+    ww_s, ww_res = run_ww(state)
+    print(f"WeightWatcher (no MP): {ww_s:.2f} s", flush=True)
+    same_s, same = ours(mem, mp_fit=False, farms=False)
+    print(f"weightsmith (no MP): {same_s:.2f} s", flush=True)
+    row |= {
+        "ww_seconds": round(ww_s, 2),
+        "ours_seconds": round(same_s, 3),
+        "speedup": round(ww_s / same_s, 1),
+    }
+    row |= agreement(same, ww_res, names)
+    chosen = Selector(predicate=set(names).__contains__)
+    store_s, _ = ours(store, select=chosen, mp_fit=False, farms=False)
+    mp_s, with_mp = ours(mem, mp_fit=True, farms=False)
+    farms_s, _ = ours(mem, mp_fit=True, farms=True)
+    row |= {"ours_from_store_seconds": round(store_s, 3), "ours_mp_seconds": round(mp_s, 3),
+            "ours_mp_farms_seconds": round(farms_s, 3)}  # fmt: skip
+    if args.ww_mp:
+        wwmp_s, wwmp_res = run_ww(state, mp_fit=True)
+        print(f"WeightWatcher (MP): {wwmp_s:.2f} s", flush=True)
+        row |= {"ww_mp_seconds": round(wwmp_s, 2), "speedup_mp": round(wwmp_s / mp_s, 1)}
+        row["mp_agreement"] = agreement(with_mp, wwmp_res, names)
+    if args.sweep:
+        sweep = {}
+        for precision in ("float64", "float32"):
+            for streams in (1, 4, 8) if cuda else (1,):
+                s_, r_ = ours(mem, mp_fit=False, farms=False, precision=precision, streams=streams)
+                key = f"{precision}/streams={streams}"
+                sweep[key] = {"seconds": round(s_, 3), "speedup": round(ww_s / s_, 1)}
+                sweep[key] |= agreement(r_, ww_res, names)
+                print(f"  {precision} streams={streams}: {s_:.3f} s", flush=True)
+        row["sweep"] = sweep
+    row["machine"] = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
+    row["threads"] = torch.get_num_threads()
     print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "a") as fh:

@@ -115,6 +115,12 @@ def recipe(root: Path, method: str) -> Path:
     return path
 
 
+def _load(store: object, name: str, device: str) -> torch.Tensor:
+    """Read one tensor for real: safetensors may hand back a lazily memory-mapped tensor on CPU."""
+    t = store[name]  # type: ignore[index]
+    return t.to(device) if device != "cpu" else t.clone()
+
+
 def worker(tool: str, method: str, root: Path, device: str) -> None:
     """Runs in a subprocess; prints one JSON line."""
     import shutil
@@ -132,7 +138,7 @@ def worker(tool: str, method: str, root: Path, device: str) -> None:
         for d in ["base"] + [f"ft{j}" for j in range(1, N_MODELS + 1)]:
             s = open_store(root / d)
             for name in s:
-                total += s[name].to(device).numel()
+                total += _load(s, name, device).numel()
         if device == "cuda":
             torch.cuda.synchronize()
     elif tool == "read+write":  # the IO floor of any merge: read every input, write one model
@@ -141,7 +147,7 @@ def worker(tool: str, method: str, root: Path, device: str) -> None:
         stores = [open_store(root / d) for d in ["base"] + [f"ft{j}" for j in range(1, N_MODELS + 1)]]
         with ShardWriter(out, max_shard_bytes=2 * 10**9) as w:
             for name in stores[0]:
-                ts = [s[name].to(device) for s in stores]
+                ts = [_load(s, name, device) for s in stores]
                 w.add(name, ts[0])
     elif tool == "mergekit":
         import yaml

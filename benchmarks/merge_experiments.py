@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_finetune import TASKS, finetuned  # noqa: E402
 
 from weightsmith import models  # noqa: E402
+from weightsmith.merge import merge_state_dicts  # noqa: E402
 from weightsmith.merge.opcm import OPCM, opcm  # noqa: E402
 from weightsmith.merge.task_arithmetic import DARE, DARETIES, TIES, Average, TaskArithmetic, merge_tensors  # noqa: E402
 from weightsmith.store import open_store  # noqa: E402
@@ -70,7 +71,7 @@ class Evaluator:
         return {t: self.accuracy(state, t, split, n) for t in TASKS}
 
     def merge(self, method: object, order: tuple[str, ...] = TASKS) -> dict[str, torch.Tensor]:
-        return {k: merge_tensors(b, [self.fts[t][k] for t in order], method) for k, b in self.base.items()}
+        return merge_state_dicts(self.base, [self.fts[t] for t in order], method, names=list(self.base))
 
 
 def mean(d: dict[str, float]) -> float:
@@ -82,15 +83,16 @@ def row(name: str, acc: dict[str, float], extra: str = "") -> str:
     return f"| {name} | {cells} | **{100 * mean(acc):.1f}** | {extra} |"
 
 
-def all_at_once(ev: Evaluator) -> list[str]:
+def all_at_once(ev: Evaluator, only: str | None = None) -> list[str]:
     lines = [
         "| model | " + " | ".join(SHORT[t] for t in TASKS) + " | mean | chosen on val |",
         "|---" * 6 + "|",
     ]
-    lines.append(row("zero-shot (base encoder + task head)", ev.all_tasks(ev.base, "test")))
-    individual = {t: ev.accuracy(ev.fts[t], t, "test", TEST_EXAMPLES) for t in TASKS}
-    lines.append(row("individual fine-tunes (upper bound)", individual))
-    lines.append(row("weighted average", ev.all_tasks(ev.merge(Average()), "test")))
+    if only is None:
+        lines.append(row("zero-shot (base encoder + task head)", ev.all_tasks(ev.base, "test")))
+        individual = {t: ev.accuracy(ev.fts[t], t, "test", TEST_EXAMPLES) for t in TASKS}
+        lines.append(row("individual fine-tunes (upper bound)", individual))
+        lines.append(row("weighted average", ev.all_tasks(ev.merge(Average()), "test")))
     methods = {
         "task arithmetic": lambda lam: TaskArithmetic(scaling=lam),
         "TIES (k=20%, global trim)": lambda lam: TIES(density=0.2, scaling=lam),
@@ -99,6 +101,8 @@ def all_at_once(ev: Evaluator) -> list[str]:
         "DARE-TIES (p=0.9)": lambda lam: DARETIES(p=0.9, scaling=lam),
     }
     for name, make in methods.items():
+        if only is not None and only not in name:
+            continue
         val = {lam: mean(ev.all_tasks(ev.merge(make(lam)), "val", VAL_EXAMPLES)) for lam in GRID}
         best = max(val, key=lambda lam: val[lam])
         lines.append(row(name, ev.all_tasks(ev.merge(make(best)), "test"), f"lambda={best}"))
@@ -150,6 +154,9 @@ def continual(ev: Evaluator) -> list[str]:
 def main() -> None:
     t0 = time.perf_counter()
     ev = Evaluator()
+    if "--only" in sys.argv:  # recompute the all-at-once rows whose name contains this text
+        all_at_once(ev, sys.argv[sys.argv.index("--only") + 1])
+        return
     a = all_at_once(ev)
     c = continual(ev)
     text = (

@@ -10,6 +10,8 @@ import torch
 
 import weightsmith.merge  # noqa: F401  (registers every merge method)
 from weightsmith.config import registered
+from weightsmith.errors import WeightsmithError
+from weightsmith.merge import merge_state_dicts
 from weightsmith.merge._chunked import CHUNK, chunk_generator, merge_streamed
 from weightsmith.merge.task_arithmetic import (
     DARE,
@@ -57,11 +59,14 @@ def test_symmetric_methods_ignore_input_order(name):
     cfg = registered("merge")[name]()
     if not cfg.gta().symmetric:
         pytest.skip(f"{name} draws its random masks per input position")
-    base, thetas = tensors(3)
+    (b1, t1), (b2, t2) = tensors(3), tensors(3, (7, 5), seed=9)
+    base = {"x": b1, "y": b2}
+    models = [{"x": a, "y": b} for a, b in zip(t1, t2, strict=True)]
     w = [0.5, 1.0, 2.0]
-    a = merge_tensors(base, thetas, cfg, weights=w)
-    b = merge_tensors(base, thetas[::-1], cfg, weights=w[::-1])
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    fwd = merge_state_dicts(base, models, cfg, weights=w)
+    rev = merge_state_dicts(base, models[::-1], cfg, weights=w[::-1])
+    for k in base:
+        torch.testing.assert_close(fwd[k], rev[k], rtol=0, atol=1e-6)
 
 
 def test_ties_without_trim_or_election_is_task_arithmetic():
@@ -172,3 +177,14 @@ def test_chunked_evaluation_equals_one_chunk(monkeypatch):
     monkeypatch.setattr(chunked, "CHUNK", 200)  # 4 rows of 50 per chunk
     torch.testing.assert_close(merge_streamed(*args), whole, rtol=0, atol=1e-6)
     assert CHUNK > 200
+
+
+def test_model_wide_trim_needs_the_whole_model():
+    base, thetas = tensors(2)
+    with pytest.raises(WeightsmithError, match="whole model"):
+        merge_tensors(base, thetas, TIES(density=0.2, trim="model"))
+    parts = {"a": base[:10], "b": base[10:]}
+    models = [{"a": t[:10], "b": t[10:]} for t in thetas]
+    split = merge_state_dicts(parts, models, TIES(density=0.2))
+    whole = merge_state_dicts({"w": base}, [{"w": t} for t in thetas], TIES(density=0.2))["w"]
+    torch.testing.assert_close(torch.cat([split["a"], split["b"]]), whole, rtol=0, atol=1e-6)

@@ -36,6 +36,7 @@ class RankAllocator:
         self.done_step: int | None = None
         self.avg: list[Tensor] = []  # smoothed sensitivity Ī per P, Q, Λ of every layer, in order
         self.unc: list[Tensor] = []  # uncertainty Ū
+        self._seg: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def budget(self, step: int, total: int) -> tuple[int, bool]:
         c = self.cfg
@@ -64,27 +65,45 @@ class RankAllocator:
         torch._foreach_abs_(ipt)
         torch._foreach_lerp_(self.unc, ipt, 1 - self.cfg.beta2)
 
+    def _segments(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Layer id of every row of the stacked P scores and of the stacked Qᵀ scores, and their counts."""
+        if self._seg is None or self._seg[0].device != device:
+            outs = torch.tensor([layer.P.shape[0] for layer in self.layers], device=device)
+            ins = torch.tensor([layer.Q.shape[1] for layer in self.layers], device=device)
+            ids = torch.arange(len(self.layers), device=device)
+            self._seg = (ids.repeat_interleave(outs), ids.repeat_interleave(ins), outs, ins)
+        return self._seg
+
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> None:
         k = sum(layer.E.numel() for layer in self.layers) - budget
         if k <= 0 or len(self.avg) != 3 * len(self.layers):
             return
+        # triplet score S(λ_i) + mean_j S(Q_ij) + mean_j S(P_ji) for all layers at once: the P and Qᵀ
+        # scores stacked and summed per layer by index_add (a few ops instead of a few per layer)
         score = torch._foreach_mul(self.avg, self.unc)
-        triplets = [
-            score[3 * i + 2].view(-1) + score[3 * i + 1].mean(1) + score[3 * i].mean(0)
-            for i in range(len(self.layers))
-        ]
-        flat = torch.cat([t.to(triplets[0].device) for t in triplets])
+        dev = score[0].device
+        seg_p, seg_q, n_out, n_in = self._segments(dev)
+        L, r = len(self.layers), self.layers[0].E.shape[0]
+        p_sum = torch.zeros(L, r, device=dev, dtype=score[0].dtype).index_add_(
+            0, seg_p, torch.cat(score[0::3])
+        )
+        q_cat = torch.cat([q.t() for q in score[1::3]])
+        q_sum = torch.zeros(L, r, device=dev, dtype=score[1].dtype).index_add_(0, seg_q, q_cat)
+        e = torch.cat([e.view(1, -1) for e in score[2::3]])
+        flat = (e + q_sum / n_in[:, None] + p_sum / n_out[:, None]).view(-1)
         threshold = torch.kthvalue(flat, k).values  # stays on the device: no synchronisation
-        keep = (flat > threshold).split([t.numel() for t in triplets])
-        for layer, kp in zip(self.layers, keep, strict=True):
-            layer.keep = kp
+        keep = flat > threshold
+        masks = keep.to(self.layers[0].E.dtype).view(L, r, 1)
+        for i, layer in enumerate(self.layers):
+            layer.keep = keep[i * r : (i + 1) * r]
+            layer.keep_mask = masks[i]
         self.apply_masks()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         Es: list[Tensor] = [layer.E for layer in self.layers]
-        masks: list[Tensor] = [layer.keep.to(layer.E.dtype).unsqueeze(1) for layer in self.layers]
+        masks: list[Tensor] = [layer.keep_mask for layer in self.layers]
         torch._foreach_mul_(Es, masks)  # type: ignore[arg-type]
 
     def step(self, step: int, total: int) -> None:
@@ -111,6 +130,8 @@ class RankAllocator:
 
 class AdaLoRAAdapter(Adapter):
     keep: Tensor
+    keep_mask: Tensor
+    neg_eye: Tensor
 
     def __init__(
         self, P: Tensor, E: Tensor, Q: Tensor, scaling: float, allocator: RankAllocator, dropout: float
@@ -124,6 +145,8 @@ class AdaLoRAAdapter(Adapter):
         self.register_buffer(
             "keep", torch.ones(E.shape[0], dtype=torch.bool, device=E.device), persistent=False
         )
+        self.register_buffer("keep_mask", torch.ones_like(E), persistent=False)  # keep as E's dtype, [r, 1]
+        self.register_buffer("neg_eye", -torch.eye(E.shape[0], device=E.device), persistent=False)
         self._allocator: Any = allocator
 
     def delta(self, W0: Tensor) -> Tensor:
@@ -142,8 +165,8 @@ class AdaLoRAAdapter(Adapter):
         w = self._allocator.cfg.orth_weight
         if w == 0:
             return None
-        eye = torch.eye(self.E.shape[0], device=self.E.device, dtype=self.P.dtype)
-        r = (self.P.T @ self.P - eye).norm() + (self.Q @ self.Q.T - eye).norm()
+        neg_eye = self.neg_eye.to(self.P.dtype)
+        r = torch.addmm(neg_eye, self.P.T, self.P).norm() + torch.addmm(neg_eye, self.Q, self.Q.T).norm()
         return w * r / (2 * self._allocator.n_layers)
 
 

@@ -13,7 +13,9 @@ zero so ``ΔW = 0``. Trainable numbers: ``n³`` once (shared) plus ``r (out + in
 
 The core has no shared *trainable* tensors, so the first layer created owns ``A`` as its parameter
 (saved once, under that layer) and every other layer holds a plain reference to the same tensor.
-The fast path works on x reshaped to [n, in/n] and never forms the [out, in] update.
+The update has rank at most ``n² r`` (16 for the defaults); :meth:`CompacterAdapter.low_rank` writes it
+exactly as a thin product, ``Lf [out, n² r]`` with ``Lf[(a, k), (i, b, ρ)] = A_i[a, b] s_i[k, ρ]`` and
+``Rf [n² r, in]`` with ``Rf[(i, b, ρ), (b, l)] = t_i[l, ρ]``, so the fast path costs a LoRA of that rank.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..linalg import seeded_generator
 from ._core import Adapter, AdapterConfig, AdapterContext
+from .lora import lora_forward
 
 
 class CompacterAdapter(Adapter):
@@ -47,15 +50,17 @@ class CompacterAdapter(Adapter):
         n, p, q = B.shape
         return torch.einsum("iab,ikl->akbl", A, B).reshape(n * p, n * q)
 
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        A, s, t = self.phm_rule.to(self.phm_s.device), self.phm_s, self.phm_t
+        n, q, r = t.shape
+        Lf = torch.einsum("iab,ikr->akibr", A, s).reshape(n * s.shape[1], n * n * r)
+        eye = torch.eye(n, dtype=t.dtype, device=t.device)
+        Rf = torch.einsum("ilr,bc->ibrcl", t, eye).reshape(n * n * r, n * q)
+        return Lf, Rf
+
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        dt = x.dtype
-        A, s, t = self.phm_rule.to(x.device, dt), self.phm_s.to(dt), self.phm_t.to(dt)
-        n = A.shape[0]
-        X = x.reshape(*x.shape[:-1], n, x.shape[-1] // n)  # [..., b, l]
-        Z = torch.einsum("...bl,ilr->...ibr", X, t)
-        Y = torch.einsum("iab,...ibr->...iar", A, Z)
-        out = torch.einsum("...iar,ikr->...ak", Y, s)
-        return base_out + out.reshape(base_out.shape)
+        Lf, Rf = self.low_rank()
+        return lora_forward(base_out, x, Rf, Lf, 1.0)
 
 
 def glorot_uniform(shape: tuple[int, int, int], g: torch.Generator) -> Tensor:

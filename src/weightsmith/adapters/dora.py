@@ -43,7 +43,7 @@ class _DoRALinear(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x2, h, A_c, B_c, z, c, n = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        dm = (g2 * z).sum(0, dtype=torch.float32).to(ctx.dtype) / n if ctx.needs_input_grad[4] else None
+        dm = (g2 * z).sum(0, dtype=n.dtype).div_(n).to(ctx.dtype) if ctx.needs_input_grad[4] else None
         gz = g2 * c
         gB = torch.mm(gz, B_c).mul_(ctx.s)
         dx = torch.mm(gB, A_c).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
@@ -68,13 +68,16 @@ class DoRAAdapter(Adapter):
             self._w0_sq = (key, W0.float().square().sum(1))
         return self._w0_sq[1]
 
+    @torch.no_grad()
     def row_norm(self, W0: Tensor) -> Tensor:
-        """``||W0 + s·BA||`` per output row, without materialising the sum (no gradient)."""
-        with torch.no_grad():
-            A, B, s = self.A.float(), self.B.float(), self.scaling
-            P = (W0 @ A.t().to(W0.dtype)).float()  # W0 Aᵀ, [out, r]
-            inner = torch.addmm(P, B, A @ A.t(), beta=2 * s, alpha=s * s)  # 2s W0Aᵀ + s² B A Aᵀ
-            return (self._base_row_sq(W0) + (B * inner).sum(1)).clamp_min(0).sqrt()
+        """``||W0 + s·BA||`` per output row, without materialising the sum (no gradient), in 8 small ops:
+        ``W0 Aᵀ`` (the one product with W0), ``A Aᵀ``, one addmm, one batched row-dot that adds the
+        cached ``||W0_i||²``, clamp and sqrt."""
+        A, B, s = self.A.float(), self.B.float(), self.scaling
+        P = torch.mm(W0, A.t().to(W0.dtype)).float()  # W0 Aᵀ, [out, r]
+        inner = torch.addmm(P, B, A @ A.t(), beta=2 * s, alpha=s * s)  # 2s W0Aᵀ + s² B A Aᵀ
+        sq = torch.baddbmm(self._base_row_sq(W0).view(-1, 1, 1), B.unsqueeze(1), inner.unsqueeze(2))
+        return sq.view(-1).clamp_min_(0).sqrt_()
 
     def delta(self, W0: Tensor) -> Tensor:
         V = W0 + (self.B @ self.A) * self.scaling

@@ -8,8 +8,16 @@ Reflection Adaptation", NeurIPS 2024, arXiv:2405.17484.
 so ``ΔW = W0 (H - I)`` has rank ≤ r. Initialisation (PEFT's): r/2 Kaiming-uniform vectors, each
 repeated twice, so adjacent reflections cancel and ``H = I`` (r must be even). PEFT's ``apply_GS``
 (Gram-Schmidt, ``H = I - 2 Q Qᵀ``) is left out: it can never equal I, and on PEFT's paired init it
-divides by zero. The fast path reflects the activations,
-``x Hᵀ``, with r rank-1 updates and never forms an [in, in] matrix; unmerge applies ``Hᵀ = H⁻¹``.
+divides by zero. Unmerge applies ``Hᵀ = H⁻¹``.
+
+Fast path: the compact WY form of a product of reflections (Schreiber & Van Loan, "A storage-efficient
+WY representation for products of Householder transformations", 1989; the closed form of T is from
+Joffrain et al., "Accumulating Householder transformations, revisited", 2006):
+
+    H = I - U T Uᵀ,   T⁻¹ = striu(UᵀU) + ½ diag(UᵀU)      (U = ``hra_u`` unnormalised, T upper triangular)
+
+so ``x (W0 H)ᵀ = base_out - (x U Tᵀ)(W0 U)ᵀ``: two thin products like LoRA of rank r plus one ``W0 U``
+(a GEMM with r columns), no [tokens, in] intermediate and no second pass through W0.
 The paper's orthogonality regulariser ``λ ‖I - ÛᵀÛ‖_F²`` (Û: the normalised u_i) is ``regularizer()``
 when ``ortho_lambda > 0``; PEFT does not implement it. ``r·in`` numbers train per layer.
 """
@@ -18,22 +26,67 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
 
 
+class _HouseholderWY(torch.autograd.Function):
+    """``y = base_out + (x Cᵀ)(W0 U)ᵀ``, ``C = -T Uᵀ = S⁻¹ Uᵀ``, ``S = -T⁻¹ = (UᵀU) ⊙ M``; backward by hand.
+
+    ``M`` = -(strict upper ones + ½ I) folds the minus sign into S, so no op is spent on negation.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, base_out: Tensor, x: Tensor, U: Tensor, W0: Tensor, M: Tensor) -> Tensor:
+        ctx.u_dtype = U.dtype
+        if U.dtype not in (torch.float32, torch.float64):
+            U = U.float()  # the small r x r algebra never in half precision
+        M = M.to(U.dtype)
+        S = torch.mm(U.t(), U).mul_(M)  # [r, r] upper triangular, = -T⁻¹
+        C = torch.linalg.solve_triangular(S, U.t(), upper=True)  # -T Uᵀ, [r, in]
+        C_c, U_c = C.to(x.dtype), U.to(W0.dtype)
+        Wu = torch.mm(W0, U_c).to(x.dtype)  # W0 U, [out, r]
+        x2 = x.reshape(-1, x.shape[-1])
+        b = torch.mm(x2, C_c.t())  # -x U Tᵀ
+        y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), b, Wu.t())
+        ctx.save_for_backward(x2, b, C_c, Wu, U, S, C, W0, M)
+        ctx.x_shape = x.shape
+        return y.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x2, b, C_c, Wu, U, S, C, W0, M = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gb = torch.mm(g2, Wu)
+        dx = torch.mm(gb, C_c).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        dWu = torch.mm(g2.t(), b).to(W0.dtype)  # [out, r]
+        dW0 = torch.mm(dWu, U.t().to(W0.dtype)) if ctx.needs_input_grad[3] else None
+        if not ctx.needs_input_grad[2]:
+            return g, dx, None, dW0, None
+        dC = torch.mm(gb.t(), x2).to(U.dtype)  # [r, in]
+        Z = torch.linalg.solve_triangular(S.t(), dC, upper=False)  # S⁻ᵀ dC; dS = -Z Cᵀ
+        K = torch.mm(Z, C.t()).mul_(M)  # -dS ⊙ M = -d(UᵀU)
+        dU = torch.addmm(torch.mm(W0.t(), dWu).to(U.dtype).add_(Z.t()), U, K + K.t(), alpha=-1)
+        return g, dx, dU.to(ctx.u_dtype), dW0, None
+
+
 class HRAAdapter(Adapter):
     """Trainable ``hra_u`` [in, r]."""
+
+    wy_mask: Tensor
 
     def __init__(self, u: Tensor, ortho_lambda: float) -> None:
         super().__init__()
         self.hra_u = nn.Parameter(u)
         self.ortho_lambda = ortho_lambda
+        r = u.shape[1]
+        mask = -(torch.ones(r, r).triu(1) + 0.5 * torch.eye(r))
+        self.register_buffer("wy_mask", mask.to(u.device), persistent=False)
 
     def directions(self) -> Tensor:
         """Unit reflection vectors [in, r]."""
@@ -52,8 +105,7 @@ class HRAAdapter(Adapter):
         return self._reflect_rows(W0, reverse=False) - W0
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        z = self._reflect_rows(x, reverse=True)  # (W0 H) x = W0 (Hᵀ applied to x as a row: x Hᵀ)
-        return base_out + F.linear(z - x, W0.to(x.dtype))
+        return _HouseholderWY.apply(base_out, x, self.hra_u, W0, self.wy_mask)  # type: ignore[no-any-return]
 
     def merge(self, W0: Tensor) -> Tensor:
         return self._reflect_rows(W0, reverse=False)

@@ -15,6 +15,11 @@ computed in :func:`monarch_project` (the authors' code handles square matrices w
 As an adapter ``ΔW`` is a Monarch matrix. ``init="project"`` starts the factors at the projection of
 W0 and trains ``ΔW = M(L, R) - M(L_0, R_0)`` (the frozen ``L_0, R_0`` are rebuilt from W0 on load);
 ``init="zero"`` starts ``L = 0`` and R random. ``b (k·out + l·in)`` numbers train (k = l = nblocks).
+
+Fast path: ``M`` has rank at most ``k q = k b l``, and :func:`monarch_factors` writes it exactly as a
+thin product ``Lf Rf`` (block-diagonal ``R`` as ``[k q, in]``, ``P_2 L P_1`` as ``[out, k q]``; 16 columns
+for the defaults), so a step is one LoRA-shaped product; with ``init="project"`` the frozen factors are
+concatenated along that rank (negated), so ``M(L, R) - M(L_0, R_0)`` is still a single product.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..linalg import svd
 from ._core import Adapter, AdapterConfig, AdapterContext
+from .lora import lora_forward
 
 
 def monarch_multiply(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
@@ -44,6 +50,16 @@ def monarch_dense(R: Tensor, L: Tensor) -> Tensor:
     """The dense ``[out, in]`` matrix ``M``."""
     k, _, p = R.shape
     return monarch_multiply(torch.eye(k * p, dtype=R.dtype, device=R.device), R, L).T
+
+
+def monarch_factors(R: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Lf [out, k q], Rf [k q, in])`` with ``Lf @ Rf == monarch_dense(R, L)`` (rows of Rf: (a, t, c))."""
+    k, q, p = R.shape
+    l, s, kb = L.shape
+    Rf = torch.einsum("aqp,ab->aqbp", R, torch.eye(k, dtype=R.dtype, device=R.device)).reshape(k * q, k * p)
+    Lr = L.reshape(l, s, kb)
+    Lf = torch.einsum("csr,cd->scrd", Lr, torch.eye(l, dtype=L.dtype, device=L.device)).reshape(s * l, kb * l)
+    return Lf, Rf
 
 
 def monarch_project(W: Tensor, nblocks: int, block_rank: int = 1) -> tuple[Tensor, Tensor]:
@@ -72,6 +88,8 @@ class MonarchAdapter(Adapter):
 
     R0: Tensor
     L0: Tensor
+    Lf0: Tensor
+    Rf0: Tensor
 
     def __init__(self, R: Tensor, L: Tensor, project: bool) -> None:
         super().__init__()
@@ -81,17 +99,23 @@ class MonarchAdapter(Adapter):
         if project:
             self.register_buffer("R0", R.clone(), persistent=False)
             self.register_buffer("L0", L.clone(), persistent=False)
+            Lf0, Rf0 = monarch_factors(R, L)
+            self.register_buffer("Lf0", -Lf0, persistent=False)  # negated: subtracted from M(L, R)
+            self.register_buffer("Rf0", Rf0, persistent=False)
 
     def delta(self, W0: Tensor) -> Tensor:
         M = monarch_dense(self.R, self.L)
         return M - monarch_dense(self.R0, self.L0) if self.project else M
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        dt = x.dtype
-        y = monarch_multiply(x, self.R.to(dt), self.L.to(dt))
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        Lf, Rf = monarch_factors(self.R, self.L)
         if self.project:
-            y = y - monarch_multiply(x, self.R0.to(dt), self.L0.to(dt))
-        return base_out + y
+            return torch.cat([Lf, self.Lf0], 1), torch.cat([Rf, self.Rf0])
+        return Lf, Rf
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        Lf, Rf = self.low_rank()
+        return lora_forward(base_out, x, Rf, Lf, 1.0)
 
 
 @register_config("monarch", kind="adapter")

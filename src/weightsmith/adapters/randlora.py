@@ -11,9 +11,11 @@ and ``ΔW = M`` when ``out >= in``, ``ΔW = Mᵀ`` otherwise (the trainable scal
 as in PEFT). ``s = alpha / r``. ``λ`` [n, r] starts at 0 (``ΔW = 0``), ``γ`` [n, d] at ``1 / D``; the
 bases are unit-variance uniform, drawn once at the largest sizes among the adapted weights (each layer
 slices them, as PEFT does) from ``ctx.shared`` and never saved: a file holds ``n (r + d)`` numbers per
-layer, where PEFT 0.21 writes the bases again for every layer. The fast path multiplies by the scaled
-``A`` (``[n r, d]``) and ``B`` and never forms the ``[out, in]`` update; ``ScaledBasis`` keeps only
-``A, λ, γ`` for backward instead of the ``[n, r, d]`` product. PEFT's sparse (ternary) bases are not
+layer, where PEFT 0.21 writes the bases again for every layer. The fast path is one autograd node
+(``_RandLoRALinear``): the n bases concatenated along the rank, ``x Afᵀ Bfᵀ`` with the scaled
+``Af`` [n r, d] and ``Bf`` [D, n r] (a LoRA of rank n r), the frozen bases cast once per dtype for all
+layers, and a hand-written backward that reduces ``∂Af`` straight to ``∂λ``, ``∂γ`` (two batched
+products) and keeps only the activation on the input side. PEFT's sparse (ternary) bases are not
 offered (PEFT notes they bring no speed or memory gain yet).
 """
 
@@ -24,11 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
+from .vera import shared_cast
 
 
 class ScaledBasis(torch.autograd.Function):
@@ -45,6 +47,46 @@ class ScaledBasis(torch.autograd.Function):
         grad_lam = torch.einsum("nrd,rd,nd->nr", grad, A, gamma)
         grad_gamma = torch.einsum("nrd,rd,nr->nd", grad, A, lam)
         return None, grad_lam, grad_gamma
+
+
+class _RandLoRALinear(torch.autograd.Function):
+    """``base_out + x ΔWᵀ``, ``ΔW = Bf Af`` (wide: out >= in) or ``Afᵀ Bfᵀ``, ``Af = s λ ⊙ A ⊙ γ``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, base_out: Tensor, x: Tensor, lam: Tensor, gamma: Tensor, A: Tensor, Bf: Tensor, s: float
+    ) -> Tensor:
+        n, r = lam.shape
+        Af = (lam[:, :, None] * s * A[None].float() * gamma[:, None, :]).reshape(n * r, -1).to(x.dtype)
+        x2, base2 = x.reshape(-1, x.shape[-1]), base_out.reshape(-1, base_out.shape[-1])
+        wide = Bf.shape[0] == base2.shape[1]
+        if wide:  # x [N, d] -> [N, n r] -> [N, D]
+            y = torch.addmm(base2, torch.mm(x2, Af.t()), Bf.t())
+            ctx.save_for_backward(x2, Af, Bf, A, lam, gamma)
+        else:  # x [N, D] -> [N, n r] -> [N, d]
+            h = torch.mm(x2, Bf)
+            y = torch.addmm(base2, h, Af)
+            ctx.save_for_backward(h, Af, Bf, A, lam, gamma)
+        ctx.wide, ctx.s, ctx.x_shape = wide, s, x.shape
+        return y.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        saved, Af, Bf, A, lam, gamma = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.wide:
+            gh = torch.mm(g2, Bf)
+            dx = torch.mm(gh, Af) if ctx.needs_input_grad[1] else None
+            dAf = torch.mm(gh.t(), saved)
+        else:
+            gh = torch.mm(g2, Af.t())
+            dx = torch.mm(gh, Bf.t()) if ctx.needs_input_grad[1] else None
+            dAf = torch.mm(saved.t(), g2)
+        n, r = lam.shape
+        P = dAf.view(n, r, -1).to(lam.dtype).mul_(A.to(lam.dtype)).mul_(ctx.s)  # ∂Af ⊙ s A
+        d_lam = torch.bmm(P, gamma.unsqueeze(2)).view(n, r)
+        d_gamma = torch.bmm(lam.unsqueeze(1), P).view(n, -1)
+        return g, None if dx is None else dx.view(ctx.x_shape), d_lam, d_gamma, None, None, None
 
 
 def unit_uniform(shape: tuple[int, ...]) -> Any:
@@ -92,12 +134,11 @@ class RandLoRAAdapter(Adapter):
         return (Bf * self.scaling, Af) if self.out_f >= self.in_f else (Af.T * self.scaling, Bf.T)
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        Bf, Af = self.scaled_bases(x.dtype)
-        if self.out_f >= self.in_f:
-            h = F.linear(F.linear(x, Af), Bf)
-        else:
-            h = F.linear(F.linear(x, Bf.T), Af.T)
-        return base_out + h * self.scaling
+        d, D = min(self.out_f, self.in_f), max(self.out_f, self.in_f)
+        A = self.randlora_A[: self.rank, :d]
+        Bf = shared_cast(self.randlora_B, x.dtype)[:D, : self.n, : self.rank].reshape(D, self.n * self.rank)
+        lam, gamma = self.randlora_lambda, self.randlora_gamma
+        return _RandLoRALinear.apply(base_out, x, lam, gamma, A, Bf, self.scaling)  # type: ignore[no-any-return]
 
 
 @register_config("randlora", kind="adapter")

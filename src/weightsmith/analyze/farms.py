@@ -53,7 +53,9 @@ def _starts(extent: int, size: int, count: int) -> list[int]:
     return sorted({round(i * span / (count - 1)) for i in range(count)})
 
 
-def farms_esd(W: Tensor, cfg: FarmsConfig | None = None) -> Tensor:
+def farms_esd(
+    W: Tensor, cfg: FarmsConfig | None = None, dtype: torch.dtype = torch.float64, streams: int = 1
+) -> Tensor:
     """Pooled eigenvalues of all windows of each matrix in ``W`` (B, m, n): shape (B, windows * r).
 
     Matrices are oriented so that rows are the shorter side, as the sampling is defined on them.
@@ -64,13 +66,15 @@ def farms_esd(W: Tensor, cfg: FarmsConfig | None = None) -> Tensor:
     m, n = W.shape[-2:]
     r, c, rs, cs = window_grid(m, n, cfg)
     blocks = torch.stack([W[..., i : i + r, j : j + c] for i in rs for j in cs], dim=-3)
-    return esd(blocks).flatten(-2)
+    return esd(blocks.flatten(0, -3), dtype, streams).reshape(*blocks.shape[:-2], -1).flatten(-2)
 
 
-def farms_alpha(W: Tensor, cfg: FarmsConfig | None = None) -> Tensor:
+def farms_alpha(
+    W: Tensor, cfg: FarmsConfig | None = None, dtype: torch.dtype = torch.float64, streams: int = 1
+) -> Tensor:
     """FARMS alpha for each matrix of the batch ``W`` (B, m, n) (NaN where the fit is not defined)."""
     cfg = cfg or FarmsConfig()
-    pooled = farms_esd(W, cfg)
+    pooled = farms_esd(W, cfg, dtype, streams)
     if cfg.xmin == "median":
         return alpha_at_quantile(pooled, 0.5)
     if cfg.xmin != "ks":

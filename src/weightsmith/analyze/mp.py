@@ -61,32 +61,67 @@ def _kde(points: Tensor, data: Tensor, h: float) -> Tensor:
     return total / (d.shape[-1] * h)
 
 
-def _mp_density(x: Tensor, Q: float, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """MP density at ``x`` (B, 1, P) for ``sigma`` (B, S, 1); zero outside the support [a, b]."""
-    b = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
-    a = (sigma * (1 - 1 / math.sqrt(Q))) ** 2
-    inside = (x > a) & (x < b)
-    val = torch.sqrt(((b - x) * (x - a)).clamp_min(0)) / (2 * math.pi * sigma**2 * x.clamp_min(1e-300) / Q)
-    return torch.where(inside, val, torch.zeros_like(val)), a, b
-
-
 def _quarter_circle(x: Tensor, sigma: Tensor) -> Tensor:
     return torch.sqrt((4 - x**2).clamp_min(0)) / (math.pi * sigma**2)
 
 
-def _sse(sigma: Tensor, x: Tensor, y: Tensor, good: Tensor, Q: float) -> Tensor:
-    """Sum of squared residuals (B, S) of the MP (or quarter-circle) curve against the KDE."""
-    if Q == 1:
-        r = _quarter_circle(x, sigma) - y
-        return torch.where(good, r**2, torch.zeros_like(r)).sum(-1)
-    val, a, b = _mp_density(x, Q, sigma)
-    r2 = torch.where(good, (val - y) ** 2, torch.zeros_like(val)).sum(-1)
+@dataclass(frozen=True)
+class _Curve:
+    """The KDE of a batch of ESDs reduced to what the residual needs (all (B, 1, P) or (B, 1, 1))."""
+
+    x: Tensor
+    w: Tensor  # good * Q / (2 pi x): the MP density is sqrt((b - x)(x - a)) * w / sigma^2
+    gy: Tensor  # good * y
+    n_good: Tensor
+    peak: Tensor  # x of the first KDE maximum among the good points
+    top: Tensor  # largest good x
+
+    def rows(self, i: int, j: int, lo: int = 0, hi: int | None = None) -> _Curve:
+        return _Curve(*(t[i:j, :, lo:hi] if t.shape[-1] > 1 else t[i:j] for t in self.__dict__.values()))
+
+
+def _curve(x: Tensor, y: Tensor, Q: float) -> _Curve:
+    good = y > DENSITY_FLOOR
     ym = torch.where(good, y, torch.full_like(y, -1.0))
-    peak = torch.gather(x.expand_as(ym), -1, ym.argmax(-1, keepdim=True))  # first KDE maximum
-    top = torch.where(good, x.expand_as(good), torch.full_like(y, -math.inf)).amax(-1, keepdim=True)
-    bad = (b < peak) | (b > top) | (a > peak)
-    penalty = INVALID**2 * good.sum(-1).to(r2.dtype)
-    return torch.where(bad[..., 0], penalty.expand_as(r2), r2)
+    peak = torch.gather(x, -1, ym.argmax(-1, keepdim=True))
+    top = torch.where(good, x, torch.full_like(x, -math.inf)).amax(-1, keepdim=True)
+    g = good.to(x.dtype)
+    w = g if Q == 1 else g * (Q / (2 * math.pi)) / x.clamp_min(1e-300)
+    return _Curve(
+        x[:, None], w[:, None], (g * y)[:, None], g.sum(-1)[:, None, None], peak[:, None], top[:, None]
+    )
+
+
+def _sse(sigma: Tensor, c: _Curve, Q: float) -> Tensor:
+    """Sum of squared residuals (B, S) of the MP (or quarter-circle) curve, sigma (B, S, 1), against the
+    KDE on its good points; a sigma whose support cannot be the bulk's gets a fixed large penalty."""
+    if Q == 1:
+        r = _quarter_circle(c.x, sigma) * c.w - c.gy
+        return (r * r).sum(-1)
+    b = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
+    a = (sigma * (1 - 1 / math.sqrt(Q))) ** 2
+    r = (b - c.x) * (c.x - a)  # <= 0 outside the support [a, b]: the density is 0 there
+    r = r.clamp_min_(0).sqrt_().mul_(c.w).mul_(sigma**-2).sub_(c.gy)
+    r2 = torch.linalg.vecdot(r, r)
+    bad = (b < c.peak) | (b > c.top) | (a > c.peak)
+    return torch.where(bad[..., 0], (INVALID**2 * c.n_good[..., 0]).expand_as(r2), r2)
+
+
+def _argmin_sigma(sig: Tensor, c: _Curve, Q: float) -> Tensor:
+    """The sigma of each row of ``sig`` (B, S) with the least residual, shape (B, 1).
+
+    On CPU one row at a time over only the span of its good KDE points (the work then stays in cache);
+    on CUDA the whole batch at once (no host synchronisation).
+    """
+    if sig.is_cuda:
+        return sig.gather(-1, _sse(sig[..., None], c, Q).argmin(-1, keepdim=True))
+    good = c.w[:, 0] > 0
+    span = torch.stack([good.int().argmax(-1), good.shape[-1] - good.flip(-1).int().argmax(-1)], -1).tolist()
+    out = []
+    for i, (lo, hi) in enumerate(span):
+        sse = _sse(sig[i : i + 1, :, None], c.rows(i, i + 1, lo, hi), Q)
+        out.append(sig[i : i + 1].gather(-1, sse.argmin(-1, keepdim=True)))
+    return torch.cat(out)
 
 
 def marchenko_pastur_fit(evals: Tensor, N: int, M: int) -> MPFit:
@@ -101,18 +136,13 @@ def marchenko_pastur_fit(evals: Tensor, N: int, M: int) -> MPFit:
     steps = torch.linspace(0, 1, KDE_POINTS, dtype=ev.dtype, device=ev.device)
     x = steps[None, :] * (data.amax(-1, keepdim=True) + 0.5)  # (B, P)
     y = _kde(x, data, KDE_BANDWIDTH)
-    good = (y > DENSITY_FLOOR)[:, None, :]
-    x3, y3 = x[:, None, :], y[:, None, :]
+    curve = _curve(x, y, Q)
 
     s0 = torch.sqrt(lam_max / (1 + 1 / math.sqrt(Q)) ** 2)[:, None]  # sigma if lambda_max were the edge
     grid = torch.arange(195, dtype=ev.dtype, device=ev.device)[None, :] * 0.01 + 0.05
-    sig = grid * s0  # (B, 195)
-    sse = _sse(sig[..., None], x3, y3, good, Q)
-    best = sig.gather(-1, sse.argmin(-1, keepdim=True))
+    best = _argmin_sigma(grid * s0, curve, Q)  # (B, 1)
     fine = best + torch.linspace(-0.01, 0.01, 41, dtype=ev.dtype, device=ev.device)[None, :] * s0
-    fine = fine.clamp_min(1e-12)
-    sse_f = _sse(fine[..., None], x3, y3, good, Q)
-    sigma = fine.gather(-1, sse_f.argmin(-1, keepdim=True))[:, 0]
+    sigma = _argmin_sigma(fine.clamp_min(1e-12), curve, Q)[:, 0]
 
     bulk_max = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
     tw = 1 / math.sqrt(Q) * bulk_max ** (2 / 3) * M ** (-2 / 3)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +14,28 @@ from ..execute import resolve_device
 from ..progress import track
 from ..select import Selector
 from ..store import WeightStore
+from .batches import (
+    MIN_EVALS,
+    candidate_matrices,
+    prefetch,
+    read_host,
+    shape_batches,
+    short_side_first,
+    to_device_batch,
+)
 from .farms import FarmsConfig, farms_alpha
 from .mp import marchenko_pastur_fit
 from .powerlaw import fit_power_law
 from .spectrum import esd, norm_metrics
 
-MIN_EVALS = 10  # a matrix whose smaller side is below this has too few eigenvalues for an ESD
+__all__ = ["MIN_EVALS", "AnalysisResult", "analyze_weights", "candidate_matrices", "num", "shape_batches"]
 METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "effective_rank",
            "mp_softrank", "num_spikes", "farms_alpha")  # fmt: skip
+# per-matrix numbers, in the order of a batch's result rows
+COLUMNS = ("alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "effective_rank",
+           "log_alpha_norm", "alpha", "mp_softrank", "num_spikes", "farms_alpha", "xmin", "ks_distance",
+           "num_pl_spikes", "nonfinite")  # fmt: skip
+PRECISIONS = ("auto", "float64", "float32")
 
 
 def num(x: Any) -> float | int | None:
@@ -38,66 +50,13 @@ def num(x: Any) -> float | int | None:
     return x if math.isfinite(x) else None
 
 
-def candidate_matrices(
-    store: WeightStore, select: Selector | str | None, min_side: int = MIN_EVALS
-) -> tuple[list[str], list[dict[str, str]]]:
-    """Names of analysable 2-D floating weights and ``{"name", "reason"}`` for every other tensor."""
-    sel = Selector.of(select)
-    names = sel.require(list(store), "tensors") if sel.include else sel.filter(store)
-    keep, skipped = [], []
-    for name in names:
-        meta = store.meta(name)
-        if len(meta.shape) != 2:
-            what = "conv/N-D tensor (not reshaped)" if len(meta.shape) > 2 else f"{len(meta.shape)}-D tensor"
-            skipped.append({"name": name, "reason": f"{what} of shape {list(meta.shape)}; only 2-D weights"})
-        elif not meta.dtype.is_floating_point:
-            skipped.append(
-                {"name": name, "reason": f"non-floating dtype {str(meta.dtype).removeprefix('torch.')}"}
-            )
-        elif min(meta.shape) < min_side:
-            skipped.append(
-                {"name": name, "reason": f"smaller side {min(meta.shape)} < {min_side}: too few eigenvalues"}
-            )
-        else:
-            keep.append(name)
-    return keep, skipped
-
-
-def shape_batches(
-    store: WeightStore, names: list[str], max_bytes: int, transposed_alike: bool = True
-) -> Iterator[tuple[tuple[int, int], list[str]]]:
-    """Group names by shape and split groups into batches of at most ``max_bytes`` (as float32).
-
-    With ``transposed_alike`` the key is (short side, long side), so W and W^T shapes batch together.
-    """
-    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for n in names:
-        s = store.meta(n).shape
-        groups[(min(s), max(s)) if transposed_alike else (s[0], s[1])].append(n)
-    for shape, members in groups.items():
-        per = max(1, max_bytes // (shape[0] * shape[1] * 4))
-        for i in range(0, len(members), per):
-            yield shape, members[i : i + per]
-
-
-def load_batch(
-    store: WeightStore, names: list[str], device: torch.device
-) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
-    """Stack weights as float32 ``(B, short, long)`` on ``device``; non-finite ones are set aside."""
-    mats, kept, bad = [], [], []
-    for n in names:
-        W = store[n].to(device=device, dtype=torch.float32)
-        if W.shape[0] > W.shape[1]:
-            W = W.T
-        finite = torch.isfinite(W)
-        if not bool(finite.all()):
-            nonfinite = int((~finite).sum())
-            bad.append({"name": n, "reason": f"{nonfinite} NaN/Inf value(s) of {W.numel()}; not analysed"})
-            continue
-        mats.append(W)
-        kept.append(n)
-    stacked = torch.stack(mats) if mats else torch.empty(0, device=device)
-    return stacked, kept, bad
+def eig_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The eigensolver dtype: ``auto`` is float64 on CPU and float32 on CUDA (see ``linalg``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.float32 if device.type == "cuda" else torch.float64
+    return torch.float64 if precision == "float64" else torch.float32
 
 
 @dataclass
@@ -149,62 +108,58 @@ def analyze_weights(
     max_batch_bytes: int | None = None,
     keep_esd: bool = True,
     name: str | None = None,
+    mp_fit: bool = True,
+    precision: str = "auto",
+    streams: int | None = None,
 ) -> AnalysisResult:
     """Spectral metrics of every selected 2-D weight of ``store``, computed batch by batch on ``device``.
 
     Same-shaped matrices (a transposed shape counts as the same) are stacked and go through one
-    eigendecomposition, one vectorised power-law fit and one MP fit per batch.
+    eigendecomposition, one vectorised power-law fit and one MP fit (unless ``mp_fit=False``) per
+    batch. ``precision`` picks the eigensolver dtype (``eig_dtype``); ``streams`` the number of CUDA
+    streams the eigensolver is spread over (default 4 on CUDA).
     """
     start = time.perf_counter()
     dev = resolve_device(device)
+    dtype = eig_dtype(precision, dev)
+    cuda = dev.type == "cuda"
+    streams = streams if streams is not None else (4 if cuda else 1)
     if max_batch_bytes is None:
-        max_batch_bytes = (1 << 30) if dev.type == "cuda" else (1 << 27)
+        max_batch_bytes = (1 << 30) if cuda else (1 << 27)
     names, skipped = candidate_matrices(store, select)
     order = {n: i for i, n in enumerate(store)}
+    batches = list(shape_batches(store, names, max_batch_bytes))
+    pending = []
+    with torch.no_grad():
+        for ((M, N), members), host in track(
+            prefetch(batches, lambda b: read_host(store, b[1], pin=cuda), background=cuda),
+            "analyze",
+            total=len(batches),
+        ):
+            rows, evals = _analyze_batch(host, dev, dtype, streams, N, M, mp_fit, farms, farms_config)
+            pending.append((members, M, rows, evals if keep_esd else None))
+            del host
     records: dict[str, dict[str, Any]] = {}
     esds: dict[str, np.ndarray] = {}
-    batches = list(shape_batches(store, names, max_batch_bytes))
-    for (M, N), members in track(batches, "analyze", total=len(batches)):
-        W, kept, bad = load_batch(store, members, dev)
-        skipped.extend(bad)
-        if not kept:
-            continue
-        evals = esd(W)
-        fit = fit_power_law(evals)
-        metrics = norm_metrics(evals, fit.alpha)
-        mpf = marchenko_pastur_fit(evals, N, M)
-        fa = farms_alpha(W, farms_config) if farms else None
-        for b, n in enumerate(kept):
+    for members, M, rows, evals in pending:  # the only host-device synchronisation of the run
+        table = rows.cpu().tolist()
+        ev = evals.float().cpu().numpy() if evals is not None else None
+        for b, n in enumerate(members):
             rec: dict[str, Any] = {"name": n, "shape": list(store.meta(n).shape)}
-            rec.update(
-                {
-                    k: num(metrics[k][b])
-                    for k in (
-                        "alpha_weighted",
-                        "log_norm",
-                        "log_spectral_norm",
-                        "stable_rank",
-                        "effective_rank",
-                        "log_alpha_norm",
-                    )
-                }
-            )
-            rec["alpha"] = num(fit.alpha[b])
-            rec["mp_softrank"] = num(mpf.mp_softrank[b])
-            rec["num_spikes"] = num(mpf.num_spikes[b])
-            rec["farms_alpha"] = num(fa[b]) if fa is not None else None
-            rec.update(
-                {
-                    "xmin": num(fit.xmin[b]),
-                    "ks_distance": num(fit.D[b]),
-                    "num_pl_spikes": num(fit.num_pl_spikes[b]),
-                    "num_evals": M,
-                }
-            )
+            rec.update({k: num(table[i][b]) for i, k in enumerate(COLUMNS)})
+            bad = int(rec.pop("nonfinite") or 0)
+            if bad:
+                what = f"{bad} NaN/Inf value(s) of {M * N}" if bad > 0 else "values overflow the Gram matrix"
+                skipped.append({"name": n, "reason": f"{what}; not analysed"})
+                continue
+            for k in ("num_spikes", "num_pl_spikes"):
+                rec[k] = None if rec[k] is None else int(rec[k])
+            if not farms:
+                rec["farms_alpha"] = None
+            rec["num_evals"] = M
             records[n] = rec
-            if keep_esd:
-                esds[n] = evals[b].float().cpu().numpy()
-        del W, evals
+            if ev is not None:
+                esds[n] = ev[b]
     matrices = [records[n] for n in sorted(records, key=order.__getitem__)]
     skipped.sort(key=lambda s: order.get(s["name"], 0))
     return AnalysisResult(
@@ -216,3 +171,51 @@ def analyze_weights(
         farms=farms,
         esds=esds,
     )
+
+
+def _analyze_batch(
+    host: list[torch.Tensor],
+    dev: torch.device,
+    dtype: torch.dtype,
+    streams: int,
+    N: int,
+    M: int,
+    mp_fit: bool,
+    farms: bool,
+    farms_config: FarmsConfig | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(len(COLUMNS), B)`` result rows and the ``(B, M)`` ESDs of one same-shaped batch, on ``dev``.
+
+    A matrix with NaN/Inf gets a NaN spectrum (``linalg.gram_eigvalsh``); its ``nonfinite`` entry is
+    the count of bad values (-1 when the values are finite but the Gram matrix overflows).
+    """
+    if dev.type == "cuda":
+        W = to_device_batch(host, dev)
+        evals = esd(W, dtype, streams)
+        nonfinite = (~torch.isfinite(W)).flatten(1).sum(-1).to(evals.dtype)
+    else:  # no stacked copy of the weights on CPU: the eigensolver reads each matrix in place
+        mats = [short_side_first(t) for t in host]
+        evals = torch.stack([esd(w, dtype) for w in mats])
+        bad = evals[:, 0].isnan().tolist()
+        counts = [int((~torch.isfinite(w)).sum()) if b else 0 for w, b in zip(mats, bad, strict=True)]
+        nonfinite = torch.tensor(counts, dtype=evals.dtype)
+        W = torch.stack([w.float() for w in mats]) if farms else None
+    nonfinite = torch.where(evals[:, 0].isnan() & (nonfinite == 0), -1.0, nonfinite)
+    evals = evals.to(torch.float64)  # the fits and metrics run in float64 whatever the solver's dtype
+    fit = fit_power_law(evals)
+    metrics = norm_metrics(evals, fit.alpha)
+    nan = torch.full_like(fit.alpha, math.nan)
+    mpf = marchenko_pastur_fit(evals, N, M) if mp_fit else None
+    fa = farms_alpha(W, farms_config, dtype, streams) if farms and W is not None else nan
+    cols = {
+        **metrics,
+        "alpha": fit.alpha,
+        "mp_softrank": mpf.mp_softrank if mpf is not None else nan,
+        "num_spikes": mpf.num_spikes if mpf is not None else nan,
+        "farms_alpha": fa,
+        "xmin": fit.xmin,
+        "ks_distance": fit.D,
+        "num_pl_spikes": fit.num_pl_spikes,
+        "nonfinite": nonfinite,
+    }
+    return torch.stack([cols[k].to(torch.float64) for k in COLUMNS]), evals

@@ -19,21 +19,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import as_compute
+from ..linalg import gram_eigvalsh
 
 
-def esd(W: Tensor) -> Tensor:
+def esd(W: Tensor, dtype: torch.dtype = torch.float64, streams: int = 1) -> Tensor:
     """Eigenvalues of ``W^T W`` for a batch ``(..., m, n)``, descending, shape ``(..., min(m, n))``.
 
-    The Gram matrix of the smaller side is formed and diagonalised in float64 from the float32 (or
-    float64) weights: squaring the condition number in float32 would wreck the small eigenvalues,
-    and a symmetric eigensolver on the Gram is several times faster than a float32 SVD on both CPU
-    and GPU (the same policy as ``linalg.svdvals`` on CUDA).
+    The Gram matrix of the smaller side is formed and diagonalised in ``dtype`` (float64 by default:
+    exact to round-off against WeightWatcher's float64 SVD on CPU) by ``linalg.gram_eigvalsh``, several
+    times faster than an SVD; a matrix with NaN/Inf entries gets a row of NaN.
     """
-    A = as_compute(W).to(torch.float64)
-    m, n = A.shape[-2:]
-    G = A @ A.mT if m <= n else A.mT @ A
-    return torch.linalg.eigvalsh(G).clamp_min(0).flip(-1)
+    return gram_eigvalsh(W, dtype, streams)
 
 
 def norm_metrics(evals: Tensor, alpha: Tensor) -> dict[str, Tensor]:

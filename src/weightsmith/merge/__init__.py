@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ._core import TaskVector, check_inputs, merge, write_model
+from ._core import TaskVector, check_inputs, merge, merge_state_dicts, write_model
 from .lora_merge import LoRAMerge, merge_adapters
 from .opcm import OPCM, merge_continual, opcm
 from .recipe import load_recipe
@@ -22,6 +22,6 @@ for _info in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "DARE", "DARETIES", "GTA", "OPCM", "TIES", "Average", "LoRAMerge", "TaskArithmetic", "TaskVector",
-    "check_inputs", "load_recipe", "merge", "merge_adapters", "merge_continual", "merge_tensors", "opcm",
-    "run_recipe", "write_model",
+    "check_inputs", "load_recipe", "merge", "merge_adapters", "merge_state_dicts", "merge_continual",
+    "merge_tensors", "opcm", "run_recipe", "write_model",
 ]  # fmt: skip

@@ -345,6 +345,70 @@ def source_dir(spec: str | Path | WeightStore) -> Path | None:
     return p if p.is_dir() else (p.parent if p.is_file() else None)
 
 
+def model_thresholds(
+    base: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]], names: Sequence[str], spec: Any
+) -> list[float | None]:
+    """TIES ``trim="model"``: each task's k-th largest |tau| over all ``names`` (two streamed passes)."""
+    from .task_arithmetic import magnitude_threshold
+
+    if not (spec.sparsify == "magnitude" and spec.trim == "model" and spec.density < 1):
+        return [None] * len(models)
+    k = max(
+        1,
+        int(
+            spec.density
+            * sum(
+                base[n].numel()
+                if not isinstance(base, WeightStore)
+                else base.meta(n).nbytes // base.meta(n).dtype.itemsize
+                for n in names
+            )
+        ),
+    )
+    out: list[float | None] = []
+    for m in models:
+        tv = TaskVector(m, base)
+
+        def chunks(tv: TaskVector = tv) -> Iterator[Tensor]:
+            return (tv[n] for n in names)
+
+        out.append(magnitude_threshold(chunks, k))
+    return out
+
+
+def merge_state_dicts(
+    base: Mapping[str, Tensor] | None,
+    models: Sequence[Mapping[str, Tensor]],
+    method: Any,
+    weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """In-memory merge of state dicts (float32 results for ``names``, default: the float tensors of
+    the base or first model), with the model-wide TIES trim done over all ``names``."""
+    from ._chunked import merge_streamed
+
+    spec = method.gta()
+    ref = base if base is not None and spec.uses_base else models[0]
+    if spec.uses_base and base is None:
+        raise WeightsmithError(f"merge method '{type(method).method}' needs a base model")
+    todo = list(names) if names is not None else [n for n, t in ref.items() if t.is_floating_point()]
+    w = list(weights) if weights is not None else [1.0] * len(models)
+    thresholds = model_thresholds(ref, models, todo, spec) if spec.uses_base else [None] * len(models)
+    dens = [spec.density] * len(models)
+    return {
+        n: merge_streamed(
+            ref[n],
+            [m[n] for m in models],
+            spec,
+            w,
+            dens,
+            thresholds,
+            [seed_for(spec.seed, i, n) for i in range(len(models))],
+        )
+        for n in todo
+    }
+
+
 # (spec, per-model weights, per-model densities) for one tensor name
 TensorParams = Callable[[str], "tuple[Any, list[float], list[float]]"]
 
@@ -371,7 +435,6 @@ def merge(
     give per-tensor (spec, weights, densities), as mergekit's filters and gradients do.
     """
     from ._chunked import merge_streamed
-    from .task_arithmetic import magnitude_threshold
 
     spec0 = method.gta()
     if spec0.uses_base and base is None:
@@ -393,18 +456,8 @@ def merge(
         return spec0, w, [spec0.density] * len(ins)
 
     resolve = params or default_params
-    thresholds: list[float | None] = [None] * len(ins)
-    if spec0.sparsify == "magnitude" and spec0.trim == "model" and spec0.density < 1:
-        order = [n for n in stores[0] if n in chosen]
-        total = sum(stores[0].meta(n).nbytes // stores[0].meta(n).dtype.itemsize for n in order)
-        k = max(1, int(spec0.density * total))
-        for i, m in enumerate(ins):
-            tv = TaskVector(m, stores[0])
-
-            def chunks(tv: TaskVector = tv) -> Iterator[Tensor]:
-                return (tv[n] for n in order)
-
-            thresholds[i] = magnitude_threshold(chunks, k)
+    order = [n for n in stores[0] if n in chosen]
+    thresholds = model_thresholds(stores[0], ins, order, spec0)
 
     def merge_one(name: str, tensors: list[Tensor]) -> Tensor:
         spec, wts, dens = resolve(name)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +193,8 @@ def _write_adapter(
     from safetensors.torch import save_file
 
     out = prepare_output(out, force)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     state, ranks = {}, {}
     fan = bool(ads[0].config.get("fan_in_fan_out"))
@@ -218,11 +221,11 @@ def _write_adapter(
         for fname, text in (extra or {}).items():
             (tmp / fname).write_text(text)
         atomic_replace(tmp, out)
-    except OSError as exc:
-        import shutil
-
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WeightsmithError(f"writing {out} failed ({exc.strerror}); nothing was left behind") from exc
+        if isinstance(exc, OSError):
+            raise WeightsmithError(f"writing {out} failed ({exc.strerror}); nothing was left behind") from exc
+        raise
     return out
 
 

@@ -272,5 +272,9 @@ def merge_tensors(
     spec: GTA = method.gta()  # type: ignore[attr-defined]
     if spec.uses_base and base is None:
         raise WeightsmithError(f"merge method '{type(method).method}' needs a base model")  # type: ignore[attr-defined]
+    if spec.sparsify == "magnitude" and spec.trim == "model" and spec.density < 1:
+        raise WeightsmithError(
+            "trim='model' ranks a whole model: use merge_state_dicts or merge, not merge_tensors"
+        )
     w = list(weights) if weights is not None else [1.0] * len(thetas)
     return merge_streamed(base, thetas, spec, w, [spec.density] * len(thetas), seeds=seeds)

@@ -1,0 +1,102 @@
+"""Which weights to analyse, how they are grouped into same-shaped batches, and how they are read.
+
+Reading is the only part of an analysis that cannot run on the accelerator: on CUDA the next batch is
+read (memory-mapped pages touched, copied to pinned memory) by one background thread while the GPU
+works on the current one, and the host never waits for results until the end of the run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+from ..select import Selector
+from ..store import WeightStore
+
+MIN_EVALS = 10  # a matrix whose smaller side is below this has too few eigenvalues for an ESD
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def candidate_matrices(
+    store: WeightStore, select: Selector | str | None, min_side: int = MIN_EVALS
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Names of analysable 2-D floating weights and ``{"name", "reason"}`` for every other tensor."""
+    sel = Selector.of(select)
+    names = sel.require(list(store), "tensors") if sel.include else sel.filter(store)
+    keep, skipped = [], []
+    for name in names:
+        meta = store.meta(name)
+        if len(meta.shape) != 2:
+            what = "conv/N-D tensor (not reshaped)" if len(meta.shape) > 2 else f"{len(meta.shape)}-D tensor"
+            skipped.append({"name": name, "reason": f"{what} of shape {list(meta.shape)}; only 2-D weights"})
+        elif not meta.dtype.is_floating_point:
+            skipped.append(
+                {"name": name, "reason": f"non-floating dtype {str(meta.dtype).removeprefix('torch.')}"}
+            )
+        elif min(meta.shape) < min_side:
+            skipped.append(
+                {"name": name, "reason": f"smaller side {min(meta.shape)} < {min_side}: too few eigenvalues"}
+            )
+        else:
+            keep.append(name)
+    return keep, skipped
+
+
+def shape_batches(
+    store: WeightStore, names: list[str], max_bytes: int, transposed_alike: bool = True
+) -> Iterator[tuple[tuple[int, int], list[str]]]:
+    """Group names by shape and split groups into batches of at most ``max_bytes`` (as float32).
+
+    With ``transposed_alike`` the key is (short side, long side), so W and W^T shapes batch together.
+    """
+    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for n in names:
+        s = store.meta(n).shape
+        groups[(min(s), max(s)) if transposed_alike else (s[0], s[1])].append(n)
+    for shape, members in groups.items():
+        per = max(1, max_bytes // (shape[0] * shape[1] * 4))
+        for i in range(0, len(members), per):
+            yield shape, members[i : i + per]
+
+
+def read_host(store: WeightStore, names: list[str], pin: bool) -> list[torch.Tensor]:
+    """The named tensors in their stored dtype on the host; copied to pinned memory when ``pin``."""
+    out = []
+    for n in names:
+        t = store[n]
+        if pin:
+            t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        out.append(t)
+    return out
+
+
+def short_side_first(W: torch.Tensor) -> torch.Tensor:
+    """A view of ``W`` with the shorter side as rows (no copy)."""
+    return W.T if W.shape[0] > W.shape[1] else W
+
+
+def to_device_batch(host: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack host tensors as float32 ``(B, short, long)`` on ``device`` (copies are asynchronous)."""
+    mats = [short_side_first(t.to(device, non_blocking=True).float()) for t in host]
+    return torch.stack(mats)
+
+
+def prefetch(items: Iterable[T], read: Callable[[T], R], background: bool) -> Iterator[tuple[T, R]]:
+    """``(item, read(item))`` in order; with ``background`` the next read overlaps this item's work."""
+    if not background:
+        for item in items:
+            yield item, read(item)
+        return
+    todo = list(items)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, todo[0]) if todo else None
+        for i, item in enumerate(todo):
+            assert ahead is not None
+            current = ahead
+            ahead = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
+            yield item, current.result()
