@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .task_arithmetic import GTA, gta_finalize, gta_init, gta_update, magnitude_threshold
+from .task_arithmetic import GTA, GTAState, gta_finalize, gta_init, gta_update, magnitude_threshold
 
 CHUNK = 1 << 22
 
@@ -105,11 +105,27 @@ def merge_streamed(
 
     out = torch.empty((rows, X[0].shape[1]), dtype=out_dtype or torch.float32, device=ref.device)
     budget = list(ties_left)
+    dense = spec.elect == "none" and all(spec.sparsify == "none" or d >= 1.0 for d in densities)
     for j, c in enumerate(chunks):
-        state = gta_init(X[0][c], spec)
-        for i in range(n):
-            t = keep(i, j, tau(i, c), budget)
-            state = gta_update(state, t * scale[i] if scale[i] != 1.0 else t, weights[i], spec)
-        mixed = gta_finalize(state, spec)
-        out[c] = mixed.add_(B[c].float()) if B is not None else mixed
+        bc = B[c].float() if B is not None else None
+        if dense:  # sum_i w_i tau_i = sum_i w_i theta_i - (sum_i w_i) theta_0: no per-task temporaries
+            acc = torch.zeros(X[0][c].shape, dtype=torch.float32, device=ref.device)
+            for i in range(n):
+                acc.add_(X[i][c], alpha=weights[i])
+            if bc is not None:
+                acc.sub_(bc, alpha=sum(weights))
+            mixed = gta_finalize(_dense_state(acc, weights, n, spec), spec)
+        else:
+            state = gta_init(X[0][c], spec)
+            for i in range(n):
+                x = X[i][c].float()
+                t = keep(i, j, x.sub_(bc) if bc is not None else x, budget)
+                state = gta_update(state, t * scale[i] if scale[i] != 1.0 else t, weights[i], spec)
+            mixed = gta_finalize(state, spec)
+        out[c] = mixed.add_(bc) if bc is not None else mixed
     return out.reshape(shape)
+
+
+def _dense_state(acc: Tensor, weights: Sequence[float], n: int, spec: GTA) -> GTAState:
+    div = float(n) if spec.normalize == "count" else float(sum(weights))
+    return GTAState(acc, torch.tensor(div, device=acc.device))
