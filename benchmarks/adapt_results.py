@@ -433,22 +433,31 @@ def table(args: argparse.Namespace) -> str:
         lines += ["Failed runs:", ""] + [f"- {m}: {e}" for m, e in sorted(errors.items())] + [""]
     lines += claims(summary)
     if lm_rows:
+        trained = [r for r in lm_rows if "train" in r]
+        how = ""
+        if trained:
+            tr = trained[0]["train"]
+            n_eval = trained[0]["eval_examples"]
+            how = (
+                f" — {tr['max_steps']} steps of {tr['batch_size']}×{trained[0]['max_len']} tokens on "
+                f"{tr['device']}, perplexity on the first {n_eval:,} held-out tokens"
+            )
         lines += [
-            "### SmolLM2-135M on Hamlet (held-out last 10 % of the play)",
+            f"### SmolLM2-135M on Hamlet (held-out last 10 % of the play){how}",
             "",
-            "| method | trainable params | val perplexity | steps | train time s |",
-            "|---|---:|---:|---:|---:|",
+            "| method | trainable params | val perplexity | learning rate | steps | train time s |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for r in lm_rows:
             res = r.get("result")
             if res is None:
-                lines.append(f"| {r['adapter']['method']} | | failed: {r['error']} | | |")
+                lines.append(f"| {r['adapter']['method']} | | failed: {r['error']} | | | |")
             elif r["adapter"]["method"] == "none":
-                lines.append(f"| pretrained (no training) | 0 | {res['metric']:.2f} | 0 | |")
+                lines.append(f"| pretrained (no training) | 0 | {res['metric']:.2f} | | 0 | |")
             else:
                 lines.append(
                     f"| {_label(r['adapter'])} | {res['trainable_params']:,} | {res['metric']:.2f} "
-                    f"| {res['steps']} | {res['train_time_s']:.0f} |"
+                    f"| {res['lr']:g} | {res['steps']} | {res['train_time_s']:.0f} |"
                 )
         lines.append("")
     text = "\n".join(lines)

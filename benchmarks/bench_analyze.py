@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both tools")
     ap.add_argument("--ww-mp", action="store_true", help="also time both tools with the MP fit")
     ap.add_argument("--sweep", action="store_true", help="time every precision x streams setting")
+    ap.add_argument("--streams", type=int, default=None, help="CUDA streams for the main runs")
     ap.add_argument("--workdir", default="/tmp/weightsmith-bench")
     ap.add_argument("--out", default=None, help="append a JSON line with the results here")
     args = ap.parse_args()
@@ -176,6 +177,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
+        kw.setdefault("streams", args.streams)
         res = analyze_weights(src, device=dev, keep_esd=False, **kw)  # type: ignore[arg-type]
         if cuda:
             torch.cuda.synchronize()
@@ -213,7 +215,11 @@ def main() -> None:
         sweep = {}
         for precision in ("float64", "float32"):
             for streams in (1, 4, 8) if cuda else (1,):
-                s_, r_ = ours(mem, mp_fit=False, farms=False, precision=precision, streams=streams)
+                try:
+                    s_, r_ = ours(mem, mp_fit=False, farms=False, precision=precision, streams=streams)
+                except RuntimeError as exc:
+                    print(f"  {precision} streams={streams}: failed: {exc}", flush=True)
+                    continue
                 key = f"{precision}/streams={streams}"
                 sweep[key] = {"seconds": round(s_, 3), "speedup": round(ww_s / s_, 1)}
                 sweep[key] |= agreement(r_, ww_res, names)

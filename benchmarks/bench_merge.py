@@ -270,11 +270,13 @@ def main() -> None:
     for floor in ("read", "read+write"):
         results["runs"].append(spawn(floor, "inputs", root, device))
         print(json.dumps(results["runs"][-1]), flush=True)
-    for method in METHODS:
-        for tool in ("mergekit", "weightsmith"):
+    methods = args.get("--methods", ",".join(METHODS)).split(",")
+    tools = args.get("--tools", "mergekit,weightsmith").split(",")
+    for method in methods:
+        for tool in tools:
             results["runs"].append(spawn(tool, method, root, device))
             print(json.dumps(results["runs"][-1]), flush=True)
-        if args.get("--compare", "1") == "1":
+        if args.get("--compare", "1") == "1" and len(tools) == 2:
             results[f"{method}_max_rel_diff"] = compare(root, method)
             print(method, "max rel diff", results[f"{method}_max_rel_diff"], flush=True)
     if "--json" in args:

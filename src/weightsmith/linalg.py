@@ -118,6 +118,8 @@ def _eigvalsh_streams(G: Tensor, streams: int) -> Tensor:
     """``torch.linalg.eigvalsh`` of a (B, k, k) CUDA batch, chunks on ``streams`` streams at once."""
     key = (G.device.index or 0) * 1000 + streams
     if key not in _POOL:
+        # torch loads its CUDA linear-algebra library lazily, and that first call is not thread-safe
+        torch.linalg.eigvalsh(torch.eye(2, dtype=G.dtype, device=G.device))
         _POOL[key] = (ThreadPoolExecutor(streams), [torch.cuda.Stream(G.device) for _ in range(streams)])
     pool, pool_streams = _POOL[key]
     main = torch.cuda.current_stream(G.device)

@@ -269,11 +269,11 @@ def finetune(
     if args.batch_size < 1 or args.grad_accum < 1 or (args.max_steps is not None and args.max_steps < 1):
         raise WeightsmithError("batch size, gradient accumulation and max steps must be at least 1")
     t = task if isinstance(task, Task) else get_task(task, model, max_examples, max_len, eval_examples)
-    method = method_name(adapter)
     if isinstance(adapter, str) and adapter not in (FULL, HEAD):
         from . import adapters  # noqa: F401  (registers the methods)
 
         adapter = cfg.config_from_dict({"method": adapter}, "adapter")
+    method = method_name(adapter)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(method, 5e-4)
     head_lr = lr if method == HEAD else args.head_lr  # head-only training: --lr is the head's rate
     device = resolve_device(args.device)
@@ -286,7 +286,7 @@ def finetune(
         "max_len": t.max_len,
         "eval_examples": t.eval_examples,
         "adapter": _adapter_dict(adapter),
-        "targets": targets,
+        "targets": targets if targets is None or isinstance(targets, (str, list, tuple)) else repr(targets),
         "format": format,
         "args": {**dataclasses.asdict(args), "lr": lr},
     }

@@ -117,6 +117,8 @@ def test_refuses_existing_output_and_bad_resume(tmp_path):
         finetune("minilm", "rotten_tomatoes", "head", out=tmp_path / "run", resume=True, max_steps=1, **TINY)
     with pytest.raises(WeightsmithError, match="unknown task"):
         finetune("minilm", "imdb", "head")
+    with pytest.raises(WeightsmithError, match="unknown adapter method 'nosuch'"):
+        finetune("minilm", "rotten_tomatoes", "nosuch")
 
 
 def test_schedule_warmup_then_linear_and_cosine():

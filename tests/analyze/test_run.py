@@ -89,3 +89,19 @@ def test_compare_names_missing_and_mismatched_tensors() -> None:
     assert compared["layers.1.q.weight"]["relative_norm"] == 0.0
     assert len(compared["layers.1.q.weight"]["max_cos"]) == 10
     json.dumps(res.to_json(), allow_nan=False)
+
+
+def test_mp_fit_off_and_float32_precision_keep_the_power_law_numbers() -> None:
+    store = _store()
+    ref = {m["name"]: m for m in analyze_weights(store, device="cpu", farms=False).matrices}
+    no_mp = {m["name"]: m for m in analyze_weights(store, device="cpu", farms=False, mp_fit=False).matrices}
+    f32 = {m["name"]: m for m in analyze_weights(store, device="cpu", farms=False, precision="float32").matrices}
+    for name, m in ref.items():
+        assert no_mp[name]["mp_softrank"] is None and no_mp[name]["num_spikes"] is None
+        assert no_mp[name]["alpha"] == m["alpha"] and no_mp[name]["xmin"] == m["xmin"]
+        # float32 Gram + eigensolver: eigenvalues to ~1e-7 of lambda_max, the same tail and xmin here
+        assert f32[name]["num_pl_spikes"] == m["num_pl_spikes"]
+        assert f32[name]["alpha"] == pytest.approx(m["alpha"], rel=1e-3)
+        assert f32[name]["log_norm"] == pytest.approx(m["log_norm"], rel=1e-5)
+    with pytest.raises(ValueError, match="precision"):
+        analyze_weights(store, device="cpu", precision="half")

@@ -62,3 +62,22 @@ def test_mp_fit_on_noise_finds_the_bulk_and_planted_spikes() -> None:
     fit2 = marchenko_pastur_fit(esd((W[0] + spikes)[None]), N, M)
     assert int(fit2.num_spikes[0]) == 3
     assert float(fit2.mp_softrank[0]) < 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_eigenvalues_are_squared_singular_values_for_any_layout(dtype: torch.dtype) -> None:
+    from weightsmith.linalg import gram_eigvalsh
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(3, 40, 70, generator=g, dtype=torch.float64)
+    ref = torch.linalg.svdvals(W) ** 2
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for A in (W, W.mT, W.mT.contiguous(), W[:, :, ::2]):  # wide, tall (strided view), tall, non-contiguous
+        ev = gram_eigvalsh(A, dtype)
+        want = ref if A.shape[-1] == 70 or A.shape[-2] == 70 else torch.linalg.svdvals(A) ** 2
+        assert ev.dtype == dtype and ev.shape == want.shape
+        assert torch.allclose(ev.double(), want, rtol=0, atol=tol * float(want.max()))
+    bad = W.clone()
+    bad[1, 2, 3] = float("inf")
+    ev = gram_eigvalsh(bad, dtype)
+    assert ev[1].isnan().all() and not ev[[0, 2]].isnan().any()

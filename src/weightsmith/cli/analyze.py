@@ -45,6 +45,10 @@ def analyze_cmd(
     select: str | None = typer.Option(None, "--select", help="comma-separated globs of weight names"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     farms: bool = typer.Option(True, "--farms/--no-farms", help="also compute FARMS alpha"),
+    mp: bool = typer.Option(True, "--mp/--no-mp", help="also fit the Marchenko-Pastur bulk (soft rank, spikes)"),
+    precision: str = typer.Option(
+        "auto", "--precision", help="eigensolver dtype: auto (float64 on CPU, float32 on GPU), float64, float32"
+    ),
     force: bool = typer.Option(False, "--force", help="replace existing outputs"),
 ) -> None:
     """Spectral metrics (alpha, norms, ranks, MP spikes, FARMS alpha) of every 2-D weight."""
@@ -52,9 +56,13 @@ def analyze_cmd(
     from ..analyze import analyze_weights
     from ..report import Report
 
+    if precision not in ("auto", "float64", "float32"):
+        raise WeightsmithError(f"--precision must be auto, float64 or float32, got {precision!r}")
     _outputs(json_out, html_out, force)
     store = models.open_weights(model)
-    result = analyze_weights(store, select=select, device=_device(device), farms=farms, name=model)
+    result = analyze_weights(
+        store, select=select, device=_device(device), farms=farms, name=model, mp_fit=mp, precision=precision
+    )
     if html_out is not None:
         report = Report(f"weightsmith analyze: {model}", subtitle=store.source)
         result.add_to_report(report)

@@ -118,8 +118,8 @@ def merge_streamed(
         else:
             state = gta_init(X[0][c], spec)
             for i in range(n):
-                x = X[i][c].float()
-                t = keep(i, j, x.sub_(bc) if bc is not None else x, budget)
+                x = torch.sub(X[i][c], bc) if bc is not None else X[i][c].float()  # never in place
+                t = keep(i, j, x, budget)
                 state = gta_update(state, t * scale[i] if scale[i] != 1.0 else t, weights[i], spec)
             mixed = gta_finalize(state, spec)
         out[c] = mixed.add_(bc) if bc is not None else mixed
