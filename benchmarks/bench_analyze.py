@@ -221,8 +221,8 @@ def main() -> None:
                     print(f"  {precision} streams={streams}: failed: {exc}", flush=True)
                     continue
                 key = f"{precision}/streams={streams}"
-                sweep[key] = {"seconds": round(s_, 3), "speedup": round(ww_s / s_, 1)}
-                sweep[key] |= agreement(r_, ww_res, names)
+                entry: dict[str, object] = {"seconds": round(s_, 3), "speedup": round(ww_s / s_, 1)}
+                sweep[key] = entry | agreement(r_, ww_res, names)
                 print(f"  {precision} streams={streams}: {s_:.3f} s", flush=True)
         row["sweep"] = sweep
     row["machine"] = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()

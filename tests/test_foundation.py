@@ -161,3 +161,19 @@ def test_smollm2_cache_reloads_and_matches_layout(smollm2_dir):
     store = models.open_weights(smollm2_dir)
     assert store.meta("model.layers.0.self_attn.q_proj.weight").shape == (576, 576)
     assert len(store) == 272
+
+
+def test_writer_streams_one_tensor_at_a_time(tmp_path):
+    """Shards written by ShardWriter load with safetensors' own reader and with transformers' index rules."""
+    from safetensors.torch import load_file
+
+    state = _state(6)
+    with ShardWriter(tmp_path / "m", max_shard_bytes=700) as w:
+        for k, v in state.items():
+            w.add(k, v)
+            assert w._offset <= max(700, v.numel() * v.element_size())
+    index = json.loads((tmp_path / "m" / INDEX_NAME).read_text())
+    loaded: dict[str, torch.Tensor] = {}
+    for f in sorted(set(index["weight_map"].values())):
+        loaded.update(load_file(str(tmp_path / "m" / f)))
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import WeightsmithError, close_names
 
@@ -29,6 +28,7 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -260,13 +260,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
-class ShardWriter:
-    """Stream tensors into Hugging Face-compatible sharded safetensors, atomically.
+def _write_chunk(fh: Any, data: Any) -> None:
+    """One write to a shard file (a separate function so tests can simulate a full disk)."""
+    fh.write(data)
 
-    Everything is written to a hidden ``.NAME.partial-PID`` directory beside ``out`` and renamed
-    to ``out`` by ``close()``; an error or interruption removes the partial directory, so no
-    half-written model that looks complete is ever left behind. Use it as a context manager.
+
+class ShardWriter:
+    """Stream tensors into Hugging Face-compatible sharded safetensors, atomically, one tensor in memory.
+
+    Each tensor's bytes go straight to the current shard file, behind a reserved header region; when
+    the shard is full the JSON header is written into that region, padded with spaces (which the
+    safetensors format allows), so peak memory is one tensor, not one shard. Everything is written to
+    a hidden ``.NAME.partial-PID`` directory beside ``out`` and renamed to ``out`` by ``close()``; an
+    error or interruption removes the partial directory, so no half-written model that looks complete
+    is ever left behind. Use it as a context manager.
     """
+
+    HEADER_BYTES = 1 << 20  # reserved per shard; a shard is closed early before its header outgrows it
 
     def __init__(
         self,
@@ -284,38 +294,75 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.dtype = dtype
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._names: set[str] = set()
         self._shards: list[list[str]] = []
+        self._file: Any = None
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._offset = 0  # data bytes written to the current shard
+        self._header_estimate = 0
         self._total = 0
         self._closed = False
 
+    def _shard_path(self, index: int) -> Path:
+        return self.tmp / f"shard-{index:05d}.safetensors"
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or any(name in s for s in self._shards):
+        if name in self._names:
             raise WeightsmithError(f"tensor '{name}' written twice to {self.out}")
         t = tensor.detach().to("cpu")
         if self.dtype is not None and t.is_floating_point():
             t = t.to(self.dtype)
-        t = t.contiguous().clone() if t.data_ptr() in {b.data_ptr() for b in self._buffer.values()} else t
+        t = t.contiguous()
         nbytes = t.numel() * t.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = t.contiguous()
-        self._buffer_bytes += nbytes
-        self._total += nbytes
-
-    def _flush(self) -> None:
-        index = len(self._shards)
-        path = self.tmp / f"shard-{index:05d}.safetensors"
+        entry = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape)}
+        entry_bytes = len(
+            json.dumps({name: {**entry, "data_offsets": [self._offset, self._offset + nbytes]}})
+        )
+        full = self._offset + nbytes > self.max_shard_bytes
+        if (
+            self._file is not None
+            and self._entries
+            and (full or self._header_estimate + entry_bytes > self.HEADER_BYTES // 2)
+        ):
+            self._finish_shard()
+        if self._file is None:
+            self._start_shard()
         try:
-            save_file(self._buffer, str(path), metadata=self.metadata)
+            if nbytes:
+                _write_chunk(self._file, t.reshape(-1).view(torch.uint8).numpy())
         except OSError as exc:
             self.abort()
             raise WeightsmithError(
                 f"writing {self.out} failed ({exc.strerror}); nothing was left behind"
             ) from exc
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffer_bytes = {}, 0
+        self._entries[name] = {**entry, "data_offsets": [self._offset, self._offset + nbytes]}
+        self._header_estimate += entry_bytes
+        self._offset += nbytes
+        self._total += nbytes
+        self._names.add(name)
+
+    def _start_shard(self) -> None:
+        path = self._shard_path(len(self._shards))
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by _finish_shard or abort)
+        self._file.seek(8 + self.HEADER_BYTES)
+        self._entries, self._offset, self._header_estimate = {}, 0, 0
+
+    def _finish_shard(self) -> None:
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        if len(header) > self.HEADER_BYTES:  # a single tensor name larger than the reserve
+            raise WeightsmithError(f"{self.out}: safetensors header of {len(header)} bytes is too large")
+        try:
+            self._file.seek(0)
+            _write_chunk(self._file, struct.pack("<Q", self.HEADER_BYTES))
+            _write_chunk(self._file, header + b" " * (self.HEADER_BYTES - len(header)))
+            self._file.close()
+        except OSError as exc:
+            self.abort()
+            raise WeightsmithError(
+                f"writing {self.out} failed ({exc.strerror}); nothing was left behind"
+            ) from exc
+        self._file = None
+        self._shards.append(list(self._entries))
 
     def copy_files(self, src_dir: str | os.PathLike[str], patterns: tuple[str, ...]) -> None:
         """Copy config/tokenizer files (by glob) from ``src_dir`` into the output."""
@@ -330,16 +377,18 @@ class ShardWriter:
     def close(self) -> Path:
         if self._closed:
             return self.out
-        if self._buffer or not self._shards:
-            self._flush()
+        if self._file is None and not self._shards:
+            self._start_shard()
+        if self._file is not None:
+            self._finish_shard()
         n = len(self._shards)
         if n == 1:
-            os.replace(self.tmp / "shard-00000.safetensors", self.tmp / "model.safetensors")
+            os.replace(self._shard_path(0), self.tmp / "model.safetensors")
         else:
             weight_map = {}
             for i, names in enumerate(self._shards):
                 final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
+                os.replace(self._shard_path(i), self.tmp / final)
                 weight_map.update({name: final for name in names})
             index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
             (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
@@ -349,6 +398,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._closed = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> ShardWriter:

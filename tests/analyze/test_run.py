@@ -95,7 +95,8 @@ def test_mp_fit_off_and_float32_precision_keep_the_power_law_numbers() -> None:
     store = _store()
     ref = {m["name"]: m for m in analyze_weights(store, device="cpu", farms=False).matrices}
     no_mp = {m["name"]: m for m in analyze_weights(store, device="cpu", farms=False, mp_fit=False).matrices}
-    f32 = {m["name"]: m for m in analyze_weights(store, device="cpu", farms=False, precision="float32").matrices}
+    f32_run = analyze_weights(store, device="cpu", farms=False, precision="float32")
+    f32 = {m["name"]: m for m in f32_run.matrices}
     for name, m in ref.items():
         assert no_mp[name]["mp_softrank"] is None and no_mp[name]["num_spikes"] is None
         assert no_mp[name]["alpha"] == m["alpha"] and no_mp[name]["xmin"] == m["xmin"]

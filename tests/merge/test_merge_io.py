@@ -159,7 +159,7 @@ def test_full_disk_leaves_nothing_behind(fam, tmp_path, monkeypatch):
 
     base, fts = fam
     calls = {"n": 0}
-    real = store.save_file
+    real = store._write_chunk
 
     def fill_up(*args, **kwargs):
         calls["n"] += 1
@@ -167,7 +167,7 @@ def test_full_disk_leaves_nothing_behind(fam, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "save_file", fill_up)
+    monkeypatch.setattr(store, "_write_chunk", fill_up)
     with pytest.raises(WeightsmithError, match="No space left on device"):
         merge(fts, TaskArithmetic(), tmp_path / "out", base=base, shard_size="3KB")
     no_partial_left(tmp_path, tmp_path / "out")

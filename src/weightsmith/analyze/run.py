@@ -129,7 +129,7 @@ def analyze_weights(
     names, skipped = candidate_matrices(store, select)
     order = {n: i for i, n in enumerate(store)}
     batches = list(shape_batches(store, names, max_batch_bytes))
-    pending = []
+    pending: list[tuple[list[str], int, torch.Tensor, torch.Tensor | None]] = []
     with torch.no_grad():
         for ((M, N), members), host in track(
             prefetch(batches, lambda b: read_host(store, b[1], pin=cuda), background=cuda),
@@ -141,9 +141,9 @@ def analyze_weights(
             del host
     records: dict[str, dict[str, Any]] = {}
     esds: dict[str, np.ndarray] = {}
-    for members, M, rows, evals in pending:  # the only host-device synchronisation of the run
+    for members, M, rows, kept_evals in pending:  # the only host-device synchronisation of the run
         table = rows.cpu().tolist()
-        ev = evals.float().cpu().numpy() if evals is not None else None
+        ev = kept_evals.float().cpu().numpy() if kept_evals is not None else None
         for b, n in enumerate(members):
             rec: dict[str, Any] = {"name": n, "shape": list(store.meta(n).shape)}
             rec.update({k: num(table[i][b]) for i, k in enumerate(COLUMNS)})
@@ -189,6 +189,7 @@ def _analyze_batch(
     A matrix with NaN/Inf gets a NaN spectrum (``linalg.gram_eigvalsh``); its ``nonfinite`` entry is
     the count of bad values (-1 when the values are finite but the Gram matrix overflows).
     """
+    W: torch.Tensor | None
     if dev.type == "cuda":
         W = to_device_batch(host, dev)
         evals = esd(W, dtype, streams)

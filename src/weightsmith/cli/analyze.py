@@ -45,9 +45,9 @@ def analyze_cmd(
     select: str | None = typer.Option(None, "--select", help="comma-separated globs of weight names"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     farms: bool = typer.Option(True, "--farms/--no-farms", help="also compute FARMS alpha"),
-    mp: bool = typer.Option(True, "--mp/--no-mp", help="also fit the Marchenko-Pastur bulk (soft rank, spikes)"),
+    mp: bool = typer.Option(True, "--mp/--no-mp", help="also fit the Marchenko-Pastur bulk"),
     precision: str = typer.Option(
-        "auto", "--precision", help="eigensolver dtype: auto (float64 on CPU, float32 on GPU), float64, float32"
+        "auto", "--precision", help="eigensolver dtype: auto (CPU float64, GPU float32), float64, float32"
     ),
     force: bool = typer.Option(False, "--force", help="replace existing outputs"),
 ) -> None:
