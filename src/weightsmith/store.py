@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .errors import WeightsmithError, close_names
 
@@ -107,40 +106,63 @@ class DictStore(WeightStore):
 
 
 class SafetensorsStore(WeightStore):
-    """Lazy store over one safetensors file or a sharded set with ``model.safetensors.index.json``."""
+    """Lazy store over one safetensors file or a sharded set with ``model.safetensors.index.json``.
+
+    Tensors are read with positioned reads into fresh buffers rather than through a memory map, so
+    the pages of a shard read earlier never count towards this process's resident memory: peak RSS
+    stays at the tensors actually held, however large the checkpoint.
+    """
 
     def __init__(self, files: list[Path], source: str) -> None:
         self.source = source
         self.files = files
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}  # name -> (file, first byte, end byte)
         self._meta: dict[str, TensorMeta] = {}
         self.metadata = {}
         for f in files:
-            header = read_header(f)
+            header, data_start = read_header(f)
             self.metadata.update(header.pop("__metadata__", {}) or {})
             for name, info in header.items():
                 dtype = SAFETENSORS_DTYPES.get(info["dtype"])
                 if dtype is None:
                     raise WeightsmithError(f"{f}: tensor '{name}' has unsupported dtype {info['dtype']}")
-                self._where[name] = f
-                self._meta[name] = TensorMeta(tuple(info["shape"]), dtype)
+                begin, end = info["data_offsets"]
+                meta = TensorMeta(tuple(info["shape"]), dtype)
+                if end - begin != meta.nbytes:
+                    raise WeightsmithError(
+                        f"{f}: tensor '{name}' claims shape {list(meta.shape)} {info['dtype']} "
+                        f"({meta.nbytes} bytes) but spans {end - begin} bytes; the file is corrupt"
+                    )
+                self._where[name] = (f, data_start + begin, data_start + end)
+                self._meta[name] = meta
         self._open_path: Path | None = None
         self._handle: Any = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        path = self._where.get(name)
-        if path is None:
+        where = self._where.get(name)
+        if where is None:
             raise self._missing(name)
-        if path != self._open_path:
-            self._handle = None  # drop the previous shard's memory map before opening the next
-            self._handle = safe_open(str(path), framework="pt")
-            self._open_path = path
+        path, begin, end = where
+        meta = self._meta[name]
         try:
-            return self._handle.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types
+            if path != self._open_path:
+                self.close()
+                self._handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
+                self._open_path = path
+            buf = bytearray(end - begin)
+            if end > begin:
+                got = os.preadv(self._handle.fileno(), [buf], begin)
+                if got != end - begin:
+                    raise OSError(f"short read ({got} of {end - begin} bytes)")
+        except OSError as exc:
             raise WeightsmithError(f"{path}: cannot read tensor '{name}': {exc}") from exc
+        if not buf:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        return torch.frombuffer(buf, dtype=meta.dtype).reshape(meta.shape)
 
     def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
         self._handle = None
         self._open_path = None
 
@@ -160,8 +182,8 @@ class SafetensorsStore(WeightStore):
             raise self._missing(name) from None
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """Parse and validate a safetensors header without reading tensor data."""
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and validate a safetensors header without reading tensor data: ``(header, data_start)``."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -182,7 +204,7 @@ def read_header(path: Path) -> dict[str, Any]:
             f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end}); "
             "re-download or re-save it"
         )
-    return header
+    return header, 8 + n
 
 
 def open_store(path: str | os.PathLike[str]) -> WeightStore:
