@@ -149,16 +149,14 @@ class SafetensorsStore(WeightStore):
                 self.close()
                 self._handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
                 self._open_path = path
-            buf = bytearray(end - begin)
+            buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike bytearray
             if end > begin:
-                got = os.preadv(self._handle.fileno(), [buf], begin)
+                got = os.preadv(self._handle.fileno(), [buf.numpy()], begin)
                 if got != end - begin:
                     raise OSError(f"short read ({got} of {end - begin} bytes)")
         except OSError as exc:
             raise WeightsmithError(f"{path}: cannot read tensor '{name}': {exc}") from exc
-        if not buf:
-            return torch.empty(meta.shape, dtype=meta.dtype)
-        return torch.frombuffer(buf, dtype=meta.dtype).reshape(meta.shape)
+        return buf.view(meta.dtype).reshape(meta.shape)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
-from .lora import check_rank, lora_init, lora_scaling
+from .lora import amp_apply, autocast_off, check_rank, lora_init, lora_scaling
 
 
 class _DoRALinear(torch.autograd.Function):
@@ -40,6 +40,7 @@ class _DoRALinear(torch.autograd.Function):
         return (z * c).view(base_out.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x2, h, A_c, B_c, z, c, n = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
@@ -85,7 +86,9 @@ class DoRAAdapter(Adapter):
         return (self.m.unsqueeze(1) / n) * V - W0
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        return _DoRALinear.apply(base_out, x, self.A, self.B, self.m, self.row_norm(W0), self.scaling)  # type: ignore[no-any-return]
+        with torch.autocast(x.device.type, enabled=False):  # the norm in float32 even under autocast
+            n = self.row_norm(W0)
+        return amp_apply(_DoRALinear, base_out, x, self.A, self.B, self.m, n, self.scaling)
 
     def merge(self, W0: Tensor) -> Tensor:
         V = W0 + (self.B @ self.A) * self.scaling

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
+from .lora import amp_apply, autocast_off
 
 
 class _HouseholderWY(torch.autograd.Function):
@@ -59,6 +60,7 @@ class _HouseholderWY(torch.autograd.Function):
         return y.view(base_out.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x2, b, C_c, Wu, U, S, C, W0, M = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
@@ -105,7 +107,7 @@ class HRAAdapter(Adapter):
         return self._reflect_rows(W0, reverse=False) - W0
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        return _HouseholderWY.apply(base_out, x, self.hra_u, W0, self.wy_mask)  # type: ignore[no-any-return]
+        return amp_apply(_HouseholderWY, base_out, x, self.hra_u, W0, self.wy_mask)
 
     def merge(self, W0: Tensor) -> Tensor:
         return self._reflect_rows(W0, reverse=False)

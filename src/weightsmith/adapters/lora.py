@@ -7,9 +7,11 @@ The rank-stabilised scaling ``s = alpha / sqrt(r)`` (instead of ``alpha / r``) i
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +31,51 @@ def check_rank(rank: int, W0: Tensor, ctx: AdapterContext) -> None:
         raise ctx.error(f"rank {rank} is not in 1..{limit} (the smaller side of the matrix)", tuple(W0.shape))
 
 
+F_ = TypeVar("F_", bound=Callable[..., Any])
+
+
+def amp_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: autocast's dtype inside an autocast region on ``x``'s
+    device (float64 is never autocast), else ``x.dtype``."""
+    dev = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def amp_apply(fn: Any, base_out: Tensor, x: Tensor, *args: Any) -> Tensor:
+    """``fn.apply(base_out, x, *args)`` for a hand-written autograd Function under autocast or not.
+
+    ``x`` and ``base_out`` are cast (differentiably) to :func:`amp_dtype` and autocast is off inside,
+    so forward computes in the dtype autocast would have used and casts parameters explicitly; the
+    output has the dtype autocast gives a plain ``nn.Linear``. Backward (see :func:`autocast_off`)
+    then sees gradients in that one dtype and returns parameter gradients in the parameters' dtype.
+    """
+    dt = amp_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn.apply(base_out.to(dt), x.to(dt), *args)  # type: ignore[no-any-return]
+
+
+def autocast_off(backward: F_) -> F_:
+    """Run a Function's backward with autocast off (it may be called inside an autocast region on the
+    CPU, where backward runs on the caller's thread): its explicit casts then hold."""
+
+    @functools.wraps(backward)
+    def run(ctx: Any, *grads: Any) -> Any:
+        dev = next((g.device.type for g in grads if isinstance(g, Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return backward(ctx, *grads)
+
+    return run  # type: ignore[return-value]
+
+
 class _LowRankAdd(torch.autograd.Function):
     """``base_out + s · (x Aᵀ) Bᵀ`` with a hand-written backward.
 
     One autograd node instead of a dozen (casts, two products, scaling, addition): on a GPU the
     small adapter products are cheap, and the per-op dispatch overhead is what costs time.
     Parameters may be float32 while activations are bfloat16; gradients come back in the
-    parameters' dtype.
+    parameters' dtype. Call it through :func:`amp_apply` (autocast).
     """
 
     @staticmethod
@@ -49,6 +89,7 @@ class _LowRankAdd(torch.autograd.Function):
         return y.view(base_out.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x2, h, A_c, B_c = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
@@ -61,7 +102,7 @@ class _LowRankAdd(torch.autograd.Function):
 
 def lora_forward(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float) -> Tensor:
     """``base_out + s · x Aᵀ Bᵀ`` for activations of any leading shape (the LoRA fast path)."""
-    return _LowRankAdd.apply(base_out, x, A, B, s)  # type: ignore[no-any-return]
+    return amp_apply(_LowRankAdd, base_out, x, A, B, s)
 
 
 def lora_init(W0: Tensor, rank: int, ctx: AdapterContext, gaussian: bool = False) -> tuple[Tensor, Tensor]:

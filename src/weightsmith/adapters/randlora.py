@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
+from .lora import amp_apply, amp_dtype, autocast_off
 from .vera import shared_cast
 
 
@@ -71,6 +72,7 @@ class _RandLoRALinear(torch.autograd.Function):
         return y.view(base_out.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         saved, Af, Bf, A, lam, gamma = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
@@ -136,9 +138,11 @@ class RandLoRAAdapter(Adapter):
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
         d, D = min(self.out_f, self.in_f), max(self.out_f, self.in_f)
         A = self.randlora_A[: self.rank, :d]
-        Bf = shared_cast(self.randlora_B, x.dtype)[:D, : self.n, : self.rank].reshape(D, self.n * self.rank)
+        Bf = shared_cast(self.randlora_B, amp_dtype(x))[:D, : self.n, : self.rank].reshape(
+            D, self.n * self.rank
+        )
         lam, gamma = self.randlora_lambda, self.randlora_gamma
-        return _RandLoRALinear.apply(base_out, x, lam, gamma, A, Bf, self.scaling)  # type: ignore[no-any-return]
+        return amp_apply(_RandLoRALinear, base_out, x, lam, gamma, A, Bf, self.scaling)
 
 
 @register_config("randlora", kind="adapter")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
+from .lora import amp_apply, autocast_off
 
 
 def random_support(numel: int, nnz: int, g: torch.Generator) -> Tensor:
@@ -59,6 +60,7 @@ class _SparseLowRank(torch.autograd.Function):
         return y.view(base_out.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x2, dW, A_c, B_c, flat = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
@@ -94,7 +96,7 @@ class SLTrainAdapter(Adapter):
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
         args = (self.A, self.B, self.values, self.flat, self.scaling)
-        return _SparseLowRank.apply(base_out, x, *args)  # type: ignore[no-any-return]
+        return amp_apply(_SparseLowRank, base_out, x, *args)
 
 
 @register_config("sltrain", kind="adapter")

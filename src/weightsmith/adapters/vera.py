@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext
+from .lora import amp_dtype
 
 
 def kaiming_uniform(shape: tuple[int, int], g: torch.Generator) -> Tensor:
@@ -78,9 +79,10 @@ class VeRAAdapter(Adapter):
         return self.vera_lambda_b[:, None] * B, self.vera_lambda_d[:, None] * A
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        A, B = self.bases(x.dtype)
-        h = F.linear(x, A) * self.vera_lambda_d.to(x.dtype)
-        return base_out + F.linear(h, B) * self.vera_lambda_b.to(x.dtype)
+        dt = amp_dtype(x)  # under autocast F.linear gives dt: keep the float32 λ from promoting it
+        A, B = self.bases(dt)
+        h = F.linear(x.to(dt), A) * self.vera_lambda_d.to(dt)
+        return base_out + F.linear(h, B) * self.vera_lambda_b.to(dt)
 
 
 @register_config("vera", kind="adapter")
