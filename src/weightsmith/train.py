@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import config as cfg
+from . import distributed
 from .errors import WeightsmithError
-from .execute import resolve_device
 from .progress import console, enabled, log
 from .store import atomic_replace, atomic_write_text, prepare_output
 from .tasks import Task, get_task
@@ -276,7 +276,7 @@ def finetune(
     method = method_name(adapter)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(method, 5e-4)
     head_lr = lr if method == HEAD else args.head_lr  # head-only training: --lr is the head's rate
-    device = resolve_device(args.device)
+    world, device = distributed.init(args.device)
 
     out_dir = Path(out) if out is not None else None
     meta_run = {
@@ -295,7 +295,7 @@ def finetune(
         if resume:
             if ckpt is None or not (ckpt / META_FILE).is_file():
                 raise WeightsmithError(f"--resume: {out_dir} has no checkpoint to resume from")
-        else:
+        elif world.main:
             prepare_output(out_dir, force)
 
     torch.manual_seed(args.seed)
@@ -304,10 +304,12 @@ def finetune(
     base_keys = set(net.state_dict())
     net.to(device)  # adapters are created on the device (SVD/LU inits and calibration run there)
     _attach(t, net, adapter, targets, args.batch_size, device)
-    if out_dir is not None and not resume:  # the old output goes only once the new run has started
+    if out_dir is not None and not resume and world.main:  # the old output goes once the new run started
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
+    world.barrier()
+    trained = distributed.wrap(net, world, device)  # all-reduces gradients across processes
     params = _trainable(net)
     head = t.head(net)
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
@@ -317,7 +319,9 @@ def finetune(
     ]
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    per_epoch = math.ceil(t.batches_per_epoch(args.batch_size) / args.grad_accum)
+    # Under data parallelism each process takes every world.size-th batch, so one optimizer step sees
+    # world.size * batch_size * grad_accum examples; a trailing partial group of batches is dropped.
+    per_epoch = math.ceil(t.batches_per_epoch(args.batch_size) // world.size / args.grad_accum)
     total = args.max_steps if args.max_steps is not None else args.epochs * per_epoch
     epochs = math.ceil(total / per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(args, total))
@@ -352,7 +356,7 @@ def finetune(
     net.train()
 
     def checkpoint(next_epoch: int, next_batch: int) -> None:
-        if out_dir is None:
+        if out_dir is None or not world.main:
             return
         state.update(step=step, epoch=next_epoch, batch=next_batch, elapsed=time.perf_counter() - start)
         _save_checkpoint(out_dir, net, keys, opt, sched, state)
@@ -360,12 +364,16 @@ def finetune(
     with _progress(total, "train") as bar:
         job = bar.add_task(f"{method} · {t.name}", total=total, completed=step, status="")
         while step < total and epoch < epochs:
-            n_batches = t.batches_per_epoch(args.batch_size)
+            n_batches = t.batches_per_epoch(args.batch_size) // world.size * world.size
             micro, running = 0, 0.0
             for i, batch in _batches_from(t, epoch, args.seed, args.batch_size, int(state["batch"])):
+                if i >= n_batches:
+                    break
+                if i % world.size != world.rank:
+                    continue
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = t.loss(net, batch)
+                    loss = t.loss(trained, batch)
                 reg = _regularization(net, method)
                 total_loss = (loss + reg) / args.grad_accum
                 if not torch.isfinite(total_loss):
@@ -373,7 +381,7 @@ def finetune(
                 total_loss.backward()
                 running += float(loss.detach())
                 micro += 1
-                if micro % args.grad_accum and i + 1 < n_batches:
+                if micro % args.grad_accum and i + world.size < n_batches:
                     continue
                 norm = nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm or float("inf"))
                 if not torch.isfinite(norm):
@@ -421,8 +429,9 @@ def finetune(
         list(state["loss"]),
         str(out_dir) if out_dir is not None else None,
     )
-    if out_dir is not None:
+    if out_dir is not None and world.main:
         _write_outputs(out_dir, t, net, tok, method, format, {**meta_run, "result": result.to_dict()})
+    world.barrier()
     return result
 
 
