@@ -151,7 +151,7 @@ class SafetensorsStore(WeightStore):
                 self._open_path = path
             buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike bytearray
             if end > begin:
-                got = os.preadv(self._handle.fileno(), [buf.numpy()], begin)
+                got = os.preadv(self._handle.fileno(), [buf.numpy()], begin)  # type: ignore[list-item]
                 if got != end - begin:
                     raise OSError(f"short read ({got} of {end - begin} bytes)")
         except OSError as exc:

@@ -85,14 +85,14 @@ def _merge(report: Any, out: Path, quick: bool, device: str | None) -> list[dict
 
     n_eval = 200 if quick else 600
     tuned = [out / f"merged-{t}" for t in TASKS]
-    methods = {
-        "task arithmetic (lambda=1)": TaskArithmetic(scaling=1.0),
-        "TIES (density 0.2)": TIES(density=0.2),
+    methods: dict[str, tuple[str, TaskArithmetic | TIES]] = {
+        "task arithmetic (lambda=1)": ("task_arithmetic", TaskArithmetic(scaling=1.0)),
+        "TIES (density 0.2)": ("ties", TIES(density=0.2)),
     }
     encoders: dict[str, Path] = {f"fine-tuned on {t}": tuned[i] for i, t in enumerate(TASKS)}
-    for label, method in methods.items():
+    for label, (slug, method) in methods.items():
         log(f"[bold]merge[/] {label}")
-        dest = out / f"merge-{type(method).method}"
+        dest = out / f"merge-{slug}"
         merge(tuned, method, dest, base=models.resolve("minilm"), force=True, device=device or "cpu")
         encoders[label] = dest
     rows = []
