@@ -47,7 +47,7 @@ DEFAULT_LR: dict[str, float] = {
     "dora": 5e-4,
     "pissa": 2e-4,
     "eva": 5e-4,
-    "adalora": 1e-3,
+    "adalora": 5e-3,
     "vera": 5e-3,
     "nola": 5e-3,
     "loldu": 1e-3,

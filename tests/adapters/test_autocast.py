@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cuda_only
 from test_conformance import METHODS, attach, inputs, perturb, toy
 
 from weightsmith import adapters
 
 
-def _train_step_under_autocast(method: str, backward_inside: bool) -> None:
+def _train_step_under_autocast(method: str, backward_inside: bool, device: str = "cpu") -> None:
     m = toy()
-    x = inputs()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = toy()(x).dtype  # what autocast gives the plain (unadapted) model
+    x = inputs().to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        expected = toy().to(device)(x).dtype  # what autocast gives the plain (unadapted) model
     attach(m, method)
     perturb(m)  # non-zero B / Λ / ..., so every adapter parameter gets a gradient
+    m.to(device)
     params = list(adapters.adapter_parameters(m))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = m(x)
         loss = y.float().square().mean() + adapters.adapter_regularization(m)
         if backward_inside:
@@ -42,6 +44,12 @@ def _train_step_under_autocast(method: str, backward_inside: bool) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_forward_backward_under_cpu_bf16_autocast(method):
     _train_step_under_autocast(method, backward_inside=False)
+
+
+@cuda_only()
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_backward_under_cuda_bf16_autocast(method):
+    _train_step_under_autocast(method, backward_inside=False, device="cuda")
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "hra", "randlora", "sltrain", "adalora"])

@@ -42,7 +42,7 @@ def _adapt(report: Any, out: Path, quick: bool, device: str | None) -> list[dict
     from ..store import open_store
     from ..train import export_run_merged, finetune
 
-    n_train, n_eval = (400, 200) if quick else (2000, 600)
+    n_train, n_eval = (300, 200) if quick else (800, 400)
     rows = []
     for task in TASKS:
         for label, adapter, epochs in (("head only", "head", 2), ("LoRA r8", LoRA(rank=8, alpha=16), 2)):
@@ -83,7 +83,7 @@ def _merge(report: Any, out: Path, quick: bool, device: str | None) -> list[dict
     from ..merge.task_arithmetic import TIES, TaskArithmetic
     from ..tasks import SentenceClassifier, get_task
 
-    n_eval = 200 if quick else 600
+    n_eval = 200 if quick else 400
     tuned = [out / f"merged-{t}" for t in TASKS]
     methods: dict[str, tuple[str, TaskArithmetic | TIES]] = {
         "task arithmetic (lambda=1)": ("task_arithmetic", TaskArithmetic(scaling=1.0)),
