@@ -50,7 +50,3 @@ def minilm(minilm_dir: Path):
     from weightsmith import models
 
     return models.load_model(minilm_dir, task="encoder")
-
-
-def cuda_only():
-    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -177,3 +177,10 @@ def test_writer_streams_one_tensor_at_a_time(tmp_path):
     for f in sorted(set(index["weight_map"].values())):
         loaded.update(load_file(str(tmp_path / "m" / f)))
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_model_directory_ignores_other_safetensors(tmp_path):
+    """A HF directory's weights are model.safetensors; a head or adapter file beside it is not the model."""
+    save_file({"encoder.w": torch.ones(2, 2)}, str(tmp_path / "model.safetensors"))
+    save_file({"weight": torch.ones(3, 2)}, str(tmp_path / "head.safetensors"))
+    assert list(open_store(tmp_path)) == ["encoder.w"]

@@ -222,6 +222,8 @@ def open_store(path: str | os.PathLike[str]) -> WeightStore:
                 if not f.is_file():
                     raise WeightsmithError(f"{index}: lists shard {f.name}, which is missing")
             return SafetensorsStore(files, str(p))
+        if (p / "model.safetensors").is_file():  # a HF directory may hold other safetensors (heads, adapters)
+            return SafetensorsStore([p / "model.safetensors"], str(p))
         files = sorted(p.glob("*.safetensors"))
         if files:
             return SafetensorsStore(files, str(p))
