@@ -6,7 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ORDER = ["analyze.md", "adapters-speed.md", "adapters-accuracy.md", "merge.md", "merge_experiments.md",
-         "align.md", "align-signatures.md", "mnn.md"]  # fmt: skip
+         "align.md", "align-signatures.md", "mnn.md", "ddp.md"]  # fmt: skip
 
 
 def main() -> None:
