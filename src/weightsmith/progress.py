@@ -17,14 +17,9 @@ def enabled() -> bool:
     return os.environ.get("WEIGHTSMITH_PROGRESS", "1") != "0"
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Yield from `items` while drawing a progress bar on stderr."""
-    if not enabled():
-        yield from items
-        return
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with Progress(
+def bar() -> Progress:
+    """The house progress bar (description, bar, n/total, elapsed, a free ``status`` field) on stderr."""
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -32,11 +27,22 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         TextColumn("{task.fields[status]}"),
         console=console,
         transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=total, status="")
+        disable=not enabled(),
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Yield from `items` while drawing a progress bar on stderr."""
+    if not enabled():
+        yield from items
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with bar() as progress:
+        task = progress.add_task(description, total=total, status="")
         for item in items:
             yield item
-            bar.update(task, advance=1)
+            progress.update(task, advance=1)
 
 
 def log(message: str) -> None:

@@ -31,7 +31,8 @@ from torch import nn
 from . import config as cfg
 from . import distributed
 from .errors import WeightsmithError
-from .progress import console, enabled, log
+from .progress import bar as progress_bar
+from .progress import log
 from .store import atomic_replace, atomic_write_text, prepare_output
 from .tasks import Task, get_task
 
@@ -222,20 +223,6 @@ def _load_checkpoint(ckpt: Path, model: nn.Module, keys: list[str], opt: Any, sc
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def _progress(total: int, description: str) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-        disable=not enabled(),
-    )
-
-
 def _batches_from(task: Task, epoch: int, seed: int, bs: int, skip: int) -> Iterator[tuple[int, dict]]:
     for i, batch in enumerate(task.batches(epoch, seed, bs)):
         if i >= skip:
@@ -361,7 +348,7 @@ def finetune(
         state.update(step=step, epoch=next_epoch, batch=next_batch, elapsed=time.perf_counter() - start)
         _save_checkpoint(out_dir, net, keys, opt, sched, state)
 
-    with _progress(total, "train") as bar:
+    with progress_bar() as bar:
         job = bar.add_task(f"{method} · {t.name}", total=total, completed=step, status="")
         while step < total and epoch < epochs:
             n_batches = t.batches_per_epoch(args.batch_size) // world.size * world.size
