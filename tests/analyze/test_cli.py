@@ -77,4 +77,4 @@ def test_nuclear_norm_on_hamlet() -> None:
     assert data["windows"] == 2 and data["tokens"] == 96
     # L unit rows: the squared column norms sum to L, so the top-L column norms sum to between L/sqrt(d)
     # and L (Cauchy-Schwarz), i.e. MNN / L lies in [1/sqrt(d), 1] with d = 576 for SmolLM2
-    assert 1 / 576**0.5 <= data["mnn"] <= 1.0
+    assert 576**-0.5 <= data["mnn"] <= 1.0
