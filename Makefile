@@ -32,7 +32,7 @@ setup: $(VENV)/.setup-done
 setup-test: $(VENV)/.test-done
 
 demo: setup
-	$(BIN)/weightsmith demo --out out/demo
+	$(BIN)/weightsmith demo --out out/demo --force
 
 test: setup-test
 	$(BIN)/python -m pytest -q --timeout 600
