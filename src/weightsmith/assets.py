@@ -225,10 +225,3 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
-
-
-def read_text_file(path: str | os.PathLike[str]) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsmithError(f"text file not found: {p}")
-    return open(p, encoding="utf-8", errors="replace").read()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,20 +40,6 @@ def common_names(stores: Sequence[WeightStore], select: Selector | None = None) 
     return names
 
 
-def iter_weights(
-    stores: Sequence[WeightStore],
-    select: Selector | None = None,
-    device: str | torch.device | None = "cpu",
-    description: str = "weights",
-    names: Sequence[str] | None = None,
-) -> Iterator[tuple[str, list[torch.Tensor]]]:
-    """Yield ``(name, [tensor from each store])`` one name at a time, on ``device``, with progress."""
-    dev = resolve_device(device)
-    todo = list(names) if names is not None else common_names(stores, select)
-    for name in track(todo, description):
-        yield name, [s[name].to(dev) for s in stores]
-
-
 def map_weights(
     fn: Callable[..., Any],
     *stores: WeightStore,
@@ -75,17 +61,15 @@ def map_weights(
     chosen = set(selected)
     out: dict[str, Any] = {}
     order = list(stores[0]) if writer is not None and passthrough else selected
+    dev = resolve_device(device)
     for name in track(order, description):
         if name not in chosen:
             if writer is not None:
                 writer.add(name, stores[0][name])
             continue
-        dev = resolve_device(device)
         tensors = [s[name].to(dev) for s in stores]
         try:
             result = fn(*tensors)
-        except WeightsmithError:
-            raise
         except (RuntimeError, ValueError) as exc:
             raise WeightsmithError(f"tensor '{name}': {exc}") from exc
         if writer is not None:

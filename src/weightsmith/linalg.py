@@ -163,30 +163,6 @@ def truncated_svd(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     return U[:, :rank], S[:rank], Vh[:rank]
 
 
-def orthonormal_columns(A: Tensor) -> Tensor:
-    """An orthonormal basis of A's column space via reduced QR (sign-fixed so diag(R) > 0)."""
-    Q, R = torch.linalg.qr(as_compute(A))
-    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-    signs[signs == 0] = 1
-    return Q * signs.unsqueeze(-2)
-
-
-def dct_matrix(
-    n: int, device: torch.device | str | None = None, dtype: torch.dtype = COMPUTE_DTYPE
-) -> Tensor:
-    """Orthonormal DCT-II matrix ``C`` (n x n) with ``C @ C.T = I``; row k is the k-th cosine."""
-    k = torch.arange(n, device=device, dtype=torch.float64).unsqueeze(1)
-    i = torch.arange(n, device=device, dtype=torch.float64).unsqueeze(0)
-    C = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    C[0] /= math.sqrt(2.0)
-    return C.to(dtype)
-
-
-def principal_angles_cos(A: Tensor, B: Tensor) -> Tensor:
-    """Cosines of the principal angles between the column spaces of A and B (descending)."""
-    return torch.linalg.svdvals(orthonormal_columns(A).mT @ orthonormal_columns(B)).clamp(0, 1)
-
-
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)

@@ -56,9 +56,6 @@ class WeightStore(Mapping[str, torch.Tensor]):
     def names(self) -> list[str]:
         return list(self)
 
-    def total_bytes(self) -> int:
-        return sum(self.meta(n).nbytes for n in self)
-
     def _missing(self, name: str) -> WeightsmithError:
         return WeightsmithError(
             f"{self.source}: no tensor named '{name}'; close names: {close_names(name, list(self))}"

@@ -95,14 +95,15 @@ def _merge(report: Any, out: Path, quick: bool, device: str | None) -> list[dict
         dest = out / f"merge-{slug}"
         merge(tuned, method, dest, base=models.resolve("minilm"), force=True, device=device or "cpu")
         encoders[label] = dest
+    tasks = {task: get_task(task, eval_examples=n_eval) for task in TASKS}
+    heads = {task: load_file(str(out / f"adapt-{task}-lora" / "head.safetensors")) for task in TASKS}
     rows = []
     for label, path in encoders.items():
         row: dict[str, Any] = {"encoder": label}
-        for task in TASKS:
-            t = get_task(task, eval_examples=n_eval)
-            encoder, tok = models.load_model(path, task="encoder")
+        encoder, tok = models.load_model(path, task="encoder")  # one load per encoder, shared by the tasks
+        for task, t in tasks.items():
             net = SentenceClassifier(encoder, len(t.dataset.classes))
-            net.head.load_state_dict(load_file(str(out / f"adapt-{task}-lora" / "head.safetensors")))
+            net.head.load_state_dict(heads[task])
             with torch.no_grad():
                 row[task] = t.evaluate(net, tok, split="test")
         rows.append(row)
