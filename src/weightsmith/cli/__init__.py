@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..errors import WeightsmithError
+from ..staging import install_signal_handlers
 from ._app import app
 
 # Command modules, in help order. Each registers its commands on ``app`` when imported.
@@ -22,6 +23,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _register()
+    install_signal_handlers()
     try:
         app()
     except WeightsmithError as exc:
