@@ -25,7 +25,7 @@ import signal
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 
@@ -70,10 +70,8 @@ def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
     else:
-        try:
+        with suppress(FileNotFoundError):
             p.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _siblings(final: Path, marker: str) -> Iterator[tuple[Path, int]]:
@@ -110,7 +108,7 @@ def live_writer(final: Path) -> int | None:
 
 
 def user_error(exc: OSError, path: Path | str, doing: str = "writing") -> WeightsmithError:
-    """An OSError that the user can fix (full disk, read-only, no permission), as a message naming the path."""
+    """A fixable OSError (full disk, read-only, no permission) as a message naming the path."""
     reason = exc.strerror or str(exc)
     hint = {
         errno.ENOSPC: "; free some space or choose another output",
@@ -161,7 +159,7 @@ def _snapshot(p: Path) -> tuple[int, int] | None:
 
 
 class Staging:
-    """One output under construction. ``path`` is where to write; ``commit()`` swaps it in; ``abort()`` removes it.
+    """One output under construction: write at ``path``; ``commit()`` swaps it in, ``abort()`` removes it.
 
     Use :func:`staged_file` / :func:`staged_dir` in ``with`` blocks; hold a ``Staging`` directly only when
     the writing outlives one block (a streaming writer).
@@ -188,7 +186,7 @@ class Staging:
             _active.add(self)
 
     def commit(self) -> Path:
-        """Swap the finished staging in for the output. Refuses if someone else changed the output meanwhile."""
+        """Swap the finished staging in; refuse if someone else changed the output meanwhile."""
         if self.done:
             return self.final
         if self.passthrough:
@@ -240,7 +238,7 @@ class Staging:
 
 @contextmanager
 def staged_file(out: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
-    """Write one file: ``with staged_file(out, force) as tmp: tmp.write_bytes(...)``; swapped in on success."""
+    """Write one file: ``with staged_file(out, force) as tmp: ...``; swapped in on success."""
     with Staging(out, force, directory=False) as s:
         yield s.path
 
@@ -262,9 +260,8 @@ def write_text(out: str | os.PathLike[str], text: str, force: bool = True) -> Pa
 
 
 def write_bytes(out: str | os.PathLike[str], data: bytes, force: bool = True) -> Path:
-    with Staging(out, force, directory=False) as s:
-        with open(s.path, "ab" if s.passthrough else "wb") as fh:
-            fh.write(data)
+    with Staging(out, force, directory=False) as s, open(s.path, "ab" if s.passthrough else "wb") as fh:
+        fh.write(data)
     return s.final
 
 

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import weightsmith.cli.adapt  # noqa: F401  (registers adapt and export on the app)
+import weightsmith.cli.adapt  # noqa: F401  (registers adapt on the app)
+import weightsmith.cli.export  # noqa: F401  (registers export on the app)
 from weightsmith.cli._app import app
 from weightsmith.errors import WeightsmithError
 from weightsmith.train import load_finetuned

@@ -11,7 +11,7 @@ from ..staging import install_signal_handlers
 from ._app import app
 
 # Command modules, in help order. Each registers its commands on ``app`` when imported.
-COMMAND_MODULES = ("assets_cmd", "analyze", "adapt", "merge", "align", "demo")
+COMMAND_MODULES = ("assets_cmd", "analyze", "adapt", "export", "merge", "align", "demo")
 
 
 def _register() -> None:

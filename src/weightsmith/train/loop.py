@@ -25,18 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import config as cfg
-from . import distributed
-from .errors import WeightsmithError
-from .progress import bar as progress_bar
-from .progress import log
-from .store import atomic_replace, atomic_write_text, prepare_output
-from .tasks import Task, get_task
+from .. import config as cfg
+from .. import distributed
+from ..errors import WeightsmithError
+from ..progress import bar as progress_bar
+from ..progress import log
+from ..store import prepare_output
+from ..tasks import Task, get_task
+from .checkpoint import META_FILE, load_checkpoint, save_checkpoint
+from .runs import FULL, HEAD, write_outputs
 
-FULL, HEAD = "full", "head"
 # Learning rates used when none is given: the usual ranges reported by each paper for
 # BERT/RoBERTa-size encoders (full fine-tuning 2e-5..5e-5; LoRA 4e-4..5e-4; VeRA, NOLA and SVFit
 # train few scalars/vectors and use ~10x larger rates). LoLDU's pivots diverged at 1e-2 on MiniLM
@@ -61,7 +61,6 @@ DEFAULT_LR: dict[str, float] = {
     "monarch": 5e-4,
     "sltrain": 5e-4,
 }
-STATE_FILE, OPTIM_FILE, META_FILE = "state.safetensors", "optim.pt", "meta.json"
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def _attach(task: Task, model: nn.Module, adapter: Any, targets: Any, batch_size
     for p in model.parameters():
         p.requires_grad_(method == FULL)
     if method not in (FULL, HEAD):
-        from . import adapters
+        from .. import adapters
 
         calibration = None
         if adapter.needs_calibration():
@@ -188,38 +187,6 @@ def _resume_keys(model: nn.Module, base_keys: set[str]) -> list[str]:
     return [k for k in model.state_dict() if k in trainable or new(k)]
 
 
-def _save_checkpoint(out: Path, model: nn.Module, keys: list[str], opt: Any, sched: Any, meta: dict) -> None:
-    tmp = out / f".checkpoint.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = model.state_dict()
-    save_file({k: state[k].detach().cpu().contiguous() for k in keys}, str(tmp / STATE_FILE))
-    extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        extra["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(extra, tmp / OPTIM_FILE)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    atomic_replace(tmp, out / "checkpoint")
-
-
-def _load_checkpoint(ckpt: Path, model: nn.Module, keys: list[str], opt: Any, sched: Any) -> dict:
-    state = load_file(str(ckpt / STATE_FILE))
-    missing = sorted(set(keys) - set(state))
-    if missing:
-        raise WeightsmithError(
-            f"{ckpt}: checkpoint lacks '{missing[0]}' ({len(missing)} tensors); "
-            "it was written for another method or model; start again with --force"
-        )
-    model.load_state_dict(state, strict=False)
-    extra = torch.load(ckpt / OPTIM_FILE, weights_only=True, map_location="cpu")
-    opt.load_state_dict(extra["optimizer"])
-    sched.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"])
-    if "cuda_rng" in extra and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    return dict(json.loads((ckpt / META_FILE).read_text()))
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -257,7 +224,7 @@ def finetune(
         raise WeightsmithError("batch size, gradient accumulation and max steps must be at least 1")
     t = task if isinstance(task, Task) else get_task(task, model, max_examples, max_len, eval_examples)
     if isinstance(adapter, str) and adapter not in (FULL, HEAD):
-        from . import adapters  # noqa: F401  (registers the methods)
+        from .. import adapters  # noqa: F401  (registers the methods)
 
         adapter = cfg.config_from_dict({"method": adapter}, "adapter")
     method = method_name(adapter)
@@ -330,7 +297,7 @@ def finetune(
                 f"--resume: {out_dir} was started with other settings; "
                 "use the same options as the first run, or --force to start over"
             )
-        state = _load_checkpoint(ckpt, net, keys, opt, sched)
+        state = load_checkpoint(ckpt, net, keys, opt, sched)
         log(f"resuming {out_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
 
     n_trainable = sum(p.numel() for p in params.values())
@@ -346,7 +313,7 @@ def finetune(
         if out_dir is None or not world.main:
             return
         state.update(step=step, epoch=next_epoch, batch=next_batch, elapsed=time.perf_counter() - start)
-        _save_checkpoint(out_dir, net, keys, opt, sched, state)
+        save_checkpoint(out_dir, net, keys, opt, sched, state)
 
     with progress_bar() as bar:
         job = bar.add_task(f"{method} · {t.name}", total=total, completed=step, status="")
@@ -417,7 +384,7 @@ def finetune(
         str(out_dir) if out_dir is not None else None,
     )
     if out_dir is not None and world.main:
-        _write_outputs(out_dir, t, net, tok, method, format, {**meta_run, "result": result.to_dict()})
+        write_outputs(out_dir, t, net, tok, method, format, {**meta_run, "result": result.to_dict()})
     world.barrier()
     return result
 
@@ -425,14 +392,14 @@ def finetune(
 def _regularization(model: nn.Module, method: str) -> torch.Tensor | float:
     if method in (FULL, HEAD):
         return 0.0
-    from . import adapters
+    from .. import adapters
 
     return adapters.adapter_regularization(model)
 
 
 def _adapter_step(model: nn.Module, method: str, step: int, total: int) -> None:
     if method not in (FULL, HEAD):
-        from . import adapters
+        from .. import adapters
 
         adapters.adapter_step(model, step, total)
 
@@ -450,106 +417,3 @@ def _diverged(out_dir: Path | None, step: int, epoch: int, what: str) -> None:
 def _adapter_dict(adapter: Any) -> dict[str, Any]:
     name = method_name(adapter)
     return {"method": name} if name in (FULL, HEAD) else cfg.to_dict(adapter)
-
-
-def _write_outputs(out: Path, t: Task, model: nn.Module, tok: Any, method: str, fmt: str, run: dict) -> None:
-    model.eval()
-    backbone, head = t.backbone(model), t.head(model)
-    if method == FULL:
-        tmp = out / f".model.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        backbone.save_pretrained(tmp)  # type: ignore[operator]
-        tok.save_pretrained(tmp)
-        atomic_replace(tmp, out / "model")
-    elif method != HEAD:
-        from . import adapters
-
-        if fmt == "peft":
-            adapters.to_peft(backbone, out / "adapter")
-        else:
-            adapters.save_adapters(backbone, out / "adapter", force=True)
-    if head is not None:
-        tmp_head = out / f".head.partial-{os.getpid()}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp_head))
-        os.replace(tmp_head, out / "head.safetensors")
-    atomic_write_text(out / "run.json", json.dumps(run, indent=2))
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
-
-
-def load_finetuned(out: str | os.PathLike[str], device: str = "cpu") -> tuple[nn.Module, Any, Task]:
-    """Rebuild ``(model, tokenizer, task)`` from a finished ``finetune`` output directory (adapters
-    attached, not merged)."""
-    out = Path(out)
-    run_file = out / "run.json"
-    if not run_file.is_file():
-        raise WeightsmithError(f"{out}: not a finished weightsmith adapt output (run.json missing)")
-    run = json.loads(run_file.read_text())
-    t = get_task(run["task"], run["model"], run["max_examples"], run["max_len"], run["eval_examples"])
-    method = run["adapter"]["method"]
-    if method == FULL:
-        t = dataclasses.replace(t, model_spec=str(out / "model"))
-    net, tok = t.build()
-    backbone = t.backbone(net)
-    if method not in (FULL, HEAD):
-        from . import adapters
-
-        if run["format"] == "peft":
-            adapters.from_peft(backbone, out / "adapter")
-        else:
-            adapters.load_adapters(backbone, out / "adapter")
-    head = t.head(net)
-    if head is not None:
-        head.load_state_dict(load_file(str(out / "head.safetensors")))
-    return net.to(device).eval(), tok, t
-
-
-def export_run_merged(
-    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False
-) -> Path:
-    """Write a finished run's backbone with its adapter merged as a Hugging Face model directory
-    (``AutoModel``/``AutoModelForCausalLM.from_pretrained`` loads it), plus the tokenizer and, for
-    classification, ``head.safetensors`` and ``run.json``."""
-    final = prepare_output(out, force)
-    net, tok, t = load_finetuned(run_dir)
-    backbone = t.backbone(net)
-    staging = final.with_name(f".{final.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        if any(True for _ in _adapted(backbone)):
-            from . import adapters
-
-            adapters.export_merged(backbone, staging)
-        else:
-            backbone.save_pretrained(staging)  # type: ignore[operator]
-        tok.save_pretrained(staging)
-        src = Path(run_dir)
-        for name in ("head.safetensors", "run.json"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, staging / name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    atomic_replace(staging, final)
-    return final
-
-
-def export_run_peft(
-    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], rank: int | None = None, force: bool = False
-) -> dict[str, float]:
-    """Write a finished run's adapter as a PEFT LoRA directory. LoRA/DoRA (and exactly low-rank
-    adapters) convert exactly; other methods via the truncated SVD of their update (``rank``, default
-    16). Returns the relative Frobenius error of each weight's update."""
-    net, _, t = load_finetuned(run_dir)
-    backbone = t.backbone(net)
-    if not any(True for _ in _adapted(backbone)):
-        method = json.loads((Path(run_dir) / "run.json").read_text())["adapter"]["method"]
-        raise WeightsmithError(f"{run_dir}: a '{method}' run has no adapter to write as PEFT; use --merged")
-    from . import adapters
-
-    return dict(adapters.to_peft(backbone, out, rank=rank, force=force))
-
-
-def _adapted(model: nn.Module) -> Iterator[Any]:
-    from . import adapters
-
-    return adapters.adapted_layers(model)
