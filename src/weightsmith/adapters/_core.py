@@ -189,11 +189,15 @@ A = TypeVar("A", bound="AdapterConfig")
 class AdapterConfig:
     """Base of every adapter config (a frozen dataclass registered with ``register_config``).
 
-    Class-level switches a method may set: ``supports_embedding`` (may attach to ``nn.Embedding``).
+    Class-level switches a method may set: ``supports_embedding`` (may attach to ``nn.Embedding``),
+    ``default_lr``.
     A config with a ``seed`` field seeds its shared bases and random inits with it.
     """
 
     supports_embedding: ClassVar[bool] = False
+    # Learning rate the trainer uses when none is given: the range the method's paper reports for
+    # BERT/RoBERTa-size encoders (methods that train few scalars or vectors use ~10x larger rates).
+    default_lr: ClassVar[float] = 5e-4
     seed = 0
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> Adapter:

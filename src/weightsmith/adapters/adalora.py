@@ -19,7 +19,7 @@ PEFT's defaults, a run of a few hundred steps barely moves the model (docs/adapt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -177,6 +177,8 @@ class AdaLoRAAdapter(Adapter):
 @dataclass(frozen=True)
 class AdaLoRA(AdapterConfig):
     """``init_rank`` triplets per layer pruned to an average of ``target_rank`` per adapted matrix."""
+
+    default_lr: ClassVar[float] = 5e-3
 
     init_rank: int = 12
     target_rank: int = 8

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,8 @@ class BoneAdapter(Adapter):
 @dataclass(frozen=True)
 class Bone(AdapterConfig):
     """``rank`` r (block size); ``variant``: "miss" (default) | "bat" | "mini"; ``mini_r`` for "mini"."""
+
+    default_lr: ClassVar[float] = 5e-4
 
     rank: int = 64
     variant: str = "miss"

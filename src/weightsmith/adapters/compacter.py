@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,8 @@ def glorot_uniform(shape: tuple[int, int, int], g: torch.Generator) -> Tensor:
 @dataclass(frozen=True)
 class Compacter(AdapterConfig):
     """``phm_dim`` n (divides both sides); ``rank`` r of the fast weights; ``shared_slow_weights``: one A."""
+
+    default_lr: ClassVar[float] = 3e-3
 
     phm_dim: int = 4
     rank: int = 1

@@ -13,7 +13,7 @@ cached (the frozen base changes only when something is merged into it), so a ste
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +107,8 @@ class DoRAAdapter(Adapter):
 @dataclass(frozen=True)
 class DoRA(AdapterConfig):
     """LoRA direction (rank, alpha, rslora as in LoRA) plus a trainable magnitude per output row."""
+
+    default_lr: ClassVar[float] = 5e-4
 
     rank: int = 8
     alpha: float = 16.0

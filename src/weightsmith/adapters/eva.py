@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -51,6 +52,7 @@ def redistribute(ratios: Mapping[str, Tensor], budget: int) -> dict[str, int]:
 @register_config("eva", kind="adapter")
 @dataclass(frozen=True)
 class EVA(AdapterConfig):
+    default_lr: ClassVar[float] = 5e-4
     rank: int = 8
     alpha: float = 16.0
     rho: float = 2.0

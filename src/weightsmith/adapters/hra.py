@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -127,6 +127,8 @@ class HRAAdapter(Adapter):
 @dataclass(frozen=True)
 class HRA(AdapterConfig):
     """``rank`` r reflections (even; PEFT default 8); ``ortho_lambda`` λ of the orthogonality regulariser."""
+
+    default_lr: ClassVar[float] = 1e-3
 
     rank: int = 8
     ortho_lambda: float = 0.0

@@ -18,6 +18,7 @@ never forms the dense update. ``r (in + out) + 2 r out`` numbers train.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,8 @@ class HydraAdapter(Adapter):
 @dataclass(frozen=True)
 class Hydra(AdapterConfig):
     """``rank`` r of both branches; ``scale`` s multiplies both (the authors' ``scale``)."""
+
+    default_lr: ClassVar[float] = 5e-4
 
     rank: int = 8
     scale: float = 1.0

@@ -20,6 +20,7 @@ the residual absorbs whatever the truncated product does not represent, so ΔW s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,8 @@ class LoLDUAdapter(Adapter):
 @dataclass(frozen=True)
 class LoLDU(AdapterConfig):
     """``rank`` r of the kept LDU factors (None: all); ``sigma_init`` starts the trainable scale σ."""
+
+    default_lr: ClassVar[float] = 1e-3
 
     rank: int | None = None
     sigma_init: float = 1.0

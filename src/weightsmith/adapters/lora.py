@@ -11,7 +11,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,8 @@ class LoRA(AdapterConfig):
 
     ``init``: "default" (Kaiming-uniform A, as PEFT) or "gaussian" (A ~ N(0, 1/r²)); B starts at zero.
     """
+
+    default_lr: ClassVar[float] = 5e-4
 
     rank: int = 8
     alpha: float = 16.0

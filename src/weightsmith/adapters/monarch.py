@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +123,8 @@ class MonarchAdapter(Adapter):
 @dataclass(frozen=True)
 class Monarch(AdapterConfig):
     """``nblocks`` blocks per factor (divides both sides); ``block_rank`` b; ``init``: "project" | "zero"."""
+
+    default_lr: ClassVar[float] = 5e-4
 
     nblocks: int = 4
     block_rank: int = 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +85,8 @@ class NOLAAdapter(Adapter):
 @dataclass(frozen=True)
 class NOLA(AdapterConfig):
     """``rank`` r of the LoRA factors; ``num_basis_A`` k and ``num_basis_B`` l; scaling ``alpha / rank``."""
+
+    default_lr: ClassVar[float] = 5e-3
 
     rank: int = 8
     num_basis_A: int = 1024

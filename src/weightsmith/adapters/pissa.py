@@ -15,6 +15,7 @@ the adapter is exactly zero at init, unmerging is exact, and a saved adapter is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,8 @@ class PiSSAAdapter(Adapter):
 @dataclass(frozen=True)
 class PiSSA(AdapterConfig):
     """LoRA (rank, alpha, rslora) from the top-``rank`` SVD of ``W0``; ``niter > 0``: randomized SVD."""
+
+    default_lr: ClassVar[float] = 2e-4
 
     rank: int = 8
     alpha: float = 16.0

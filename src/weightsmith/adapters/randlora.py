@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +149,8 @@ class RandLoRAAdapter(Adapter):
 @dataclass(frozen=True)
 class RandLoRA(AdapterConfig):
     """``rank`` r of each random basis (PEFT default 32); scaling ``alpha / rank`` (PEFT's alpha: 640)."""
+
+    default_lr: ClassVar[float] = 5e-4
 
     rank: int = 32
     alpha: float = 640.0

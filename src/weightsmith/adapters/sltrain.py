@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -103,6 +103,8 @@ class SLTrainAdapter(Adapter):
 @dataclass(frozen=True)
 class SLTrain(AdapterConfig):
     """``rank`` r and ``alpha`` (scaling α/r) of the low-rank part; ``density`` δ of the sparse part."""
+
+    default_lr: ClassVar[float] = 5e-4
 
     rank: int = 8
     alpha: float = 16.0

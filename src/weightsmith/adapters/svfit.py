@@ -17,6 +17,7 @@ SVD's sign choices. The paper has no public code; this follows the equations abo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,8 @@ def energy_rank(S: Tensor, energy: float) -> int:
 @dataclass(frozen=True)
 class SVFit(AdapterConfig):
     """``rank``: number of top singular values to train (None: all); or ``energy`` in (0, 1] to choose it."""
+
+    default_lr: ClassVar[float] = 5e-3
 
     rank: int | None = None
     energy: float | None = None

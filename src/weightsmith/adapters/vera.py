@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,8 @@ class VeRAAdapter(Adapter):
 @dataclass(frozen=True)
 class VeRA(AdapterConfig):
     """``rank`` r of the shared random matrices (PEFT default 256); ``d_initial`` starts every entry of d."""
+
+    default_lr: ClassVar[float] = 5e-3
 
     rank: int = 256
     d_initial: float = 0.1

@@ -37,30 +37,9 @@ from ..tasks import Task, get_task
 from .checkpoint import META_FILE, load_checkpoint, save_checkpoint
 from .runs import FULL, HEAD, write_outputs
 
-# Learning rates used when none is given: the usual ranges reported by each paper for
-# BERT/RoBERTa-size encoders (full fine-tuning 2e-5..5e-5; LoRA 4e-4..5e-4; VeRA, NOLA and SVFit
-# train few scalars/vectors and use ~10x larger rates). LoLDU's pivots diverged at 1e-2 on MiniLM
-# (constant predictions), so it uses 1e-3. Methods not listed use 5e-4.
-DEFAULT_LR: dict[str, float] = {
-    FULL: 5e-5,
-    HEAD: 5e-3,
-    "lora": 5e-4,
-    "dora": 5e-4,
-    "pissa": 2e-4,
-    "eva": 5e-4,
-    "adalora": 5e-3,
-    "vera": 5e-3,
-    "nola": 5e-3,
-    "loldu": 1e-3,
-    "svfit": 5e-3,
-    "randlora": 5e-4,
-    "hra": 1e-3,
-    "bone": 5e-4,
-    "hydra": 5e-4,
-    "compacter": 3e-3,
-    "monarch": 5e-4,
-    "sltrain": 5e-4,
-}
+# Learning rates used when none is given for the built-in modes; adapter methods carry their own
+# (``AdapterConfig.default_lr``), so a new method edits no shared file.
+DEFAULT_LR: dict[str, float] = {FULL: 5e-5, HEAD: 5e-3}
 
 
 @dataclass(frozen=True)
@@ -228,7 +207,7 @@ def finetune(
 
         adapter = cfg.config_from_dict({"method": adapter}, "adapter")
     method = method_name(adapter)
-    lr = args.lr if args.lr is not None else DEFAULT_LR.get(method, 5e-4)
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(method) or adapter.default_lr
     head_lr = lr if method == HEAD else args.head_lr  # head-only training: --lr is the head's rate
     world, device = distributed.init(args.device)
 
