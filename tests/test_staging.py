@@ -34,6 +34,18 @@ def test_file_output_appears_whole_with_normal_permissions(tmp_path):
     assert _listing(tmp_path) == ["a.json"]
 
 
+def test_private_library_files_get_normal_permissions(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    with staging.staged_dir(tmp_path / "out") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        assert (tmp / "model.safetensors").stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_existing_output_refused_without_force(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(WeightsmithError, match="already exists; pass --force"):

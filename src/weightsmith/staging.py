@@ -150,6 +150,22 @@ def check_output(out: str | os.PathLike[str], force: bool = False, directory: bo
     return final
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(root: Path) -> None:
+    """Files written 0600 by libraries that stage privately (``safetensors.torch.save_file``) get the mode a
+    plain ``open()`` gives (0644 under the usual umask), like every other output."""
+    mode = 0o666 & ~_umask()
+    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        if f.stat().st_mode & 0o777 == 0o600 and mode != 0o600:
+            f.chmod(mode)
+
+
 def _snapshot(p: Path) -> tuple[int, int] | None:
     try:
         st = p.stat()
@@ -199,6 +215,7 @@ class Staging:
                 "it was left as it is and this run's result was discarded"
             )
         try:
+            _normal_permissions(self.path)
             if self.directory and self.final.exists():
                 old = self.final.with_name(f".{self.final.name}{OLD}{os.getpid()}")
                 _remove(old)
