@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -184,3 +186,52 @@ def test_model_directory_ignores_other_safetensors(tmp_path):
     save_file({"encoder.w": torch.ones(2, 2)}, str(tmp_path / "model.safetensors"))
     save_file({"weight": torch.ones(3, 2)}, str(tmp_path / "head.safetensors"))
     assert list(open_store(tmp_path)) == ["encoder.w"]
+
+
+def test_smollm2_cache_is_built_through_staging(tmp_path, monkeypatch):
+    """The GGUF conversion writes its cache through staging: a half-built cache is replaced whole, a
+    failed conversion leaves nothing new behind, and a complete cache is reused without converting."""
+    import transformers
+
+    calls, fail = [], [True]
+
+    class FakeTokenizer:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            return cls()
+
+        def save_pretrained(self, directory):
+            if fail[0]:
+                raise RuntimeError("conversion failed")
+            (directory / "tokenizer.json").write_text("{}")
+
+    class FakeModel(torch.nn.Linear):
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            calls.append(kwargs.get("gguf_file"))
+            model = cls(2, 2)
+            model.config = transformers.LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1)
+            model.generation_config = None
+            return model
+
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(transformers, "AutoTokenizer", FakeTokenizer)
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeModel)
+    cache = tmp_path / "smollm2-135m-instruct"
+    cache.mkdir()
+    (cache / "config.json").write_text("{}")  # half-built by an older, killed conversion
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        models.resolve("smollm2")
+    assert sorted(p.name for p in cache.iterdir()) == ["config.json"]
+    fail[0] = False
+    calls.clear()
+    assert models.resolve("smollm2") == cache
+    assert sorted(p.name for p in cache.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert json.loads((cache / "config.json").read_text())["architectures"] == ["FakeModel"]
+    assert set(open_store(cache)) == {"weight", "bias"}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((cache / "model.safetensors").stat().st_mode) == 0o666 & ~mask
+    assert models.resolve("smollm2") == cache and calls == ["fake.gguf"], "a complete cache is reused"
+    assert {p.name for p in tmp_path.iterdir()} <= {cache.name, f".{cache.name}.lock"}, "staging left behind"

@@ -3,9 +3,9 @@ and hub ids (downloaded by plain transformers when the network allows)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ import torch
 from . import assets
 from .errors import WeightsmithError
 from .progress import log
-from .store import WeightStore, open_store
+from .staging import staged_dir, user_error
+from .store import WeightStore, normal_permissions, open_store
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt")
@@ -23,29 +24,39 @@ MODEL_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt")
 def _smollm2_cache() -> Path:
     """Dequantise the packaged GGUF once into a safetensors model directory (reloads in < 1 s)."""
     out = assets.cache_dir() / "smollm2-135m-instruct"
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+    if _cache_complete(out):
         return out
-    gguf = assets.smollm2_gguf()
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.parent / f".{out.name}.lock", "a")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise user_error(exc, out.parent, "creating the model cache") from exc
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent first run converts; this one then reuses it
+        if _cache_complete(out):
+            return out
+        gguf = assets.smollm2_gguf()
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"converting {gguf.name} to a safetensors cache in {out} (once, ~15 s)")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+        log(f"converting {gguf.name} to a safetensors cache in {out} (once, ~15 s)")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        with staged_dir(out, force=True) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            normal_permissions(tmp / "model.safetensors")
+            model.config.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
     return out
+
+
+def _cache_complete(out: Path) -> bool:
+    return (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
 def _hub_download(repo_id: str) -> Path:
