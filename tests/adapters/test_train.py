@@ -74,7 +74,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
             finetune("minilm", "rotten_tomatoes", LoRA(rank=2), out=tmp_path / "b", **kw)
     meta = json.loads((tmp_path / "b" / "checkpoint" / "meta.json").read_text())
     assert meta["step"] == 2
-    with pytest.raises(WeightsmithError, match="other settings"):
+    with pytest.raises(WeightsmithError, match=r"other settings \(args\.seed: 3 -> 4\)"):
         finetune(
             "minilm", "rotten_tomatoes", LoRA(rank=2), out=tmp_path / "b", resume=True, **{**kw, "seed": 4}
         )

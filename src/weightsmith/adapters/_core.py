@@ -163,6 +163,18 @@ class Adapter(nn.Module):
         """A term to add to the training loss (AdaLoRA's orthogonality penalty), or None."""
         return None
 
+    def peft_state(self) -> dict[str, Tensor] | None:
+        """Tensors under PEFT's key suffixes relative to the module, adapter name removed, exactly as in
+        adapter_model.safetensors (e.g. {"lora_A.weight": A, "lora_B.weight": B}, {"ia3_l": v},
+        {"hada_w1_a": ..}); None when PEFT cannot hold this adapter exactly."""
+        return None
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        """Load tensors keyed as ``peft_state`` returns.
+
+        Raises WeightsmithError naming a missing or mis-shaped key."""
+        raise WeightsmithError(f"{type(self).__name__} cannot load PEFT tensors")
+
     # Shared bases registered as buffers stay a single tensor across model.to(device/dtype).
     def link_shared(self, shared: SharedBases) -> None:
         """Called by the core after ``create``: remember which buffers are shared bases."""
@@ -183,6 +195,25 @@ class Adapter(nn.Module):
         return self
 
 
+def peft_take(state: Mapping[str, Tensor], key: str, shape: tuple[int, ...] | None = None) -> Tensor:
+    """``state[key]`` as float32 for ``Adapter.load_peft_state``; a WeightsmithError names a missing key or a
+    shape other than ``shape``."""
+    if key not in state:
+        raise WeightsmithError(f"tensor '{key}' is missing")
+    t = state[key]
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise WeightsmithError(f"tensor '{key}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t.float()
+
+
+def copy_peft(state: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> None:
+    """Copy ``state[key]`` into each ``targets[key]`` (same shape required), without autograd."""
+    values = {k: peft_take(state, k, tuple(t.shape)) for k, t in targets.items()}
+    with torch.no_grad():
+        for k, t in targets.items():
+            t.copy_(values[k])
+
+
 A = TypeVar("A", bound="AdapterConfig")
 
 
@@ -195,6 +226,8 @@ class AdapterConfig:
     """
 
     supports_embedding: ClassVar[bool] = False
+    # PEFT's peft_type this method reads/writes exactly ("LORA", "IA3", ...); None: no PEFT form.
+    peft_type: ClassVar[str | None] = None
     # Learning rate the trainer uses when none is given: the range the method's paper reports for
     # BERT/RoBERTa-size encoders (methods that train few scalars or vectors use ~10x larger rates).
     default_lr: ClassVar[float] = 5e-4
@@ -207,6 +240,26 @@ class AdapterConfig:
     def example(cls: type[A]) -> A:
         """Small settings for the conformance suite (toy weights of shapes like 48x64, 64x32)."""
         return cls()
+
+    @classmethod
+    def peft_claims(cls, peft_config: Mapping[str, Any]) -> bool:
+        """Whether this method reads ``peft_config`` (of its ``peft_type``); LoRA and DoRA share "LORA" and
+        split it by ``use_dora``. Only classes that set ``peft_type`` themselves are asked."""
+        return True
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> AdapterConfig:
+        """This method's config for one module of a PEFT adapter.
+
+        ``peft_config`` is the adapter_config.json dict with per-module patterns (rank_pattern,
+        alpha_pattern) already resolved for ``module`` into the plain keys."""
+        raise WeightsmithError(f"PEFT adapters cannot be read as {cls.__name__}")
+
+    def to_peft(self) -> dict[str, Any]:
+        """The adapter_config.json fields for this config.
+
+        peft_type and the method's fields; not target_modules."""
+        raise WeightsmithError(f"{type(self).__name__} has no exact PEFT form")
 
     def needs_calibration(self) -> bool:
         """True when ``create`` requires ``ctx.inputs`` (data-driven inits)."""

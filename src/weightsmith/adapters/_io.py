@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import config_from_dict, to_dict
 from ..errors import ShapeMismatchError, WeightsmithError
-from ..store import atomic_replace, prepare_output
+from ..staging import check_output, staged_dir
 from ._attach import AdaptedLayer, _layers_with, attach, remove_adapters
 
 CONFIG_NAME = "adapters.json"
@@ -41,25 +40,23 @@ def save_adapters(
     model: nn.Module, out_dir: str | os.PathLike[str], force: bool = False, name: str | None = None
 ) -> Path:
     """Write the model's adapters (or only ``name``) to ``out_dir``; never overwrites unless ``force``."""
-    out = prepare_output(out_dir, force)
+    check_output(out_dir, force, directory=True)
     layers = _layers_with(model, name)
     meta: dict[str, Any] = {"format": FORMAT, "version": 1, "adapters": {}}
     for layer, names in layers:
         for n in names:
+            if getattr(layer.adapters[n], "peft_bases", False):
+                raise WeightsmithError(
+                    f"adapter '{n}' on '{layer.weight_name}' holds random bases imported from a PEFT file, "
+                    "which its seed cannot regenerate; write it with to_peft (or export --peft) instead"
+                )
             entry = meta["adapters"].setdefault(n, {"config": to_dict(layer.roots[n]), "layers": {}})
             entry["layers"][layer.weight_name] = to_dict(layer.configs[n])
     tensors = {k: v.contiguous().cpu() for k, v in adapter_tensors(model, name).items()}
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir, force) as tmp:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_replace(tmp, out)
-    return out
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return Path(out_dir)
 
 
 def load_adapters(model: nn.Module, directory: str | os.PathLike[str]) -> list[str]:

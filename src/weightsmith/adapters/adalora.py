@@ -18,6 +18,7 @@ PEFT's defaults, a run of a few hundred steps barely moves the model (docs/adapt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
 from .lora import check_rank, lora_forward
 
 
@@ -164,6 +165,16 @@ class AdaLoRAAdapter(Adapter):
     def on_train_step(self, step: int, total_steps: int) -> None:
         self._allocator.step(step, total_steps)
 
+    def _peft_views(self) -> dict[str, Tensor]:
+        # PEFT: lora_A = Q [r, in], lora_B = P [out, r], lora_E = Λ [r, 1]
+        return {"lora_A": self.Q.data, "lora_B": self.P.data, "lora_E": self.E.data}
+
+    def peft_state(self) -> dict[str, Tensor] | None:
+        return {k: v.detach().float().contiguous() for k, v in self._peft_views().items()}
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        copy_peft(state, self._peft_views())
+
     def regularizer(self) -> Tensor | None:
         w = self._allocator.cfg.orth_weight
         if w == 0:
@@ -179,6 +190,7 @@ class AdaLoRA(AdapterConfig):
     """``init_rank`` triplets per layer pruned to an average of ``target_rank`` per adapted matrix."""
 
     default_lr: ClassVar[float] = 5e-3
+    peft_type: ClassVar[str | None] = "ADALORA"
 
     init_rank: int = 12
     target_rank: int = 8
@@ -199,6 +211,27 @@ class AdaLoRA(AdapterConfig):
             )
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise ValueError("AdaLoRA beta1 and beta2 must lie in (0, 1)")
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> AdaLoRA:
+        """A saved AdaLoRA keeps only the triplets its budget left (``rank_pattern``: a boolean mask per
+        ``<module>.lora_E``); PEFT reloads each layer at that rank but keeps the scaling
+        alpha / (init_r + 1e-5) it trained with, so alpha is rescaled here to give the same scaling."""
+        init_r = int(peft_config.get("init_r") or 12)
+        r = init_r
+        mask = (peft_config.get("rank_pattern") or {}).get(f"{module}.lora_E")
+        if isinstance(mask, list):
+            r = sum(bool(b) for b in mask)
+        alpha = float(peft_config.get("lora_alpha", 8))
+        return cls(
+            init_rank=r,
+            target_rank=min(int(peft_config.get("target_r") or r), r),
+            alpha=alpha * (r + 1e-5) / (init_r + 1e-5),
+            beta1=float(peft_config.get("beta1", 0.85)),
+            beta2=float(peft_config.get("beta2", 0.85)),
+            orth_weight=float(peft_config.get("orth_reg_weight", 0.5)),
+            dropout=float(peft_config.get("lora_dropout") or 0.0),
+        )
 
     @classmethod
     def example(cls) -> AdaLoRA:

@@ -19,15 +19,16 @@ then "MiSS: Matrix Shard Sharing"), 2024, arXiv:2409.15371. Same semantics as PE
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
 
 
 class BoneAdapter(Adapter):
@@ -79,6 +80,12 @@ class BoneAdapter(Adapter):
         chunks = xs.reshape(*x.shape[:-1], xs.shape[-1] // r, r).sum(-2)
         return base_out + chunks @ self.shard().to(x.dtype)
 
+    def peft_state(self) -> dict[str, Tensor] | None:
+        return {"miss_block": self.miss_block.detach().float().contiguous()}  # PEFT MiSS's layout
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        copy_peft(state, {"miss_block": self.miss_block.data})
+
     def unmerge(self, W_merged: Tensor) -> Tensor:
         if self.variant != "bat":
             return W_merged - self.delta(W_merged)
@@ -95,10 +102,21 @@ class Bone(AdapterConfig):
     """``rank`` r (block size); ``variant``: "miss" (default) | "bat" | "mini"; ``mini_r`` for "mini"."""
 
     default_lr: ClassVar[float] = 5e-4
+    peft_type: ClassVar[str | None] = "MISS"  # PEFT's name for Bone since 0.17
 
     rank: int = 64
     variant: str = "miss"
     mini_r: int = 1
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> Bone:
+        init = peft_config.get("init_weights", True)
+        variant = init if init in ("bat", "mini") else "miss"
+        return cls(rank=int(peft_config["r"]), variant=variant, mini_r=int(peft_config.get("mini_r") or 1))
+
+    def to_peft(self) -> dict[str, Any]:
+        init: Any = True if self.variant == "miss" else self.variant
+        return {"peft_type": "MISS", "r": self.rank, "init_weights": init, "mini_r": self.mini_r}
 
     def __post_init__(self) -> None:
         if self.variant not in ("miss", "bat", "mini"):

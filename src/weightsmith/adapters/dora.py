@@ -12,6 +12,7 @@ cached (the frozen base changes only when something is merged into it), so a ste
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
 from .lora import amp_apply, autocast_off, check_rank, lora_init, lora_scaling
 
 
@@ -96,6 +97,19 @@ class DoRAAdapter(Adapter):
         self.merge_norm = n.detach().clone()
         return (self.m / n).unsqueeze(1) * V
 
+    def _peft_views(self) -> dict[str, Tensor]:
+        return {
+            "lora_A.weight": self.A.data,
+            "lora_B.weight": self.B.data,
+            "lora_magnitude_vector": self.m.data,
+        }
+
+    def peft_state(self) -> dict[str, Tensor] | None:
+        return {k: v.detach().float().contiguous() for k, v in self._peft_views().items()}
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        copy_peft(state, self._peft_views())
+
     def unmerge(self, W_merged: Tensor) -> Tensor:
         if self.merge_norm.numel() != W_merged.shape[0]:
             raise RuntimeError("DoRA unmerge without a preceding merge")
@@ -109,11 +123,28 @@ class DoRA(AdapterConfig):
     """LoRA direction (rank, alpha, rslora as in LoRA) plus a trainable magnitude per output row."""
 
     default_lr: ClassVar[float] = 5e-4
+    peft_type: ClassVar[str | None] = "LORA"
 
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
     seed: int = 0
+
+    @classmethod
+    def peft_claims(cls, peft_config: Mapping[str, Any]) -> bool:
+        return bool(peft_config.get("use_dora"))
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> DoRA:
+        return cls(
+            rank=int(peft_config["r"]),
+            alpha=float(peft_config.get("lora_alpha", 8)),
+            rslora=bool(peft_config.get("use_rslora")),
+        )
+
+    def to_peft(self) -> dict[str, Any]:
+        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "use_rslora": self.rslora,
+                "use_dora": True, "lora_dropout": 0.0, "init_lora_weights": True}  # fmt: skip
 
     @classmethod
     def example(cls) -> DoRA:

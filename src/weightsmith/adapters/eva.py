@@ -22,16 +22,25 @@ import torch
 from torch import Tensor
 
 from ..config import register_config
+from ..layers import InputStats
 from ..linalg import svd
 from ._core import AdapterConfig, AdapterContext
 from .lora import LoRAAdapter, check_rank, lora_scaling
 
 
-def input_components(X: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``k`` principal directions of the rows of ``X``.
+def input_components(X: Tensor | InputStats, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` principal directions of the rows of ``X`` (captured rows, or the layer walker's statistics).
 
-    Returns (components [k, in], singular values, explained-variance ratios).
+    Returns (components [k, in], singular values of the centred rows, explained-variance ratios). From
+    :class:`~weightsmith.layers.InputStats` (Gram matrix and channel sums, so every calibration token counts,
+    not only the captured rows) the same quantities come from the eigenvectors of the covariance
+    ``C = XᵀX/n − μμᵀ``: ``C = V (S²/n) Vᵀ``.
     """
+    if isinstance(X, InputStats):
+        evals, evecs = torch.linalg.eigh(X.covariance().double())
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        ratio = evals / evals.sum().clamp_min(1e-30)
+        return evecs.T[:k].float(), (evals * X.n).sqrt()[:k].float(), ratio[:k].float()
     Xc = X.float() - X.float().mean(0, keepdim=True)
     _, S, Vh = svd(Xc)
     ratio = S.square() / S.square().sum().clamp_min(1e-30)

@@ -25,6 +25,7 @@ when ``ortho_lambda > 0``; PEFT does not implement it. ``r·in`` numbers train p
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ..errors import WeightsmithError
+from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
 from .lora import amp_apply, autocast_off
 
 
@@ -115,6 +117,12 @@ class HRAAdapter(Adapter):
     def unmerge(self, W_merged: Tensor) -> Tensor:
         return self._reflect_rows(W_merged, reverse=True)
 
+    def peft_state(self) -> dict[str, Tensor] | None:
+        return {"hra_u": self.hra_u.detach().float().contiguous()}  # PEFT's hra_u is [in, r] as well
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        copy_peft(state, {"hra_u": self.hra_u.data})
+
     def regularizer(self) -> Tensor | None:
         if self.ortho_lambda <= 0:
             return None
@@ -129,10 +137,22 @@ class HRA(AdapterConfig):
     """``rank`` r reflections (even; PEFT default 8); ``ortho_lambda`` λ of the orthogonality regulariser."""
 
     default_lr: ClassVar[float] = 1e-3
+    peft_type: ClassVar[str | None] = "HRA"
 
     rank: int = 8
     ortho_lambda: float = 0.0
     seed: int = 0
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> HRA:
+        if peft_config.get("apply_GS"):
+            raise WeightsmithError(
+                "HRA with apply_GS=true (Gram-Schmidt reflections) is not implemented here"
+            )
+        return cls(rank=int(peft_config["r"]))
+
+    def to_peft(self) -> dict[str, Any]:
+        return {"peft_type": "HRA", "r": self.rank, "apply_GS": False, "init_weights": True}
 
     @classmethod
     def example(cls) -> HRA:

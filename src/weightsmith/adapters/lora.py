@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
@@ -125,6 +125,8 @@ def lora_init(W0: Tensor, rank: int, ctx: AdapterContext, gaussian: bool = False
 class LoRAAdapter(Adapter):
     """``ΔW = s · B A``; the fast path is ``base_out + s · (x Aᵀ) Bᵀ``."""
 
+    embedding = False  # on an nn.Embedding (PEFT then names the factors lora_embedding_A/B)
+
     def __init__(self, A: Tensor, B: Tensor, scaling: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.A = nn.Parameter(A)
@@ -149,6 +151,19 @@ class LoRAAdapter(Adapter):
         rows = F.embedding(ids, self.B.to(base_out.dtype))
         return base_out + F.linear(rows, self.A.T.to(base_out.dtype)) * self.scaling
 
+    def _peft_views(self) -> dict[str, Tensor]:
+        # PEFT: lora_A.weight [r, in], lora_B.weight [out, r]; on embeddings ΔW = (B_e A_e)ᵀ with
+        # lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r]
+        if self.embedding:
+            return {"lora_embedding_A": self.B.data.T, "lora_embedding_B": self.A.data.T}
+        return {"lora_A.weight": self.A.data, "lora_B.weight": self.B.data}
+
+    def peft_state(self) -> dict[str, Tensor] | None:
+        return {k: v.detach().float().contiguous() for k, v in self._peft_views().items()}
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        copy_peft(state, self._peft_views())
+
 
 @register_config("lora", kind="adapter")
 @dataclass(frozen=True)
@@ -159,6 +174,7 @@ class LoRA(AdapterConfig):
     """
 
     default_lr: ClassVar[float] = 5e-4
+    peft_type: ClassVar[str | None] = "LORA"
 
     rank: int = 8
     alpha: float = 16.0
@@ -179,4 +195,30 @@ class LoRA(AdapterConfig):
     def create(self, W0: Tensor, ctx: AdapterContext) -> LoRAAdapter:
         check_rank(self.rank, W0, ctx)
         A, B = lora_init(W0, self.rank, ctx, gaussian=self.init == "gaussian")
-        return LoRAAdapter(A, B, lora_scaling(self.alpha, self.rank, self.rslora), self.dropout)
+        adapter = LoRAAdapter(A, B, lora_scaling(self.alpha, self.rank, self.rslora), self.dropout)
+        adapter.embedding = ctx.kind == "embedding"
+        return adapter
+
+    @classmethod
+    def peft_claims(cls, peft_config: Mapping[str, Any]) -> bool:
+        return not peft_config.get("use_dora")
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> LoRA:
+        return cls(
+            rank=int(peft_config["r"]),
+            alpha=float(peft_config.get("lora_alpha", 8)),
+            dropout=float(peft_config.get("lora_dropout") or 0.0),
+            rslora=bool(peft_config.get("use_rslora")),
+        )
+
+    def to_peft(self) -> dict[str, Any]:
+        return {
+            "peft_type": "LORA",
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.rslora,
+            "use_dora": False,
+            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
+        }

@@ -22,6 +22,7 @@ offered (PEFT notes they bring no speed or memory gain yet).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ..errors import WeightsmithError
+from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft, peft_take
 from .lora import amp_apply, amp_dtype, autocast_off
 from .vera import shared_cast
 
@@ -135,6 +137,43 @@ class RandLoRAAdapter(Adapter):
         Bf, Af = self.scaled_bases(self.randlora_lambda.dtype)
         return (Bf * self.scaling, Af) if self.out_f >= self.in_f else (Af.T * self.scaling, Bf.T)
 
+    def peft_state(self) -> dict[str, Tensor] | None:
+        return None  # our bases come from our seed and pair B's columns differently from PEFT's
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        """PEFT's ``randlora_lambda`` [r, n] (ours transposed), ``randlora_gamma`` [n, d] and its bases
+        ``randlora_A`` [r, 1, d_max], ``randlora_B`` [D_max, n_max, r]. PEFT pairs A-row ``k`` of basis ``i``
+        with column ``k n + i`` of ``B[:D, :n].reshape(D, n r)``; ours with ``B[:, i, k]``, so this layer
+        gets its own re-ordered copy of B (A is shared as is)."""
+        r, n = self.rank, self.n
+        d, D = min(self.out_f, self.in_f), max(self.out_f, self.in_f)
+        A = peft_take(state, "randlora_A")
+        B = peft_take(state, "randlora_B")
+        if A.ndim != 3 or A.shape[0] != r or A.shape[1] != 1 or A.shape[2] < d:
+            raise WeightsmithError(
+                f"tensor 'randlora_A' has shape {tuple(A.shape)}, expected [{r}, 1, >={d}]"
+            )
+        if B.ndim != 3 or B.shape[0] < D or B.shape[1] < n or B.shape[2] != r:
+            raise WeightsmithError(
+                f"tensor 'randlora_B' has shape {tuple(B.shape)}, expected [>={D}, >={n}, {r}]"
+            )
+        mine = B[:D, :n, :].reshape(D, n * r).reshape(D, r, n).permute(0, 2, 1).contiguous()
+        lam = peft_take(state, "randlora_lambda", (r, n))
+        copy_peft({"randlora_gamma": state["randlora_gamma"]}, {"randlora_gamma": self.randlora_gamma.data})
+        with torch.no_grad():
+            self.randlora_lambda.copy_(lam.T)
+        self._shared_slots = {
+            k: v for k, v in self.__dict__.get("_shared_slots", {}).items() if k == "randlora_A"
+        }
+        if tuple(self.randlora_A.shape) == (r, A.shape[2]):
+            with torch.no_grad():
+                self.randlora_A.copy_(A[:, 0, :])
+        else:
+            self._shared_slots.pop("randlora_A", None)
+            self.register_buffer("randlora_A", A[:, 0, :].to(self.randlora_A.device), persistent=False)
+        self.register_buffer("randlora_B", mine.to(self.randlora_B.device), persistent=False)
+        self.peft_bases = True  # not regenerable from our seed any more
+
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
         d, D = min(self.out_f, self.in_f), max(self.out_f, self.in_f)
         A = self.randlora_A[: self.rank, :d]
@@ -151,10 +190,21 @@ class RandLoRA(AdapterConfig):
     """``rank`` r of each random basis (PEFT default 32); scaling ``alpha / rank`` (PEFT's alpha: 640)."""
 
     default_lr: ClassVar[float] = 5e-4
+    peft_type: ClassVar[str | None] = "RANDLORA"
 
     rank: int = 32
     alpha: float = 640.0
     seed: int = 0
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> RandLoRA:
+        if peft_config.get("save_projection") is False:
+            raise WeightsmithError(
+                "RandLoRA saved with save_projection=false: its random bases are not in the file; "
+                "save it again with save_projection=true"
+            )
+        r = int(peft_config["r"])
+        return cls(rank=r, alpha=float(peft_config.get("randlora_alpha", 20 * r)))
 
     @classmethod
     def example(cls) -> RandLoRA:

@@ -15,8 +15,9 @@ bases agree with PEFT only when copied over, not when seeded alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,8 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ..errors import WeightsmithError
+from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
 from .lora import amp_dtype
 
 
@@ -79,6 +81,16 @@ class VeRAAdapter(Adapter):
         A, B = self.bases()
         return self.vera_lambda_b[:, None] * B, self.vera_lambda_d[:, None] * A
 
+    def peft_state(self) -> dict[str, Tensor] | None:
+        return None  # our bases come from our seed; PEFT's file would need them written once, globally
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        """PEFT's ``vera_lambda_b``/``_d`` and its shared ``vera_A`` [r, max_in], ``vera_B`` [max_out, r]
+        (sliced per layer as here). The shared bases are copied into the bases all layers share."""
+        copy_peft(state, {"vera_lambda_b": self.vera_lambda_b.data, "vera_lambda_d": self.vera_lambda_d.data})
+        copy_peft(state, {"vera_A": self.vera_A, "vera_B": self.vera_B})
+        self.peft_bases = True  # not regenerable from our seed any more
+
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
         dt = amp_dtype(x)  # under autocast F.linear gives dt: keep the float32 λ from promoting it
         A, B = self.bases(dt)
@@ -92,10 +104,20 @@ class VeRA(AdapterConfig):
     """``rank`` r of the shared random matrices (PEFT default 256); ``d_initial`` starts every entry of d."""
 
     default_lr: ClassVar[float] = 5e-3
+    peft_type: ClassVar[str | None] = "VERA"
 
     rank: int = 256
     d_initial: float = 0.1
     seed: int = 0
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> VeRA:
+        if peft_config.get("save_projection") is False:
+            raise WeightsmithError(
+                "VeRA saved with save_projection=false: its random bases are not in the file (PEFT "
+                "regenerates them with its own generator); save it again with save_projection=true"
+            )
+        return cls(rank=int(peft_config["r"]), d_initial=float(peft_config.get("d_initial", 0.1)))
 
     @classmethod
     def example(cls) -> VeRA:

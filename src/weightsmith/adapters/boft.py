@@ -1,0 +1,201 @@
+"""BOFT: orthogonal fine-tuning with a butterfly-factorised rotation and a per-output scale.
+
+Liu, Qiu, Feng, Xiu, Xue, Yu, Feng, Liu, Heo, Peng, Wen, Black, Weller & Schölkopf,
+"Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization", ICLR 2024, arXiv:2311.06243
+(eqs. 6-8), as in PEFT 0.21:
+
+    W' = diag(s) W0 Rᵀ,   R = B_m ⋯ B_2 B_1,   B_i = P_i diag(R_i1, ..., R_ik) P_iᵀ,   R_ij = Cayley(Q_ij)
+
+with ``m`` butterfly factors (``n_butterfly_factor``), ``k`` blocks of size ``b`` per factor (k·b = in),
+``Cayley(Q) = (I - Q)(I + Q)⁻¹`` of ``Q = (S - Sᵀ)/2`` for the stored ``boft_R`` [m, k, b, b], and
+the trainable output scale ``boft_s`` [out, 1] (1 at init; it scales ``W0``, not the bias). ``P_1 = I``;
+``P_i`` (i ≥ 2) splits the input into ``k / 2^(i-1)`` equal chunks and, inside each, lists the
+half-blocks (size b/2) at even positions first, then those at odd positions, so that ``B_i`` mixes
+coordinates ``2^(i-1)`` half-blocks apart: after m factors each output coordinate depends on
+``b · 2^(m-1)`` inputs, the butterfly of the Cooley-Tukey FFT. ``m = 1`` is block-diagonal OFT.
+
+PEFT note: without its CUDA extension PEFT silently trains with ``m = 1`` whatever the config says,
+so such a file can say ``boft_n_butterfly_factor: 2`` next to a ``boft_R`` of shape [1, k, b, b];
+reading it stops at that shape mismatch (set the factor to 1 in its adapter_config.json to read it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import register_config
+from ..errors import WeightsmithError
+from ._core import Adapter, AdapterConfig, AdapterContext
+from .loha import check_dropouts, load_peft_tensors
+from .oft import cayley
+
+
+def butterfly_perm(n: int, chunks: int, half: int) -> Tensor:
+    """Indices ``p`` [n] with ``(P x)_i = x[p_i]``: in each of ``chunks`` equal parts, the sub-blocks of
+    size ``half`` at even positions, then those at odd positions."""
+    size = n // chunks
+    subs = size // half
+    order = [*range(0, subs, 2), *range(1, subs, 2)]
+    within = torch.cat([torch.arange(j * half, (j + 1) * half) for j in order])
+    return torch.cat([c * size + within for c in range(chunks)])
+
+
+def boft_layout(in_f: int, block_size: int, block_num: int, factors: int) -> tuple[int, int]:
+    """``(k blocks, block size b)`` checked as PEFT checks them; raises WeightsmithError naming the option."""
+    if (block_size == 0) == (block_num == 0) or block_size < 0 or block_num < 0:
+        raise WeightsmithError(
+            f"BOFT: set exactly one of block_size ({block_size}) and block_num ({block_num}), the other to 0"
+        )
+    if factors < 1:
+        raise WeightsmithError(f"BOFT n_butterfly_factor must be at least 1, got {factors}")
+    spread = 2 ** (factors - 1)
+    if block_num:
+        if in_f % block_num:
+            raise WeightsmithError(f"BOFT: in_features {in_f} is not divisible by block_num {block_num}")
+        if block_num % spread:
+            raise WeightsmithError(
+                f"BOFT: block_num {block_num} must be a multiple of 2^(n_butterfly_factor - 1) = {spread}"
+            )
+        k, b = block_num, in_f // block_num
+    else:
+        if in_f % (block_size * spread):
+            raise WeightsmithError(
+                f"BOFT: in_features {in_f} is not divisible by block_size {block_size} x "
+                f"2^(n_butterfly_factor - 1) = {block_size * spread}"
+            )
+        k, b = in_f // block_size, block_size
+    if factors > 1 and (k % 2 or b % 2):
+        raise WeightsmithError(
+            f"BOFT: with n_butterfly_factor > 1 block_num {k} and block_size {b} must be even"
+        )
+    return k, b
+
+
+class BOFTAdapter(Adapter):
+    """Trainable ``boft_R`` [m, k, b, b] and ``boft_s`` [out, 1]; permutations are non-saved buffers."""
+
+    perms: Tensor
+    inv_perms: Tensor
+
+    def __init__(self, R: Tensor, s: Tensor) -> None:
+        super().__init__()
+        self.boft_R = nn.Parameter(R)
+        self.boft_s = nn.Parameter(s)
+        m, k, b, _ = R.shape
+        n = k * b
+        perms = [torch.arange(n)] + [butterfly_perm(n, k >> i, b // 2) for i in range(1, m)]
+        P = torch.stack(perms).to(R.device)
+        self.register_buffer("perms", P, persistent=False)
+        self.register_buffer("inv_perms", torch.argsort(P, dim=1), persistent=False)
+
+    def blocks(self) -> Tensor:
+        """Cayley rotations [m, k, b, b] (float32 or wider)."""
+        S = self.boft_R if self.boft_R.dtype in (torch.float32, torch.float64) else self.boft_R.float()
+        m, k, b, _ = S.shape
+        Q = 0.5 * (S - S.transpose(-1, -2))
+        return cayley(Q.reshape(m * k, b, b)).reshape(m, k, b, b)
+
+    def rotate_rows(self, M: Tensor, R: Tensor, transpose: bool) -> Tensor:
+        """``M R`` (transpose=False) or ``M Rᵀ`` for rows M [..., in], ``R = B_m ⋯ B_1`` given its blocks.
+
+        ``x B_i = ((x P_i) D_i) P_iᵀ`` with ``(x P)_j = x[p⁻¹_j]`` and ``(x Pᵀ)_j = x[p_j]``.
+        """
+        m, k, b, _ = R.shape
+        R = R.to(M.dtype)
+        order = range(m) if transpose else range(m - 1, -1, -1)
+        eq = "...kc,kdc->...kd" if transpose else "...kc,kcd->...kd"
+        for i in order:
+            z = M if i == 0 else M[..., self.inv_perms[i]]  # P_1 = I
+            z = torch.einsum(eq, z.reshape(*M.shape[:-1], k, b), R[i]).reshape(M.shape)
+            M = z if i == 0 else z[..., self.perms[i]]
+        return M
+
+    def delta(self, W0: Tensor) -> Tensor:
+        return self.merge(W0) - W0
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        x_rot = self.rotate_rows(x, self.blocks(), transpose=False)
+        y = F.linear(x_rot, W0.to(x_rot.dtype))
+        return y * self.boft_s.view(-1).to(y.dtype)  # y is bf16 under autocast, x may not be
+
+    def merge(self, W0: Tensor) -> Tensor:
+        return self.rotate_rows(W0, self.blocks(), transpose=True) * self.boft_s
+
+    def unmerge(self, W_merged: Tensor) -> Tensor:
+        if bool((self.boft_s == 0).any()):
+            raise WeightsmithError("BOFT unmerge: a scale in boft_s is exactly 0, the merge cannot be undone")
+        # R is orthogonal: (W0 Rᵀ) R = W0
+        return self.rotate_rows(W_merged / self.boft_s, self.blocks(), transpose=False)
+
+    def peft_state(self) -> dict[str, Tensor]:
+        return {"boft_R": self.boft_R.detach(), "boft_s": self.boft_s.detach()}
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        load_peft_tensors(self, state, {"boft_R": "boft_R", "boft_s": "boft_s"})
+
+
+@register_config("boft", kind="adapter")
+@dataclass(frozen=True)
+class BOFT(AdapterConfig):
+    """``block_size`` b or ``block_num`` k (one of them 0; PEFT default b=4), ``n_butterfly_factor`` m
+    (PEFT default 1)."""
+
+    peft_type: ClassVar[str | None] = "BOFT"
+    default_lr: ClassVar[float] = 1e-3
+
+    block_size: int = 4
+    block_num: int = 0
+    n_butterfly_factor: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.block_size == 0) == (self.block_num == 0) or min(self.block_size, self.block_num) < 0:
+            raise WeightsmithError(
+                f"BOFT: set exactly one of block_size ({self.block_size}) and block_num ({self.block_num}) "
+                "to a positive number, the other to 0"
+            )
+        if self.n_butterfly_factor < 1:
+            raise WeightsmithError(
+                f"BOFT n_butterfly_factor must be at least 1, got {self.n_butterfly_factor}"
+            )
+
+    @classmethod
+    def example(cls) -> BOFT:
+        return cls(block_size=4, n_butterfly_factor=2)
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> BOFTAdapter:
+        out_f, in_f = W0.shape
+        try:
+            k, b = boft_layout(in_f, self.block_size, self.block_num, self.n_butterfly_factor)
+        except WeightsmithError as exc:
+            raise ctx.error(str(exc), tuple(W0.shape)) from None
+        R = torch.zeros(self.n_butterfly_factor, k, b, b, device=W0.device)
+        return BOFTAdapter(R, torch.ones(out_f, 1, device=W0.device))
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> BOFT:
+        check_dropouts(peft_config, ("boft_dropout",), "BOFT")
+        bias = peft_config.get("bias", "none")
+        if bias not in (None, "none"):
+            raise WeightsmithError(f"{module}: PEFT BOFT option bias={bias!r} is not supported (only 'none')")
+        return cls(
+            block_size=int(peft_config.get("boft_block_size", 4)),
+            block_num=int(peft_config.get("boft_block_num", 0)),
+            n_butterfly_factor=int(peft_config.get("boft_n_butterfly_factor", 1)),
+        )
+
+    def to_peft(self) -> dict[str, Any]:
+        return {
+            "peft_type": "BOFT",
+            "boft_block_size": self.block_size,
+            "boft_block_num": self.block_num,
+            "boft_n_butterfly_factor": self.n_butterfly_factor,
+            "boft_dropout": 0.0,
+            "bias": "none",
+            "init_weights": True,
+        }

@@ -1,0 +1,235 @@
+"""OFT: orthogonal fine-tuning, a block-diagonal rotation of the layer's input space.
+
+Qiu, Liu, Feng, Xue, Feng, Liu, Zhang, Weller & Schölkopf, "Controlling Text-to-Image Diffusion by
+Orthogonal Finetuning", NeurIPS 2023, arXiv:2306.07280 (eqs. 3-5):
+
+    W' = W0 Rᵀ,   R = diag(R_1, ..., R_k),   R_j = Cayley(Q_j),   Q_j = -Q_jᵀ  [b, b],   k · b = in
+
+so the layer computes ``W0 (R x)``: every input is rotated, which keeps the angles between the
+neurons of ``W0`` (the "hyperspherical energy"). Each ``Q_j`` is stored as its ``b(b-1)/2`` upper
+entries (row-major, PEFT's ``oft_R.weight`` [k, b(b-1)/2]); ``Q = 0`` gives ``R = I`` at init.
+Two Cayley maps, as in PEFT 0.21:
+
+    exact:    R = (I - Q)(I + Q)⁻¹
+    Neumann:  R = I + 2 Σ_{i=1..K} Qⁱ + Q^{K+1}   (K = max(2, n - 2) for n ≥ 3 terms; I + 2Q for n = 2)
+
+the second a truncated series of ``(I + Q)(I - Q)⁻¹`` (Qiu et al., "Orthogonal Finetuning Made
+Scalable", 2025, arXiv:2506.19847), cheap and nearly orthogonal for small ``Q``. ``block_share``
+uses one ``Q`` for all blocks. ``coft`` (constrained OFT, the paper's eq. 6) keeps each block's
+``‖Q_j‖_F ≤ ε / sqrt(k)`` by projecting the stored entries before every use, as PEFT does.
+Merging multiplies ``W0`` by ``Rᵀ``; unmerging solves with it per block (exact for both maps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import register_config
+from ..errors import WeightsmithError
+from ._core import Adapter, AdapterConfig, AdapterContext
+from .loha import check_dropouts, load_peft_tensors
+
+
+def skew(vec: Tensor, b: int) -> Tensor:
+    """Skew-symmetric [k, b, b] matrices with strict upper triangles (row-major) ``vec`` [k, b(b-1)/2]."""
+    rows, cols = torch.triu_indices(b, b, 1, device=vec.device)
+    M = vec.new_zeros(vec.shape[0], b, b)
+    M[:, rows, cols] = vec
+    return M - M.transpose(1, 2)
+
+
+def cayley(Q: Tensor) -> Tensor:
+    """``(I - Q)(I + Q)⁻¹`` for a batch of skew-symmetric [k, b, b] (orthogonal), computed in float32+."""
+    dt = Q.dtype if Q.dtype in (torch.float32, torch.float64) else torch.float32
+    Q = Q.to(dt)
+    eye = torch.eye(Q.shape[-1], device=Q.device, dtype=dt).expand_as(Q)
+    return torch.linalg.solve(eye + Q, eye - Q, left=False)
+
+
+def cayley_neumann(Q: Tensor, terms: int) -> Tensor:
+    """PEFT's truncated series ``I + 2 Σ_{i=1..K} Qⁱ + Q^{K+1}`` (K = max(2, terms - 2)); ``I + 2Q`` for
+    two terms, ``I`` for one."""
+    R = torch.eye(Q.shape[-1], device=Q.device, dtype=Q.dtype).expand_as(Q).clone()
+    if terms <= 1:
+        return R
+    R = R + 2 * Q
+    if terms == 2:
+        return R
+    power = Q
+    for _ in range(max(2, terms - 2) - 1):
+        power = power @ Q
+        R = R + 2 * power
+    return R + power @ Q
+
+
+def adjust_divisor(size: int, value: int) -> int:
+    """PEFT's ``adjust_oft_parameters``: the divisor of ``size`` nearest ``value`` (the lower one on ties)."""
+    if value >= size:
+        return size
+    higher = value
+    while higher <= size and size % higher != 0:
+        higher += 1
+    lower = value
+    while lower > 1 and size % lower != 0:
+        lower -= 1
+    return lower if value - lower <= higher - value else higher
+
+
+def oft_blocks(in_f: int, rank: int, block_size: int) -> tuple[int, int]:
+    """``(k blocks, block size b)`` from one of them, each moved to the nearest divisor as PEFT does."""
+    if (rank == 0) == (block_size == 0):
+        raise WeightsmithError(f"OFT: set exactly one of rank ({rank}) and block_size ({block_size})")
+    if rank == 0:
+        b = block_size if in_f % block_size == 0 and block_size <= in_f else adjust_divisor(in_f, block_size)
+        return in_f // b, b
+    k = rank if in_f % rank == 0 and rank <= in_f else adjust_divisor(in_f, rank)
+    return k, in_f // k
+
+
+class OFTAdapter(Adapter):
+    """Trainable ``oft_R`` [k or 1, b(b-1)/2]; ``R`` is block-diagonal with k blocks of size b."""
+
+    def __init__(
+        self,
+        params: Tensor,
+        blocks: int,
+        block_size: int,
+        neumann_terms: int,
+        coft_eps: float | None,
+    ) -> None:
+        super().__init__()
+        self.oft_R = nn.Parameter(params)
+        self.blocks = blocks
+        self.block_size = block_size
+        self.neumann_terms = neumann_terms  # 0: the exact Cayley map
+        self.coft_eps = coft_eps
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        """COFT: scale each block's Q into the Frobenius ball of radius ε / sqrt(rows of oft_R)."""
+        assert self.coft_eps is not None
+        radius = self.coft_eps / math.sqrt(self.oft_R.shape[0])
+        norm = self.oft_R.float().norm(dim=1, keepdim=True) * math.sqrt(2.0)  # ‖Q‖_F = √2 ‖upper‖
+        factor = torch.where(norm <= radius, torch.ones_like(norm), radius / norm)
+        self.oft_R.mul_(factor.to(self.oft_R.dtype))
+
+    def rotations(self) -> Tensor:
+        """The k diagonal blocks R_j [k, b, b] (float32 or wider)."""
+        if self.coft_eps is not None:
+            self._project()
+        v = self.oft_R if self.oft_R.dtype in (torch.float32, torch.float64) else self.oft_R.float()
+        Q = skew(v, self.block_size)
+        R = cayley(Q) if self.neumann_terms == 0 else cayley_neumann(Q, self.neumann_terms)
+        return R.expand(self.blocks, -1, -1) if R.shape[0] != self.blocks else R
+
+    def _rotate_rows(self, M: Tensor, R: Tensor) -> Tensor:
+        """``M Rᵀ`` for rows M [..., in]: block j of each row times ``R_jᵀ``."""
+        Mb = M.reshape(*M.shape[:-1], self.blocks, self.block_size)
+        return torch.einsum("...kc,kdc->...kd", Mb, R.to(M.dtype)).reshape(M.shape)
+
+    def delta(self, W0: Tensor) -> Tensor:
+        return self.merge(W0) - W0
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        # x' = R x per token (PEFT's x_blocks @ R_j on row vectors); then the frozen layer
+        R = self.rotations()
+        xb = x.reshape(*x.shape[:-1], self.blocks, self.block_size)
+        x_rot = torch.einsum("...kc,kcd->...kd", xb, R.to(x.dtype)).reshape(x.shape)
+        return F.linear(x_rot, W0.to(x.dtype))
+
+    def merge(self, W0: Tensor) -> Tensor:
+        return self._rotate_rows(W0, self.rotations())
+
+    def unmerge(self, W_merged: Tensor) -> Tensor:
+        R = self.rotations().to(W_merged.dtype)  # W' = W0 Rᵀ per block: solve X R_jᵀ = W'_j
+        Wb = W_merged.reshape(W_merged.shape[0], self.blocks, self.block_size).transpose(0, 1)
+        X = torch.linalg.solve(R.transpose(1, 2), Wb, left=False)
+        return X.transpose(0, 1).reshape(W_merged.shape)
+
+    def peft_state(self) -> dict[str, Tensor]:
+        return {"oft_R.weight": self.oft_R.detach()}
+
+    def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
+        load_peft_tensors(self, state, {"oft_R.weight": "oft_R"})
+
+
+@register_config("oft", kind="adapter")
+@dataclass(frozen=True)
+class OFT(AdapterConfig):
+    """``block_size`` b (PEFT's ``oft_block_size``, default 32) or ``rank`` k (number of blocks): set one,
+    the other 0. ``cayley_neumann`` with ``neumann_terms`` (else the exact Cayley map), ``block_share``,
+    ``coft`` with ``eps``: as PEFT 0.21 (defaults included)."""
+
+    peft_type: ClassVar[str | None] = "OFT"
+    default_lr: ClassVar[float] = 1e-3
+
+    block_size: int = 32
+    rank: int = 0
+    block_share: bool = False
+    cayley_neumann: bool = True
+    neumann_terms: int = 5
+    coft: bool = False
+    eps: float = 6e-5
+
+    def __post_init__(self) -> None:
+        if (self.rank == 0) == (self.block_size == 0) or self.rank < 0 or self.block_size < 0:
+            raise WeightsmithError(
+                f"OFT: set exactly one of rank ({self.rank}) and block_size ({self.block_size}) to a "
+                "positive number, the other to 0"
+            )
+        if self.cayley_neumann and self.neumann_terms < 1:
+            raise WeightsmithError(f"OFT neumann_terms must be at least 1, got {self.neumann_terms}")
+
+    @classmethod
+    def example(cls) -> OFT:
+        return cls(block_size=8)
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> OFTAdapter:
+        in_f = W0.shape[1]
+        k, b = oft_blocks(in_f, self.rank, self.block_size)
+        if b < 2:
+            raise ctx.error(f"OFT block size {b} leaves no rotation (needs at least 2)", tuple(W0.shape))
+        params = torch.zeros(1 if self.block_share else k, b * (b - 1) // 2, device=W0.device)
+        terms = self.neumann_terms if self.cayley_neumann else 0
+        return OFTAdapter(params, k, b, terms, self.eps if self.coft else None)
+
+    @classmethod
+    def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> OFT:
+        check_dropouts(peft_config, ("module_dropout",), "OFT")
+        bias = peft_config.get("bias", "none")
+        if bias not in (None, "none"):
+            raise WeightsmithError(f"{module}: PEFT OFT option bias={bias!r} is not supported (only 'none')")
+        if "oft_block_size" not in peft_config:
+            raise WeightsmithError(
+                f"{module}: PEFT OFT config without 'oft_block_size' is the pre-0.14 format, not supported"
+            )
+        return cls(
+            block_size=int(peft_config.get("oft_block_size", 0)),
+            rank=int(peft_config.get("r", 0)),
+            block_share=bool(peft_config.get("block_share", False)),
+            cayley_neumann=bool(peft_config.get("use_cayley_neumann", True)),
+            neumann_terms=int(peft_config.get("num_cayley_neumann_terms", 5)),
+            coft=bool(peft_config.get("coft", False)),
+            eps=float(peft_config.get("eps", 6e-5)),
+        )
+
+    def to_peft(self) -> dict[str, Any]:
+        return {
+            "peft_type": "OFT",
+            "r": self.rank,
+            "oft_block_size": self.block_size,
+            "module_dropout": 0.0,
+            "block_share": self.block_share,
+            "use_cayley_neumann": self.cayley_neumann,
+            "num_cayley_neumann_terms": self.neumann_terms,
+            "coft": self.coft,
+            "eps": self.eps,
+            "init_weights": True,
+        }
