@@ -130,6 +130,11 @@ def worker(tool: str, method: str, root: Path, device: str) -> None:
     os.environ["WEIGHTSMITH_PROGRESS"] = "0"
     out = root / f"out-{tool}-{method}"
     shutil.rmtree(out, ignore_errors=True)
+    # import the tool before the clock starts: at small sizes Python imports (~2 s) would dominate
+    if tool == "mergekit":
+        import mergekit.merge  # noqa: F401
+    else:
+        import weightsmith.merge  # noqa: F401
     t0 = time.perf_counter()
     if tool == "read":
         from weightsmith.store import open_store

@@ -4,6 +4,9 @@ SVDs, eigendecompositions and projections run in float32 (float64 where asked) o
 and results are cast back by the caller. Economy SVD is used wherever exact results allow it;
 randomized SVD only where an approximation is acceptable and says so.
 
+Also here: the exact top-k by magnitude (``magnitude_threshold``, ``top_k_mask``), which TIES' trim and
+any magnitude pruning share, and ``economy_svd`` (the Gram-eigendecomposition route on CUDA).
+
 Singular values without vectors come from the eigenvalues of the smaller Gram matrix
 (``gram_eigvalsh``), several times faster than an SVD on both CPU and GPU. Precision policy: float64
 wherever the small eigenvalues matter or the device is a CPU (a float64 Gram of float32 weights is
@@ -15,7 +18,7 @@ is ~1e-7 x lambda_max, negligible for eigenvalues far above that, and float32 cu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -167,3 +170,78 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+def economy_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Economy SVD ``A = U diag(S) Vh`` of a 2-D matrix, in ``A``'s dtype.
+
+    On CUDA it comes from the eigendecomposition of the smaller Gram matrix in float64: an order of
+    magnitude faster than cuSOLVER's SVD at model sizes and accurate to float32 for full-rank matrices
+    (directions of zero singular value get zero vectors). On CPU it is LAPACK's economy SVD.
+    """
+    if not A.is_cuda:
+        return svd(A)
+    wide = A.shape[0] <= A.shape[1]
+    B = (A if wide else A.mT).double()
+    ev, Q = torch.linalg.eigh(B @ B.mT)
+    S = ev.flip(0).clamp_min(0).sqrt()
+    Q = Q.flip(1)
+    P = (B.mT @ Q) / torch.where(S > 0, S, 1.0)
+    U, Vh = (Q, P.mT) if wide else (P, Q.mT)
+    return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
+
+
+# ------------------------------------------------------------------------------- top-k by magnitude
+
+
+def magnitude_threshold(chunks: Callable[[], Iterable[Tensor]], k: int) -> float:
+    """The k-th largest |x| over the tensors ``chunks()`` yields, exactly, in two histogram passes.
+
+    Non-negative float32 values sort like their int32 bit patterns, so a 2^15-bin count of the high 16
+    bits finds the bin holding the k-th value and a 2^16-bin count of the low bits inside it finishes.
+    Cheaper than ``topk`` (no index tensor), and ``chunks`` may stream a whole model tensor by tensor.
+    """
+    high = torch.zeros(1 << 15, dtype=torch.int64)
+    for c in chunks():
+        high += torch.bincount(_bits(c) >> 16, minlength=1 << 15).cpu()
+    above = high.flip(0).cumsum(0)
+    j = int(torch.searchsorted(above, torch.tensor(k)))
+    hb = (1 << 15) - 1 - j
+    need = k - (int(above[j - 1]) if j > 0 else 0)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for c in chunks():
+        b = _bits(c)
+        low += torch.bincount(b[(b >> 16) == hb] & 0xFFFF, minlength=1 << 16).cpu()
+    lb = (1 << 16) - 1 - int(torch.searchsorted(low.flip(0).cumsum(0), torch.tensor(need)))
+    return float(torch.tensor([(hb << 16) | lb], dtype=torch.int32).view(torch.float32))
+
+
+def _bits(x: Tensor) -> Tensor:
+    return x.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+
+def above_threshold(mag: Tensor, cut: float, ties: int | None = None) -> tuple[Tensor, int]:
+    """The mask of ``mag > cut`` plus entries equal to ``cut``: all of them, or (``ties`` given) only the
+    first ``ties`` by position. Returns the mask and the number of tied entries it keeps; called chunk by
+    chunk with the remaining tie budget, it keeps exactly k entries of a tensor whose k-th value is ``cut``.
+    """
+    keep = mag > cut
+    tied = mag == cut
+    n_tied = int(tied.sum())
+    if ties is not None and n_tied > ties:
+        flat = tied.reshape(-1)
+        flat[flat.nonzero()[max(ties, 0) :, 0]] = False
+        n_tied = max(ties, 0)
+    return keep | tied, n_tied
+
+
+def top_k_mask(x: Tensor, k: int) -> Tensor:
+    """Exactly the ``k`` entries of largest |x| (ties at the k-th value broken by position)."""
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k >= x.numel():
+        return torch.ones_like(x, dtype=torch.bool)
+    mag = x.detach().abs()
+    cut = magnitude_threshold(lambda: [mag], k)
+    budget = k - int((mag > cut).sum())
+    return above_threshold(mag, cut, budget)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from weightsmith.merge.barrier import barrier, barrier_curve, classification_eval, interpolate, plot_barrier
+from weightsmith.analyze.barrier import barrier, barrier_curve, classification_eval, interpolate, plot_barrier
 from weightsmith.merge.permute import apply_permutation, mlp_spec, random_permutation
 
 

@@ -154,3 +154,18 @@ def test_signature_cli_round_trip_bit_exact(tmp_path):
     back = dict(open_store(tmp_path / "back.safetensors"))
     assert not torch.equal(patched["conv1.weight"], orig["conv1.weight"])
     assert all(torch.equal(back[k], orig[k]) for k in orig)
+
+
+def test_align_output_feeds_barrier_and_zoo_train_takes_out(two_mlps, tmp_path):
+    """Issue 7: the aligned model keeps the zoo architecture record, so `barrier` reads it."""
+    a, b = two_mlps
+    aligned = tmp_path / "b-aligned.safetensors"
+    _ok(["align", str(a), str(b), "--out", str(aligned)])
+    out = _ok(["barrier", str(a), str(aligned), "--points", "3", "--out", str(tmp_path / "c.json")])
+    naive = json.loads((tmp_path / "c.json").read_text())["naive"]
+    assert len(naive["alphas"]) == 3 and "naive" in out
+    shown = _ok(["barrier", str(a), str(b), "--points", "3", "--json", "-"])
+    plain = json.loads(shown[shown.index("{") :])["naive"]
+    assert naive["loss_barrier"] < plain["loss_barrier"]  # weight matching lowered the barrier
+    _ok(["zoo-train", "--out", str(tmp_path / "z.safetensors"), "--width", "8", "--epochs", "1"])
+    assert isinstance(zoo.load(tmp_path / "z.safetensors"), zoo.MLP)

@@ -11,6 +11,7 @@ import torch
 import weightsmith.merge  # noqa: F401  (registers every merge method)
 from weightsmith.config import registered
 from weightsmith.errors import WeightsmithError
+from weightsmith.linalg import magnitude_threshold
 from weightsmith.merge import merge_state_dicts
 from weightsmith.merge._chunked import CHUNK, chunk_generator, merge_streamed
 from weightsmith.merge.task_arithmetic import (
@@ -19,13 +20,13 @@ from weightsmith.merge.task_arithmetic import (
     GTA,
     TIES,
     Average,
+    GTAMethod,
     TaskArithmetic,
-    magnitude_threshold,
     merge_tensors,
     trim_magnitude,
 )
 
-FAMILY = [name for name, cls in registered("merge").items() if "gta" in vars(cls)]
+FAMILY = [name for name, cls in registered("merge").items() if issubclass(cls, GTAMethod)]
 
 
 def identity_config(name: str):

@@ -1,16 +1,14 @@
 """Which weights to analyse, how they are grouped into same-shaped batches, and how they are read.
 
 Reading is the only part of an analysis that cannot run on the accelerator: on CUDA the next batch is
-read (memory-mapped pages touched, copied to pinned memory) by one background thread while the GPU
-works on the current one, and the host never waits for results until the end of the run.
+read (copied to pinned memory) by the executor's read-ahead thread (``weightsmith.execute.ReadAhead``)
+while the GPU works on the current one, and the host never waits for results until the end of the run.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Iterator
 
 import torch
 
@@ -18,8 +16,6 @@ from ..select import Selector
 from ..store import WeightStore
 
 MIN_EVALS = 10  # a matrix whose smaller side is below this has too few eigenvalues for an ESD
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def candidate_matrices(
@@ -84,19 +80,3 @@ def to_device_batch(host: list[torch.Tensor], device: torch.device) -> torch.Ten
     """Stack host tensors as float32 ``(B, short, long)`` on ``device`` (copies are asynchronous)."""
     mats = [short_side_first(t.to(device, non_blocking=True).float()) for t in host]
     return torch.stack(mats)
-
-
-def prefetch(items: Iterable[T], read: Callable[[T], R], background: bool) -> Iterator[tuple[T, R]]:
-    """``(item, read(item))`` in order; with ``background`` the next read overlaps this item's work."""
-    if not background:
-        for item in items:
-            yield item, read(item)
-        return
-    todo = list(items)
-    with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(read, todo[0]) if todo else None
-        for i, item in enumerate(todo):
-            assert ahead is not None
-            current = ahead
-            ahead = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
-            yield item, current.result()

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..execute import resolve_device
+from ..execute import ReadAhead, resolve_device
 from ..progress import track
 from ..select import Selector
 from ..store import WeightStore
 from .batches import (
     MIN_EVALS,
     candidate_matrices,
-    prefetch,
     read_host,
     shape_batches,
     short_side_first,
@@ -94,6 +94,13 @@ class AnalysisResult:
         }
 
     def add_to_report(self, report: Any, title: str | None = None, esd_examples: int = 6) -> None:
+        """Deprecated: results do not know the report; call
+        ``weightsmith.analyze.report_sections.add_analysis(report, result)``."""
+        warnings.warn(
+            "AnalysisResult.add_to_report is deprecated; use weightsmith.analyze.add_analysis(report, res)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         from .report_sections import add_analysis
 
         add_analysis(report, self, title=title, esd_examples=esd_examples)
@@ -131,14 +138,14 @@ def analyze_weights(
     batches = list(shape_batches(store, names, max_batch_bytes))
     pending: list[tuple[list[str], int, torch.Tensor, torch.Tensor | None]] = []
     with torch.no_grad():
-        for ((M, N), members), host in track(
-            prefetch(batches, lambda b: read_host(store, b[1], pin=cuda), background=cuda),
-            "analyze",
-            total=len(batches),
-        ):
-            rows, evals = _analyze_batch(host, dev, dtype, streams, N, M, mp_fit, farms, farms_config)
-            pending.append((members, M, rows, evals if keep_esd else None))
-            del host
+        reader = ReadAhead(
+            batches, lambda b: read_host(store, b[1], pin=cuda), budget=1 << 62, depth=2, background=cuda
+        )
+        with reader:
+            for ((M, N), members), host in track(reader, "analyze", total=len(batches)):
+                rows, evals = _analyze_batch(host, dev, dtype, streams, N, M, mp_fit, farms, farms_config)
+                pending.append((members, M, rows, evals if keep_esd else None))
+                del host
     records: dict[str, dict[str, Any]] = {}
     esds: dict[str, np.ndarray] = {}
     for members, M, rows, kept_evals in pending:  # the only host-device synchronisation of the run

@@ -15,8 +15,9 @@ from typing import Any
 
 import typer
 
+from ..errors import WeightsmithError
 from ..progress import log
-from ..store import atomic_write_text, prepare_output
+from . import _options as opt
 from ._app import app
 
 TASKS = ("rotten_tomatoes", "debates")
@@ -24,21 +25,22 @@ TASKS = ("rotten_tomatoes", "debates")
 
 def _analyze(report: Any, out: Path, device: str | None) -> dict[str, Any]:
     from .. import models
-    from ..analyze import analyze_weights
+    from ..analyze import add_analysis, analyze_weights
 
     summaries = {}
     for spec in ("minilm", "smollm2"):
         log(f"[bold]analyze[/] {spec}")
         result = analyze_weights(models.open_weights(spec), device=device, name=spec)
-        atomic_write_text(out / f"analyze-{spec}.json", json.dumps(result.to_json(), indent=1) + "\n")
-        result.add_to_report(report, title=f"Spectra of {spec}")
+        # ``out`` is the demo's private staging directory: plain writes inside it are staged with it
+        (out / f"analyze-{spec}.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        add_analysis(report, result, title=f"Spectra of {spec}")
         summaries[spec] = result.summary()
     return summaries
 
 
 def _adapt(report: Any, out: Path, quick: bool, device: str | None) -> list[dict[str, Any]]:
     from ..adapters.lora import LoRA
-    from ..analyze import compare_weights
+    from ..analyze import add_comparison, compare_weights
     from ..store import open_store
     from ..train import export_run_merged, finetune
 
@@ -70,7 +72,7 @@ def _adapt(report: Any, out: Path, quick: bool, device: str | None) -> list[dict
     base = models.open_weights("minilm")
     tuned = open_store(out / f"merged-{TASKS[0]}")
     comparison = compare_weights(base, tuned, select=r"re:encoder\.layer\.", device=device)
-    comparison.add_to_report(report, title=f"Intruder dimensions left by LoRA ({TASKS[0]})")
+    add_comparison(report, comparison, title=f"Intruder dimensions left by LoRA ({TASKS[0]})")
     return rows
 
 
@@ -79,15 +81,15 @@ def _merge(report: Any, out: Path, quick: bool, device: str | None) -> list[dict
     from safetensors.torch import load_file
 
     from .. import models
-    from ..merge._core import merge
+    from ..merge.recipe import MergeMethod, merge, merge_method
     from ..merge.task_arithmetic import TIES, TaskArithmetic
     from ..tasks import SentenceClassifier, get_task
 
     n_eval = 200 if quick else 400
     tuned = [out / f"merged-{t}" for t in TASKS]
-    methods: dict[str, tuple[str, TaskArithmetic | TIES]] = {
-        "task arithmetic (lambda=1)": ("task_arithmetic", TaskArithmetic(scaling=1.0)),
-        "TIES (density 0.2)": ("ties", TIES(density=0.2)),
+    methods: dict[str, tuple[str, MergeMethod]] = {
+        "task arithmetic (lambda=1)": ("task_arithmetic", merge_method(TaskArithmetic(scaling=1.0))),
+        "TIES (density 0.2)": ("ties", merge_method(TIES(density=0.2))),
     }
     encoders: dict[str, Path] = {f"fine-tuned on {t}": tuned[i] for i, t in enumerate(TASKS)}
     for label, (slug, method) in methods.items():
@@ -120,36 +122,37 @@ def _merge(report: Any, out: Path, quick: bool, device: str | None) -> list[dict
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", help="output directory (report, JSON, checkpoints)"),
     quick: bool = typer.Option(False, "--quick", help="smaller training and evaluation subsets"),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help=opt.DEVICE_HELP),
     force: bool = typer.Option(False, "--force", help="replace an existing --out directory"),
 ) -> None:
-    """Analyze the packaged MiniLM and SmolLM2, adapt MiniLM on two tasks, merge the results: one report."""
-    import shutil
+    """Analyze the packaged MiniLM and SmolLM2, adapt MiniLM on two tasks, merge the results: one report.
 
+    Everything is built in one hidden staging directory beside ``--out`` and swapped in when complete; an
+    interrupted demo leaves nothing behind, and an existing ``--out`` stays until the new one is done."""
     import torch
 
     from ..report import Report
+    from ..staging import Staging
 
-    if out.exists() and not force and any(out.iterdir()):
-        prepare_output(out, force)
-    work = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    dev = None if device == "auto" else device
+    dev = opt.device(device)
+    if str(out) == "-":
+        raise WeightsmithError("--out -: the demo writes a directory; give a directory path")
+    if out.is_dir() and not any(out.iterdir()):
+        force = True  # an empty directory holds nothing to lose
+    opt.outputs(force, ("--out", out), directory=True)
     if torch.get_num_threads() > 2:
         torch.set_num_threads(2)
     start = time.perf_counter()
-    report = Report(
-        "weightsmith demo", subtitle="packaged MiniLM and SmolLM2; Rotten Tomatoes and 2016 debates"
-    )
-    summary: dict[str, Any] = {"analyze": _analyze(report, work, dev)}
-    summary["adapt"] = _adapt(report, work, quick, dev)
-    summary["merge"] = _merge(report, work, quick, dev)
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    atomic_write_text(work / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
-    report.write(work / "report.html")
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    with Staging(out, force, directory=True) as staging:
+        work = staging.path
+        report = Report(
+            "weightsmith demo", subtitle="packaged MiniLM and SmolLM2; Rotten Tomatoes and 2016 debates"
+        )
+        summary: dict[str, Any] = {"analyze": _analyze(report, work, dev)}
+        summary["adapt"] = _adapt(report, work, quick, dev)
+        summary["merge"] = _merge(report, work, quick, dev)
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        (work / "report.html").write_text(report.to_html(), encoding="utf-8")
     typer.echo(f"report: {(out / 'report.html').resolve()}")
     typer.echo(f"summary: {(out / 'summary.json').resolve()} ({summary['seconds']} s)")

@@ -1,4 +1,4 @@
-"""``weightsmith merge RECIPE.yaml OUT``: run a merge recipe (ours or mergekit's YAML)."""
+"""``weightsmith merge RECIPE.yaml OUT`` (or ``--out OUT``): run a merge recipe (ours or mergekit's YAML)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import typer
 from ._app import app
 
 HELP = """Merge checkpoints (or LoRA adapters) as a RECIPE.yaml says and write a Hugging Face model
-directory to OUT (sharded safetensors + index, config and tokenizer copied from the base), atomically.
+directory to OUT (positional, as mergekit-yaml, or --out; sharded safetensors + index, config and tokenizer
+copied from the base), atomically. A model may be a directory, a .safetensors file, a packaged model name
+or a weightsmith adapt run of a full fine-tune (its model/ directory is used).
 
 \b
 Our recipe format (methods: average, task_arithmetic, ties, dare, dare_ties, gta, opcm, lora):
@@ -42,14 +44,21 @@ papers (weighted sign vote, L1 rescale in DARE, per-tensor trim) and how to get 
 @app.command("merge", help=HELP)
 def merge_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML: ours or mergekit's (auto-detected)."),
-    out: Path = typer.Argument(..., help="Output model directory."),
+    out: Path | None = typer.Argument(None, help="Output model directory (or give it as --out)."),
+    out_option: Path | None = typer.Option(None, "--out", help="Output model directory (same as OUT)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB or 500MB."),
 ) -> None:
+    from ..errors import WeightsmithError
     from ..merge import recipe as recipes
     from ..progress import log
 
-    result = recipes.run(recipe, out, dtype=dtype, device=device, force=force, shard_size=shard_size)
+    if out is not None and out_option is not None and out != out_option:
+        raise WeightsmithError(f"two outputs given: OUT {out} and --out {out_option}; give one")
+    target = out if out is not None else out_option
+    if target is None:
+        raise WeightsmithError("no output given: weightsmith merge RECIPE.yaml OUT (or --out OUT)")
+    result = recipes.run(recipe, target, dtype=dtype, device=device, force=force, shard_size=shard_size)
     log(f"merged model written to {result}")

@@ -9,12 +9,21 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ._core import TaskVector, check_inputs, merge, merge_state_dicts, write_model
+from ._core import TaskVector, check_inputs, write_model
 from .lora_merge import LoRAMerge, merge_adapters
 from .opcm import OPCM, merge_continual, opcm
-from .recipe import load_recipe
+from .recipe import load_recipe, merge
 from .recipe import run as run_recipe
-from .task_arithmetic import DARE, DARETIES, GTA, TIES, Average, TaskArithmetic, merge_tensors
+from .task_arithmetic import (
+    DARE,
+    DARETIES,
+    GTA,
+    TIES,
+    Average,
+    TaskArithmetic,
+    merge_state_dicts,
+    merge_tensors,
+)
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):

@@ -1,4 +1,5 @@
-"""Row-chunked evaluation of one :class:`~weightsmith.merge.task_arithmetic.GTA` merge of one tensor.
+"""Row-chunked evaluation of one :class:`~weightsmith.merge.task_arithmetic.GTA` merge of one tensor, and
+the fold over task vectors it runs (``gta_init`` / ``gta_update`` / ``gta_finalize``).
 
 Float32 work buffers are the size of a chunk (about 4 M elements), not of the tensor, so a 128k x 2048
 embedding merges with its bf16 inputs plus one output buffer in memory. Quantities that need the whole
@@ -10,14 +11,105 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from .task_arithmetic import GTA, GTAState, gta_finalize, gta_init, gta_update, magnitude_threshold
+from ..linalg import above_threshold, magnitude_threshold
+
+
+class Row(Protocol):
+    """What the kernels read of a :class:`~weightsmith.merge.task_arithmetic.GTA` row (its fields)."""
+
+    @property
+    def sparsify(self) -> str: ...
+    @property
+    def density(self) -> float: ...
+    @property
+    def trim(self) -> str: ...
+    @property
+    def rescale(self) -> str: ...
+    @property
+    def elect(self) -> str: ...
+    @property
+    def normalize(self) -> str: ...
+    @property
+    def scaling(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def uses_base(self) -> bool: ...
+
 
 CHUNK = 1 << 22
+
+
+# ------------------------------------------------------------------------ the fold over task vectors
+
+
+@dataclass
+class GTAState:
+    """Running sums for one tensor. Without election: ``pos`` holds sum_i w_i tau_i and ``pos_div`` the
+    divisor. With election: positive / negative kept parts, their divisors, and the vote (``sum``)."""
+
+    pos: Tensor
+    pos_div: Tensor
+    neg: Tensor | None = None
+    neg_div: Tensor | None = None
+    vote: Tensor | None = None
+
+
+def gta_init(like: Tensor, spec: Row) -> GTAState:
+    z = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    if spec.elect == "none":
+        return GTAState(z, torch.zeros((), dtype=torch.float32, device=like.device))
+    return GTAState(
+        z,
+        torch.zeros_like(z),
+        torch.zeros_like(z),
+        torch.zeros_like(z),
+        torch.zeros_like(z) if spec.elect == "sum" else None,
+    )
+
+
+def gta_update(state: GTAState, tau: Tensor, weight: float, spec: Row) -> GTAState:
+    """Add one (already sparsified, float32) task vector. The state's tensors are updated in place."""
+    unit = 1.0 if spec.normalize == "count" else weight
+    if spec.elect == "none":
+        state.pos.add_(tau, alpha=weight)
+        state.pos_div.add_(unit)
+        return state
+    assert state.neg is not None and state.neg_div is not None
+    x = tau * weight
+    s = tau if spec.elect == "sum" else x  # the sign each task votes with
+    up, down = s > 0, s < 0
+    state.pos.add_(torch.where(up, x, 0.0))
+    state.neg.add_(torch.where(down, x, 0.0))
+    state.pos_div.add_(up, alpha=unit)
+    state.neg_div.add_(down, alpha=unit)
+    if state.vote is not None:
+        state.vote.add_(tau)
+    return state
+
+
+def gta_finalize(state: GTAState, spec: Row) -> Tensor:
+    """The merged update: lambda * (elected part) / (divisor); sign ties (sum 0) go to +."""
+    if spec.elect == "none":
+        mixed, div = state.pos, state.pos_div
+        if spec.normalize != "none":
+            mixed = mixed / (div if float(div.abs()) >= 1e-8 else 1.0)
+    else:
+        assert state.neg is not None and state.neg_div is not None
+        vote = state.vote if state.vote is not None else state.pos + state.neg
+        plus = vote >= 0
+        mixed = torch.where(plus, state.pos, state.neg)
+        if spec.normalize != "none":
+            div = torch.where(plus, state.pos_div, state.neg_div)
+            mixed = mixed / torch.where(div == 0, 1.0, div)
+    return mixed * spec.scaling if spec.scaling != 1.0 else mixed
 
 
 def chunk_generator(seed: int, chunk: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -39,7 +131,7 @@ def _taus(tau: Callable[[int, slice], Tensor], i: int, chunks: list[slice]) -> I
 def merge_streamed(
     base: Tensor | None,
     thetas: Sequence[Tensor],
-    spec: GTA,
+    spec: Row,
     weights: Sequence[float],
     densities: Sequence[float],
     thresholds: Sequence[float | None] | None = None,
@@ -49,6 +141,8 @@ def merge_streamed(
     """``base + spec(tau_1..tau_n)`` (or the weighted average when ``not spec.uses_base``), chunk by chunk.
     ``thresholds`` are model-wide magnitude cuts (TIES ``trim="model"``); ``seeds`` one per task (DARE)."""
     shape, ref = thetas[0].shape, thetas[0]
+    if ref.numel() == 0:  # a zero-size tensor (an empty buffer) merges to itself
+        return torch.empty(shape, dtype=out_dtype or torch.float32, device=ref.device)
     rows, chunks = row_chunks(shape)
     B = base.reshape(rows, -1) if base is not None and spec.uses_base else None
     X = [t.reshape(rows, -1) for t in thetas]
@@ -72,18 +166,13 @@ def merge_streamed(
             return t * (
                 torch.rand(t.shape, device=t.device, generator=chunk_generator(seeds[i], j, t.device)) < d
             )
-        mag, cut = t.abs(), thr[i]
+        cut = thr[i]
         assert cut is not None
-        mask = mag > cut
-        tied = mag == cut
-        n_tied = int(tied.sum())
-        if budget is not None and n_tied > budget[i]:  # keep exactly k: the first ties by position
-            flat = tied.reshape(-1)
-            flat[flat.nonzero()[int(budget[i]) :, 0]] = False
-            n_tied = int(budget[i])
+        left = None if budget is None or budget[i] == float("inf") else int(budget[i])
+        mask, n_tied = above_threshold(t.abs(), cut, left)  # keep exactly k: the first ties by position
         if budget is not None:
             budget[i] -= n_tied
-        return t * (mask | tied)
+        return t * mask
 
     for i in range(n):
         d = densities[i]
@@ -126,6 +215,6 @@ def merge_streamed(
     return out.reshape(shape)
 
 
-def _dense_state(acc: Tensor, weights: Sequence[float], n: int, spec: GTA) -> GTAState:
+def _dense_state(acc: Tensor, weights: Sequence[float], n: int, spec: Row) -> GTAState:
     div = float(n) if spec.normalize == "count" else float(sum(weights))
     return GTAState(acc, torch.tensor(div, device=acc.device))

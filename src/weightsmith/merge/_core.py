@@ -1,29 +1,31 @@
-"""Merge core: task vectors as lazy views, input checks, and the streaming executor that writes a
-Hugging Face model directory (sharded safetensors + index, config and tokenizer files) atomically.
+"""Merge core: task vectors as lazy views, input checks, and the writer of a Hugging Face model directory
+(sharded safetensors + index, config and tokenizer files), streamed through ``weightsmith.execute``.
 
 Dtype policy: every kernel computes in float32; each output tensor is written in the requested dtype,
 else in the base checkpoint's dtype. Non-floating tensors (ids, masks) are copied from the base.
-Reading (one tensor set ahead, with the finiteness check) and writing run on background threads.
+Inputs are read ahead (with the finiteness check) and outputs written behind on background threads by
+the executor. This module takes stores, never model names: the recipe layer (``inputs.py``) resolves them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import threading
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
-from ..execute import resolve_device
-from ..progress import track
+from ..execute import resolve_device, stream
+from ..linalg import magnitude_threshold
 from ..select import Selector
-from ..store import ShardWriter, WeightStore, prepare_output
+from ..staging import check_output
+from ..store import ShardWriter, WeightStore
+from ._chunked import Row, merge_streamed
 
 MODEL_FILES = (
     "config.json",
@@ -128,110 +130,6 @@ def seed_for(seed: int, index: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _finite(t: Tensor) -> bool:
-    if not t.is_floating_point():
-        return True
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)  # one pass, no temporary; NaN propagates to both, Inf shows at an end
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-
-
-PREFETCH_BYTES = 1 << 30
-
-
-def _reader(
-    stores: Sequence[WeightStore],
-    names: Sequence[str],
-    device: torch.device,
-    check: bool,
-    stop: threading.Event,
-    merged: set[str],
-) -> Iterator[tuple[str, list[Tensor]]]:
-    """Yield ``(name, tensors)`` while a background thread reads ahead, holding at most
-    ``PREFETCH_BYTES`` of not-yet-finished inputs (a huge tensor is read only when nothing else is held)."""
-    q: queue.Queue[Any] = queue.Queue()
-    cond = threading.Condition()
-    held = [0]
-
-    def sources(name: str) -> Sequence[WeightStore]:
-        return stores if name in merged else stores[:1]
-
-    def size(name: str) -> int:
-        return sum(s.meta(name).nbytes for s in sources(name))
-
-    def work() -> None:
-        try:
-            for name in names:
-                need = size(name)
-                with cond:
-                    while held[0] and held[0] + need > PREFETCH_BYTES and not stop.is_set():
-                        cond.wait(0.1)
-                    held[0] += need
-                if stop.is_set():
-                    return
-                tensors = []
-                for s in sources(name):
-                    t = s[name].to(device, non_blocking=device.type == "cuda")
-                    if check and not _finite(t):
-                        raise WeightsmithError(
-                            f"tensor '{name}' in {s.source} contains NaN or Inf; "
-                            "fix or re-download that checkpoint"
-                        )
-                    tensors.append(t)
-                q.put((name, tensors))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            q.put(exc)
-            return
-        q.put(None)
-
-    thread = threading.Thread(target=work, daemon=True, name="weightsmith-read")
-    thread.start()
-    while True:
-        item = q.get()
-        if item is None:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-        with cond:  # the consumer is done with this item
-            held[0] -= size(item[0])
-            cond.notify()
-
-
-class _BackgroundWriter:
-    """Feeds a ShardWriter from a thread so that casting and serialising overlap the next merge."""
-
-    def __init__(self, writer: ShardWriter) -> None:
-        self.writer = writer
-        self.q: queue.Queue[Any] = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, daemon=True, name="weightsmith-write")
-        self.thread.start()
-
-    def _work(self) -> None:
-        while (item := self.q.get()) is not None:
-            if self.error is not None:
-                continue
-            name, tensor, dtype = item
-            try:
-                t = tensor.to("cpu")
-                self.writer.add(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
-            except BaseException as exc:
-                self.error = exc
-
-    def add(self, name: str, tensor: Tensor, dtype: torch.dtype | None) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put((name, tensor, dtype))
-
-    def finish(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def write_model(
     stores: Sequence[WeightStore],
     merge_one: Callable[[str, list[Tensor]], Tensor],
@@ -247,42 +145,32 @@ def write_model(
     check_finite: bool = True,
     description: str = "merge",
 ) -> Path:
-    """Stream every tensor of ``stores[0]`` to ``out``: names in ``merged`` go through
+    """Stream every tensor of ``stores[0]`` to ``out``: floating names in ``merged`` go through
     ``merge_one(name, [tensor of each store])``, the rest are copied from ``stores[0]``.
 
-    On any error (bad input, NaN, a full disk, Ctrl-C) the partial output is removed and nothing that
-    looks like a complete model is left behind.
+    On any error (bad input, NaN, a full disk, Ctrl-C) the executor's threads are joined, the partial
+    output is removed and nothing that looks like a complete model is left behind.
     """
-    prepare_output(out, force)
-    dev = resolve_device(device)
-    names = list(stores[0])
-    stop = threading.Event()
+    check_output(out, force, directory=True)
+    first = stores[0]
+    chosen = {n for n in merged if n in first and first.meta(n).dtype.is_floating_point}
     writer = ShardWriter(out, max_shard_bytes=shard_bytes, force=force)
-    bg: _BackgroundWriter | None = None
     try:
-        bg = _BackgroundWriter(writer)
-        for name, tensors in track(
-            _reader(stores, names, dev, check_finite, stop, merged), description, len(names)
-        ):
-            first = tensors[0]
-            if name in merged and first.is_floating_point():
-                try:
-                    result = merge_one(name, tensors)
-                except WeightsmithError:
-                    raise
-                except (RuntimeError, ValueError) as exc:
-                    raise WeightsmithError(f"merging tensor '{name}' failed: {exc}") from exc
-                target = dtype or first.dtype
-                bg.add(name, result.to(target) if result.is_cuda else result, target)
-            else:
-                bg.add(name, first, dtype if first.is_floating_point() else None)
-        bg.finish()
+        stream(
+            stores,
+            merge_one,
+            chosen=chosen,
+            writer=writer,
+            device=device,
+            dtype=dtype,
+            keep_dtype=True,
+            check_finite=check_finite,
+            description=description,
+            verb="merging",
+        )
         _copy_model_files(writer, copy_from, dtype, extra_files)
         return writer.close()
     except BaseException:
-        stop.set()
-        if bg is not None and bg.thread.is_alive():
-            bg.q.put(None)
         writer.abort()
         raise
 
@@ -314,6 +202,23 @@ def merged_names(store: WeightStore, select: Selector | None) -> set[str]:
     }
 
 
+def selected_names(store: WeightStore, select: Selector | str | Sequence[str] | None) -> set[str]:
+    """:func:`merged_names`, where each include pattern must match a floating tensor and the selection
+    must leave something to merge (an empty selection would silently write a copy of the base)."""
+    if select is None:
+        return merged_names(store, None)
+    sel = Selector.of(select)
+    floats = [n for n in store if n in merged_names(store, None)]
+    for pattern in sel.include:
+        Selector(include=(pattern,)).require(floats, f"floating tensors of {store.source}")
+    chosen = merged_names(store, sel)
+    if not chosen:
+        raise WeightsmithError(
+            f"select/exclude {_selector_text(sel)} leaves no tensor of {store.source} to merge"
+        )
+    return chosen
+
+
 def parse_size(text: str | int) -> int:
     """'2GB', '500MB', '1.5G', 10**9 -> bytes."""
     if isinstance(text, int):
@@ -329,45 +234,40 @@ def parse_size(text: str | int) -> int:
     return n
 
 
-def open_input(spec: str | Path | WeightStore) -> WeightStore:
-    if isinstance(spec, WeightStore):
-        return spec
-    from ..models import open_weights
-
-    return open_weights(spec)
-
-
-def source_dir(spec: str | Path | WeightStore) -> Path | None:
-    """The directory holding a checkpoint's config/tokenizer files, when there is one."""
-    if isinstance(spec, WeightStore):
-        p = Path(spec.source)
-    else:
-        from ..models import resolve
-
-        p = resolve(spec)
-    return p if p.is_dir() else (p.parent if p.is_file() else None)
+def check_weights(weights: Sequence[float], spec: Row, where: str = "") -> None:
+    """Refuse weights that make a merge meaningless: non-finite, all zero, or (when the result is divided by
+    their sum) summing to zero."""
+    at = f" for tensor '{where}'" if where else ""
+    if any(not math.isfinite(w) for w in weights):
+        raise WeightsmithError(f"merge weights{at} must be finite numbers (got {list(weights)[:8]})")
+    if weights and all(w == 0 for w in weights):
+        raise WeightsmithError(
+            f"every merge weight{at} is 0: the result would ignore every model; "
+            "give at least one non-zero weight"
+        )
+    total, scale = sum(weights), max((abs(w) for w in weights), default=0.0)
+    if spec.normalize == "weights" and spec.elect == "none" and abs(total) <= 1e-12 * max(scale, 1.0):
+        raise WeightsmithError(
+            f"merge weights{at} {list(weights)[:8]} sum to 0, and this method divides by their sum "
+            "(normalize); change the weights or turn normalize off"
+        )
 
 
 def model_thresholds(
-    base: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]], names: Sequence[str], spec: Any
+    base: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]], names: Sequence[str], spec: Row
 ) -> list[float | None]:
     """TIES ``trim="model"``: each task's k-th largest |tau| over all ``names`` (two streamed passes)."""
-    from .task_arithmetic import magnitude_threshold
-
     if not (spec.sparsify == "magnitude" and spec.trim == "model" and spec.density < 1):
         return [None] * len(models)
-    k = max(
-        1,
-        int(
-            spec.density
-            * sum(
-                base[n].numel()
-                if not isinstance(base, WeightStore)
-                else base.meta(n).nbytes // base.meta(n).dtype.itemsize
-                for n in names
-            )
-        ),
+    total = sum(
+        base.meta(n).nbytes // base.meta(n).dtype.itemsize
+        if isinstance(base, WeightStore)
+        else base[n].numel()
+        for n in names
     )
+    if total == 0:
+        return [None] * len(models)
+    k = max(1, int(spec.density * total))
     out: list[float | None] = []
     for m in models:
         tv = TaskVector(m, base)
@@ -379,49 +279,30 @@ def model_thresholds(
     return out
 
 
-def merge_state_dicts(
-    base: Mapping[str, Tensor] | None,
-    models: Sequence[Mapping[str, Tensor]],
-    method: Any,
-    weights: Sequence[float] | None = None,
-    names: Sequence[str] | None = None,
-) -> dict[str, Tensor]:
-    """In-memory merge of state dicts (float32 results for ``names``, default: the float tensors of
-    the base or first model), with the model-wide TIES trim done over all ``names``."""
-    from ._chunked import merge_streamed
-
-    spec = method.gta()
-    ref = base if base is not None and spec.uses_base else models[0]
-    if spec.uses_base and base is None:
-        raise WeightsmithError(f"merge method '{type(method).method}' needs a base model")
-    todo = list(names) if names is not None else [n for n, t in ref.items() if t.is_floating_point()]
-    w = list(weights) if weights is not None else [1.0] * len(models)
-    thresholds = model_thresholds(ref, models, todo, spec) if spec.uses_base else [None] * len(models)
-    dens = [spec.density] * len(models)
-    return {
-        n: merge_streamed(
-            ref[n],
-            [m[n] for m in models],
-            spec,
-            w,
-            dens,
-            thresholds,
-            [seed_for(spec.seed, i, n) for i in range(len(models))],
-        )
-        for n in todo
-    }
-
-
 # (spec, per-model weights, per-model densities) for one tensor name
-TensorParams = Callable[[str], "tuple[Any, list[float], list[float]]"]
+TensorParams = Callable[[str], "tuple[Row, list[float], list[float]]"]
 
 
-def merge(
-    models: Sequence[str | Path | WeightStore],
-    method: Any,
+class MergeJob(Protocol):
+    """What a merge config's ``run`` gets from the recipe layer (``recipe.Recipe``): the inputs still as
+    names, resolved to stores only through these methods, and the options that are not the method's."""
+
+    weights: list[float] | None
+    select: Selector | None
+    params: TensorParams | None
+    filters: list[str]
+
+    def open_models(self) -> list[WeightStore]: ...
+    def open_base(self) -> WeightStore | None: ...
+    def copy_from(self) -> Path | None: ...
+
+
+def merge_gta(
+    models: Sequence[WeightStore],
+    spec: Row,
     out: str | Path,
     *,
-    base: str | Path | WeightStore | None = None,
+    base: WeightStore | None = None,
     weights: Sequence[float] | None = None,
     select: Selector | str | Sequence[str] | None = None,
     params: TensorParams | None = None,
@@ -430,44 +311,53 @@ def merge(
     force: bool = False,
     shard_size: str | int = "2GB",
     extra_files: Mapping[str, str] | None = None,
+    copy_from: str | Path | None = None,
+    method: str = "gta",
+    filters: Sequence[str] = (),
 ) -> Path:
-    """Merge fine-tuned checkpoints with a task-arithmetic-family ``method`` (``TIES(density=0.2)``,
-    ``TaskArithmetic(scaling=0.5)``, ...) and write a Hugging Face model directory to ``out``.
+    """Merge fine-tuned checkpoints (stores) with one :class:`GTA` row and write a Hugging Face model
+    directory to ``out``; config and tokenizer files come from ``copy_from``.
 
-    Tensors that ``select`` leaves out are copied from the base (or the first model). ``params`` may
-    give per-tensor (spec, weights, densities), as mergekit's filters and gradients do.
+    Tensors that ``select`` leaves out are copied from the base (or the first model). ``params`` may give
+    per-tensor (spec, weights, densities), as mergekit's filters and gradients do; ``filters`` are the
+    mergekit filter strings, each of which must match some merged tensor.
     """
-    from ._chunked import merge_streamed
-
-    spec0 = method.gta()
-    if spec0.uses_base and base is None:
-        raise WeightsmithError(f"merge method '{type(method).method}' needs a base model (base: ...)")
+    if spec.uses_base and base is None:
+        raise WeightsmithError(f"merge method '{method}' needs a base model (base: ...)")
     if not models:
         raise WeightsmithError("nothing to merge: give at least one model")
     out_dtype = parse_dtype(dtype)
-    prepare_output(out, force)
-    ins = [open_input(m) for m in models]
-    stores = ([open_input(base)] if spec0.uses_base and base is not None else []) + ins
+    check_output(out, force, directory=True)
+    stores = ([base] if spec.uses_base and base is not None else []) + list(models)
     check_inputs(stores, out_dtype)
-    w = [float(x) for x in (weights if weights is not None else [1.0] * len(ins))]
-    if len(w) != len(ins):
-        raise WeightsmithError(f"{len(w)} weights for {len(ins)} models; give one weight per model")
-    chosen = merged_names(stores[0], Selector.of(select) if select is not None else None)
-    dev = resolve_device(device)
+    w = [float(x) for x in (weights if weights is not None else [1.0] * len(models))]
+    if len(w) != len(models):
+        raise WeightsmithError(f"{len(w)} weights for {len(models)} models; give one weight per model")
+    if params is None:
+        check_weights(w, spec)
+    chosen = selected_names(stores[0], select)
+    for flt in filters:
+        if flt not in ("", "*") and not any(flt in n for n in chosen):
+            raise WeightsmithError(
+                f"filter '{flt[:200]}' matches no tensor of {stores[0].source}; "
+                f"its tensors are named like {_few(sorted(chosen), 3)}"
+            )
 
-    def default_params(name: str) -> tuple[Any, list[float], list[float]]:
-        return spec0, w, [spec0.density] * len(ins)
+    def default_params(name: str) -> tuple[Row, list[float], list[float]]:
+        return spec, w, [spec.density] * len(models)
 
     resolve = params or default_params
     order = [n for n in stores[0] if n in chosen]
-    thresholds = model_thresholds(stores[0], ins, order, spec0)
+    thresholds = model_thresholds(stores[0], models, order, spec)
 
     def merge_one(name: str, tensors: list[Tensor]) -> Tensor:
-        spec, wts, dens = resolve(name)
-        thetas = tensors[1:] if spec.uses_base else tensors
-        seeds = [seed_for(spec.seed, i, name) for i in range(len(thetas))]
+        tspec, wts, dens = resolve(name)
+        if params is not None:
+            check_weights(wts, tspec, name)
+        thetas = tensors[1:] if tspec.uses_base else tensors
+        seeds = [seed_for(tspec.seed, i, name) for i in range(len(thetas))]
         target = out_dtype or tensors[0].dtype
-        return merge_streamed(tensors[0], thetas, spec, wts, dens, thresholds, seeds, target)
+        return merge_streamed(tensors[0], thetas, tspec, wts, dens, thresholds, seeds, target)
 
     return write_model(
         stores,
@@ -475,9 +365,15 @@ def merge(
         out,
         merged=chosen,
         dtype=out_dtype,
-        device=dev,
+        device=resolve_device(device),
         force=force,
         shard_bytes=parse_size(shard_size),
-        copy_from=source_dir(base if base is not None else models[0]),
+        copy_from=copy_from,
         extra_files=extra_files,
     )
+
+
+def _selector_text(sel: Selector) -> str:
+    parts = [f"include {list(sel.include)}"] if sel.include else []
+    parts += [f"exclude {list(sel.exclude)}"] if sel.exclude else []
+    return " ".join(parts)[:200] or "(predicate)"

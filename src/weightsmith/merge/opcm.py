@@ -32,10 +32,13 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ..linalg import svd
+from ..execute import PREFETCH_BYTES, resolve_device, stream
+from ..linalg import economy_svd
+from ..progress import track
 from ..select import Selector
-from . import _core
-from .recipe import Recipe, register_runner
+from ..staging import check_output
+from ..store import WeightStore
+from . import _core, inputs
 
 
 @register_config("opcm", kind="merge")
@@ -49,6 +52,19 @@ class OPCM:
 
     def projected(self, name: str, ndim: int) -> bool:
         return ndim == 2 and not Selector(include=self.unprojected).matches(name)
+
+    def run(self, recipe: _core.MergeJob, out: Path, **kw: Any) -> Path:
+        base = recipe.open_base()
+        if base is None:
+            raise WeightsmithError("OPCM needs a base model (base: ...)")
+        if recipe.weights is not None and any(w != 1.0 for w in recipe.weights):
+            raise WeightsmithError(
+                "OPCM takes no per-model weights: its scaling is adaptive; remove 'weight:'"
+            )
+        models = recipe.open_models()
+        return merge_continual(
+            base, models, out, self, select=recipe.select, copy_from=recipe.copy_from(), **kw
+        )
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ def project_out(delta: Tensor, tau: Tensor, alpha: float) -> Tensor:
     """tau~: ``tau`` without its components on the merged update ``delta``'s singular pairs (economy SVD)."""
     if not bool(delta.any()):
         return tau
-    U, S, Vh = _economy_svd(delta)
+    U, S, Vh = economy_svd(delta)
     r = split_rank(S, alpha)
     Ur, Vhr = U[:, :r], Vh[:r]
     out = tau - Ur @ ((Ur.mT @ tau) @ Vhr.mT) @ Vhr
@@ -80,43 +96,58 @@ def project_out(delta: Tensor, tau: Tensor, alpha: float) -> Tensor:
     return out - (Ut * d) @ Vht
 
 
-def _economy_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Economy SVD. On CUDA via the eigendecomposition of the smaller Gram matrix in float64, an order of
-    magnitude faster than cuSOLVER's SVD at these sizes and accurate to float32 for full-rank updates."""
-    if not A.is_cuda:
-        return svd(A)
-    wide = A.shape[0] <= A.shape[1]
-    B = (A if wide else A.mT).double()
-    ev, Q = torch.linalg.eigh(B @ B.mT)
-    S = ev.flip(0).clamp_min(0).sqrt()
-    Q = Q.flip(1)
-    P = (B.mT @ Q) / torch.where(S > 0, S, 1.0)
-    U, Vh = (Q, P.mT) if wide else (P, Q.mT)
-    return U.to(A.dtype), S.to(A.dtype), Vh.to(A.dtype)
-
-
 def _norm_sq(tensors: Iterable[Tensor]) -> float:
     return sum(float(t.double().square().sum()) for t in tensors)
 
 
+class _Init:
+    """Step 1 of the fold, tensor by tensor: Delta_1 = tau_1, lambda_1 = 1, n_1 = ||tau_1||."""
+
+    def __init__(self) -> None:
+        self.merged: dict[str, Tensor] = {}
+
+    def add(self, name: str, tau: Tensor) -> None:
+        self.merged[name] = tau.float().clone()
+
+    def finish(self) -> OPCMState:
+        return OPCMState(self.merged, 1.0, math.sqrt(_norm_sq(self.merged.values())), 1)
+
+
+class _Update:
+    """Step t of the fold, tensor by tensor: S = lambda_{t-1} Delta_{t-1} + tau~_t, then the rescale."""
+
+    def __init__(self, state: OPCMState, config: OPCM) -> None:
+        self.state, self.config = state, config
+        self.S: dict[str, Tensor] = {}
+        self.tau_sq = self.s_sq = 0.0
+
+    def add(self, name: str, tau: Tensor) -> None:
+        delta, x = self.state.merged[name], tau.float()
+        self.tau_sq += _norm_sq([x])
+        xt = project_out(delta, x, self.config.alpha) if self.config.projected(name, x.ndim) else x
+        self.S[name] = torch.add(xt, delta, alpha=self.state.lam)
+        self.s_sq += _norm_sq([self.S[name]])
+
+    def finish(self) -> OPCMState:
+        st = self.state
+        mean_norm = (st.t * st.mean_norm + math.sqrt(self.tau_sq)) / (st.t + 1)
+        lam = math.sqrt(self.s_sq) / mean_norm if self.s_sq > 0 else 1.0
+        return OPCMState({n: s.div_(lam) for n, s in self.S.items()}, lam, mean_norm, st.t + 1)
+
+
 def opcm_init(tau: Mapping[str, Tensor], names: Sequence[str] | None = None) -> OPCMState:
-    merged = {n: tau[n].float().clone() for n in (names if names is not None else list(tau))}
-    return OPCMState(merged, 1.0, math.sqrt(_norm_sq(merged.values())), 1)
+    step = _Init()
+    for n in names if names is not None else list(tau):
+        step.add(n, tau[n])
+    return step.finish()
 
 
 def opcm_update(state: OPCMState, tau: Mapping[str, Tensor], config: OPCM) -> OPCMState:
     """Fold the next task vector into ``state``; returns a new state (the old one is not modified)."""
-    S: dict[str, Tensor] = {}
-    tau_sq = s_sq = 0.0
-    for name, delta in state.merged.items():
-        x = tau[name].float()
-        tau_sq += _norm_sq([x])
-        xt = project_out(delta, x, config.alpha) if config.projected(name, x.ndim) else x
-        S[name] = torch.add(xt, delta, alpha=state.lam)
-        s_sq += _norm_sq([S[name]])
-    mean_norm = (state.t * state.mean_norm + math.sqrt(tau_sq)) / (state.t + 1)
-    lam = math.sqrt(s_sq) / mean_norm if s_sq > 0 else 1.0
-    return OPCMState({n: s.div_(lam) for n, s in S.items()}, lam, mean_norm, state.t + 1)
+    step = _Update(state, config)
+    for name in state.merged:
+        step.add(name, tau[name])
+    return step.finish()
 
 
 def opcm(
@@ -136,8 +167,8 @@ def opcm(
 
 
 def merge_continual(
-    base: str | Path,
-    models: Sequence[str | Path],
+    base: str | Path | WeightStore,
+    models: Sequence[str | Path | WeightStore],
     out: str | Path,
     config: OPCM = OPCM(),
     *,
@@ -148,19 +179,35 @@ def merge_continual(
     shard_size: str | int = "2GB",
     extra_files: Mapping[str, str] | None = None,
     on_step: Callable[[OPCMState], Any] | None = None,
+    copy_from: str | Path | None = None,
 ) -> Path:
-    """OPCM over checkpoints on disk, in the order given; writes theta_0 + Delta_T to ``out``."""
+    """OPCM over checkpoints on disk, in the order given; writes theta_0 + Delta_T to ``out``.
+
+    Each model is one streamed pass (read ahead, NaN/Inf refused with the tensor named) folding its task
+    vector in tensor by tensor; config/tokenizer files come from ``copy_from`` (default: the base's)."""
     out_dtype = _core.parse_dtype(dtype)
-    _core.prepare_output(out, force)
-    b = _core.open_input(base)
-    stores = [_core.open_input(m) for m in models]
+    check_output(out, force, directory=True)
+    b = inputs.open_input(base)
+    stores = [inputs.open_input(m) for m in models]
+    if not stores:
+        raise WeightsmithError("OPCM needs at least one model")
     _core.check_inputs([b, *stores], out_dtype)
-    names = sorted(_core.merged_names(b, select))
-    dev = _core.resolve_device(device)
+    names = sorted(_core.selected_names(b, select))
+    dev = resolve_device(device)
     state: OPCMState | None = None
-    for store in _core.track(stores, "opcm"):
-        tau = _core.TaskVector(store, b, dev)
-        state = opcm_init(tau, names) if state is None else opcm_update(state, tau, config)
+    for i, store in enumerate(track(stores, "opcm")):
+        step = _Init() if state is None else _Update(state, config)
+        stream(
+            [b, store],
+            lambda name, ts, step=step: step.add(name, ts[1].float() - ts[0].float()),  # type: ignore[misc]
+            names=names,
+            device=dev,
+            check_finite=True,
+            prefetch_bytes=PREFETCH_BYTES,
+            description=f"opcm model {i + 1}",
+            verb="merging",
+        )
+        state = step.finish()
         if on_step is not None:
             on_step(state)
     assert state is not None
@@ -174,15 +221,6 @@ def merge_continual(
         device=dev,
         force=force,
         shard_bytes=_core.parse_size(shard_size),
-        copy_from=_core.source_dir(base),
+        copy_from=copy_from if copy_from is not None else inputs.source_dir(b),
         extra_files=extra_files,
     )
-
-
-@register_runner(OPCM)
-def _run(recipe: Recipe, out: Path, **kw: Any) -> Path:
-    if recipe.base is None:
-        raise WeightsmithError("OPCM needs a base model (base: ...)")
-    if recipe.weights is not None and any(w != 1.0 for w in recipe.weights):
-        raise WeightsmithError("OPCM takes no per-model weights: its scaling is adaptive; remove 'weight:'")
-    return merge_continual(recipe.base, recipe.models, out, recipe.method, select=recipe.select, **kw)

@@ -20,19 +20,24 @@ layer gradients; methods linear, task_arithmetic, ties, dare_ties, dare_linear.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import reprlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from ..config import config_from_dict, registered
 from ..errors import WeightsmithError
 from ..select import Selector
-from . import _core
-from .task_arithmetic import DARE, DARETIES, GTA, TIES, Average, TaskArithmetic
+from ..store import WeightStore
+from . import inputs
+from .task_arithmetic import GTA
 
 MERGEKIT_METHODS = {
     # name: (GTA row, default normalize, default rescale)
@@ -42,37 +47,149 @@ MERGEKIT_METHODS = {
     "dare_ties": (GTA("random", elect="weighted_sum"), False, True),
     "dare_linear": (GTA("random"), False, True),
 }
+MERGEKIT_KEYS = {
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+    "tokenizer", "slices", "modules", "name",
+}  # fmt: skip
+MERGEKIT_NUMBERS = {"weight", "density", "lambda"}
+MERGEKIT_FLAGS = {"normalize", "rescale", "int8_mask"}
 LAYER = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+MAX_RECIPE_BYTES = 1 << 20  # a merge recipe is a few lines; refuse anything near a megabyte
+MAX_RECIPE_NODES = 100_000  # YAML nodes after expanding aliases and merge keys (billion laughs)
+Spec = str | Path | WeightStore
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxdict, _repr.maxstring, _repr.maxother = 3, 6, 6, 80, 80
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """A user value for an error message: never the whole object, at most ``limit`` characters."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class MergeMethod(Protocol):
+    """What every merge config provides: ``run`` writes a recipe's result to ``out``."""
+
+    def run(self, recipe: Recipe, out: Path, **kw: Any) -> Path: ...
 
 
 @dataclass
 class Recipe:
     """A parsed recipe: what to merge, how, and into which dtype. ``params`` resolves per-tensor
-    options (mergekit filters and gradients); ``text`` is the original YAML, kept for provenance."""
+    options (mergekit filters and gradients), ``filters`` are the mergekit filter strings (each must match
+    a tensor); ``text`` is the original YAML, kept for provenance. Model names are resolved only here
+    (``open_models``, ``open_base``, ``copy_from``), never by the executor."""
 
     method: Any
-    models: list[str]
-    base: str | None = None
+    models: list[Spec]
+    base: Spec | None = None
     weights: list[float] | None = None
     select: Selector | None = None
     dtype: str | None = None
     params: Callable[[str], tuple[GTA, list[float], list[float]]] | None = None
     text: str = ""
     flavour: str = "weightsmith"
+    filters: list[str] = field(default_factory=list)
+
+    def open_models(self) -> list[WeightStore]:
+        return [inputs.open_input(m) for m in self.models]
+
+    def open_base(self) -> WeightStore | None:
+        return inputs.open_input(self.base) if self.base is not None else None
+
+    def copy_from(self) -> Path | None:
+        """Where config and tokenizer files come from: the base, else the first model."""
+        src = self.base if self.base is not None else (self.models[0] if self.models else None)
+        return inputs.source_dir(src) if src is not None else None
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+
+
+class _Bounded(yaml.SafeLoader):
+    """A safe loader that counts nodes as it composes them (aliases and merge keys included)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.nodes = 0
+
+    def _count(self, n: int) -> None:
+        self.nodes += n
+        if self.nodes > MAX_RECIPE_NODES:
+            raise _TooLarge
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._count(1)
+        return super().compose_node(parent, index)
+
+    def flatten_mapping(self, node: Any) -> None:
+        super().flatten_mapping(node)
+        self._count(len(node.value))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(data: Any, limit: int = MAX_RECIPE_NODES) -> int:
+    """Nodes of ``data``, a shared (aliased) value counted each time it is used; stops past ``limit``."""
+    count, todo = 0, [data]
+    while todo:
+        x = todo.pop()
+        count += 1
+        if count > limit:
+            break
+        if isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, list):
+            todo.extend(x)
+    return count
+
+
+def read_yaml(path: Path) -> tuple[Any, str]:
+    """A recipe file's data and text: UTF-8, at most 1 MB, at most 100k nodes once aliases are expanded."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise WeightsmithError(f"{path}: {size} bytes is too large for a merge recipe (limit 1 MB)")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise WeightsmithError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WeightsmithError(
+            f"{path}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}); save the recipe as UTF-8"
+        ) from None
+    too_big = (
+        f"{path}: the recipe expands to more than {MAX_RECIPE_NODES} YAML nodes (aliases or merge keys "
+        "repeat content); refusing it"
+    )
+    try:
+        loader = _Bounded(text)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _TooLarge:
+        raise WeightsmithError(too_big) from None
+    except yaml.YAMLError as exc:
+        raise WeightsmithError(f"{path}: not valid YAML: {short(str(exc), 400)}") from None
+    if _expanded_size(data) > MAX_RECIPE_NODES:
+        raise WeightsmithError(too_big)
+    return data, text
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise WeightsmithError(f"recipe file not found: {path}")
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise WeightsmithError(f"{path}: not valid YAML: {exc}") from exc
+    data, text = read_yaml(path)
     if not isinstance(data, dict):
         raise WeightsmithError(
-            f"{path}: a recipe is a YAML mapping (with 'method' or mergekit's 'merge_method')"
+            f"{path}: a recipe is a YAML mapping (with 'method' or mergekit's 'merge_method'), "
+            f"got {short(data)}"
         )
     recipe = from_mergekit(data, path) if "merge_method" in data else from_dict(data, path)
     recipe.text = text
@@ -81,58 +198,117 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _locate(spec: Any, recipe: Path | None, what: str) -> str:
     if not isinstance(spec, str) or not spec:
-        raise WeightsmithError(f"{recipe}: {what} must be a path or model name (got {spec!r})")
+        raise WeightsmithError(f"{recipe}: {what} must be a path or model name (got {short(spec)})")
     p = Path(spec).expanduser()
     if not p.exists() and recipe is not None and (recipe.parent / p).exists():
         return str(recipe.parent / p)
     return spec
 
 
-def _model_list(items: Any, recipe: Path | None) -> list[tuple[str, dict[str, Any]]]:
+def _model_list(items: Any, recipe: Path | None, keys: set[str]) -> list[tuple[str, dict[str, Any]]]:
     if not isinstance(items, list) or not items:
-        raise WeightsmithError(f"{recipe}: 'models' must be a non-empty list")
+        raise WeightsmithError(f"{recipe}: 'models' must be a non-empty list (got {short(items)})")
     out: list[tuple[str, dict[str, Any]]] = []
     for item in items:
         if isinstance(item, str):
             out.append((_locate(item, recipe, "a model"), {}))
         elif isinstance(item, dict) and "model" in item:
+            name = _locate(item["model"], recipe, "a model")
             rest = {k: v for k, v in item.items() if k != "model"}
-            out.append((_locate(item["model"], recipe, "a model"), rest))
+            unknown = sorted(str(k) for k in set(rest) - keys)
+            if unknown:
+                raise WeightsmithError(
+                    f"{recipe}: model {short(name)} has unknown key(s) {short(unknown)}; "
+                    f"allowed: {', '.join(sorted(keys | {'model'}))}"
+                )
+            out.append((name, rest))
         else:
             raise WeightsmithError(
-                f"{recipe}: each model is a path or {{model: PATH, weight: W}} (got {item!r})"
+                f"{recipe}: each model is a path or {{model: PATH, ...}} (got {short(item)})"
             )
     return out
+
+
+def _number(value: Any, what: str, recipe: Path | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise WeightsmithError(f"{recipe}: {what} must be a finite number (got {short(value)})")
+    return float(value)
+
+
+def _check_option_types(fields: dict[str, Any], recipe: Path | None) -> None:
+    """Each option of a registered merge config has the type of its default (a number where a number is
+    expected, a list of strings for a pattern list, ...), so ``density: high`` is a message, not a crash."""
+    cls = registered("merge").get(fields.get("method"))  # type: ignore[arg-type]
+    if cls is None:
+        return
+    for f in dataclasses.fields(cls):
+        if f.name not in fields:
+            continue
+        value, default = fields[f.name], f.default
+        what = f"option '{f.name}' of method '{fields['method']}'"
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+            kind = "true or false"
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            kind = "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            kind = "a finite number"
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+            kind = "a string"
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            kind = "a list of strings"
+        else:
+            continue
+        if not ok:
+            raise WeightsmithError(f"{recipe}: {what} must be {kind} (got {short(value)})")
+
+
+def _patterns(value: Any, key: str, recipe: Path | None) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise WeightsmithError(
+            f"{recipe}: '{key}' must be a pattern or a list of patterns (got {short(value)})"
+        )
+    return tuple(items)
 
 
 def from_dict(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
     """Our recipe format (see the module docstring)."""
     data = dict(data)
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise WeightsmithError(f"{recipe}: recipe keys are names (got {short(bad_keys[0])})")
     if "method" not in data:
         raise WeightsmithError(f"{recipe}: missing 'method'; known: {', '.join(sorted(registered('merge')))}")
-    models = _model_list(data.pop("models", None), recipe)
+    if not isinstance(data["method"], str):
+        raise WeightsmithError(f"{recipe}: 'method' must be a name (got {short(data['method'])})")
+    models = _model_list(data.pop("models", None), recipe, {"weight"})
     base = data.pop("base", None)
     include, exclude = data.pop("select", None), data.pop("exclude", None)
     dtype = data.pop("dtype", None)
+    if dtype is not None and not isinstance(dtype, str):
+        raise WeightsmithError(f"{recipe}: 'dtype' must be a name like bfloat16 (got {short(dtype)})")
     select = None
     if include is not None or exclude is not None:
-        as_tuple = lambda v: tuple([v] if isinstance(v, str) else (v or ()))  # noqa: E731
-        select = Selector(include=as_tuple(include), exclude=as_tuple(exclude))
+        select = Selector(
+            include=_patterns(include, "select", recipe) if include is not None else (),
+            exclude=_patterns(exclude, "exclude", recipe) if exclude is not None else (),
+        )
     fields = {"method": data.pop("method")}
     fields.update(data)
+    _check_option_types(fields, recipe)
     method = config_from_dict(fields, "merge")
-    weights = []
-    for name, extra in models:
-        unknown = set(extra) - {"weight"}
-        if unknown:
-            raise WeightsmithError(
-                f"{recipe}: model {name} has unknown key(s) {sorted(unknown)}; only 'weight'"
-            )
-        weights.append(float(extra.get("weight", 1.0)))
+    weights = [
+        _number(extra.get("weight", 1.0), f"the weight of model {short(n)}", recipe) for n, extra in models
+    ]
     return Recipe(
         method,
         [m for m, _ in models],
-        _locate(base, recipe, "base") if base else None,
+        _locate(base, recipe, "base") if base is not None else None,
         weights,
         select,
         dtype,
@@ -166,6 +342,58 @@ def evaluate_setting(setting: Any, name: str, t: float) -> Any:
     return None
 
 
+def _check_setting(key: str, setting: Any, where: str, recipe: Path | None, filters: list[str]) -> None:
+    """A mergekit parameter value: a scalar of the right type, a gradient (non-empty list of numbers), or
+    a list of ``{filter, value}``. Numbers must be finite; ``density`` in (0, 1]."""
+    what = f"parameter '{key}' {where}"
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
+        for cond in setting:
+            extra = sorted(str(k) for k in set(cond) - {"filter", "value"})
+            if extra or "value" not in cond:
+                raise WeightsmithError(
+                    f"{recipe}: {what}: each entry is {{filter: NAME, value: V}} (got {short(cond)})"
+                )
+            flt = cond.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise WeightsmithError(f"{recipe}: {what}: a filter is a name substring (got {short(flt)})")
+            if flt is not None:
+                filters.append(flt)
+            if isinstance(cond["value"], (dict, list)) and key in MERGEKIT_FLAGS:
+                raise WeightsmithError(
+                    f"{recipe}: {what}: must be true or false (got {short(cond['value'])})"
+                )
+            _check_setting(key, cond["value"], where, recipe, filters)
+        return
+    if key in MERGEKIT_FLAGS:
+        if not isinstance(setting, bool):
+            raise WeightsmithError(f"{recipe}: {what} must be true or false (got {short(setting)})")
+        return
+    values = setting if isinstance(setting, list) else [setting]
+    if not values:
+        raise WeightsmithError(f"{recipe}: {what} is an empty list")
+    for v in values:
+        _number(v, what, recipe)
+        if key == "density" and not 0.0 < float(v) <= 1.0:
+            raise WeightsmithError(f"{recipe}: {what} must be in (0, 1] (got {short(v)})")
+
+
+def _check_parameters(params: Any, where: str, recipe: Path | None, filters: list[str]) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise WeightsmithError(f"{recipe}: 'parameters' {where} must be a mapping (got {short(params)})")
+    for key, setting in params.items():
+        if key not in MERGEKIT_NUMBERS | MERGEKIT_FLAGS:
+            raise WeightsmithError(
+                f"{recipe}: unknown parameter {short(key)} {where}; known: "
+                f"{', '.join(sorted(MERGEKIT_NUMBERS | MERGEKIT_FLAGS))}"
+            )
+        _check_setting(key, setting, where, recipe, filters)
+    return params
+
+
 def _layer_t(name: str, n_layers: int) -> float:
     m = LAYER.search("." + name)
     if m is None:
@@ -176,9 +404,14 @@ def _layer_t(name: str, n_layers: int) -> float:
 def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
     """A mergekit YAML, reproducing mergekit 0.1.5's semantics for the supported methods."""
     method = data["merge_method"]
-    if method not in MERGEKIT_METHODS:
+    unknown = sorted(str(k) for k in data if k not in MERGEKIT_KEYS)
+    if unknown:
         raise WeightsmithError(
-            f"{recipe}: mergekit method '{method}' is not supported here; supported: "
+            f"{recipe}: unknown mergekit key(s) {short(unknown)}; known: {', '.join(sorted(MERGEKIT_KEYS))}"
+        )
+    if not isinstance(method, str) or method not in MERGEKIT_METHODS:
+        raise WeightsmithError(
+            f"{recipe}: mergekit method {short(method)} is not supported here; supported: "
             f"{', '.join(MERGEKIT_METHODS)}. Run mergekit itself for the others."
         )
     for key in ("slices", "modules"):
@@ -189,14 +422,21 @@ def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
     tok = data.get("tokenizer_source")
     if data.get("tokenizer") or (tok is not None and tok != "base"):
         raise WeightsmithError(
-            f"{recipe}: tokenizer_source '{tok}' is not supported; the base's tokenizer is copied"
+            f"{recipe}: tokenizer_source {short(tok)} is not supported; the base's tokenizer is copied"
         )
     row, norm_default, rescale_default = MERGEKIT_METHODS[method]
-    entries = _model_list(data.get("models"), recipe)
+    entries = _model_list(data.get("models"), recipe, {"parameters"})
+    filters: list[str] = []
+    glob = _check_parameters(data.get("parameters"), "(global)", recipe, filters)
+    for name, extra in entries:
+        _check_parameters(extra.get("parameters"), f"of model {short(name)}", recipe, filters)
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        raise WeightsmithError(f"{recipe}: 'dtype' must be a name like bfloat16 (got {short(dtype)})")
     for name, _ in entries:
         if "+" in name and not Path(name).exists():
             raise WeightsmithError(
-                f"{recipe}: '{name}': model+LoRA references are not supported; merge the "
+                f"{recipe}: '{short(name)}': model+LoRA references are not supported; merge the "
                 "LoRA first (weightsmith.merge.lora_merge)"
             )
     base = _locate(data["base_model"], recipe, "base_model") if data.get("base_model") else None
@@ -204,7 +444,6 @@ def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
         if base is None:
             raise WeightsmithError(f"{recipe}: mergekit method '{method}' needs base_model")
         entries = [(m, p) for m, p in entries if m != base]
-    glob = data.get("parameters") or {}
     per_model = [(m, (extra.get("parameters") or {})) for m, extra in entries]
     n_layers = _num_layers(base or entries[0][0])
 
@@ -215,7 +454,10 @@ def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
                 if v is not None:
                     return v
         if default is None:
-            raise WeightsmithError(f"{recipe}: missing required parameter '{key}' for tensor '{name}'")
+            raise WeightsmithError(
+                f"{recipe}: missing required parameter '{key}' for tensor '{name}' (no scalar, gradient or "
+                "matching filter gives it a value)"
+            )
         return default
 
     def params(name: str) -> tuple[GTA, list[float], list[float]]:
@@ -242,50 +484,45 @@ def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
         base,
         None,
         None,
-        data.get("out_dtype") or data.get("dtype"),
+        dtype,
         params,
         flavour="mergekit",
+        filters=filters,
     )
 
 
 def _num_layers(model: str) -> int:
-    import json
-
-    from ..models import resolve
-
     try:
-        cfg = resolve(model) / "config.json"
+        cfg = inputs.model_path(model) / "config.json"
         return int(json.loads(cfg.read_text()).get("num_hidden_layers", 1)) if cfg.is_file() else 1
-    except (WeightsmithError, OSError, ValueError):
+    except (WeightsmithError, OSError, ValueError, TypeError, AttributeError):
         return 1
 
 
-# A runner writes a recipe's result to OUT; each method family registers one for its config types.
-Runner = Callable[..., Path]
-RUNNERS: dict[type, Runner] = {}
+def register_runner(*types: type) -> Callable[[Callable[..., Path]], Callable[..., Path]]:
+    """Transitional, for ``lora_merge.py``: gives each config type the ``run`` method every merge config
+    has (``fn(recipe, out, **kw)``). New methods define ``run`` on the config class itself."""
 
+    def wrap(fn: Callable[..., Path]) -> Callable[..., Path]:
+        def run(self: Any, recipe: Recipe, out: Path, **kw: Any) -> Path:
+            return fn(recipe, out, **kw)
 
-def register_runner(*types: type) -> Callable[[Runner], Runner]:
-    def wrap(fn: Runner) -> Runner:
         for t in types:
-            RUNNERS[t] = fn
+            t.run = run  # type: ignore[attr-defined]
         return fn
 
     return wrap
 
 
-@register_runner(GTA, Average, TaskArithmetic, TIES, DARE, DARETIES)
-def _run_gta(recipe: Recipe, out: Path, **kw: Any) -> Path:
-    return _core.merge(
-        recipe.models,
-        recipe.method,
-        out,
-        base=recipe.base,
-        weights=recipe.weights,
-        select=recipe.select,
-        params=recipe.params,
-        **kw,
-    )
+def merge_method(config: Any) -> MergeMethod:
+    """``config`` as a merge method: an instance of a config registered under kind "merge"."""
+    cls = type(config)
+    if registered("merge").get(getattr(cls, "method", "")) is not cls:
+        raise WeightsmithError(
+            f"{short(config)} is not a merge method; use one of {', '.join(sorted(registered('merge')))}"
+        )
+    runner: MergeMethod = config
+    return runner
 
 
 def run(
@@ -297,13 +534,12 @@ def run(
     force: bool = False,
     shard_size: str | int = "2GB",
 ) -> Path:
-    """Execute a recipe (a :class:`Recipe` or a YAML path) and write the result to ``out``."""
+    """Execute a recipe (a :class:`Recipe` or a YAML path) and write the result to ``out``: the method's
+    registered config type runs it (``config.run(recipe, out, ...)``)."""
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    fn = RUNNERS.get(type(r.method))
-    if fn is None:
-        raise WeightsmithError(f"merge method '{type(r.method).method}' cannot run from a recipe")  # type: ignore[attr-defined]
+    method = merge_method(r.method)
     provenance = {"weightsmith_recipe.yaml": r.text} if r.text else None
-    return fn(
+    return method.run(
         r,
         Path(out),
         dtype=dtype or r.dtype,
@@ -311,4 +547,43 @@ def run(
         force=force,
         shard_size=shard_size,
         extra_files=provenance,
+    )
+
+
+def merge(
+    models: Sequence[Spec],
+    method: MergeMethod,
+    out: str | Path,
+    *,
+    base: Spec | None = None,
+    weights: Sequence[float] | None = None,
+    select: Selector | str | Sequence[str] | None = None,
+    params: Callable[[str], tuple[GTA, list[float], list[float]]] | None = None,
+    dtype: str | None = None,
+    device: str | None = "cpu",
+    force: bool = False,
+    shard_size: str | int = "2GB",
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Merge checkpoints (paths, model names, adapt runs or stores) with a merge config
+    (``TIES(density=0.2)``, ``TaskArithmetic(scaling=0.5)``, ``OPCM()``, ...) and write a Hugging Face
+    model directory to ``out``.
+
+    Tensors that ``select`` leaves out are copied from the base (or the first model). ``params`` may give
+    per-tensor (spec, weights, densities), as mergekit's filters and gradients do.
+    """
+    if not models:
+        raise WeightsmithError("nothing to merge: give at least one model")
+    merge_method(method)
+    r = Recipe(
+        method,
+        list(models),
+        base,
+        [float(w) for w in weights] if weights is not None else None,
+        Selector.of(select) if select is not None else None,
+        None,
+        params,
+    )
+    return method.run(
+        r, Path(out), dtype=dtype, device=device, force=force, shard_size=shard_size, extra_files=extra_files
     )

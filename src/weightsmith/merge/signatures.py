@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from ..errors import WeightsmithError
 from ..linalg import truncated_svd
-from ..store import atomic_replace, prepare_output
+from ..staging import Staging
 
 _INT_VIEW = {
     torch.float32: torch.int32,
@@ -171,21 +170,19 @@ def remove_signature(
 
 
 def save_signature(sig: Signature, path: str | os.PathLike[str], force: bool = False) -> Path:
-    """A directory with ``signature.safetensors`` (codes and scales) and ``signature.json``."""
-    out = prepare_output(path, force)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """A directory with ``signature.safetensors`` (codes and scales) and ``signature.json``, built under a
+    staging name and swapped in whole (``weightsmith.staging``)."""
     pack = int(sig.meta.get("bits", 8)) <= 4  # type: ignore[call-overload]
     flat = {
         f"{name}::{k}": _pack(v) if pack and v.dtype == torch.int8 else v.contiguous()
         for name, t in sig.tensors.items()
         for k, v in t.items()
     }
-    save_file(flat, str(tmp / "signature.safetensors"), metadata={"format": "weightsmith-rws"})
-    (tmp / "signature.json").write_text(json.dumps({"shapes": sig.shapes, "meta": sig.meta}, indent=2))
-    atomic_replace(tmp, out)
-    return out
+    with Staging(path, force, directory=True) as staged:
+        save_file(flat, str(staged.path / "signature.safetensors"), metadata={"format": "weightsmith-rws"})
+        text = json.dumps({"shapes": sig.shapes, "meta": sig.meta}, indent=2)
+        (staged.path / "signature.json").write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def load_signature(path: str | os.PathLike[str]) -> Signature:

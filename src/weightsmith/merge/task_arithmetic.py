@@ -18,22 +18,56 @@ in one pass with memory independent of the number of tasks, instead of stacking 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
+from ..linalg import top_k_mask
+from . import _core
+from ._chunked import merge_streamed
 
 SPARSIFY, TRIM, RESCALE = ("none", "magnitude", "random"), ("tensor", "model"), ("none", "inverse", "l1")
 ELECT, NORMALIZE = ("none", "sum", "weighted_sum"), ("none", "count", "weights")
 
 
+class GTAMethod(ABC):
+    """A task-arithmetic-family config: ``gta()`` gives its row; every row runs through the same executor.
+
+    ``run`` is how a recipe (``weightsmith merge``) executes any merge config: the registered config type
+    is the dispatch, there is no second table."""
+
+    @abstractmethod
+    def gta(self) -> GTA:
+        """This config as a row of :class:`GTA`."""
+
+    def run(self, recipe: _core.MergeJob, out: Path, **kw: Any) -> Path:
+        models = recipe.open_models()
+        base = recipe.open_base() if self.gta().uses_base else None
+        return _core.merge_gta(
+            models,
+            self.gta(),
+            out,
+            base=base,
+            weights=recipe.weights,
+            select=recipe.select,
+            params=recipe.params,
+            copy_from=recipe.copy_from(),
+            method=type(self).method,  # type: ignore[attr-defined]
+            filters=recipe.filters,
+            **kw,
+        )
+
+
 @register_config("gta", kind="merge")
 @dataclass(frozen=True)
-class GTA:
+class GTA(GTAMethod):
     """One row of the family. ``density`` is the kept fraction (TIES k, DARE 1-p); ``trim`` the scope of
     the magnitude top-k; ``rescale`` of survivors: ``inverse`` (1/density, DARE paper) or ``l1``
     (mergekit); ``elect``: ``sum`` votes with the unweighted trimmed vectors (TIES paper),
@@ -74,7 +108,7 @@ class GTA:
 
 @register_config("average", kind="merge")
 @dataclass(frozen=True)
-class Average:
+class Average(GTAMethod):
     """Weighted average of the checkpoints (a model soup): sum_i w_i theta_i / sum_i w_i."""
 
     def gta(self) -> GTA:
@@ -83,7 +117,7 @@ class Average:
 
 @register_config("task_arithmetic", kind="merge")
 @dataclass(frozen=True)
-class TaskArithmetic:
+class TaskArithmetic(GTAMethod):
     """theta_0 + lambda * sum_i w_i tau_i (Ilharco et al. 2023)."""
 
     scaling: float = 1.0
@@ -94,7 +128,7 @@ class TaskArithmetic:
 
 @register_config("ties", kind="merge")
 @dataclass(frozen=True)
-class TIES:
+class TIES(GTAMethod):
     """TIES-Merging (Yadav et al. 2023). ``trim="model"`` ranks |tau_i| over the whole model, as the
     paper's code does; ``"tensor"`` per tensor, as mergekit does."""
 
@@ -103,6 +137,10 @@ class TIES:
     trim: str = "model"
     weighted_election: bool = False
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise WeightsmithError(f"ties option density={self.density}: the kept fraction must be in (0, 1]")
+
     def gta(self) -> GTA:
         elect = "weighted_sum" if self.weighted_election else "sum"
         return GTA("magnitude", self.density, self.trim, elect=elect, normalize="count", scaling=self.scaling)
@@ -110,7 +148,7 @@ class TIES:
 
 @register_config("dare", kind="merge")
 @dataclass(frozen=True)
-class DARE:
+class DARE(GTAMethod):
     """DARE (Yu et al. 2024) followed by task arithmetic: drop rate ``p``, survivors times 1/(1-p)."""
 
     p: float = 0.9
@@ -118,13 +156,17 @@ class DARE:
     rescale: str = "inverse"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p < 1.0:
+            raise WeightsmithError(f"{type(self).method} option p={self.p}: the drop rate must be in [0, 1)")  # type: ignore[attr-defined]
+
     def gta(self) -> GTA:
         return GTA("random", 1.0 - self.p, rescale=self.rescale, scaling=self.scaling, seed=self.seed)
 
 
 @register_config("dare_ties", kind="merge")
 @dataclass(frozen=True)
-class DARETIES:
+class DARETIES(GTAMethod):
     """DARE, then the TIES sign election and disjoint mean (Yu et al. 2024, DARE + TIES-Merging)."""
 
     p: float = 0.9
@@ -132,6 +174,10 @@ class DARETIES:
     rescale: str = "inverse"
     weighted_election: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p < 1.0:
+            raise WeightsmithError(f"{type(self).method} option p={self.p}: the drop rate must be in [0, 1)")  # type: ignore[attr-defined]
 
     def gta(self) -> GTA:
         elect = "weighted_sum" if self.weighted_election else "sum"
@@ -149,127 +195,40 @@ class DARETIES:
 # ------------------------------------------------------------------------------------ sparsification
 
 
-def magnitude_threshold(chunks: Callable[[], Iterable[Tensor]], k: int) -> float:
-    """The k-th largest |x| over the tensors ``chunks()`` yields, exactly, in two histogram passes.
-
-    Non-negative float32 values sort like their int32 bit patterns, so a 2^15-bin count of the high 16
-    bits finds the bin holding the k-th value and a 2^16-bin count of the low bits inside it finishes.
-    Cheaper than ``topk`` (no index tensor), and ``chunks`` may stream a whole model tensor by tensor.
-    """
-    high = torch.zeros(1 << 15, dtype=torch.int64)
-    for c in chunks():
-        high += torch.bincount(_bits(c) >> 16, minlength=1 << 15).cpu()
-    above = high.flip(0).cumsum(0)
-    j = int(torch.searchsorted(above, torch.tensor(k)))
-    hb = (1 << 15) - 1 - j
-    need = k - (int(above[j - 1]) if j > 0 else 0)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for c in chunks():
-        b = _bits(c)
-        low += torch.bincount(b[(b >> 16) == hb] & 0xFFFF, minlength=1 << 16).cpu()
-    lb = (1 << 16) - 1 - int(torch.searchsorted(low.flip(0).cumsum(0), torch.tensor(need)))
-    return float(torch.tensor([(hb << 16) | lb], dtype=torch.int32).view(torch.float32))
-
-
-def _bits(x: Tensor) -> Tensor:
-    return x.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
-
-
 def trim_magnitude(delta: Tensor, density: float, threshold: float | None = None) -> Tensor:
     """TIES trim: keep the top ``density`` fraction of |delta| (exactly k = max(1, int(density*n))
-    entries, ties broken by position), or every entry with |delta| >= ``threshold`` when given."""
+    entries, ties broken by position), or every entry with |delta| >= ``threshold`` when given. The
+    chunked merge runs the same rule (``linalg.above_threshold`` with a tie budget)."""
     if density >= 1.0:
         return delta
     if density <= 0.0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    mag = delta.abs()
     if threshold is not None:
-        return delta * (mag >= threshold)
-    k = max(1, int(density * delta.numel()))
-    t = magnitude_threshold(lambda: [mag], k)
-    keep = mag > t
-    tied = (mag == t).reshape(-1)
-    tied[tied.nonzero()[k - int(keep.sum()) :, 0]] = False
-    return delta * (keep | tied.view_as(keep))
+        return delta * (delta.abs() >= threshold)
+    return delta * top_k_mask(delta, max(1, int(density * delta.numel())))
 
 
-# ------------------------------------------------------------------------ the fold over task vectors
-
-
-@dataclass
-class GTAState:
-    """Running sums for one tensor. Without election: ``pos`` holds sum_i w_i tau_i and ``pos_div`` the
-    divisor. With election: positive / negative kept parts, their divisors, and the vote (``sum``)."""
-
-    pos: Tensor
-    pos_div: Tensor
-    neg: Tensor | None = None
-    neg_div: Tensor | None = None
-    vote: Tensor | None = None
-
-
-def gta_init(like: Tensor, spec: GTA) -> GTAState:
-    z = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    if spec.elect == "none":
-        return GTAState(z, torch.zeros((), dtype=torch.float32, device=like.device))
-    return GTAState(
-        z,
-        torch.zeros_like(z),
-        torch.zeros_like(z),
-        torch.zeros_like(z),
-        torch.zeros_like(z) if spec.elect == "sum" else None,
-    )
-
-
-def gta_update(state: GTAState, tau: Tensor, weight: float, spec: GTA) -> GTAState:
-    """Add one (already sparsified, float32) task vector. The state's tensors are updated in place."""
-    unit = 1.0 if spec.normalize == "count" else weight
-    if spec.elect == "none":
-        state.pos.add_(tau, alpha=weight)
-        state.pos_div.add_(unit)
-        return state
-    assert state.neg is not None and state.neg_div is not None
-    x = tau * weight
-    s = tau if spec.elect == "sum" else x  # the sign each task votes with
-    up, down = s > 0, s < 0
-    state.pos.add_(torch.where(up, x, 0.0))
-    state.neg.add_(torch.where(down, x, 0.0))
-    state.pos_div.add_(up, alpha=unit)
-    state.neg_div.add_(down, alpha=unit)
-    if state.vote is not None:
-        state.vote.add_(tau)
-    return state
-
-
-def gta_finalize(state: GTAState, spec: GTA) -> Tensor:
-    """The merged update: lambda * (elected part) / (divisor); sign ties (sum 0) go to +."""
-    if spec.elect == "none":
-        mixed, div = state.pos, state.pos_div
-        if spec.normalize != "none":
-            mixed = mixed / (div if float(div.abs()) >= 1e-8 else 1.0)
-    else:
-        assert state.neg is not None and state.neg_div is not None
-        vote = state.vote if state.vote is not None else state.pos + state.neg
-        plus = vote >= 0
-        mixed = torch.where(plus, state.pos, state.neg)
-        if spec.normalize != "none":
-            div = torch.where(plus, state.pos_div, state.neg_div)
-            mixed = mixed / torch.where(div == 0, 1.0, div)
-    return mixed * spec.scaling if spec.scaling != 1.0 else mixed
+def as_gta(method: object) -> GTA:
+    """The :class:`GTA` row of a task-arithmetic-family config; any other config is a clear error."""
+    if not isinstance(method, GTAMethod):
+        name = getattr(type(method), "method", type(method).__name__)
+        raise WeightsmithError(
+            f"merge method '{name}' is not a task-arithmetic-family method "
+            "(average, task_arithmetic, ties, dare, dare_ties, gta)"
+        )
+    return method.gta()
 
 
 def merge_tensors(
     base: Tensor | None,
     thetas: Sequence[Tensor],
-    method: object,
+    method: GTAMethod,
     weights: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None,
 ) -> Tensor:
-    """Merge one tensor: ``method`` is any config with ``.gta()``; ``thetas`` are the fine-tuned tensors;
-    ``seeds`` (one per task) drive DARE's masks. Computes and returns float32."""
-    from ._chunked import merge_streamed
-
-    spec: GTA = method.gta()  # type: ignore[attr-defined]
+    """Merge one tensor: ``method`` is a task-arithmetic-family config; ``thetas`` are the fine-tuned
+    tensors; ``seeds`` (one per task) drive DARE's masks. Computes and returns float32."""
+    spec = as_gta(method)
     if spec.uses_base and base is None:
         raise WeightsmithError(f"merge method '{type(method).method}' needs a base model")  # type: ignore[attr-defined]
     if spec.sparsify == "magnitude" and spec.trim == "model" and spec.density < 1:
@@ -277,4 +236,37 @@ def merge_tensors(
             "trim='model' ranks a whole model: use merge_state_dicts or merge, not merge_tensors"
         )
     w = list(weights) if weights is not None else [1.0] * len(thetas)
+    _core.check_weights(w, spec)
     return merge_streamed(base, thetas, spec, w, [spec.density] * len(thetas), seeds=seeds)
+
+
+def merge_state_dicts(
+    base: Mapping[str, Tensor] | None,
+    models: Sequence[Mapping[str, Tensor]],
+    method: GTAMethod,
+    weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """In-memory merge of state dicts (float32 results for ``names``, default: the float tensors of
+    the base or first model), with the model-wide TIES trim done over all ``names``."""
+    spec = as_gta(method)
+    ref = base if base is not None and spec.uses_base else models[0]
+    if spec.uses_base and base is None:
+        raise WeightsmithError(f"merge method '{type(method).method}' needs a base model")  # type: ignore[attr-defined]
+    todo = list(names) if names is not None else [n for n, t in ref.items() if t.is_floating_point()]
+    w = list(weights) if weights is not None else [1.0] * len(models)
+    _core.check_weights(w, spec)
+    thresholds = _core.model_thresholds(ref, models, todo, spec) if spec.uses_base else [None] * len(models)
+    dens = [spec.density] * len(models)
+    return {
+        n: merge_streamed(
+            ref[n],
+            [m[n] for m in models],
+            spec,
+            w,
+            dens,
+            thresholds,
+            [_core.seed_for(spec.seed, i, n) for i in range(len(models))],
+        )
+        for n in todo
+    }

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .permute import PermutationSpec, apply_permutation, weight_matching
+from ..merge.permute import PermutationSpec, apply_permutation, weight_matching
 
 Evaluate = Callable[[nn.Module], tuple[float, float]]  # model -> (loss, accuracy)
 

@@ -1,0 +1,165 @@
+"""Merge methods that are a pure function of one weight's tensors (the base's and each model's).
+
+Every mergekit method beyond the task-arithmetic rows (SLERP, Model Stock, DELLA, breadcrumbs, SCE, ...)
+is a :class:`TensorwiseMethod`: a frozen config whose :meth:`~TensorwiseMethod.merge` maps the tensors of
+one weight name to the merged tensor, knowing nothing of names or files. ``run`` streams a whole model
+through the shared executor (``_core.write_model``) with that kernel.
+
+The helpers here are the pieces the generalised-task-arithmetic frame of mergekit shares among DELLA,
+breadcrumbs and SCE: the L1 rescale of a sparsified task vector and the TIES sign election (Yadav et al.,
+"TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023, arXiv:2306.01708).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import WeightsmithError
+from ..execute import resolve_device
+from . import _core
+
+
+def work_dtype(t: Tensor) -> torch.dtype:
+    """The arithmetic dtype of the kernels: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class TensorwiseMethod(ABC):
+    """A merge config whose result for each weight depends only on that weight's tensors.
+
+    ``base_policy`` is ``"required"``, ``"optional"`` or ``"none"`` (the base, when given, is then one
+    more input, as mergekit's Karcher mean treats it); ``min_models`` / ``max_models`` bound the number
+    of non-base models. ``random`` methods draw their masks from the ``generator`` passed to ``merge``."""
+
+    base_policy: ClassVar[str] = "required"
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    random: ClassVar[bool] = False
+
+    @abstractmethod
+    def merge(
+        self,
+        base: Tensor | None,
+        thetas: Sequence[Tensor],
+        weights: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The merged tensor of one weight (float32, or float64 for float64 inputs)."""
+
+    @property
+    def name(self) -> str:
+        return str(getattr(type(self), "method", type(self).__name__))
+
+    def check_counts(self, has_base: bool, n_models: int) -> None:
+        """Refuse an input set the method is not defined for, naming the method and the count."""
+        if self.base_policy == "required" and not has_base:
+            raise WeightsmithError(f"merge method '{self.name}' needs a base model (base: ...)")
+        if n_models < self.min_models:
+            raise WeightsmithError(
+                f"merge method '{self.name}' needs at least {self.min_models} model(s) besides the base "
+                f"(got {n_models})"
+            )
+        if self.max_models is not None and n_models > self.max_models:
+            raise WeightsmithError(
+                f"merge method '{self.name}' takes at most {self.max_models} model(s) besides the base "
+                f"(got {n_models})"
+            )
+
+    def run(self, recipe: _core.MergeJob, out: Path, **kw: Any) -> Path:
+        """Merge a recipe's models tensor by tensor through the shared executor and write ``out``."""
+        models = recipe.open_models()
+        base = recipe.open_base() if self.base_policy != "none" else None
+        self.check_counts(base is not None, len(models))
+        weights = list(recipe.weights) if recipe.weights is not None else [1.0] * len(models)
+        if len(weights) != len(models):
+            raise WeightsmithError(f"{len(weights)} weights for {len(models)} models; give one per model")
+        stores = ([base] if base is not None else []) + list(models)
+        out_dtype = _core.parse_dtype(kw.get("dtype"))
+        _core.check_inputs(stores, out_dtype)
+        chosen = _core.selected_names(stores[0], recipe.select)
+        seed = int(getattr(self, "seed", 0))
+
+        def merge_one(name: str, tensors: list[Tensor]) -> Tensor:
+            b, thetas = (tensors[0], tensors[1:]) if base is not None else (None, tensors)
+            gen = None
+            if self.random:
+                gen = torch.Generator(device=tensors[0].device).manual_seed(_core.seed_for(seed, 0, name))
+            target = out_dtype or tensors[0].dtype
+            return self.merge(b, thetas, weights, gen).to(target)
+
+        return _core.write_model(
+            stores,
+            merge_one,
+            out,
+            merged=chosen,
+            dtype=out_dtype,
+            device=resolve_device(kw.get("device", "cpu")),
+            force=bool(kw.get("force", False)),
+            shard_bytes=_core.parse_size(kw.get("shard_size", "2GB")),
+            copy_from=recipe.copy_from(),
+            extra_files=kw.get("extra_files"),
+        )
+
+
+# ------------------------------------------------------------------- generalised task arithmetic parts
+
+
+def l1_rescale(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
+    """``delta * mask`` rescaled to the L1 norm of ``delta`` (mergekit's ``rescale: true``); left
+    unscaled when either norm is below ``eps``."""
+    kept = delta * mask
+    before, after = delta.abs().sum(), kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def sign_agreement(deltas: Tensor) -> Tensor:
+    """TIES election over the leading (task) axis: gamma = +1 where sum_i delta_i >= 0 else -1; the
+    mask keeps entries whose sign equals gamma (a zero entry agrees with neither sign)."""
+    gamma = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    return deltas.sign() == gamma
+
+
+def combine(
+    base: Tensor,
+    deltas: Tensor,
+    weights: Sequence[float],
+    *,
+    elect: bool,
+    normalize: bool,
+    scaling: float,
+) -> Tensor:
+    """theta_0 + lambda * sum_i w_i m_i delta_i / D: ``deltas`` stacks the (sparsified) task vectors;
+    ``elect`` applies the TIES sign mask m_i to the weighted deltas; with ``normalize`` D is the sum of
+    the weights that contribute at each entry (all of them without election; 1 where that sum is 0)."""
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
+    w = w.reshape(-1, *([1] * (deltas.dim() - 1)))
+    weighted = deltas * w
+    if elect:
+        mask = sign_agreement(weighted).to(deltas.dtype)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if scaling != 1:
+        mixed = mixed * scaling
+    return base + mixed
+
+
+def stack_deltas(base: Tensor, thetas: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(base, stacked task vectors theta_i - theta_0), in the kernels' arithmetic dtype."""
+    dt = work_dtype(base)
+    b = base.to(dt)
+    return b, torch.stack([t.to(dt) - b for t in thetas]) if thetas else b.new_empty((0, *b.shape))

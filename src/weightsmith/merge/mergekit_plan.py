@@ -1,0 +1,465 @@
+"""Run a mergekit YAML with a tensor-wise method, ``slices:`` (frankenmerges) included, as mergekit 0.1.5
+plans it.
+
+The plan (Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models", EMNLP 2024
+Industry, arXiv:2403.13257; mergekit's documented config semantics):
+
+- ``models:`` is one slice whose sources are every model over all its layers (the base appended when it
+  is not listed). ``slices:`` lists output slices; each has ``sources`` (``model``, ``layer_range:
+  [start, end)``, ``parameters``), all of the same length, and optional ``base_model``/``parameters``.
+- Output layers are numbered consecutively across slices; output layer k of a slice merges layer
+  ``start + k`` of each source. Gradients (a list of numbers for a parameter) are interpolated at
+  t = k / (n - 1) within the slice (t = 1 for a one-layer slice); tensors outside the layers (embeddings
+  before, final norm and head after) use t = 0, the first slice's sources before and the last slice's after.
+- Parameters resolve per tensor from the most specific scope that gives a value: the source's own
+  ``parameters`` (per-model values), then the slice's, then the global ``parameters``; a list of
+  ``{filter, value}`` takes the first entry whose filter is a substring of the tensor name.
+
+Tensors are read ahead and written behind through the shared executor (:mod:`weightsmith.execute`) into a
+staged output directory (:class:`weightsmith.store.ShardWriter`); config and tokenizer files come from the
+base (or the first source), with ``num_hidden_layers`` set to the output's layer count.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import WeightsmithError
+from ..execute import ReadAhead, WriteBehind, resolve_device
+from ..progress import track
+from ..store import ShardWriter, WeightStore
+from . import _core
+from .mergekit_methods import METHODS as METHODS_WITH_KERNELS
+from .mergekit_methods import REQUIRED, MergekitMethod, Param, method
+
+LAYER = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+ONE_PASS_ROWS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")  # run by task_arithmetic.py
+PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")
+Setting = Any
+
+
+@dataclass(frozen=True)
+class Source:
+    model: str
+    start: int
+    end: int
+    params: Mapping[str, Setting]
+
+
+@dataclass(frozen=True)
+class OutSlice:
+    sources: tuple[Source, ...]
+    base: str | None
+    params: Mapping[str, Setting]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: its name, its inputs ``(model, tensor name)`` in source order, its slice and t."""
+
+    out: str
+    inputs: tuple[tuple[str, str], ...]
+    slice: int
+    t: float
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def template(name: str) -> str:
+    """``name`` with its layer index replaced by ``{L}`` (fill it with :func:`fill`)."""
+    m = LAYER.search("." + name)
+    if m is None:
+        raise ValueError(f"'{name}' is not a layer tensor")
+    s, e = m.span(1)
+    return name[: s - 1] + "{L}" + name[e - 1 :]
+
+
+def fill(tmpl: str, index: int) -> str:
+    return tmpl.replace("{L}", str(index), 1)
+
+
+def num_layers(names: Sequence[str]) -> int:
+    found = [i for i in map(layer_of, names) if i is not None]
+    return max(found) + 1 if found else 0
+
+
+# ------------------------------------------------------------------------------------ parameter values
+
+
+def _convert(value: Any, kind: type, key: str, where: str) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise WeightsmithError(
+                f"{where}: parameter '{key}' must be true or false (got {str(value)[:80]})"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WeightsmithError(f"{where}: parameter '{key}' must be a number (got {str(value)[:80]})")
+    return kind(value)
+
+
+def evaluate(setting: Setting, name: str, t: float, kind: type, key: str, where: str) -> Any:
+    """mergekit's value rules: a scalar; a gradient (list of numbers, linearly interpolated at ``t``; a
+    list of flags picks entry floor(t (n - 1))); or ``{filter, value}`` entries, first match wins."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, Mapping) for e in setting):
+            for cond in setting:
+                flt = cond.get("filter")
+                if flt is None or flt == "*" or (name and flt in name):
+                    return evaluate(cond.get("value"), name, t, kind, key, where)
+            return None
+        values = [_convert(v, kind, key, where) for v in setting]
+        if kind is bool:
+            return values[int(t * (len(values) - 1))]
+        x = t * (len(values) - 1)
+        i0 = int(x)
+        i1 = min(len(values) - 1, i0 + 1)
+        return kind((1 - (x - i0)) * values[i0] + (x - i0) * values[i1])
+    return _convert(setting, kind, key, where)
+
+
+def resolve(p: Param, scopes: Sequence[Mapping[str, Setting] | None], name: str, t: float, where: str) -> Any:
+    for scope in scopes:
+        if scope is not None and p.name in scope:
+            v = evaluate(scope[p.name], name, t, p.kind, p.name, where)
+            if v is not None:
+                return v
+    if p.default is REQUIRED:
+        raise WeightsmithError(
+            f"{where}: missing required parameter '{p.name}' for tensor '{name}' (no scalar, gradient or "
+            "matching filter gives it a value)"
+        )
+    return p.default
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def _slices(config: Mapping[str, Any], layer_count: Callable[[str], int], where: str) -> list[OutSlice]:
+    base = config.get("base_model")
+    if config.get("slices"):
+        out = []
+        for i, sl in enumerate(config["slices"]):
+            if not isinstance(sl, Mapping) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+                raise WeightsmithError(f"{where}: slices[{i}] needs a non-empty 'sources:' list")
+            srcs = []
+            for j, src in enumerate(sl["sources"]):
+                rng = src.get("layer_range") if isinstance(src, Mapping) else None
+                if (
+                    not isinstance(src, Mapping)
+                    or not isinstance(src.get("model"), str)
+                    or not isinstance(rng, list)
+                    or len(rng) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in rng)
+                ):
+                    raise WeightsmithError(
+                        f"{where}: slices[{i}].sources[{j}] needs 'model: NAME' and "
+                        "'layer_range: [START, END]'"
+                    )
+                n = layer_count(src["model"])
+                if not 0 <= rng[0] < rng[1] <= n:
+                    raise WeightsmithError(
+                        f"{where}: slices[{i}].sources[{j}] layer_range {rng} is outside {src['model']}'s "
+                        f"{n} layers"
+                    )
+                srcs.append(Source(src["model"], rng[0], rng[1], src.get("parameters") or {}))
+            lengths = {s.end - s.start for s in srcs}
+            if len(lengths) != 1:
+                raise WeightsmithError(
+                    f"{where}: slices[{i}]: every source must span the same number of layers "
+                    f"(got {sorted(lengths)})"
+                )
+            out.append(OutSlice(tuple(srcs), sl.get("base_model") or base, sl.get("parameters") or {}))
+        return out
+    models = config.get("models") or []
+    srcs = []
+    for j, m in enumerate(models):
+        name = m.get("model") if isinstance(m, Mapping) else m
+        if not isinstance(name, str):
+            raise WeightsmithError(f"{where}: models[{j}] needs 'model: NAME'")
+        params = (m.get("parameters") if isinstance(m, Mapping) else None) or {}
+        srcs.append(Source(name, 0, layer_count(name), params))
+    if base and all(s.model != base for s in srcs):
+        srcs.append(Source(base, 0, layer_count(base), {}))
+    if not srcs:
+        raise WeightsmithError(f"{where}: nothing to merge: give 'models:' or 'slices:'")
+    return [OutSlice(tuple(srcs), base, {})]
+
+
+def plan(
+    config: Mapping[str, Any], names: Callable[[str], Sequence[str]], where: str = "mergekit config"
+) -> tuple[list[OutSlice], list[Job], int]:
+    """The output slices, one :class:`Job` per output tensor (embeddings, layers, then the rest) and the
+    number of output layers. ``names(model)`` lists a model's tensor names."""
+    slices = _slices(config, lambda m: num_layers(names(m)), where)
+    first, last = slices[0].sources, slices[-1].sources
+    ref = config.get("base_model") or first[0].model
+    loose = [n for n in names(ref) if layer_of(n) is None]
+    pre = [n for n in loose if any(h in n for h in PRE_HINTS)]
+    post = [n for n in loose if n not in pre]
+    jobs = [Job(n, tuple((s.model, n) for s in first), 0, 0.0) for n in pre]
+    k = 0
+    for i, sl in enumerate(slices):
+        length = sl.sources[0].end - sl.sources[0].start
+        for off in range(length):
+            t = off / (length - 1) if length > 1 else 1.0
+            per_source = []
+            for s in sl.sources:
+                idx = s.start + off
+                by_suffix = {template(n): n for n in names(s.model) if layer_of(n) == idx}
+                per_source.append(by_suffix)
+            for suffix, _ in per_source[0].items():
+                missing = [s.model for s, d in zip(sl.sources, per_source, strict=True) if suffix not in d]
+                if missing:
+                    raise WeightsmithError(
+                        f"{where}: slices[{i}]: {missing[0]} has no tensor "
+                        f"'{fill(suffix, sl.sources[0].start + off)}' (layer {off} of the slice)"
+                    )
+                jobs.append(
+                    Job(
+                        fill(suffix, k),
+                        tuple((s.model, d[suffix]) for s, d in zip(sl.sources, per_source, strict=True)),
+                        i,
+                        t,
+                    )
+                )
+            k += 1
+    jobs += [Job(n, tuple((s.model, n) for s in last), len(slices) - 1, 0.0) for n in post]
+    return slices, jobs, k
+
+
+def job_parameters(
+    mk: MergekitMethod,
+    job: Job,
+    sl: OutSlice,
+    glob: Mapping[str, Setting],
+    base_index: int | None,
+    where: str,
+) -> tuple[dict[str, Any], list[Mapping[str, Any]]]:
+    """(shared values, one dict per non-base input) for one output tensor."""
+    shared = {
+        p.name: resolve(p, [sl.params, glob], job.out, job.t, where) for p in mk.params if p.scope == "shared"
+    }
+    per: list[Mapping[str, Any]] = []
+    for i, (model, name) in enumerate(job.inputs):
+        if i == base_index:
+            continue
+        scopes = [s.params for s in sl.sources if s.model == model] + [sl.params, glob]
+        per.append(
+            {
+                p.name: resolve(p, scopes, name, job.t, f"{where} ({model})")
+                for p in mk.params
+                if p.scope != "shared"
+            }
+        )
+    return shared, per
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def run(
+    config: Mapping[str, Any],
+    out: str | Path,
+    *,
+    open_model: Callable[[str], WeightStore],
+    source_dir: Callable[[str], Path | None],
+    dtype: str | None = None,
+    device: str | torch.device | None = "cpu",
+    force: bool = False,
+    shard_size: str | int = "2GB",
+    seed: int = 0,
+    extra_files: Mapping[str, str] | None = None,
+    where: str = "mergekit config",
+) -> Path:
+    """Merge as the mergekit ``config`` (a parsed YAML mapping) says and write a model directory to ``out``.
+    ``open_model`` / ``source_dir`` resolve the config's model names (the caller's business)."""
+    mk = method(str(config.get("merge_method")))
+    glob = config.get("parameters") or {}
+    stores: dict[str, WeightStore] = {}
+
+    def store(model: str) -> WeightStore:
+        if model not in stores:
+            stores[model] = open_model(model)
+        return stores[model]
+
+    slices, jobs, n_out = plan(config, lambda m: list(store(m)), where)
+    bases: list[int | None] = []
+    for i, sl in enumerate(slices):
+        models = [s.model for s in sl.sources]
+        has = mk.base != "ignored" and sl.base is not None and sl.base in models
+        if mk.base == "required" and sl.base is not None and sl.base not in models:
+            raise WeightsmithError(f"{where}: slices[{i}]: base_model {sl.base} is not one of its sources")
+        mk.check_inputs(len(models), has, f"{where}: slices[{i}]")
+        bases.append(models.index(sl.base) if has and sl.base is not None else None)
+    in_dtype = _core.parse_dtype(config.get("dtype"))
+    out_dtype = _core.parse_dtype(dtype or config.get("out_dtype") or config.get("dtype"))
+    dev = resolve_device(device)
+    params = [job_parameters(mk, j, slices[j.slice], glob, bases[j.slice], where) for j in jobs]
+
+    def read(job: Job) -> list[Tensor]:
+        ts = [store(m)[n] for m, n in job.inputs]
+        shapes = {tuple(t.shape) for t in ts}
+        if len(shapes) > 1:
+            raise WeightsmithError(
+                f"{where}: tensor '{job.out}' has different shapes in its inputs: "
+                + ", ".join(f"{m}:{n} {tuple(t.shape)}" for (m, n), t in zip(job.inputs, ts, strict=True))
+            )
+        return [
+            t.to(dev, in_dtype) if in_dtype is not None and t.is_floating_point() else t.to(dev) for t in ts
+        ]
+
+    def size(job: Job) -> int:
+        return sum(store(m).meta(n).nbytes for m, n in job.inputs)
+
+    copy_from = source_dir(config.get("base_model") or slices[0].sources[0].model)
+    writer = ShardWriter(out, max_shard_bytes=_core.parse_size(shard_size), force=force)
+    behind = WriteBehind(writer.add)
+    try:
+        with ReadAhead(list(enumerate(jobs)), lambda ij: read(ij[1]), size=lambda ij: size(ij[1])) as reader:
+            for (i, job), tensors in track(reader, "merge", len(jobs)):
+                target = out_dtype or tensors[0].dtype
+                if not tensors[0].is_floating_point():
+                    behind.put(job.out, tensors[0])
+                    continue
+                b = bases[job.slice]
+                base = tensors[b] if b is not None else None
+                thetas = [t for k, t in enumerate(tensors) if k != b]
+                shared, per = params[i]
+                gen = None
+                if mk.random:
+                    gen = torch.Generator(device=dev).manual_seed(_core.seed_for(seed, 0, job.out))
+                try:
+                    result = mk.kernel(base, thetas, shared, per, gen)
+                except (RuntimeError, ValueError) as exc:
+                    raise WeightsmithError(f"merging tensor '{job.out}' failed: {exc}") from exc
+                if not bool(torch.isfinite(result).all()):
+                    raise WeightsmithError(f"merging tensor '{job.out}' gave NaN or Inf")
+                behind.put(job.out, result, target)
+        behind.finish()
+        _core._copy_model_files(writer, copy_from, out_dtype, extra_files)
+        cfg = writer.tmp / "config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            if "num_hidden_layers" in data:
+                data["num_hidden_layers"] = n_out
+                writer.write_text("config.json", json.dumps(data, indent=2))
+        return writer.close()
+    except BaseException:
+        behind.close()
+        writer.abort()
+        raise
+
+
+# ------------------------------------------------------------------------- the recipe layer's handle
+
+YAML_KEYS = {
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+    "tokenizer", "name", "chat_template", "modules",
+}  # fmt: skip
+
+
+def _check_keys(config: Mapping[str, Any], mk: MergekitMethod, where: str) -> None:
+    """Refuse what this path does not do yet, and parameter names the method does not have."""
+    unknown = sorted(str(k) for k in config if k not in YAML_KEYS)
+    if unknown:
+        raise WeightsmithError(
+            f"{where}: unknown mergekit key(s) {unknown[:5]}; known: {', '.join(sorted(YAML_KEYS))}"
+        )
+    if config.get("modules"):
+        raise WeightsmithError(f"{where}: mergekit 'modules:' is not supported; use 'models:' or 'slices:'")
+    tok = config.get("tokenizer_source")
+    if config.get("tokenizer") or (tok is not None and tok != "base"):
+        raise WeightsmithError(
+            f"{where}: tokenizer_source {str(tok)[:80]} is not supported; the base's tokenizer is copied"
+        )
+    known = {p.name for p in mk.params}
+    scopes: list[tuple[str, Any]] = [("(global)", config.get("parameters"))]
+    for i, sl in enumerate(config.get("slices") or []):
+        if isinstance(sl, Mapping):
+            scopes.append((f"of slices[{i}]", sl.get("parameters")))
+            for j, src in enumerate(sl.get("sources") or []):
+                if isinstance(src, Mapping):
+                    scopes.append((f"of slices[{i}].sources[{j}]", src.get("parameters")))
+    for j, m in enumerate(config.get("models") or []):
+        if isinstance(m, Mapping):
+            scopes.append((f"of models[{j}]", m.get("parameters")))
+    for what, params in scopes:
+        if params is None:
+            continue
+        if not isinstance(params, Mapping):
+            raise WeightsmithError(f"{where}: 'parameters' {what} must be a mapping (got {str(params)[:80]})")
+        for key in params:
+            if key not in known:
+                raise WeightsmithError(
+                    f"{where}: unknown parameter '{str(key)[:80]}' {what} for method '{mk.name}'; "
+                    f"known: {', '.join(sorted(known)) or '(none)'}"
+                )
+
+
+@dataclass(frozen=True)
+class MergekitYAML:
+    """A parsed mergekit YAML that this module runs (``run`` has the signature of every merge config's)."""
+
+    config: Mapping[str, Any]
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_keys(
+            self.config, method(str(self.config.get("merge_method"))), str(self.path or "mergekit config")
+        )
+
+    def _locate(self, spec: str) -> str:
+        p = Path(spec).expanduser()
+        if not p.exists() and self.path is not None and (self.path.parent / p).exists():
+            return str(self.path.parent / p)
+        return spec
+
+    def run(self, recipe: Any, out: Path, **kw: Any) -> Path:
+        from . import inputs
+
+        def open_model(spec: str) -> WeightStore:
+            if "+" in spec and not Path(self._locate(spec)).exists():
+                raise WeightsmithError(
+                    f"{self.path}: '{spec[:120]}': model+LoRA references are not supported; "
+                    "merge the LoRA first"
+                )
+            return inputs.open_input(self._locate(spec))
+
+        return run(
+            self.config,
+            out,
+            open_model=open_model,
+            source_dir=lambda spec: inputs.source_dir(self._locate(spec)),
+            dtype=kw.get("dtype"),
+            device=kw.get("device", "cpu"),
+            force=bool(kw.get("force", False)),
+            shard_size=kw.get("shard_size", "2GB"),
+            seed=int(kw.get("seed", 0)),
+            extra_files=kw.get("extra_files"),
+            where=str(self.path or "mergekit config"),
+        )
+
+
+def handles(config: Mapping[str, Any]) -> bool:
+    """Whether this module runs ``config``: a method of the table that the task-arithmetic executor does
+    not run, or any method of the table with ``slices:``."""
+    name = config.get("merge_method")
+    if not isinstance(name, str) or name not in METHODS_WITH_KERNELS:
+        return False
+    return bool(config.get("slices")) or name not in ONE_PASS_ROWS

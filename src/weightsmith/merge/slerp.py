@@ -1,0 +1,203 @@
+"""Spherical interpolation merges: SLERP, NuSLERP and Multi-SLERP (mergekit's ``slerp``, ``nuslerp``,
+``multislerp``).
+
+- Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985: for unit directions at angle
+  Omega = arccos(<u0, u1>), slerp(t) = sin((1-t) Omega)/sin(Omega) * v0 + sin(t Omega)/sin(Omega) * v1.
+  ``slerp`` takes Omega from the normalised whole tensors and applies the coefficients to the raw
+  tensors; nearly collinear pairs (|cos Omega| > ``dot_threshold``) interpolate linearly.
+- ``nuslerp`` applies the same formula per row (or per column, or over the flattened tensor), with t
+  from the two models' weights (t = w_1 / (w_0 + w_1)); with a base it interpolates the task vectors
+  theta_i - theta_0 and adds the result back to the base.
+- ``multislerp`` (Goddard, "Multi-SLERP", 2024, barycentric interpolation on the hypersphere, cf. Buss &
+  Fillmore, "Spherical averages and applications to spherical splines and interpolation", ACM TOG
+  2001): project the unit inputs to the tangent space at their normalised weighted mean m,
+  average there, map back with exp_m(v) = cos|v| m + sin|v| v/|v|, and scale by the weighted mean norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import register_config
+from ..errors import WeightsmithError
+from ._tensorwise import TensorwiseMethod, work_dtype
+
+
+def slerp(v0: Tensor, v1: Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """SLERP of two whole tensors from ``v0`` (t = 0) to ``v1`` (t = 1), computed in float32 (float64
+    for float64 inputs). Norms at or below ``eps`` count as 1 when normalising for the angle."""
+    dt = work_dtype(v0)
+    a, b = v0.reshape(-1).to(dt), v1.reshape(-1).to(dt)
+    if a.numel() == 0:
+        return ((1 - t) * a + t * b).reshape(v0.shape)
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    na = torch.where(na > eps, na, torch.ones_like(na))
+    nb = torch.where(nb > eps, nb, torch.ones_like(nb))
+    cos = ((a / na) * (b / nb)).sum().clamp(-1, 1)
+    if cos.abs() > dot_threshold:
+        return ((1 - t) * a + t * b).reshape(v0.shape)
+    omega = torch.acos(cos)
+    s = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / s * a + torch.sin(t * omega) / s * b).reshape(v0.shape)
+
+
+def check_t(t: float, what: str = "slerp option t") -> None:
+    if not 0.0 <= t <= 1.0:
+        raise WeightsmithError(f"{what}={t}: the interpolation factor must be in [0, 1]")
+
+
+@register_config("slerp", kind="merge")
+@dataclass(frozen=True)
+class SLERP(TensorwiseMethod):
+    """SLERP from the base (t = 0) to the one other model (t = 1), Shoemake 1985."""
+
+    t: float = 0.5
+    dot_threshold: float = 0.9995
+    eps: float = 1e-8
+
+    min_models = 1
+    max_models = 1
+
+    def __post_init__(self) -> None:
+        check_t(self.t)
+
+    def merge(
+        self,
+        base: Tensor | None,
+        thetas: Sequence[Tensor],
+        weights: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check_counts(base is not None, len(thetas))
+        assert base is not None
+        return slerp(base, thetas[0], self.t, self.dot_threshold, self.eps)
+
+
+def nuslerp(
+    v0: Tensor, v1: Tensor, t: float, *, row_wise: bool = False, flatten: bool = True, eps: float = 1e-8
+) -> Tensor:
+    """SLERP along the last axis (``row_wise``: along the first), or over the flattened tensor. Each
+    slice interpolates linearly where 1 - cos^2 <= eps^2 (collinear or antipodal directions)."""
+    dt = work_dtype(v0)
+    shape = v0.shape
+    a, b = v0.to(dt), v1.to(dt)
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= eps**2
+    omega = torch.acos(torch.where(collinear, torch.zeros_like(cos), cos))
+    curved = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    out = torch.where(collinear, (1 - t) * a + t * b, curved)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+@register_config("nuslerp", kind="merge")
+@dataclass(frozen=True)
+class NuSLERP(TensorwiseMethod):
+    """SLERP of two models with t = w_1 / (w_0 + w_1) (0.5 when the weights sum to ~0); of their task
+    vectors when a base is given. ``flatten`` (default) treats the tensor as one vector; otherwise each
+    row (``row_wise``: each column) is interpolated on its own."""
+
+    row_wise: bool = False
+    flatten: bool = True
+    eps: float = 1e-8
+
+    base_policy = "optional"
+    min_models = 2
+    max_models = 2
+
+    def merge(
+        self,
+        base: Tensor | None,
+        thetas: Sequence[Tensor],
+        weights: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check_counts(base is not None, len(thetas))
+        w = list(weights) if weights is not None else [1.0, 1.0]
+        total = w[0] + w[1]
+        t = 0.5 if abs(total) < 1e-6 else w[1] / total
+        rw, fl, eps = self.row_wise, self.flatten, self.eps
+        if base is None:
+            return nuslerp(thetas[0], thetas[1], t, row_wise=rw, flatten=fl, eps=eps)
+        b = base.to(work_dtype(base))
+        return b + nuslerp(
+            thetas[0].to(b.dtype) - b, thetas[1].to(b.dtype) - b, t, row_wise=rw, flatten=fl, eps=eps
+        )
+
+
+def multislerp(
+    thetas: Sequence[Tensor],
+    weights: Sequence[float],
+    base: Tensor | None = None,
+    *,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Barycentric spherical interpolation of any number of tensors (of their task vectors when ``base``
+    is given). Two exactly opposed inputs whose weighted mean vanishes interpolate linearly; more than
+    two such inputs are an error."""
+    dt = work_dtype(thetas[0])
+    if len(thetas) == 1:
+        return thetas[0].to(dt)
+    shape = thetas[0].shape
+    x = torch.stack([t.to(dt) for t in thetas])
+    if base is not None:
+        x = x - base.to(dt)
+    flat = x.reshape(len(thetas), -1)
+    w = torch.tensor(list(weights), dtype=dt, device=x.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(thetas) != 2:
+            raise WeightsmithError(
+                "multislerp: the weighted mean direction of the inputs is zero (opposed inputs whose "
+                "weights cancel); change the weights"
+            )
+        out = (x[0] * w[0] + x[1] * w[1]).reshape(shape)
+        return out + base.to(dt) if base is not None else out
+    mean = mean / mean_norm
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    v = (tangent * w[:, None]).sum(0)
+    vn = torch.linalg.vector_norm(v) + eps
+    on_sphere = mean * torch.cos(vn) + v * (torch.sin(vn) / vn)
+    out = (on_sphere * (norms.squeeze(-1) * w).sum()).reshape(shape)
+    return out + base.to(dt) if base is not None else out
+
+
+@register_config("multislerp", kind="merge")
+@dataclass(frozen=True)
+class MultiSLERP(TensorwiseMethod):
+    """Multi-SLERP: barycentric interpolation of any number of models on the hypersphere (of their task
+    vectors when a base is given), weights normalised to sum 1 unless ``normalize_weights`` is false."""
+
+    normalize_weights: bool = True
+    eps: float = 1e-8
+
+    base_policy = "optional"
+    min_models = 1
+
+    def merge(
+        self,
+        base: Tensor | None,
+        thetas: Sequence[Tensor],
+        weights: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check_counts(base is not None, len(thetas))
+        w = list(weights) if weights is not None else [1.0] * len(thetas)
+        return multislerp(thetas, w, base, normalize_weights=self.normalize_weights, eps=self.eps)
