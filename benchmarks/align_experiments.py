@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from weightsmith import zoo
-from weightsmith.merge.atlas import learn_coefficients, task_arithmetic_state, task_vector
 from weightsmith.analyze.barrier import barrier, classification_eval, interpolate
+from weightsmith.merge.atlas import learn_coefficients, task_arithmetic_state, task_vector
 from weightsmith.merge.permute import apply_permutation, chain_spec, mlp_spec, weight_matching
 from weightsmith.merge.pleas import pleas_merge, zip_average
 from weightsmith.merge.signatures import apply_signature, extract_signature, remove_signature
