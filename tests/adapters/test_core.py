@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -277,10 +279,13 @@ def test_to_peft_svd_export_reports_error(tmp_path):
     delta = layer.adapters["default"].delta(layer.weight())
     s = torch.linalg.svdvals(delta)
     assert errs["block.up.weight"] == 0.0  # AdaLoRA is exactly low-rank: exported at its own rank
-    from weightsmith.adapters._peft import _peft_tensors
-
-    _, r, _, rel = _peft_tensors(m2.block["q_proj"], "d", 1)
-    assert r == 2 and rel == 0.0
+    # DoRA has its own PEFT form: written exactly at its own rank whatever rank= asks for
+    assert adapters.to_peft(m2, tmp_path / "d", name="d", rank=1) == {"block.q_proj.weight": 0.0}
+    cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["use_dora"]) == ("LORA", 2, True)
+    assert load_file(tmp_path / "d" / "adapter_model.safetensors")[
+        "base_model.model.block.q_proj.lora_A.weight"
+    ].shape == (2, 16)
     assert float(s[4:].norm()) < 1e-4  # sanity: rank 4 update
 
 
@@ -313,3 +318,106 @@ def test_svd_export_error_matches_singular_value_tail(tmp_path):
     got = fresh.block["up"].adapters["default"].delta(fresh.block["up"].weight())
     assert torch.allclose(got, approx, atol=1e-5)
     assert F.mse_loss(got, approx) < 1e-10
+
+
+def test_base_out_is_skipped_only_when_no_active_adapter_reads_it(monkeypatch):
+    """``needs_base_out = False`` (OFT, BOFT, input-scaled (IA)³): the core does not compute ``x W0ᵀ`` for
+    a lone adapter; with a second adapter it does, and both see it. The outputs do not change."""
+    from weightsmith.adapters.boft import BOFT
+    from weightsmith.adapters.ia3 import IA3
+    from weightsmith.adapters.oft import OFT
+
+    seen: list[Tensor | None] = []
+
+    class _Spy(Adapter):
+        needs_base_out = False
+
+        def __init__(self, inner: Adapter) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+            seen.append(base_out)
+            return self.inner(x, W0, base_out)  # type: ignore[no-any-return]
+
+    for cfg in (OFT(block_size=4), BOFT(block_size=4), IA3(feedforward=("q_proj",))):
+        m = Net()
+        adapters.adapt(m, cfg, targets="block.q_proj")
+        randomize(m)
+        layer = m.block["q_proj"]
+        inner = layer.adapters["default"]
+        assert type(inner).needs_base_out is False
+        with torch.no_grad():
+            want = F.linear(X, layer.weight() + inner.delta(layer.weight()), layer.base.bias)
+            layer.adapters["default"] = _Spy(inner)
+            seen.clear()
+            torch.testing.assert_close(layer(X), want, atol=1e-5, rtol=1e-5)
+            assert seen == [None]
+            adapters.adapt(m, LoRA(rank=2), targets="block.q_proj", name="lora")  # B = 0: no change
+            seen.clear()
+            torch.testing.assert_close(layer(X), want, atol=1e-5, rtol=1e-5)
+            assert len(seen) == 1 and seen[0] is not None
+            torch.testing.assert_close(seen[0], F.linear(X, layer.weight()))
+    out_scaled = Net()
+    adapters.adapt(out_scaled, IA3(), targets="block.q_proj")
+    assert type(out_scaled.block["q_proj"].adapters["default"]).needs_base_out is True
+
+
+def test_bias_scale_in_forward_merge_unmerge_and_merged_export():
+    """An adapter's ``bias_scale`` s gives ``x W'ᵀ + s ⊙ b``; merging multiplies ``base.bias`` by s, unmerging
+    restores it, and ``merged_state_dict`` (export --merged) holds the scaled bias without merging."""
+    from weightsmith.adapters._peft import merged_state_dict
+    from weightsmith.adapters.ia3 import IA3
+
+    m = Net()
+    adapters.adapt(m, IA3(), targets="block.q_proj")
+    randomize(m, seed=7)
+    layer = m.block["q_proj"]
+    ell = layer.adapters["default"].ia3_l.detach().view(-1)
+    W, b = layer.base.weight.detach().clone(), layer.base.bias.detach().clone()
+    with torch.no_grad():
+        y = layer(X)
+        torch.testing.assert_close(y, ell * (X @ W.T + b), atol=1e-6, rtol=1e-6)
+        exported = merged_state_dict(m)
+        torch.testing.assert_close(exported["block.q_proj.bias"], ell * b)
+        adapters.merge_adapters(m)
+        torch.testing.assert_close(layer.base.bias, ell * b)
+        torch.testing.assert_close(layer(X), y, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(exported["block.q_proj.weight"], layer.base.weight)
+        adapters.unmerge_adapters(m)
+        torch.testing.assert_close(layer.base.bias, b, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(layer.base.weight, W, atol=1e-7, rtol=1e-6)
+
+
+def test_read_peft_closes_the_weights_file(tmp_path):
+    from weightsmith.adapters._peft import read_peft
+
+    m = Net()
+    adapters.adapt(m, LoRA(rank=2), targets="block.q_proj")
+    adapters.to_peft(m, tmp_path / "p")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder = read_peft(tmp_path / "p")
+        gc.collect()  # a file left open is closed here, with a ResourceWarning
+    assert folder.tensors
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+RANK_CHECKS = [
+    ("hydra", "Hydra", 16),
+    ("loha", "LoHa", 16),
+    ("nola", "NOLA", 16),
+    ("randlora", "RandLoRA", 16),
+    ("sltrain", "SLTrain", 16),
+    ("loldu", "LoLDU", 16),
+    ("svfit", "SVFit", 16),
+    ("compacter", "Compacter", 4),  # rank of the fast weights: at most min(out, in) / phm_dim
+]
+
+
+@pytest.mark.parametrize(("method", "label", "limit"), RANK_CHECKS)
+def test_rank_checks_share_one_message(method, label, limit):
+    cls = adapters.registered_adapters()[method]
+    want = rf"block\.q_proj\.weight.*16, 16.*{label} rank 99 is not in 1\.\.{limit}"
+    with pytest.raises(WeightsmithError, match=want):
+        adapters.adapt(Net(), cls(rank=99), targets="block.q_proj")

@@ -10,7 +10,9 @@ and merged weights must agree to 1e-5 (float32).
 from __future__ import annotations
 
 import copy
+import json
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -180,9 +182,9 @@ T: dict[str, Any] = {"target_modules": TARGETS}
 
 # name: (PEFT config, our config for load_peft_state (None: per-module patterns, reader only), bias)
 CASES: dict[str, tuple[Callable[[], Any], Any, bool]] = {
-    # PEFT scales an output-scaled layer's bias too; ours does not (see ia3.py): biases only on l1
-    "ia3": (lambda: peft.IA3Config(**T, feedforward_modules=["l1", "l3"]), IA3(("l1", "l3")), False),
-    "ia3-regex": (lambda: peft.IA3Config(**T, feedforward_modules="l[12]"), IA3(("re:l[12]",)), False),
+    # biases on every layer: PEFT scales an output-scaled layer's bias too, l ⊙ (W0 x + b); so do we
+    "ia3": (lambda: peft.IA3Config(**T, feedforward_modules=["l1", "l3"]), IA3(("l1", "l3")), True),
+    "ia3-regex": (lambda: peft.IA3Config(**T, feedforward_modules="l[12]"), IA3(("re:l[12]",)), True),
     "loha": (lambda: peft.LoHaConfig(**T, r=3, alpha=5), LoHa(rank=3, alpha=5), True),
     "loha-patterns": (
         lambda: peft.LoHaConfig(**T, r=2, alpha=3, rank_pattern={"l2": 4}, alpha_pattern={"l3": 7}),
@@ -292,17 +294,24 @@ def test_reader_and_writer_match_peft(case, tmp_path):
     pm, _ = peft_model(case, seed=2)
     pm.save_pretrained(tmp_path / "peft")
     bias = CASES[case][2]
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as own:
+        warnings.simplefilter("always")
         ref = peft.PeftModel.from_pretrained(mlp(bias), tmp_path / "peft").eval()(X)
     model = mlp(bias)
     assert adapters.from_peft(model, tmp_path / "peft") == ["l1.weight", "l2.weight", "l3.weight"]
     with torch.no_grad():
         assert close(model(X), ref), f"{case}: imported adapter computes differently"
-    if "alpha_pattern" in str(CASES[case][0]()):
-        return  # the writer only writes r / lora_alpha patterns (LoHa/LoKr name it 'alpha')
     errors = adapters.to_peft(model, tmp_path / "ours")
-    assert set(errors.values()) == {0.0}
-    again = peft.PeftModel.from_pretrained(mlp(bias), tmp_path / "ours").eval()
+    assert set(errors.values()) == {0.0}  # in the method's own form (alpha_pattern too), no SVD
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(written) <= set(theirs), f"{case}: fields PEFT does not have: {set(written) - set(theirs)}"
+    for table in ("rank_pattern", "alpha_pattern"):
+        assert written.get(table) == theirs.get(table), f"{case}: {table}"
+    with warnings.catch_warnings():  # PEFT reads our folder without a word (unless it warns on its own)
+        if not [w for w in own if issubclass(w.category, UserWarning) and "peft" in w.filename]:
+            warnings.filterwarnings("error", category=UserWarning, module=r"peft(\.|$)")
+        again = peft.PeftModel.from_pretrained(mlp(bias), tmp_path / "ours").eval()
     assert type(again.peft_config["default"]) is type(pm.peft_config["default"])
     with torch.no_grad():
         assert close(again(X), ref), f"{case}: PEFT reads our folder differently"

@@ -5,6 +5,7 @@ reads it back."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from weightsmith import adapters
 from weightsmith.adapters.bone import Bone
 from weightsmith.adapters.dora import DoRA
 from weightsmith.adapters.hra import HRA
+from weightsmith.adapters.ia3 import IA3
 from weightsmith.adapters.lora import LoRA
 from weightsmith.adapters.vera import VeRA
 from weightsmith.errors import WeightsmithError
@@ -61,7 +63,9 @@ def test_peft_loads_what_we_write(tmp_path, config, targets, peft_type):
     errors = adapters.to_peft(model, tmp_path / "p")
     assert max(errors.values()) == 0.0
     assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["peft_type"] == peft_type
-    theirs = hidden(peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "p").eval())
+    with warnings.catch_warnings():  # no unknown fields, peft_version present: PEFT says nothing
+        warnings.filterwarnings("error", category=UserWarning, module=r"peft(\.|$)")
+        theirs = hidden(peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "p").eval())
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     back = tiny_bert()
     adapters.from_peft(back, tmp_path / "p")
@@ -78,3 +82,53 @@ def test_imported_shared_bases_are_not_saved_natively(tmp_path):
     with pytest.raises(WeightsmithError, match="to_peft"):
         adapters.save_adapters(model, tmp_path / "native")
     assert not (tmp_path / "native").exists()
+
+
+def biased_bert():
+    """``tiny_bert`` with random (non-zero) biases: BERT initialises them to 0."""
+    model = tiny_bert()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def test_ia3_scales_the_bias_like_peft(tmp_path):
+    """BERT's key / value have biases: PEFT computes l ⊙ (W0 x + b) there, and so do we, in forward,
+    merge (the bias is scaled too), unmerge (the bias comes back) and in the folder we write."""
+    cfg = peft.IA3Config(
+        target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]
+    )
+    pm = peft.get_peft_model(biased_bert(), cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in sorted(pm.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(tmp_path / "peft")
+    want = hidden(pm)
+    model = biased_bert()
+    adapters.from_peft(model, tmp_path / "peft")
+    assert isinstance(model.encoder.layer[0].attention.self.key.configs["default"], IA3)
+    assert float((want - hidden(biased_bert())).abs().max()) > 1e-3
+    torch.testing.assert_close(hidden(model), want, atol=1e-5, rtol=1e-5)
+    before = {k: v.clone() for k, v in adapters.base_state_dict(model).items()}
+    merged_peft = pm.merge_and_unload().state_dict()
+    adapters.merge_adapters(model)
+    torch.testing.assert_close(hidden(model), want, atol=1e-5, rtol=1e-5)
+    merged = adapters.base_state_dict(model)
+    bias = "encoder.layer.0.attention.self.key.bias"
+    assert not torch.allclose(merged[bias], before[bias])
+    for k in merged:
+        torch.testing.assert_close(merged[k], merged_peft[k], atol=1e-5, rtol=1e-5)
+    adapters.unmerge_adapters(model)
+    for k, v in adapters.base_state_dict(model).items():
+        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=1e-6)
+    adapters.to_peft(model, tmp_path / "ours")
+    assert "bias" not in json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=UserWarning, module=r"peft(\.|$)")
+        again = peft.PeftModel.from_pretrained(biased_bert(), tmp_path / "ours").eval()
+    torch.testing.assert_close(hidden(again), want, atol=1e-5, rtol=1e-5)

@@ -85,13 +85,29 @@ class AdaptedLayer(nn.Module):
             if len(active) == 1:
                 return active[0].embed(x, W0, out)
             return out + sum(a.embed(x, W0, out) - out for a in active)
-        out = torch.matmul(x, W0.T) if self.kind == "conv1d" else F.linear(x, W0)
-        if len(active) == 1:
-            y = active[0](x, W0, out)
+        if len(active) == 1 and not active[0].needs_base_out:
+            y = active[0](x, W0, None)  # OFT, BOFT, input-scaled (IA)3: x W0ᵀ would be thrown away
         else:
-            y = out + sum(a(x, W0, out) - out for a in active)
-        bias = self.base.bias
-        return y if bias is None else y + bias
+            out = torch.matmul(x, W0.T) if self.kind == "conv1d" else F.linear(x, W0)
+            y = active[0](x, W0, out) if len(active) == 1 else out + sum(a(x, W0, out) - out for a in active)
+        bias: Tensor | None = getattr(self.base, "bias", None)
+        if bias is None:
+            return y
+        scales = [s for a in active if (s := a.bias_scale()) is not None]
+        if not scales:
+            return y + bias
+        # each adapter's own output carries s_a ⊙ b; several add their changes: b + Σ (s_a ⊙ b - b)
+        scaled = bias + sum(bias * s.to(bias.dtype) - bias for s in scales)
+        return y + scaled
+
+    def _scale_bias(self, adapter: Adapter, inverse: bool) -> None:
+        s = adapter.bias_scale()
+        bias: Tensor | None = getattr(self.base, "bias", None)
+        if s is None or bias is None:
+            return
+        with torch.no_grad():
+            b = bias.float()
+            bias.copy_((b / s.float() if inverse else b * s.float()).to(bias.dtype))
 
     def merge(self, name: str) -> None:
         if name in self.merged:
@@ -102,6 +118,7 @@ class AdaptedLayer(nn.Module):
         with torch.no_grad():
             W = self.weight().float()
             self._write(adapter.merge(W))
+        self._scale_bias(adapter, inverse=False)
         self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
@@ -112,6 +129,7 @@ class AdaptedLayer(nn.Module):
             for n in [*reversed(later), name]:
                 a: Adapter = self.adapters[n]  # type: ignore[assignment]
                 self._write(a.unmerge(self.weight().float()))
+                self._scale_bias(a, inverse=True)
                 self.merged.remove(n)
         for n in later:
             self.merge(n)

@@ -20,14 +20,21 @@ Conventions every method can rely on:
   as a non-persistent buffer. The core keeps one copy in memory, also across ``model.to(...)``.
 - ``forward(x, W0, base_out)`` receives ``base_out = x W0ᵀ`` without the layer's bias and returns
   ``x W'ᵀ``; the core adds the bias. Multiplicative methods (DoRA, HRA) can therefore rescale or
-  re-project ``base_out`` directly.
+  re-project ``base_out`` directly. A method that never reads ``base_out`` (OFT, BOFT: they rotate
+  ``x``) sets ``needs_base_out = False``; the core then skips ``x W0ᵀ`` and may pass ``base_out=None``
+  (such a ``forward`` takes ``base_out: Tensor | None``).
+- A method that also rescales the layer's bias (PEFT's (IA)³ computes ``l ⊙ (W0 x + b)``) returns the
+  scale from ``bias_scale()``; the core adds ``bias ⊙ scale`` in ``forward`` and multiplies / divides
+  ``base.bias`` by it on merge / unmerge.
 - Errors about user input (a rank too large for the matrix, ...) are ``ctx.error(message)``, which
   names the weight and its shape.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -35,11 +42,13 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import WeightsmithError
+from ..errors import ShapeMismatchError, WeightsmithError
 from ..linalg import seeded_generator
 
 T = TypeVar("T")
+F_ = TypeVar("F_", bound=Callable[..., Any])
 
 
 class SharedBases:
@@ -129,6 +138,9 @@ class AdapterContext:
 class Adapter(nn.Module):
     """One adapter on one weight. Subclasses define ``delta``; most also a fast ``forward``."""
 
+    # False: forward never reads base_out, so the core does not compute x W0ᵀ for it (it may pass None)
+    needs_base_out: ClassVar[bool] = True
+
     def delta(self, W0: Tensor) -> Tensor:
         """The dense update ``ΔW`` (same shape as ``W0``), so that ``W' = W0 + ΔW``."""
         raise TypeError(f"{type(self).__name__} must define delta(W0)")
@@ -148,6 +160,12 @@ class Adapter(nn.Module):
     def unmerge(self, W_merged: Tensor) -> Tensor:
         """Recover ``W0`` from ``W0 + ΔW``. Valid as is only when ``delta`` does not depend on ``W0``."""
         return W_merged - self.delta(W_merged)
+
+    def bias_scale(self) -> Tensor | None:
+        """A scale ``s`` [out] for the layer's bias, ``y = x W'ᵀ + s ⊙ b``, or None (the bias as is).
+
+        Merging multiplies ``base.bias`` by ``s`` and unmerging divides it again."""
+        return None
 
     def low_rank(self) -> tuple[Tensor, Tensor] | None:
         """Exact factors ``(B [out, k], A [k, in])`` with ``delta(W0) == B @ A`` for every ``W0``, or None.
@@ -270,3 +288,111 @@ class AdapterConfig:
     ) -> dict[str, AdapterConfig]:
         """Per-weight configs before creation (EVA redistributes ranks across layers here)."""
         return {n: self for n in names}
+
+
+# ------------------------------------------------------------ helpers the method files share
+
+
+def check_rank(
+    rank: int, W0: Tensor, ctx: AdapterContext, method: str | None = None, limit: int | None = None
+) -> None:
+    """A low-rank method's ``rank`` must be in ``1..limit`` (default ``min(W0.shape)``, the smaller side
+    of the matrix); else ``ctx.error`` naming the weight, its shape and ``method``."""
+    top = min(W0.shape) if limit is None else limit
+    if rank < 1 or rank > top:
+        what = "rank" if method is None else f"{method} rank"
+        why = " (the smaller side of the matrix)" if limit is None else ""
+        raise ctx.error(f"{what} {rank} is not in 1..{top}{why}", tuple(W0.shape))
+
+
+def amp_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: autocast's dtype inside an autocast region on ``x``'s
+    device (float64 is never autocast), else ``x.dtype``."""
+    dev = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def amp_apply(fn: Any, base_out: Tensor, x: Tensor, *args: Any) -> Tensor:
+    """``fn.apply(base_out, x, *args)`` for a hand-written autograd Function under autocast or not.
+
+    ``x`` and ``base_out`` are cast (differentiably) to :func:`amp_dtype` and autocast is off inside,
+    so forward computes in the dtype autocast would have used and casts parameters explicitly; the
+    output has the dtype autocast gives a plain ``nn.Linear``. Backward (see :func:`autocast_off`)
+    then sees gradients in that one dtype and returns parameter gradients in the parameters' dtype.
+    """
+    dt = amp_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn.apply(base_out.to(dt), x.to(dt), *args)  # type: ignore[no-any-return]
+
+
+def autocast_off(backward: F_) -> F_:
+    """Run a Function's backward with autocast off (it may be called inside an autocast region on the
+    CPU, where backward runs on the caller's thread): its explicit casts then hold."""
+
+    @functools.wraps(backward)
+    def run(ctx: Any, *grads: Any) -> Any:
+        dev = next((g.device.type for g in grads if isinstance(g, Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return backward(ctx, *grads)
+
+    return run  # type: ignore[return-value]
+
+
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def shared_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` for a frozen basis shared by many layers, cast once instead of once per layer call.
+
+    Keyed by the tensor object (entries vanish with it) and re-cast when ``t`` is modified in place.
+    """
+    if t.dtype == dtype:
+        return t
+    slot = _CASTS.setdefault(t, {})
+    hit = slot.get(dtype)
+    if hit is None or hit[0] != t._version:
+        hit = slot[dtype] = (t._version, t.detach().to(dtype))
+    return hit[1]  # type: ignore[no-any-return]
+
+
+def load_peft_tensors(adapter: nn.Module, state: Mapping[str, Tensor], names: Mapping[str, str]) -> None:
+    """Copy ``state[peft_key]`` into ``adapter.<attribute>`` for each ``peft_key -> attribute`` in ``names``.
+
+    Raises WeightsmithError naming a missing or extra key, and ShapeMismatchError for a wrong shape.
+    """
+    missing = [k for k in names if k not in state]
+    if missing:
+        raise WeightsmithError(
+            f"{type(adapter).__name__}: PEFT tensor '{missing[0]}' is missing (got {sorted(state)})"
+        )
+    extra = sorted(set(state) - set(names))
+    if extra:
+        raise WeightsmithError(
+            f"{type(adapter).__name__}: unexpected PEFT tensor '{extra[0]}' (expected {sorted(names)})"
+        )
+    with torch.no_grad():
+        for key, attr in names.items():
+            p: Tensor = getattr(adapter, attr)
+            v = state[key]
+            if tuple(v.shape) != tuple(p.shape):
+                raise ShapeMismatchError(key, tuple(p.shape), tuple(v.shape), type(adapter).__name__)
+            p.copy_(v.to(device=p.device, dtype=p.dtype))
+
+
+def check_dropouts(peft_config: Mapping[str, Any], keys: tuple[str, ...], method: str) -> None:
+    """Dropouts are training-time only: importing weights trained with them is exact. Reject bad values."""
+    for key in keys:
+        value = peft_config.get(key) or 0.0
+        if not 0.0 <= float(value) < 1.0:
+            raise WeightsmithError(f"PEFT {method} option '{key}' must be in [0, 1), got {value!r}")
+
+
+def pattern_value(peft_config: Mapping[str, Any], table: str, module: str, default: Any) -> Any:
+    """PEFT's per-module override (``rank_pattern`` / ``alpha_pattern``): the value of the first key ``k``
+    with ``re.match(rf"(.*\\.)?({k})$", module)``, else ``default``."""
+    for key, value in (peft_config.get(table) or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default

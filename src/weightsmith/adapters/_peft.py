@@ -41,7 +41,7 @@ from ..config import registered
 from ..errors import WeightsmithError
 from ..linalg import truncated_svd
 from ..staging import staged_dir
-from ..store import ShardWriter, open_store
+from ..store import SafetensorsStore, ShardWriter
 from ._attach import (
     AdaptedLayer,
     _candidates,
@@ -75,6 +75,25 @@ _REFUSED: dict[str, str] = {
 }
 # LoRA inits that rewrite the base weights: the folder alone does not describe the model
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Written into adapter_config.json as peft_version: the PEFT release whose format the writer follows
+# (PEFT fills the field in itself since 0.18; OFT's Cayley-Neumann form warns when it is missing or older).
+PEFT_FORMAT_VERSION = "0.21.0"
+# the alpha field of the PEFT types with rank_pattern / alpha_pattern tables
+_ALPHA_FIELD: dict[str, str] = {
+    "LORA": "lora_alpha",
+    "ADALORA": "lora_alpha",
+    "LOHA": "alpha",
+    "LOKR": "alpha",
+}
+# fields the writer adds for every method that PEFT's config of these types does not have (PEFT warns
+# about unknown fields on load)
+_NOT_IN_CONFIG: dict[str, tuple[str, ...]] = {
+    "IA3": ("bias",),
+    "LOHA": ("bias", "fan_in_fan_out"),
+    "LOKR": ("bias", "fan_in_fan_out"),
+    "HRA": ("fan_in_fan_out",),
+    "MISS": ("fan_in_fan_out",),
+}
 
 
 def _module_path(layer: AdaptedLayer) -> str:
@@ -133,8 +152,11 @@ def read_peft(path: str | os.PathLike[str]) -> PeftFolder:
         raise WeightsmithError(f"{cfg_file}: must be a JSON object")
     if (d / PEFT_WEIGHTS).is_file():
         weights = d / PEFT_WEIGHTS
-        store = open_store(weights)
-        tensors = {k: store[k] for k in store}
+        store = SafetensorsStore([weights], str(weights))
+        try:
+            tensors = {k: store[k] for k in store}
+        finally:
+            store.close()
     elif (d / PEFT_BIN).is_file():
         weights = d / PEFT_BIN
         try:
@@ -473,38 +495,32 @@ def _native(
     return cfgs, states
 
 
+def _pattern_tables(peft_type: str) -> tuple[tuple[str, str], ...]:
+    """``(table, field)`` pairs of the per-module overrides PEFT's config for ``peft_type`` has."""
+    alpha = _ALPHA_FIELD.get(peft_type)
+    return () if alpha is None else (("rank_pattern", "r"), ("alpha_pattern", alpha))
+
+
 def _common(cfgs: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """One config for all modules, with r / lora_alpha differences as rank_pattern / alpha_pattern;
-    None when the modules differ in anything else (or in the method's type)."""
+    """One config for all modules, with rank / alpha differences as rank_pattern / alpha_pattern (for
+    the PEFT types that have them); None when the modules differ in anything else (or in the method's
+    type)."""
     first = next(iter(cfgs.values()))
     keys = set(first)
     if any(set(c) != keys for c in cfgs.values()):
         return None
+    tables = _pattern_tables(str(first.get("peft_type")))
     common = {}
     for k in keys:
         values = [json.dumps(c[k], sort_keys=True) for c in cfgs.values()]
         top = Counter(values).most_common(1)[0][0]
-        if len(set(values)) > 1 and k not in ("r", "lora_alpha"):
+        if len(set(values)) > 1 and k not in [f for _, f in tables]:
             return None
         common[k] = json.loads(top)
-    for table, k in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+    for table, k in tables:
         if k in common:
             common[table] = {_exact(m): c[k] for m, c in cfgs.items() if c[k] != common[k]}
     return common
-
-
-def _peft_tensors(
-    layer: AdaptedLayer, name: str, rank: int | None
-) -> tuple[dict[str, Tensor], int, float, float]:
-    """One layer as ``to_peft`` writes it alone: (tensors under file keys, r, lora_alpha, relative error)."""
-    module = _module_path(layer)
-    native = _native([layer], name)
-    if native is not None:
-        cfg = native[0][module]
-        tensors = {f"{PREFIX}{module}.{k}": v for k, v in native[1][module].items()}
-        return tensors, int(cfg.get("r", 0)), float(cfg.get("lora_alpha", cfg.get("r", 0))), 0.0
-    t, r, rel = _lora_tensors(layer, name, rank)
-    return {f"{PREFIX}{module}.{k}": v for k, v in t.items()}, r, float(r), rel
 
 
 def to_peft(
@@ -547,7 +563,10 @@ def to_peft(
         "modules_to_save": None,
         "fan_in_fan_out": any(layer.kind == "conv1d" for layer in layers),
         "inference_mode": True,
+        "peft_version": PEFT_FORMAT_VERSION,
     }
+    for key in _NOT_IN_CONFIG.get(str(config["peft_type"]), ()):
+        del config[key]
     with staged_dir(out_dir, force) as tmp:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
@@ -581,6 +600,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
             W = W + sum(a.merge(W) - W for a in active)
         key = f"{path}.weight"
         state[key] = (W.T if layer.kind == "conv1d" else W).to(state[key].dtype).contiguous()
+        scales = [s.detach().float() for a in active if (s := a.bias_scale()) is not None]
+        if scales and f"{path}.bias" in state:
+            b = state[f"{path}.bias"]
+            bf = b.float()
+            state[f"{path}.bias"] = (bf + sum(bf * s - bf for s in scales)).to(b.dtype)
     return state
 
 

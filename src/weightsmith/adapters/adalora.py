@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
-from .lora import check_rank, lora_forward
+from ._core import Adapter, AdapterConfig, AdapterContext, check_rank, copy_peft
+from .lora import lora_forward
 
 
 class RankAllocator:

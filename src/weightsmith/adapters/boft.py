@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext
-from .loha import check_dropouts, load_peft_tensors
+from ._core import Adapter, AdapterConfig, AdapterContext, check_dropouts, load_peft_tensors
 from .oft import cayley
 
 
@@ -80,6 +79,7 @@ def boft_layout(in_f: int, block_size: int, block_num: int, factors: int) -> tup
 class BOFTAdapter(Adapter):
     """Trainable ``boft_R`` [m, k, b, b] and ``boft_s`` [out, 1]; permutations are non-saved buffers."""
 
+    needs_base_out: ClassVar[bool] = False  # rotates x, then applies W0
     perms: Tensor
     inv_perms: Tensor
 
@@ -119,7 +119,7 @@ class BOFTAdapter(Adapter):
     def delta(self, W0: Tensor) -> Tensor:
         return self.merge(W0) - W0
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         x_rot = self.rotate_rows(x, self.blocks(), transpose=False)
         y = F.linear(x_rot, W0.to(x_rot.dtype))
         return y * self.boft_s.view(-1).to(y.dtype)  # y is bf16 under autocast, x may not be

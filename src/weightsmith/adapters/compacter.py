@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..linalg import seeded_generator
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
 from .lora import lora_forward
 
 
@@ -91,8 +91,7 @@ class Compacter(AdapterConfig):
         n, r = self.phm_dim, self.rank
         if n < 1 or out_f % n or in_f % n:
             raise ctx.error(f"Compacter phm_dim {n} must divide both sides", tuple(W0.shape))
-        if r < 1 or r > min(out_f, in_f) // n:
-            raise ctx.error(f"Compacter rank {r} is not in 1..{min(out_f, in_f) // n}", tuple(W0.shape))
+        check_rank(r, W0, ctx, "Compacter", limit=min(out_f, in_f) // n)
 
         def make_rule(g: torch.Generator) -> nn.Parameter:
             A = torch.randn(n, n, n, generator=g) * self.phm_init_range

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
-from .lora import amp_apply, autocast_off, check_rank, lora_init, lora_scaling
+from ._core import Adapter, AdapterConfig, AdapterContext, amp_apply, autocast_off, check_rank, copy_peft
+from .lora import lora_init, lora_scaling
 
 
 class _DoRALinear(torch.autograd.Function):

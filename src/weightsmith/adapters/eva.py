@@ -24,8 +24,8 @@ from torch import Tensor
 from ..config import register_config
 from ..layers import InputStats
 from ..linalg import svd
-from ._core import AdapterConfig, AdapterContext
-from .lora import LoRAAdapter, check_rank, lora_scaling
+from ._core import AdapterConfig, AdapterContext, check_rank
+from .lora import LoRAAdapter, lora_scaling
 
 
 def input_components(X: Tensor | InputStats, k: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -34,8 +34,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
-from .lora import amp_apply, autocast_off
+from ._core import Adapter, AdapterConfig, AdapterContext, amp_apply, autocast_off, copy_peft
 
 
 class _HouseholderWY(torch.autograd.Function):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
 
 
 class HydraAdapter(Adapter):
@@ -76,8 +76,7 @@ class Hydra(AdapterConfig):
     def create(self, W0: Tensor, ctx: AdapterContext) -> HydraAdapter:
         out_f, in_f = W0.shape
         r = self.rank
-        if r < 1 or r > min(out_f, in_f):
-            raise ctx.error(f"Hydra rank {r} is not in 1..{min(out_f, in_f)}", tuple(W0.shape))
+        check_rank(r, W0, ctx, "Hydra")
         g = ctx.generator()
         A_p = nn.init.xavier_uniform_(torch.empty(r, in_f), generator=g)
         A_s = nn.init.xavier_uniform_(torch.empty(r, out_f), generator=g)

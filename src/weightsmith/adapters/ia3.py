@@ -13,10 +13,10 @@ PEFT's ``feedforward_modules``: each entry is a module-name suffix, or, written 
 regular expression that must match the whole module name (PEFT's string form). Merging multiplies
 ``W0`` and unmerging divides it (exact unless some ``l_i = 0``, which ``unmerge`` refuses).
 
-PEFT difference: for an output-scaled layer with a bias PEFT also scales the bias,
-``y = l ⊙ (W0 x + b)``; here (and in the paper, whose T5 layers have no biases) ``y = l ⊙ (W0 x) + b``,
-because an adapter reparameterises the weight only. PEFT (IA)³ files for bias-free layers, and for
-input-scaled layers with or without bias, import exactly.
+An output-scaled layer's bias is scaled too, ``y = l ⊙ (W0 x + b)`` (PEFT's form; the paper's T5
+layers have no biases): ``bias_scale`` returns ``l`` and merging multiplies the bias as well. An
+input-scaled layer keeps its bias, ``y = W0 (l ⊙ x) + b``, and never computes ``W0 x`` (no
+``base_out``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext
-from .loha import load_peft_tensors
+from ._core import Adapter, AdapterConfig, AdapterContext, load_peft_tensors
 
 
 def is_feedforward(module: str, feedforward: tuple[str, ...]) -> bool:
@@ -43,7 +42,8 @@ def is_feedforward(module: str, feedforward: tuple[str, ...]) -> bool:
 
 
 class IA3Adapter(Adapter):
-    """Trainable ``ia3_l``: [out, 1] (output scaling) or [1, in] (input scaling), broadcast over ``W0``."""
+    """Trainable ``ia3_l``: [out, 1] (output scaling) or [1, in] (input scaling, :class:`IA3InputAdapter`),
+    broadcast over ``W0``."""
 
     def __init__(self, scale: Tensor, scales_input: bool) -> None:
         super().__init__()
@@ -54,9 +54,10 @@ class IA3Adapter(Adapter):
         return W0 * (self.ia3_l - 1)
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        if self.scales_input:
-            return torch.nn.functional.linear(x * self.ia3_l.view(-1).to(x.dtype), W0.to(x.dtype))
         return base_out * self.ia3_l.view(-1).to(base_out.dtype)
+
+    def bias_scale(self) -> Tensor | None:
+        return None if self.scales_input else self.ia3_l.view(-1)
 
     def merge(self, W0: Tensor) -> Tensor:
         return W0 * self.ia3_l
@@ -73,6 +74,15 @@ class IA3Adapter(Adapter):
 
     def load_peft_state(self, state: Mapping[str, Tensor]) -> None:
         load_peft_tensors(self, state, {"ia3_l": "ia3_l"})
+
+
+class IA3InputAdapter(IA3Adapter):
+    """Input scaling ``W0 diag(l)``: ``forward`` scales ``x`` and never needs ``x W0ᵀ``."""
+
+    needs_base_out: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        return torch.nn.functional.linear(x * self.ia3_l.view(-1).to(x.dtype), W0.to(x.dtype))
 
 
 @register_config("ia3", kind="adapter")
@@ -108,7 +118,9 @@ class IA3(AdapterConfig):
         module = ctx.name[: -len(".weight")] if ctx.name.endswith(".weight") else ctx.name
         out_f, in_f = W0.shape
         ff = is_feedforward(module, self.feedforward)
-        return IA3Adapter(torch.ones((1, in_f) if ff else (out_f, 1), device=W0.device), ff)
+        if ff:
+            return IA3InputAdapter(torch.ones(1, in_f, device=W0.device), True)
+        return IA3Adapter(torch.ones(out_f, 1, device=W0.device), False)
 
     @classmethod
     def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> IA3:

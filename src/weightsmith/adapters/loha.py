@@ -19,7 +19,6 @@ dense ``out × in`` matrix is built.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,50 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ..errors import ShapeMismatchError, WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import (
+    Adapter,
+    AdapterConfig,
+    AdapterContext,
+    check_dropouts,
+    check_rank,
+    load_peft_tensors,
+    pattern_value,
+)
 from .lora import lora_forward
-
-
-def load_peft_tensors(adapter: nn.Module, state: Mapping[str, Tensor], names: Mapping[str, str]) -> None:
-    """Copy ``state[peft_key]`` into ``adapter.<attribute>`` for each ``peft_key -> attribute`` in ``names``.
-
-    Raises WeightsmithError naming a missing or extra key, and ShapeMismatchError for a wrong shape.
-    """
-    missing = [k for k in names if k not in state]
-    if missing:
-        raise WeightsmithError(
-            f"{type(adapter).__name__}: PEFT tensor '{missing[0]}' is missing (got {sorted(state)})"
-        )
-    extra = sorted(set(state) - set(names))
-    if extra:
-        raise WeightsmithError(
-            f"{type(adapter).__name__}: unexpected PEFT tensor '{extra[0]}' (expected {sorted(names)})"
-        )
-    with torch.no_grad():
-        for key, attr in names.items():
-            p: Tensor = getattr(adapter, attr)
-            v = state[key]
-            if tuple(v.shape) != tuple(p.shape):
-                raise ShapeMismatchError(key, tuple(p.shape), tuple(v.shape), type(adapter).__name__)
-            p.copy_(v.to(device=p.device, dtype=p.dtype))
-
-
-def check_dropouts(peft_config: Mapping[str, Any], keys: tuple[str, ...], method: str) -> None:
-    """Dropouts are training-time only: importing weights trained with them is exact. Reject bad values."""
-    for key in keys:
-        value = peft_config.get(key) or 0.0
-        if not 0.0 <= float(value) < 1.0:
-            raise WeightsmithError(f"PEFT {method} option '{key}' must be in [0, 1), got {value!r}")
-
-
-def pattern_value(peft_config: Mapping[str, Any], table: str, module: str, default: Any) -> Any:
-    """PEFT's per-module override (``rank_pattern`` / ``alpha_pattern``): the value of the first key ``k``
-    with ``re.match(rf"(.*\\.)?({k})$", module)``, else ``default``."""
-    for key, value in (peft_config.get(table) or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def kaiming(rows: int, cols: int, g: torch.Generator) -> Tensor:
@@ -152,8 +117,7 @@ class LoHa(AdapterConfig):
     def create(self, W0: Tensor, ctx: AdapterContext) -> LoHaAdapter:
         out_f, in_f = W0.shape
         r = self.rank
-        if r < 1 or r > min(out_f, in_f):
-            raise ctx.error(f"LoHa rank {r} is not in 1..{min(out_f, in_f)}", tuple(W0.shape))
+        check_rank(r, W0, ctx, "LoHa")
         g = ctx.generator()
         w1a, w1b, w2a = kaiming(out_f, r, g), kaiming(r, in_f, g), kaiming(out_f, r, g)
         dev = W0.device

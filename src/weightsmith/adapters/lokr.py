@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext
-from .loha import check_dropouts, kaiming, load_peft_tensors, pattern_value
+from ._core import Adapter, AdapterConfig, AdapterContext, check_dropouts, load_peft_tensors, pattern_value
+from .loha import kaiming
 
 
 def factor_pair(size: int, factor: int = -1) -> tuple[int, int]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
 
 
 def ldu(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,9 +84,7 @@ class LoLDU(AdapterConfig):
         return cls(rank=8)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> LoLDUAdapter:
-        limit = min(W0.shape)
-        r = limit if self.rank is None else self.rank
-        if r < 1 or r > limit:
-            raise ctx.error(f"LoLDU rank {r} is not in 1..{limit}", tuple(W0.shape))
+        r = min(W0.shape) if self.rank is None else self.rank
+        check_rank(r, W0, ctx, "LoLDU")
         PL, z, U = ldu(W0)
         return LoLDUAdapter(PL[:, :r].contiguous(), z[:r].contiguous(), U[:r].contiguous(), self.sigma_init)

@@ -7,66 +7,21 @@ The rank-stabilised scaling ``s = alpha / sqrt(r)`` (instead of ``alpha / r``) i
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
+from ._core import Adapter, AdapterConfig, AdapterContext, amp_apply, autocast_off, check_rank, copy_peft
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
-def check_rank(rank: int, W0: Tensor, ctx: AdapterContext) -> None:
-    limit = min(W0.shape)
-    if rank < 1 or rank > limit:
-        raise ctx.error(f"rank {rank} is not in 1..{limit} (the smaller side of the matrix)", tuple(W0.shape))
-
-
-F_ = TypeVar("F_", bound=Callable[..., Any])
-
-
-def amp_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a matmul of ``x`` runs in: autocast's dtype inside an autocast region on ``x``'s
-    device (float64 is never autocast), else ``x.dtype``."""
-    dev = x.device.type
-    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
-def amp_apply(fn: Any, base_out: Tensor, x: Tensor, *args: Any) -> Tensor:
-    """``fn.apply(base_out, x, *args)`` for a hand-written autograd Function under autocast or not.
-
-    ``x`` and ``base_out`` are cast (differentiably) to :func:`amp_dtype` and autocast is off inside,
-    so forward computes in the dtype autocast would have used and casts parameters explicitly; the
-    output has the dtype autocast gives a plain ``nn.Linear``. Backward (see :func:`autocast_off`)
-    then sees gradients in that one dtype and returns parameter gradients in the parameters' dtype.
-    """
-    dt = amp_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return fn.apply(base_out.to(dt), x.to(dt), *args)  # type: ignore[no-any-return]
-
-
-def autocast_off(backward: F_) -> F_:
-    """Run a Function's backward with autocast off (it may be called inside an autocast region on the
-    CPU, where backward runs on the caller's thread): its explicit casts then hold."""
-
-    @functools.wraps(backward)
-    def run(ctx: Any, *grads: Any) -> Any:
-        dev = next((g.device.type for g in grads if isinstance(g, Tensor)), "cpu")
-        with torch.autocast(dev, enabled=False):
-            return backward(ctx, *grads)
-
-    return run  # type: ignore[return-value]
 
 
 class _LowRankAdd(torch.autograd.Function):

@@ -25,9 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, check_rank, shared_cast
 from .lora import lora_forward
-from .vera import shared_cast
 
 
 def nola_basis(count: int, rows: int, cols: int) -> Callable[[torch.Generator], Tensor]:
@@ -101,8 +100,7 @@ class NOLA(AdapterConfig):
     def create(self, W0: Tensor, ctx: AdapterContext) -> NOLAAdapter:
         out_f, in_f = W0.shape
         r = self.rank
-        if r < 1 or r > min(out_f, in_f):
-            raise ctx.error(f"NOLA rank {r} is not in 1..{min(out_f, in_f)}", tuple(W0.shape))
+        check_rank(r, W0, ctx, "NOLA")
         if self.num_basis_A < 1 or self.num_basis_B < 1:
             raise ctx.error("NOLA needs num_basis_A >= 1 and num_basis_B >= 1")
         k, l = self.num_basis_A, self.num_basis_B

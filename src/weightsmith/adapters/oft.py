@@ -33,8 +33,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext
-from .loha import check_dropouts, load_peft_tensors
+from ._core import Adapter, AdapterConfig, AdapterContext, check_dropouts, load_peft_tensors
 
 
 def skew(vec: Tensor, b: int) -> Tensor:
@@ -96,6 +95,8 @@ def oft_blocks(in_f: int, rank: int, block_size: int) -> tuple[int, int]:
 class OFTAdapter(Adapter):
     """Trainable ``oft_R`` [k or 1, b(b-1)/2]; ``R`` is block-diagonal with k blocks of size b."""
 
+    needs_base_out: ClassVar[bool] = False  # rotates x, then applies W0
+
     def __init__(
         self,
         params: Tensor,
@@ -137,7 +138,7 @@ class OFTAdapter(Adapter):
     def delta(self, W0: Tensor) -> Tensor:
         return self.merge(W0) - W0
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         # x' = R x per token (PEFT's x_blocks @ R_j on row vectors); then the frozen layer
         R = self.rotations()
         xb = x.reshape(*x.shape[:-1], self.blocks, self.block_size)

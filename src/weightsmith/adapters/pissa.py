@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..linalg import rsvd, svd
-from ._core import Adapter, AdapterConfig, AdapterContext
-from .lora import check_rank, lora_forward, lora_scaling
+from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
+from .lora import lora_forward, lora_scaling
 
 
 class PiSSAAdapter(Adapter):

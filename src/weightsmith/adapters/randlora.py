@@ -31,9 +31,18 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft, peft_take
-from .lora import amp_apply, amp_dtype, autocast_off
-from .vera import shared_cast
+from ._core import (
+    Adapter,
+    AdapterConfig,
+    AdapterContext,
+    amp_apply,
+    amp_dtype,
+    autocast_off,
+    check_rank,
+    copy_peft,
+    peft_take,
+    shared_cast,
+)
 
 
 class ScaledBasis(torch.autograd.Function):
@@ -213,8 +222,7 @@ class RandLoRA(AdapterConfig):
     def create(self, W0: Tensor, ctx: AdapterContext) -> RandLoRAAdapter:
         out_f, in_f = W0.shape
         r = self.rank
-        if r < 1 or r > min(out_f, in_f):
-            raise ctx.error(f"RandLoRA rank {r} is not in 1..{min(out_f, in_f)}", tuple(W0.shape))
+        check_rank(r, W0, ctx, "RandLoRA")
         shapes = (*(ctx.shapes or ()), (out_f, in_f))
         d_max = max(min(s) for s in shapes)
         D_max = max(max(s) for s in shapes)

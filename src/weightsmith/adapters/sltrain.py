@@ -25,8 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext
-from .lora import amp_apply, autocast_off
+from ._core import Adapter, AdapterConfig, AdapterContext, amp_apply, autocast_off, check_rank
 
 
 def random_support(numel: int, nnz: int, g: torch.Generator) -> Tensor:
@@ -118,8 +117,7 @@ class SLTrain(AdapterConfig):
     def create(self, W0: Tensor, ctx: AdapterContext) -> SLTrainAdapter:
         out_f, in_f = W0.shape
         r = self.rank
-        if r < 1 or r > min(out_f, in_f):
-            raise ctx.error(f"SLTrain rank {r} is not in 1..{min(out_f, in_f)}", tuple(W0.shape))
+        check_rank(r, W0, ctx, "SLTrain")
         if not 0.0 <= self.density <= 1.0:
             raise ctx.error(f"SLTrain density must be in [0, 1], got {self.density}")
         g = ctx.generator()

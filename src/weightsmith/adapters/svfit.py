@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..linalg import svd
-from ._core import Adapter, AdapterConfig, AdapterContext
+from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
 
 
 class SVFitAdapter(Adapter):
@@ -85,6 +85,5 @@ class SVFit(AdapterConfig):
             r = min(energy_rank(S, self.energy), limit)
         else:
             r = limit if self.rank is None else self.rank
-        if r < 1 or r > limit:
-            raise ctx.error(f"SVFit rank {r} is not in 1..{limit}", tuple(W0.shape))
+        check_rank(r, W0, ctx, "SVFit")
         return SVFitAdapter(U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].T.contiguous())

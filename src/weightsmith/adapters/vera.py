@@ -22,35 +22,16 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext, copy_peft
-from .lora import amp_dtype
+from ._core import Adapter, AdapterConfig, AdapterContext, amp_dtype, copy_peft, shared_cast
 
 
 def kaiming_uniform(shape: tuple[int, int], g: torch.Generator) -> Tensor:
     """U(-b, b), ``b = sqrt(3) * sqrt(2) / sqrt(fan_in)``, fan_in = shape[1] (He et al.; PEFT's VeRA init)."""
     bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
     return (torch.rand(shape, generator=g) * 2 - 1) * bound
-
-
-_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def shared_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)`` for a frozen basis shared by many layers, cast once instead of once per layer call.
-
-    Keyed by the tensor object (entries vanish with it) and re-cast when ``t`` is modified in place.
-    """
-    if t.dtype == dtype:
-        return t
-    slot = _CASTS.setdefault(t, {})
-    hit = slot.get(dtype)
-    if hit is None or hit[0] != t._version:
-        hit = slot[dtype] = (t._version, t.detach().to(dtype))
-    return hit[1]  # type: ignore[no-any-return]
 
 
 class VeRAAdapter(Adapter):

@@ -10,10 +10,20 @@ import importlib
 import pkgutil
 
 from ._core import TaskVector, check_inputs, write_model
-from .lora_merge import LoRAMerge, merge_adapters
+from .arcee_fusion import ArceeFusion
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTIES
+from .della import DELLA, DELLALinear
+from .karcher import Karcher
+from .lora_merge import LoRAMerge, merge_loras
+from .model_stock import ModelStock
+from .nearswap import NearSwap
 from .opcm import OPCM, merge_continual, opcm
+from .passthrough import Passthrough
+from .ram import RAM, RAMPlusTL
 from .recipe import load_recipe, merge
 from .recipe import run as run_recipe
+from .sce import SCE
+from .slerp import SLERP, MultiSLERP, NuSLERP
 from .task_arithmetic import (
     DARE,
     DARETIES,
@@ -31,6 +41,9 @@ for _info in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "DARE", "DARETIES", "GTA", "OPCM", "TIES", "Average", "LoRAMerge", "TaskArithmetic", "TaskVector",
-    "check_inputs", "load_recipe", "merge", "merge_adapters", "merge_state_dicts", "merge_continual",
+    "check_inputs", "load_recipe", "merge", "merge_loras", "merge_state_dicts", "merge_continual",
     "merge_tensors", "opcm", "run_recipe", "write_model",
+    # mergekit's tensor-wise methods (docs/merging-mergekit.md)
+    "DELLA", "RAM", "SCE", "SLERP", "ArceeFusion", "Breadcrumbs", "BreadcrumbsTIES", "DELLALinear", "Karcher",
+    "ModelStock", "MultiSLERP", "NearSwap", "NuSLERP", "Passthrough", "RAMPlusTL",
 ]  # fmt: skip

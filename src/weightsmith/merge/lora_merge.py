@@ -332,8 +332,3 @@ def _anchored(module: str) -> str:
 def _run(recipe: Recipe, out: Path, **kw: Any) -> Path:
     models = [Path(m.source) if isinstance(m, WeightStore) else m for m in recipe.models]
     return merge_loras(models, out, recipe.weights, recipe.method.mode, recipe.base, **kw)
-
-
-# The name before merge_loras; weightsmith.adapters.merge_adapters (folding attached adapters into the
-# weights) is a different function. Kept while weightsmith.merge re-exports it under this name.
-merge_adapters = merge_loras
