@@ -182,6 +182,6 @@ def test_cli_help_and_errors(fam, tmp_path):
     path.write_text(yaml.safe_dump({"method": "tiez", "models": ["a"]}))
     with pytest.raises(WeightsmithError, match="unknown merge method 'tiez'"):
         run(path, tmp_path / "out")
-    path.write_text(yaml.safe_dump({"merge_method": "slerp", "models": [{"model": "a"}]}))
-    with pytest.raises(WeightsmithError, match="'slerp' is not supported"):
+    path.write_text(yaml.safe_dump({"merge_method": "frankenstein", "models": [{"model": "a"}]}))
+    with pytest.raises(WeightsmithError, match="'frankenstein' is not supported"):
         run(path, tmp_path / "out")

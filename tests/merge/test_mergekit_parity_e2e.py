@@ -1,6 +1,6 @@
-"""End to end: a mergekit YAML (tensor-wise methods, ``slices:``, gradients, filters) run by
-``weightsmith.merge.mergekit_plan`` gives mergekit 0.1.5's own output directory (1e-5 on float32), on a
-tiny 2-layer Llama built with transformers.
+"""End to end: a mergekit YAML (tensor-wise methods, ``slices:``, gradients, filters) run as
+``weightsmith merge FILE OUT`` runs it (``recipe.run`` -> ``weightsmith.merge.mergekit_plan``) gives
+mergekit 0.1.5's own output directory (1e-5 on float32), on a tiny 2-layer Llama built with transformers.
 
 mergekit draws DELLA's masks from the global RNG in its task-graph order; ours come from one generator
 per tensor, so DELLA is compared end to end only where it is deterministic (density 1) - its kernel is
@@ -66,7 +66,14 @@ def run_mergekit(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
 
 
 def run_ours(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
-    mergekit_plan.run(cfg, out, open_model=inputs.open_input, source_dir=inputs.source_dir)
+    """The YAML written to a file and run as ``weightsmith merge FILE OUT`` runs it."""
+    import yaml
+
+    from weightsmith.merge import recipe
+
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    recipe.run(path, out)
     return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 

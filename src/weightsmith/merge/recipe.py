@@ -15,7 +15,10 @@ Ours (any registered merge method; options beside ``method``)::
 
 mergekit (detected by ``merge_method``): ``models:`` with per-model ``parameters`` (weight, density),
 global ``parameters`` (normalize, lambda, rescale, int8_mask), scalars, ``{filter, value}`` lists and
-layer gradients; methods linear, task_arithmetic, ties, dare_ties, dare_linear.
+layer gradients; methods linear, task_arithmetic, ties, dare_ties, dare_linear run here (one pass over the
+tasks). Every other method of mergekit 0.1.5 (slerp, nuslerp, multislerp, karcher, model_stock, della,
+della_linear, breadcrumbs, breadcrumbs_ties, sce, nearswap, arcee_fusion, ram, ramplus_tl, passthrough) and
+any config with ``slices:`` is planned and run by :mod:`weightsmith.merge.mergekit_plan`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from ..config import config_from_dict, registered
 from ..errors import WeightsmithError
 from ..select import Selector
 from ..store import WeightStore
-from . import inputs
+from . import inputs, mergekit_plan
 from .task_arithmetic import GTA
 
 MERGEKIT_METHODS = {
@@ -404,6 +407,8 @@ def _layer_t(name: str, n_layers: int) -> float:
 def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
     """A mergekit YAML, reproducing mergekit 0.1.5's semantics for the supported methods."""
     method = data["merge_method"]
+    if mergekit_plan.handles(data):  # SLERP, Model Stock, DELLA, ... and every ``slices:`` config
+        return Recipe(mergekit_plan.MergekitYAML(data, recipe), [], flavour="mergekit")
     unknown = sorted(str(k) for k in data if k not in MERGEKIT_KEYS)
     if unknown:
         raise WeightsmithError(
@@ -412,7 +417,7 @@ def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         raise WeightsmithError(
             f"{recipe}: mergekit method {short(method)} is not supported here; supported: "
-            f"{', '.join(MERGEKIT_METHODS)}. Run mergekit itself for the others."
+            f"{', '.join(sorted(set(MERGEKIT_METHODS) | set(mergekit_plan.METHODS_WITH_KERNELS)))}"
         )
     for key in ("slices", "modules"):
         if data.get(key):
@@ -517,6 +522,8 @@ def register_runner(*types: type) -> Callable[[Callable[..., Path]], Callable[..
 def merge_method(config: Any) -> MergeMethod:
     """``config`` as a merge method: an instance of a config registered under kind "merge"."""
     cls = type(config)
+    if isinstance(config, mergekit_plan.MergekitYAML):
+        return config
     if registered("merge").get(getattr(cls, "method", "")) is not cls:
         raise WeightsmithError(
             f"{short(config)} is not a merge method; use one of {', '.join(sorted(registered('merge')))}"
