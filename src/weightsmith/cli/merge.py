@@ -14,7 +14,8 @@ copied from the base), atomically. A model may be a directory, a .safetensors fi
 or a weightsmith adapt run of a full fine-tune (its model/ directory is used).
 
 \b
-Our recipe format (methods: average, task_arithmetic, ties, dare, dare_ties, gta, opcm, lora):
+Our recipe format (methods: average, task_arithmetic, ties, dare, dare_ties, gta, opcm, lora, and every
+mergekit method below under the same name, e.g. method: slerp with t: 0.3):
   method: ties              # its options sit beside it:
   density: 0.2              #   ties: density, scaling, trim (model|tensor), weighted_election
   scaling: 1.0              #   dare / dare_ties: p, scaling, rescale (inverse|l1), seed
@@ -28,13 +29,16 @@ Our recipe format (methods: average, task_arithmetic, ties, dare, dare_ties, gta
 
 \b
 mergekit YAML (detected by its merge_method key), read with mergekit 0.1.5's semantics:
-  merge_method: ties        # linear, task_arithmetic, ties, dare_ties, dare_linear
-  base_model: path/to/base
+  merge_method: ties        # linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, nuslerp,
+                            # multislerp, karcher, model_stock, della, della_linear, breadcrumbs,
+                            # breadcrumbs_ties, sce, nearswap, arcee_fusion, ram, ramplus_tl, passthrough
+  base_model: path/to/base  # slerp: t; della: density, epsilon, lambda; breadcrumbs: density, gamma
   parameters: {normalize: true, lambda: 1.0}
   models:
     - model: path/to/ft-a
       parameters: {weight: 0.5, density: [0.2, 0.8]}   # scalars, layer gradients, {filter, value} lists
   dtype: float32
+  # or slices: [{sources: [{model: a, layer_range: [0, 16]}, ...]}, ...]  (frankenmerges, scale filters)
 
 Computation is float32 everywhere; see docs/merging.md for where mergekit's semantics differ from the
 papers (weighted sign vote, L1 rescale in DARE, per-tensor trim) and how to get each with our recipe.
