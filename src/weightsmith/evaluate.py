@@ -19,14 +19,20 @@ def perplexity(
     stride: int = 256,
     max_tokens: int | None = None,
     device: str | torch.device = "cpu",
+    max_windows: int | None = None,
 ) -> float:
     """Perplexity with strided sliding windows: each token is scored once, with up to ``window - stride``
-    tokens of left context beyond its own window start (the standard Hugging Face recipe)."""
+    tokens of left context beyond its own window start (the standard Hugging Face recipe).
+
+    ``max_tokens`` cuts the text to its first tokens; ``max_windows`` scores only the first windows (one
+    forward pass each: the first scores ``window`` tokens, every later one ``stride`` new tokens)."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
+    for n_window, begin in enumerate(range(0, len(ids), stride)):
+        if max_windows is not None and n_window >= max_windows:
+            break
         end = min(begin + window, len(ids))
         target_len = end - prev_end
         chunk = ids[begin:end].unsqueeze(0).to(device)

@@ -45,7 +45,8 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
             progress.update(task, advance=1)
 
 
-def log(message: str) -> None:
-    """A status line on stderr (kept off stdout so JSON output stays clean)."""
+def log(message: str, markup: bool = True) -> None:
+    """A status line on stderr (kept off stdout so JSON output stays clean). ``markup=False`` prints it as
+    plain text, so a path or value holding ``[...]`` is shown as it is, never read as rich markup."""
     if enabled():
-        console.print(message)
+        console.print(message, markup=markup, highlight=markup)

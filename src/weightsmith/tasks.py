@@ -8,7 +8,11 @@ head, when there is one, is always trainable and saved beside the adapter.
 - ``rotten_tomatoes`` / ``debates`` / ``speeches``: mean-pooled encoder states (the pooling MiniLM was
   trained with) followed by a linear head; metric: accuracy.
 - ``hamlet``: causal language modelling on blocks of ``max_len`` tokens from the first 90 % of the play;
-  metric: perplexity on the last 10 % (strided windows, ``weightsmith.evaluate.perplexity``).
+  metric: perplexity on the last 10 % (strided windows of ``2 * max_len`` tokens, stride ``max_len``,
+  ``weightsmith.evaluate.perplexity``).
+
+``eval_examples`` counts examples on every task: sentences for classification, windows (one forward pass
+each) for language modelling.
 """
 
 from __future__ import annotations
@@ -176,15 +180,14 @@ class Task:
         try:
             if self.kind == "lm":
                 _, val_text = self.lm_texts()
-                n = self.eval_examples
                 return evaluate.perplexity(
                     model,
                     tokenizer,
                     val_text,
                     window=2 * self.max_len,
                     stride=self.max_len,
-                    max_tokens=n,
                     device=device,
+                    max_windows=self.eval_examples,
                 )
             data = getattr(self.dataset, split)
             n = len(data.y) if self.eval_examples is None else min(self.eval_examples, len(data.y))
@@ -210,9 +213,10 @@ def get_task(
     """A task by name (``rotten_tomatoes``, ``debates``, ``speeches``, ``hamlet``)."""
     if name not in TASKS:
         raise WeightsmithError(f"unknown task '{name}'; known: {', '.join(TASKS)}")
-    if max_examples is not None and max_examples < 1:
-        raise WeightsmithError(f"--max-examples must be at least 1 (got {max_examples})")
+    for option, value in (("--max-examples", max_examples), ("--eval-examples", eval_examples)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise WeightsmithError(f"{option} must be an integer of at least 1 (got {value!r})")
     default_len = 64 if name in CLASSIFICATION_TASKS else 128
-    if max_len is not None and max_len < 8:
+    if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 8):
         raise WeightsmithError(f"--max-len must be at least 8 (got {max_len})")
     return Task(name, model or DEFAULT_MODEL[name], max_examples, max_len or default_len, eval_examples)

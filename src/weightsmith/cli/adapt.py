@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import sys
+import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +16,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .. import config as cfg
 from ..errors import WeightsmithError
@@ -23,13 +30,18 @@ BUILTIN = {
 }
 
 
-def _parse_opts(opts: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _parse_opts(opts: list[str]) -> dict[str, tuple[str, Any]]:
+    """``--opt key=value`` items as ``{key: (raw text, YAML value)}``."""
+    out: dict[str, tuple[str, Any]] = {}
     for item in opts:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise WeightsmithError(f"--opt '{item}': expected key=value (e.g. --opt dropout=0.1)")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        out[key.strip().replace("-", "_")] = (value, parsed)
     return out
 
 
@@ -39,8 +51,67 @@ def _methods() -> dict[str, type]:
     return cfg.registered("adapter")
 
 
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join([*(_type_name(a) for a in args), "null"])
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (a config field's annotation), or ``_NO``. Strings holding numbers are read
+    as numbers (YAML reads ``1e-3`` as a string)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in typing.get_args(tp) else _NO
+        for arg in typing.get_args(tp):
+            if arg is not type(None) and (got := _coerce(value, arg)) is not _NO:
+                return got
+        return _NO
+    if origin is typing.Literal:
+        return value if value in typing.get_args(tp) else _NO
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        got = [_coerce(v, inner) for v in items]
+        return _NO if any(g is _NO for g in got) else tuple(got)
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = int(value)
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    return value
+
+
+def _options(cls: type) -> str:
+    """Every option of a method with its default: ``rank=8, alpha=16.0, ...``."""
+    return ", ".join(
+        f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+        for f in dataclasses.fields(cls)
+    )
+
+
 def build_adapter(method: str, rank: int | None, alpha: float | None, opts: list[str]) -> Any:
-    """The adapter config for ``--method`` plus options (or "full" / "head")."""
+    """The adapter config for ``--method`` plus options (or "full" / "head"), every value checked against
+    the type of the config field it sets."""
     extra = _parse_opts(opts)
     if method in BUILTIN:
         if rank is not None or alpha is not None or extra:
@@ -52,29 +123,60 @@ def build_adapter(method: str, rank: int | None, alpha: float | None, opts: list
         raise WeightsmithError(
             f"unknown method '{method}'; known: {', '.join(names)} (see weightsmith adapt --list)"
         )
-    if rank is not None:
-        extra["rank"] = rank
-    if alpha is not None:
-        extra["alpha"] = alpha
+    cls = methods[method]
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    given = {k: (f"--opt {k}={raw}", v) for k, (raw, v) in extra.items()}
+    for flag, key, value in (("--rank", "rank", rank), ("--alpha", "alpha", alpha)):
+        if value is not None:
+            given[key] = (f"{flag} {value}", value)
+    values: dict[str, Any] = {}
+    for key, (where, value) in given.items():
+        if key not in fields:
+            options = _options(cls)
+            raise WeightsmithError(f"{where}: method '{method}' has no option '{key}'; options: {options}")
+        got = _coerce(value, hints[key])
+        if got is _NO:
+            raise WeightsmithError(
+                f"{where}: option '{key}' of method '{method}' takes {_type_name(hints[key])}; "
+                f"options: {_options(cls)}"
+            )
+        if (key == "rank" or key.endswith("_rank")) and isinstance(got, int) and got < 1:
+            raise WeightsmithError(f"{where}: the rank must be at least 1")
+        if key == "dropout" and isinstance(got, float) and not 0 <= got < 1:
+            raise WeightsmithError(f"{where}: dropout must lie in [0, 1)")
+        values[key] = got
     try:
-        return cfg.config_from_dict({"method": method, **extra}, "adapter")
-    except TypeError as exc:  # a value of the wrong type reaching the dataclass
-        raise WeightsmithError(f"--method {method}: {exc}") from exc
+        return cfg.config_from_dict({"method": method, **values}, "adapter")
+    except (TypeError, ValueError) as exc:  # the method's own checks (__post_init__)
+        raise WeightsmithError(f"--method {method}: {exc}; options: {_options(cls)}") from exc
+
+
+def _first_line(cls: type) -> str:
+    doc = (cls.__doc__ or "").strip()
+    if not doc or doc.startswith(f"{cls.__name__}("):  # dataclass' generated signature: no description
+        return ""
+    return doc.splitlines()[0].replace("``", "")
 
 
 def _list_methods() -> None:
-    table = Table(title="adapter methods (weightsmith adapt --method NAME)")
+    rows = [(name, "", about) for name, about in BUILTIN.items()]
+    rows += [(name, _options(cls), _first_line(cls)) for name, cls in sorted(_methods().items())]
+    title = "adapter methods (weightsmith adapt --method NAME)"
+    if not sys.stdout.isatty():  # plain text for pipes and files: no box drawing, no markup
+        lines = [title, ""]
+        for name, options, what in rows:
+            lines.append(f"{name}: {what}" if what else name)
+            if options:
+                lines.extend(textwrap.wrap(options, 100, initial_indent="    ", subsequent_indent="    "))
+        typer.echo("\n".join(lines))
+        return
+    table = Table(title=title)
     table.add_column("method")
     table.add_column("options (defaults)")
     table.add_column("what")
-    for name, about in BUILTIN.items():
-        table.add_row(name, "", about)
-    for name, cls in sorted(_methods().items()):
-        fields = ", ".join(
-            f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
-        )
-        doc = (cls.__doc__ or "").strip().splitlines()
-        table.add_row(name, fields, doc[0] if doc else "")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))  # Text: no markup parsing of user-facing strings
     Console().print(table)
 
 
@@ -100,13 +202,17 @@ def adapt_cmd(
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     max_examples: int = typer.Option(None, "--max-examples", help="use at most this many training examples"),
     max_len: int = typer.Option(None, "--max-len", help="max tokens per example (default 64; LM blocks 128)"),
-    eval_examples: int = typer.Option(None, "--eval-examples", help="evaluate on at most this many examples"),
+    eval_examples: int = typer.Option(
+        None, "--eval-examples", help="evaluate on at most this many examples (LM tasks: windows)"
+    ),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="also checkpoint every N steps"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     out: Path = typer.Option(None, "--out", "-o", help="output directory"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
+    force: bool = typer.Option(
+        False, "--force", help="replace an existing --out (kept until the new run is complete)"
+    ),
+    resume: bool = typer.Option(False, "--resume", help="continue the unfinished run in --out"),
     fmt: str = typer.Option("native", "--format", help="adapter format: native or peft (LoRA family)"),
     list_methods: bool = typer.Option(False, "--list", help="list the adapter methods and exit"),
 ) -> None:

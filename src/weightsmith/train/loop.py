@@ -1,28 +1,50 @@
 """Fine-tuning loop: adapters, full fine-tuning or head-only training on a :mod:`weightsmith.tasks` task.
 
 ``finetune(model="minilm", task="rotten_tomatoes", adapter=LoRA(rank=8), epochs=1, seed=0, out="run")``
-returns a :class:`TrainResult`. AdamW, linear warm-up then linear/cosine/constant decay, gradient
-accumulation, bf16 autocast on CUDA, evaluation after each epoch, and resumable checkpoints written
-atomically to ``OUT/checkpoint`` (each epoch and every ``checkpoint_every`` optimizer steps). A
-non-finite loss or gradient stops training with a clear error; the last good checkpoint is kept.
+returns a :class:`TrainResult`. Linear warm-up then linear/cosine/constant decay (``LambdaLR``), gradient
+accumulation, bf16 autocast on CUDA, evaluation after each epoch, and resumable checkpoints (each epoch and
+every ``checkpoint_every`` optimizer steps). Every option is checked before the model is loaded, and the
+model's weights are checked for NaN/Inf (naming the tensor and file) before training starts.
 
-Output directory (``out``): ``adapter/`` (native or PEFT format) or ``model/`` (full fine-tuning),
-``head.safetensors`` (classification head), ``run.json`` (what was trained, how, and the result).
+**The optimizer is injected.** ``optimizer`` is an :data:`~weightsmith.train.optimizer.OptimizerFactory`,
+``factory(named_trainable_parameters, lr) -> torch.optim.Optimizer``; any ``torch.optim.Optimizer`` works
+(the default, :func:`~weightsmith.train.optimizer.adamw_factory`, is AdamW with ``weight_decay``). The loop
+gives the classification head ``head_lr`` (head parameters sharing a group with others move to a copy of
+that group), schedules every group's ``lr``, clips the global gradient norm (``max_grad_norm``), calls
+``step()`` and checkpoints ``state_dict()``; ``--resume`` restores it bit for bit (weights-only loading, so
+the state must be tensors and plain Python types). An optimizer implementing
+:class:`~weightsmith.train.optimizer.UpdatesInBackward` (``step_in_backward(enabled)``) updates parameters
+inside backward (per-layer updates): the loop then announces, before each backward pass, whether it ends an
+optimizer step, and neither clips nor calls ``step()``. Without that method nothing changes.
+
+**Where the run is written** (``out``; :class:`~weightsmith.train.checkpoint.RunDir`): a new ``out`` is
+created at the first checkpoint (a run killed earlier leaves nothing behind) and holds ``out/checkpoint``
+until the run completes; ``--resume`` continues from it. With ``force`` over an existing ``out`` the run
+works in a hidden staging directory and the old output stays untouched until the new one is complete,
+then they are swapped; such a run, interrupted or diverged, leaves the old output as it was and cannot be
+resumed. The finished output is always swapped in whole: ``adapter/`` (native or PEFT format) or
+``model/`` (full fine-tuning), ``head.safetensors`` (classification head), ``run.json`` (what was
+trained, how, and the result). Ctrl-C removes every staging directory, and so does SIGTERM once
+``weightsmith.staging.install_signal_handlers()`` has run (the CLI runs it); a later run removes the
+staging of a killed one.
+
+A non-finite loss, gradient norm or trained weight stops training before it reaches a checkpoint; the last
+good checkpoint is kept and the message says where.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import resource
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -32,9 +54,9 @@ from .. import distributed
 from ..errors import WeightsmithError
 from ..progress import bar as progress_bar
 from ..progress import log
-from ..store import prepare_output
 from ..tasks import Task, get_task
-from .checkpoint import META_FILE, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, RunDir, load_checkpoint, read_meta
+from .optimizer import OptimizerFactory, adamw_factory, describe, separate_head, updates_in_backward
 from .runs import FULL, HEAD, write_outputs
 
 # Learning rates used when none is given for the built-in modes; adapter methods carry their own
@@ -60,6 +82,83 @@ class TrainArgs:
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     checkpoint_every: int | None = None  # optimizer steps; a checkpoint is also written every epoch
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_args(args: TrainArgs) -> None:
+    """Refuse a bad option up front (before any model is loaded), naming the command-line option."""
+
+    def need(ok: bool, option: str, what: str, value: Any) -> None:
+        if not ok:
+            raise WeightsmithError(f"{option} must be {what} (got {value!r})")
+
+    for name in ("epochs", "batch_size", "grad_accum"):
+        v = getattr(args, name)
+        need(_is_int(v) and v >= 1, f"--{name.replace('_', '-')}", "an integer of at least 1", v)
+    for name in ("max_steps", "checkpoint_every"):
+        v = getattr(args, name)
+        ok = v is None or (_is_int(v) and v >= 1)
+        need(ok, f"--{name.replace('_', '-')}", "an integer of at least 1", v)
+    need(args.lr is None or (_is_real(args.lr) and args.lr > 0), "--lr", "a positive number", args.lr)
+    need(_is_real(args.head_lr) and args.head_lr > 0, "--head-lr", "a positive number", args.head_lr)
+    need(_is_real(args.warmup) and 0 <= args.warmup < 1, "--warmup", "a fraction in [0, 1)", args.warmup)
+    wd = args.weight_decay
+    need(_is_real(wd) and wd >= 0, "--weight-decay", "at least 0", wd)
+    need(
+        args.max_grad_norm is None or (_is_real(args.max_grad_norm) and args.max_grad_norm > 0),
+        "max_grad_norm",
+        "a positive number or None",
+        args.max_grad_norm,
+    )
+    need(_is_int(args.seed) and args.seed >= 0, "--seed", "an integer of at least 0", args.seed)
+    need(args.schedule in SCHEDULES, "--schedule", " or ".join(SCHEDULES), args.schedule)
+    need(isinstance(args.bf16, bool), "bf16", "True or False", args.bf16)
+    check_device(args.device)
+
+
+def check_device(device: Any) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N an existing GPU)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        return
+    usage = "use auto, cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise WeightsmithError(f"--device {device!r} is not a device; {usage}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise WeightsmithError(f"--device {device}: weightsmith trains on the CPU or CUDA GPUs; {usage}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WeightsmithError(f"--device {device}: CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise WeightsmithError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+
+
+def train_args(args: TrainArgs | None = None, **overrides: Any) -> TrainArgs:
+    """``args`` with keyword ``overrides`` (TrainArgs fields), checked."""
+    fields = [f.name for f in dataclasses.fields(TrainArgs)]
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        raise WeightsmithError(
+            f"finetune has no training option '{unknown[0]}'; options: {', '.join(fields)}"
+        )
+    out = dataclasses.replace(args or TrainArgs(), **overrides)
+    check_args(out)
+    return out
 
 
 @dataclass
@@ -175,6 +274,56 @@ def _batches_from(task: Task, epoch: int, seed: int, bs: int, skip: int) -> Iter
             yield i, batch
 
 
+def _weight_file(model_dir: Path, name: str) -> str:
+    """The safetensors file of ``model_dir`` that holds the tensor a module calls ``name`` (for messages)."""
+    from safetensors import safe_open
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as fh:
+                keys = list(fh.keys())
+        except Exception:  # an unreadable shard: keep looking, the message still names the directory
+            continue
+        if any(k == name or k.endswith("." + name) or name.endswith("." + k) for k in keys):
+            return str(f)
+    return str(model_dir)
+
+
+def _check_weights(task: Task, model: nn.Module) -> None:
+    """Refuse a model with NaN/Inf weights before training, naming the tensor and the file it came from."""
+    backbone = task.backbone(model)
+    for name, tensor in backbone.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            from .. import models
+
+            bad = int((~torch.isfinite(tensor)).sum())
+            try:
+                where = _weight_file(models.resolve(task.model_spec), name)
+            except WeightsmithError:
+                where = task.model_spec
+            raise WeightsmithError(
+                f"model {task.model_spec}: tensor '{name}' in {where} has {bad} NaN/Inf value(s) "
+                f"of {tensor.numel()}; training cannot start from it (repair or re-download the weights)"
+            )
+
+
+def _check_model(spec: str) -> None:
+    """The model exists as a directory with ``config.json`` (checked before any output is touched)."""
+    from .. import models
+
+    path = models.resolve(spec)
+    if not (path / "config.json").is_file():
+        raise WeightsmithError(f"model {spec}: {path} is not a model directory (no config.json)")
+
+
+def _adapter_config(adapter: Any) -> Any:
+    if isinstance(adapter, str) and adapter not in (FULL, HEAD):
+        from .. import adapters  # noqa: F401  (registers the methods)
+
+        return cfg.config_from_dict({"method": adapter}, "adapter")
+    return adapter
+
+
 def finetune(
     model: str | None = None,
     task: str | Task = "rotten_tomatoes",
@@ -188,30 +337,28 @@ def finetune(
     max_examples: int | None = None,
     max_len: int | None = None,
     eval_examples: int | None = None,
+    optimizer: OptimizerFactory | None = None,
     args: TrainArgs | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train ``adapter`` (a registered adapter config, ``"full"``, or ``None``/``"head"`` for the head
-    alone) on ``task`` starting from ``model`` (default: the task's model). Keyword ``overrides`` are
-    :class:`TrainArgs` fields (``epochs=2, lr=1e-3, seed=1, ...``)."""
-    args = dataclasses.replace(args or TrainArgs(), **overrides)
+    alone) on ``task`` starting from ``model`` (default: the task's model) with the optimizer built by
+    ``optimizer`` (default: AdamW; see the module docstring). Keyword ``overrides`` are :class:`TrainArgs`
+    fields (``epochs=2, lr=1e-3, seed=1, ...``)."""
+    args = train_args(args, **overrides)
     if format not in ("native", "peft"):
         raise WeightsmithError(f"--format must be 'native' or 'peft' (got '{format}')")
-    if args.schedule not in ("linear", "cosine", "constant"):
-        raise WeightsmithError(f"schedule must be linear, cosine or constant (got '{args.schedule}')")
-    if args.batch_size < 1 or args.grad_accum < 1 or (args.max_steps is not None and args.max_steps < 1):
-        raise WeightsmithError("batch size, gradient accumulation and max steps must be at least 1")
+    if resume and force:
+        raise WeightsmithError("--resume and --force exclude each other")
+    if (resume or force) and out is None:
+        raise WeightsmithError("--resume and --force need an output directory (--out)")
+    if optimizer is not None and args.weight_decay:
+        raise WeightsmithError("--weight-decay belongs to the default AdamW; set it in the optimizer factory")
     t = task if isinstance(task, Task) else get_task(task, model, max_examples, max_len, eval_examples)
-    if isinstance(adapter, str) and adapter not in (FULL, HEAD):
-        from .. import adapters  # noqa: F401  (registers the methods)
-
-        adapter = cfg.config_from_dict({"method": adapter}, "adapter")
+    _check_model(t.model_spec)
+    adapter = _adapter_config(adapter)
     method = method_name(adapter)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(method) or adapter.default_lr
-    head_lr = lr if method == HEAD else args.head_lr  # head-only training: --lr is the head's rate
-    world, device = distributed.init(args.device)
-
-    out_dir = Path(out) if out is not None else None
     meta_run = {
         "model": t.model_spec,
         "task": t.name,
@@ -223,35 +370,77 @@ def finetune(
         "format": format,
         "args": {**dataclasses.asdict(args), "lr": lr},
     }
-    ckpt = out_dir / "checkpoint" if out_dir is not None else None
-    if out_dir is not None:
-        if resume:
-            if ckpt is None or not (ckpt / META_FILE).is_file():
-                raise WeightsmithError(f"--resume: {out_dir} has no checkpoint to resume from")
-        elif world.main:
-            prepare_output(out_dir, force)
+    world, device = distributed.init(args.device)
+    run_dir = RunDir(out, force, resume) if out is not None and world.main else None
+    ckpt = Path(out) / CHECKPOINT if resume and out is not None else None
+    if resume and run_dir is not None:
+        ckpt = run_dir.checkpoint
+        saved = read_meta(ckpt).get("run", {})
+        changed = _differences({k: v for k, v in saved.items() if k != "optimizer"}, _plain(meta_run))
+        if changed:
+            raise WeightsmithError(
+                f"--resume: {out} was started with other settings ({'; '.join(changed[:4])}); "
+                "use the same options as the first run, or --force to start over"
+            )
+    try:
+        result = _train(
+            t, adapter, targets, args, lr, device, world, optimizer, run_dir, ckpt, meta_run, format
+        )
+    except BaseException:
+        if run_dir is not None:
+            run_dir.abort()
+        raise
+    result.out = str(out) if out is not None else None
+    return result
 
+
+def _plain(x: Any) -> Any:
+    return json.loads(json.dumps(x))
+
+
+def _differences(then: Any, now: Any, where: str = "") -> list[str]:
+    """``key: then -> now`` for every setting that differs (nested keys dotted)."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        keys = [*then, *(k for k in now if k not in then)]
+        return [d for k in keys for d in _differences(then.get(k), now.get(k), f"{where}{k}.")]
+    return [] if then == now else [f"{where.rstrip('.')}: {then!r} -> {now!r}"]
+
+
+def _train(
+    t: Task,
+    adapter: Any,
+    targets: Any,
+    args: TrainArgs,
+    lr: float,
+    device: torch.device,
+    world: distributed.World,
+    factory: OptimizerFactory | None,
+    run_dir: RunDir | None,
+    ckpt: Path | None,
+    meta_run: dict[str, Any],
+    fmt: str,
+) -> TrainResult:
+    method = method_name(adapter)
+    head_lr = lr if method == HEAD else args.head_lr  # head-only training: --lr is the head's rate
     torch.manual_seed(args.seed)
     net, tok = t.build()
+    _check_weights(t, net)
     t.prepare(tok)
     base_keys = set(net.state_dict())
     net.to(device)  # adapters are created on the device (SVD/LU inits and calibration run there)
     _attach(t, net, adapter, targets, args.batch_size, device)
-    if out_dir is not None and not resume and world.main:  # the old output goes once the new run started
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
     world.barrier()
     trained = distributed.wrap(net, world, device)  # all-reduces gradients across processes
     params = _trainable(net)
     head = t.head(net)
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    groups = [
-        {"params": [p for p in params.values() if id(p) not in head_ids], "lr": lr},
-        {"params": [p for p in params.values() if id(p) in head_ids], "lr": head_lr},
-    ]
-    groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    if factory is None:
+        factory = functools.partial(adamw_factory, weight_decay=args.weight_decay)
+    opt = factory(list(params.items()), lr)
+    separate_head(opt, [p for p in head.parameters() if p.requires_grad] if head is not None else [], head_lr)
+    in_backward = updates_in_backward(opt)
+    if in_backward and args.max_grad_norm is not None:
+        log(f"{type(opt).__name__} updates inside backward: max_grad_norm is not applied", markup=False)
+    meta_run = {**meta_run, "optimizer": describe(opt)}
     # Under data parallelism each process takes every world.size-th batch, so one optimizer step sees
     # world.size * batch_size * grad_accum examples; a trailing partial group of batches is dropped.
     per_epoch = math.ceil(t.batches_per_epoch(args.batch_size) // world.size / args.grad_accum)
@@ -269,15 +458,15 @@ def finetune(
         "elapsed": 0.0,
         "run": meta_run,
     }
-    if resume and ckpt is not None:
-        saved = json.loads((ckpt / META_FILE).read_text())
-        if saved.get("run") != json.loads(json.dumps(meta_run)):
+    if ckpt is not None:
+        saved = read_meta(ckpt).get("run", {})
+        if saved.get("optimizer") != _plain(meta_run["optimizer"]):
             raise WeightsmithError(
-                f"--resume: {out_dir} was started with other settings; "
-                "use the same options as the first run, or --force to start over"
+                f"--resume: {ckpt.parent} was trained with optimizer {saved.get('optimizer')}, "
+                f"not {meta_run['optimizer']}; use the same optimizer, or --force to start over"
             )
         state = load_checkpoint(ckpt, net, keys, opt, sched)
-        log(f"resuming {out_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
+        log(f"resuming {ckpt.parent} at step {state['step']} (epoch {state['epoch'] + 1})", markup=False)
 
     n_trainable = sum(p.numel() for p in params.values())
     n_total = sum(p.numel() for p in net.parameters())
@@ -289,10 +478,13 @@ def finetune(
     net.train()
 
     def checkpoint(next_epoch: int, next_batch: int) -> None:
-        if out_dir is None or not world.main:
+        if run_dir is None:
             return
+        bad = next((n for n, p in params.items() if not bool(torch.isfinite(p.detach()).all())), None)
+        if bad is not None:
+            _diverged(run_dir, step - 1, epoch, f"parameter '{bad}' is not finite after the update")
         state.update(step=step, epoch=next_epoch, batch=next_batch, elapsed=time.perf_counter() - start)
-        save_checkpoint(out_dir, net, keys, opt, sched, state)
+        run_dir.save(net, keys, opt, sched, state)
 
     with progress_bar() as bar:
         job = bar.add_task(f"{method} · {t.name}", total=total, completed=step, status="")
@@ -309,17 +501,21 @@ def finetune(
                     loss = t.loss(trained, batch)
                 reg = _regularization(net, method)
                 total_loss = (loss + reg) / args.grad_accum
-                if not torch.isfinite(total_loss):
-                    _diverged(out_dir, step, epoch, f"loss is {float(loss)}")
+                if not torch.isfinite(total_loss.detach()):
+                    _diverged(run_dir, step, epoch, f"loss is {float(loss.detach())}")
+                ends_step = (micro + 1) % args.grad_accum == 0 or i + world.size >= n_batches
+                if in_backward:
+                    opt.step_in_backward(ends_step)  # type: ignore[attr-defined]
                 total_loss.backward()
                 running += float(loss.detach())
                 micro += 1
-                if micro % args.grad_accum and i + world.size < n_batches:
+                if not ends_step:
                     continue
-                norm = nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm or float("inf"))
-                if not torch.isfinite(norm):
-                    _diverged(out_dir, step, epoch, f"gradient norm is {float(norm)}")
-                opt.step()
+                if not in_backward:
+                    norm = nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm or float("inf"))
+                    if not torch.isfinite(norm):
+                        _diverged(run_dir, step, epoch, f"gradient norm is {float(norm)}")
+                    opt.step()
                 sched.step()
                 _adapter_step(net, method, step, total)
                 opt.zero_grad(set_to_none=True)
@@ -336,7 +532,7 @@ def finetune(
             state["eval_time"] = float(state.get("eval_time", 0.0)) + time.perf_counter() - t_eval
             state["val"].append(val)
             state["batch"] = 0
-            log(f"epoch {epoch + 1}/{epochs}: val {t.metric_name} {val:.4f}")
+            log(f"epoch {epoch + 1}/{epochs}: val {t.metric_name} {val:.4f}", markup=False)
             epoch += 1
             checkpoint(epoch, 0)
 
@@ -360,10 +556,11 @@ def finetune(
         lr,
         args.seed,
         list(state["loss"]),
-        str(out_dir) if out_dir is not None else None,
+        str(run_dir.requested) if run_dir is not None else None,  # every process: set by finetune
     )
-    if out_dir is not None and world.main:
-        write_outputs(out_dir, t, net, tok, method, format, {**meta_run, "result": result.to_dict()})
+    if run_dir is not None:
+        run = {**meta_run, "result": result.to_dict()}
+        run_dir.finish(lambda d: write_outputs(d, t, net, tok, method, fmt, run))
     world.barrier()
     return result
 
@@ -383,14 +580,25 @@ def _adapter_step(model: nn.Module, method: str, step: int, total: int) -> None:
         adapters.adapter_step(model, step, total)
 
 
-def _diverged(out_dir: Path | None, step: int, epoch: int, what: str) -> None:
-    ckpt = out_dir / "checkpoint" if out_dir is not None else None
-    if ckpt is not None and (ckpt / META_FILE).is_file():
-        saved = json.loads((ckpt / META_FILE).read_text())["step"]
-        kept = f"the last good checkpoint ({ckpt}, step {saved}) is kept: lower --lr and rerun with --resume"
-    else:
-        kept = "no checkpoint had been written yet; lower --lr (or set --checkpoint-every) and start again"
-    raise TrainingDiverged(f"training stopped at step {step + 1} (epoch {epoch + 1}): {what}; {kept}")
+def _diverged(run_dir: RunDir | None, step: int, epoch: int, what: str) -> NoReturn:
+    where = f"training stopped at step {step + 1} (epoch {epoch + 1}): {what}"
+    if run_dir is None:
+        raise TrainingDiverged(f"{where}; lower --lr and start again")
+    if run_dir.swapping:
+        raise TrainingDiverged(
+            f"{where}; the previous output {run_dir.requested} is unchanged and this run's checkpoints "
+            "were discarded with it: lower --lr and start again"
+        )
+    if run_dir.has_checkpoint():
+        saved = read_meta(run_dir.checkpoint).get("step")
+        raise TrainingDiverged(
+            f"{where}; the last good checkpoint ({run_dir.checkpoint}, step {saved}) is kept: "
+            "--resume continues from it with the same options, --force starts over (e.g. with a lower --lr)"
+        )
+    raise TrainingDiverged(
+        f"{where}; no checkpoint had been written yet, so nothing was written to {run_dir.requested}: "
+        "lower --lr (or set --checkpoint-every) and start again"
+    )
 
 
 def _adapter_dict(adapter: Any) -> dict[str, Any]:
