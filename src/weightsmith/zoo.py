@@ -212,47 +212,87 @@ def _arch(model: nn.Module) -> dict[str, object]:
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], force: bool = False) -> Path:
-    """Write a zoo model as one safetensors file; its architecture goes in the file's metadata."""
-    from safetensors.torch import save_file
+    """Write a zoo model as one safetensors file (through ``weightsmith.staging``: swapped in whole, an
+    existing file only with ``force``); its architecture goes in the file's metadata."""
+    from safetensors.torch import save
 
-    from .store import atomic_replace, prepare_output
+    from .staging import write_bytes
 
-    out = prepare_output(path, force)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if Path(path).suffix != ".safetensors":
+        raise WeightsmithError(f"zoo model output {path}: the file name must end in .safetensors")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt", "weightsmith.zoo": json.dumps(_arch(model))})
-    atomic_replace(tmp, out)
-    return out
+    data = save(state, metadata={"format": "pt", "weightsmith.zoo": json.dumps(_arch(model))})
+    return write_bytes(path, data, force=force)
+
+
+MAX_DIM = 1 << 16  # no zoo layer is wider; a larger number in a file's metadata is corrupt, not a model
+
+
+def _dim(arch: dict[str, Any], key: str, low: int = 1) -> int:
+    v = arch.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not (low <= v <= MAX_DIM):
+        raise WeightsmithError(f"zoo architecture field '{key}' must be an integer in [{low}, {MAX_DIM}]")
+    return v
 
 
 def from_arch(arch: dict[str, Any]) -> nn.Module:
+    """Build an empty zoo model from the architecture record ``save`` writes (every field checked)."""
+    if not isinstance(arch, dict):
+        raise WeightsmithError(f"zoo architecture must be a JSON object, got {type(arch).__name__}")
+    hidden = arch.get("hidden")
     if arch.get("kind") == "mlp":
-        return MLP(int(arch["in_dim"]), tuple(arch["hidden"]), int(arch["n_classes"]))
+        if not isinstance(hidden, list) or not hidden:
+            raise WeightsmithError("zoo architecture field 'hidden' must be a non-empty list of widths")
+        widths = tuple(_dim({"hidden": h}, "hidden") for h in hidden)
+        return MLP(_dim(arch, "in_dim"), widths, _dim(arch, "n_classes"))
     if arch.get("kind") == "cnn":
-        return CNN(
-            int(arch["side"]),
-            int(arch["dim"]),
-            tuple(arch["channels"]),
-            int(arch["hidden"]),
-            int(arch["n_classes"]),
-        )
-    raise WeightsmithError(f"unknown zoo architecture {arch}")
+        channels = arch.get("channels")
+        if not isinstance(channels, list) or len(channels) != 2:
+            raise WeightsmithError("zoo architecture field 'channels' must be a list of two widths")
+        c1, c2 = (_dim({"channels": c}, "channels") for c in channels)
+        dim = _dim(arch, "dim")
+        if dim not in (1, 2):
+            raise WeightsmithError(f"zoo architecture field 'dim' must be 1 or 2, got {dim}")
+        return CNN(_dim(arch, "side", 2), dim, (c1, c2), _dim(arch, "hidden"), _dim(arch, "n_classes"))
+    kind = arch.get("kind")
+    shown = kind if isinstance(kind, str) and len(kind) < 40 else type(kind).__name__
+    raise WeightsmithError(f"unknown zoo architecture kind '{shown}'; expected mlp or cnn")
 
 
 def load(path: str | os.PathLike[str]) -> nn.Module:
-    """A zoo model written by ``save`` (eval mode)."""
+    """A zoo model written by ``save`` (eval mode); anything else is a WeightsmithError naming the file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     p = Path(path)
     if not p.is_file() or p.suffix != ".safetensors":
         raise WeightsmithError(f"{p}: expected a zoo model .safetensors file (see `weightsmith zoo-train`)")
-    with safe_open(str(p), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(p))
+    except Exception as exc:  # the safetensors library decides what is readable; its errors are user errors
+        raise WeightsmithError(f"{p}: not a readable safetensors file: {str(exc)[:200]}") from exc
     if "weightsmith.zoo" not in meta:
         raise WeightsmithError(
             f"{p}: no 'weightsmith.zoo' metadata; it was not written by weightsmith.zoo.save"
         )
-    model = from_arch(json.loads(meta["weightsmith.zoo"]))
-    model.load_state_dict(load_file(str(p)))
+    try:
+        arch = json.loads(meta["weightsmith.zoo"])
+    except ValueError as exc:
+        raise WeightsmithError(f"{p}: the 'weightsmith.zoo' metadata is not valid JSON") from exc
+    try:
+        model = from_arch(arch)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"{p}: {exc}") from exc
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    for name in [*expected, *(k for k in got if k not in expected)]:
+        if expected.get(name) != got.get(name):
+            what = "missing" if name not in got else "unexpected" if name not in expected else "shape"
+            raise WeightsmithError(
+                f"{p}: tensor '{name}' does not fit the architecture in its metadata ({what}: expected "
+                f"{expected.get(name)}, found {got.get(name)})"
+            )
+    model.load_state_dict(state)
     return model.eval()

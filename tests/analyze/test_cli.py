@@ -78,3 +78,56 @@ def test_nuclear_norm_on_hamlet() -> None:
     # L unit rows: the squared column norms sum to L, so the top-L column norms sum to between L/sqrt(d)
     # and L (Cauchy-Schwarz), i.e. MNN / L lies in [1/sqrt(d), 1] with d = 576 for SmolLM2
     assert 576**-0.5 <= data["mnn"] <= 1.0
+
+
+def test_special_file_and_symlink_outputs_stay_what_they_are(tmp_path: Path) -> None:
+    """Issue 7: `analyze --json /dev/null --force` replaced /dev/null; FIFOs and symlinks must survive too."""
+    import os
+    import stat
+    import threading
+
+    base, _ = _files(tmp_path)
+    args = ["analyze", str(base), "--device", "cpu", "--no-farms", "--no-mp"]
+    res = runner.invoke(app, [*args, "--json", os.devnull, "--force"])
+    assert res.exit_code == 0, res.output
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    res = runner.invoke(app, [*args, "--out", str(fifo)])  # a special file needs no --force
+    reader.join(timeout=60)
+    assert res.exit_code == 0, res.output
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and json.loads(got[0])["matrices"]
+
+    target = tmp_path / "real" / "a.json"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    res = runner.invoke(app, [*args, "--out", str(link), "--html", str(tmp_path / "r.html"), "--force"])
+    assert res.exit_code == 0, res.output
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert json.loads(target.read_text())["matrices"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["base.safetensors", "tuned.safetensors", "pipe.json", "real", "link.json", "r.html"]
+    ), "no staging debris beside the outputs"
+
+
+def test_version_and_out_alias(tmp_path: Path) -> None:
+    from weightsmith import __version__
+    from weightsmith.cli import _register
+
+    _register()
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"weightsmith {__version__}"
+    base, _ = _files(tmp_path)
+    for flag in ("--out", "--json"):
+        out = tmp_path / f"c{flag}.json"
+        res = runner.invoke(
+            app, ["compare", str(base), str(base), flag, str(out), "--k", "2", "--device", "cpu"]
+        )
+        assert res.exit_code == 0, res.output
+        assert json.loads(out.read_text())["summary"]["k"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,13 @@ class ComparisonResult:
                 "summary": self.summary()}  # fmt: skip
 
     def add_to_report(self, report: Any, title: str | None = None) -> None:
+        """Deprecated: results do not know the report; call
+        ``weightsmith.analyze.add_comparison(report, result)``."""
+        warnings.warn(
+            "ComparisonResult.add_to_report is deprecated; use weightsmith.analyze.add_comparison()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         from .report_sections import add_comparison
 
         add_comparison(report, self, title=title)

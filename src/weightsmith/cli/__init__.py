@@ -11,7 +11,9 @@ from ..staging import install_signal_handlers
 from ._app import app
 
 # Command modules, in help order. Each registers its commands on ``app`` when imported.
-COMMAND_MODULES = ("assets_cmd", "analyze", "adapt", "export", "merge", "align", "demo")
+COMMAND_MODULES = (
+    "assets_cmd", "analyze", "adapt", "train", "export", "merge", "extract_lora", "compress", "align", "demo"
+)  # fmt: skip
 
 
 def _register() -> None:
@@ -28,8 +30,10 @@ def main() -> None:
         app()
     except WeightsmithError as exc:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        # escape: a message may hold [brackets] (shapes, lists); soft_wrap: never break a path in two
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..store import atomic_write_text
+from ..staging import write_text
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;
@@ -136,6 +136,7 @@ class Report:
             f"{toc}{''.join(self._blocks)}</body></html>\n"
         )
 
-    def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write the report atomically (temporary name, then rename)."""
-        return atomic_write_text(path, self.to_html())
+    def write(self, path: str | os.PathLike[str], force: bool = True) -> Path:
+        """Write the report through ``weightsmith.staging``: swapped in whole when complete; an existing
+        file is replaced (``force=False`` refuses instead); a special file such as a FIFO is streamed to."""
+        return write_text(path, self.to_html(), force=force)
