@@ -64,5 +64,11 @@ def merge_cmd(
     target = out if out is not None else out_option
     if target is None:
         raise WeightsmithError("no output given: weightsmith merge RECIPE.yaml OUT (or --out OUT)")
+    from ..merge._core import parse_dtype
+
+    try:
+        parse_dtype(dtype)
+    except WeightsmithError as exc:
+        raise WeightsmithError(f"--dtype: {exc}") from None
     result = recipes.run(recipe, target, dtype=dtype, device=device, force=force, shard_size=shard_size)
     log(f"merged model written to {result}")
