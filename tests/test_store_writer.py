@@ -174,45 +174,6 @@ def test_sharded_output_index_matches_shards(tmp_path: Path) -> None:
     assert all(torch.equal(store[k], v) for k, v in STATE.items())
 
 
-# ---- deprecated helpers: same signatures, now over staging ------------------------------------------------
-
-
-def test_deprecated_prepare_output_refuses_existing_and_cleans_stale_staging(tmp_path: Path) -> None:
-    out = tmp_path / "model"
-    out.mkdir()
-    with pytest.deprecated_call(), pytest.raises(WeightsmithError, match="already exists"):
-        store_mod.prepare_output(out, False)
-    stale = tmp_path / f".model{staging.STAGING}999999999-0"  # left by a killed run (no such pid)
-    stale.mkdir()
-    with pytest.deprecated_call():
-        assert store_mod.prepare_output(out, True) == out
-    assert not stale.exists()
-    with pytest.deprecated_call():
-        assert store_mod.prepare_output(tmp_path / "new" / "file.json", False).parent.is_dir()
-
-
-def test_deprecated_atomic_replace_and_write_text(tmp_path: Path) -> None:
-    out = tmp_path / "dir"
-    out.mkdir()
-    (out / "old").write_text("old")
-    tmp = tmp_path / ".dir.tmp"
-    tmp.mkdir()
-    (tmp / "new").write_text("new")
-    with pytest.deprecated_call():
-        store_mod.atomic_replace(tmp, out)
-    assert [p.name for p in out.iterdir()] == ["new"] and not tmp.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
-    with pytest.deprecated_call():
-        path = store_mod.atomic_write_text(tmp_path / "sub" / "a.json", "{}")
-    assert path == tmp_path / "sub" / "a.json" and path.read_text() == "{}"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
-    link = tmp_path / "link.json"
-    link.symlink_to(path)
-    with pytest.deprecated_call():
-        store_mod.atomic_write_text(link, "[1]")
-    assert link.is_symlink() and path.read_text() == "[1]"
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import warnings
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -541,58 +540,6 @@ def _torch_state_dict(path: Path) -> WeightStore:
     if not isinstance(state, dict):
         raise WeightsmithError(f"{path}: expected a state dict, got {type(state).__name__}")
     return DictStore({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, str(path))
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"weightsmith.store.{old} is deprecated; use weightsmith.staging.{new}",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
-
-def prepare_output(out: str | os.PathLike[str], force: bool) -> Path:
-    """Deprecated: use :func:`weightsmith.staging.check_output` (or ``Staging``, which calls it).
-
-    Refuses an existing output unless ``force`` and removes stale staging of killed runs; returns
-    the path that will be replaced (a symlink's target).
-    """
-    _deprecated("prepare_output", "check_output")
-    final = staging.final_path(out)
-    return staging.check_output(out, force, directory=final.is_dir())
-
-
-def atomic_replace(tmp: Path, final: Path) -> None:
-    """Deprecated: build outputs with :class:`weightsmith.staging.Staging`, whose ``commit()`` swaps.
-
-    Moves a finished ``tmp`` (file or directory) to ``final``; an existing directory is moved aside
-    under staging's recoverable name and removed only once the new one is in place. A special file
-    (``/dev/null``, a FIFO) gets ``tmp``'s bytes streamed into it and is never replaced.
-    """
-    _deprecated("atomic_replace", "Staging")
-    tmp, dest = Path(tmp), staging.final_path(final)
-    try:
-        if staging.is_special(dest) and tmp.is_file():
-            with open(tmp, "rb") as src, open(dest, "ab") as sink:
-                shutil.copyfileobj(src, sink)
-            tmp.unlink()
-        elif dest.is_dir() and not dest.is_symlink():
-            old = dest.with_name(f".{dest.name}{staging.OLD}{os.getpid()}")
-            staging._remove(old)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            staging._remove(old)
-        else:
-            os.replace(tmp, dest)
-    except OSError as exc:
-        raise staging.user_error(exc, final) from exc
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Deprecated: use :func:`weightsmith.staging.write_text` (readers never see half a file)."""
-    _deprecated("atomic_write_text", "write_text")
-    staging.write_text(path, text, force=True)
-    return Path(path)
 
 
 def _umask() -> int:
