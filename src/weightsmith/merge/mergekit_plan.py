@@ -425,21 +425,15 @@ class MergekitYAML:
         )
 
     def _locate(self, spec: str) -> str:
-        p = Path(spec).expanduser()
-        if not p.exists() and self.path is not None and (self.path.parent / p).exists():
-            return str(self.path.parent / p)
-        return spec
+        from . import inputs
+
+        return inputs.locate(spec, self.path.parent if self.path is not None else None)
 
     def run(self, recipe: Any, out: Path, **kw: Any) -> Path:
         from . import inputs
 
         def open_model(spec: str) -> WeightStore:
-            if "+" in spec and not Path(self._locate(spec)).exists():
-                raise WeightsmithError(
-                    f"{self.path}: '{spec[:120]}': model+LoRA references are not supported; "
-                    "merge the LoRA first"
-                )
-            return inputs.open_input(self._locate(spec))
+            return inputs.open_input(self._locate(spec))  # MODEL+LORA: the LoRA applied as tensors are read
 
         return run(
             self.config,

@@ -202,10 +202,7 @@ def load_recipe(path: str | Path) -> Recipe:
 def _locate(spec: Any, recipe: Path | None, what: str) -> str:
     if not isinstance(spec, str) or not spec:
         raise WeightsmithError(f"{recipe}: {what} must be a path or model name (got {short(spec)})")
-    p = Path(spec).expanduser()
-    if not p.exists() and recipe is not None and (recipe.parent / p).exists():
-        return str(recipe.parent / p)
-    return spec
+    return inputs.locate(spec, recipe.parent if recipe is not None else None)
 
 
 def _model_list(items: Any, recipe: Path | None, keys: set[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -439,11 +436,7 @@ def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
     if dtype is not None and not isinstance(dtype, str):
         raise WeightsmithError(f"{recipe}: 'dtype' must be a name like bfloat16 (got {short(dtype)})")
     for name, _ in entries:
-        if "+" in name and not Path(name).exists():
-            raise WeightsmithError(
-                f"{recipe}: '{short(name)}': model+LoRA references are not supported; merge the "
-                "LoRA first (weightsmith.merge.lora_merge)"
-            )
+        inputs.split_lora(name)  # a malformed model+LoRA reference is refused before anything is read
     base = _locate(data["base_model"], recipe, "base_model") if data.get("base_model") else None
     if row.uses_base:
         if base is None:
