@@ -1,6 +1,7 @@
 """Measured evidence for docs/analyze.md: analyze summaries, WeightWatcher agreement, FARMS bias, intruders.
 
     python benchmarks/evidence_analyze.py > /tmp/evidence.md
+    python benchmarks/evidence_analyze.py parity   # only the WeightWatcher parity table
 
 Everything runs on the CPU from the packaged minilm and SmolLM2 (and seeded random matrices).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WEIGHTSMITH_PROGRESS", "0")
@@ -64,6 +66,49 @@ def ww_agreement() -> None:
     print(f"| num_spikes (absolute) | {len(spikes)} | {max(spikes)} | {sorted(spikes)[len(spikes) // 2]} |")
 
 
+PARITY = ("alpha", "alpha_weighted", "D", "sigma", "xmin", "xmax", "num_pl_spikes", "log_norm",
+          "log_spectral_norm", "stable_rank", "log_alpha_norm", "mp_softrank", "sigma_mp")  # fmt: skip
+
+
+def _max_rel(ours: Any, ref: Any, key: str) -> float:
+    import numpy as np
+
+    a = np.asarray(ours[key], dtype=np.float64)
+    b = np.asarray(ref[key], dtype=np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+
+
+def ww_parity() -> None:
+    """Our DataFrame against WeightWatcher's on whole models: same rows, same columns, wall time."""
+    import time
+
+    import weightwatcher as ww
+
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    print("\n## WeightWatcher parity: `to_pandas()` against `WeightWatcher.analyze()` (CPU, 1 thread)\n")
+    print("| model | options | layers (ours / WW) | WW seconds | weightsmith seconds | "
+          + " | ".join(f"max rel. diff {k}" for k in PARITY) + " | warning labels equal |")  # fmt: skip
+    print("|---|---|---|---|---|" + "---|" * len(PARITY) + "---|")
+    runs = (("minilm", {"mp_fit": True}), ("minilm", {"mp_fit": True, "fix_fingers": "clip_xmax"}),
+            ("smollm2", {"mp_fit": False}))  # fmt: skip
+    for model, opts in runs:
+        store = models.open_weights(model)
+        state = {n: store[n].float() for n in store if len(store.meta(n).shape) == 2}
+        t = time.perf_counter()
+        ref = ww.WeightWatcher(model=state).analyze(**opts)
+        t_ww = time.perf_counter() - t
+        t = time.perf_counter()
+        ours = analyze_weights(DictStore(state), device="cpu", farms=False, **opts).to_pandas()  # type: ignore[arg-type]
+        t_us = time.perf_counter() - t
+        ours = ours.set_index("name").loc[[str(n) for n in ref["name"]]].reset_index()
+        keys = [k for k in PARITY if opts.get("mp_fit") or k not in ("mp_softrank", "sigma_mp")]
+        diffs = [f"{_max_rel(ours, ref, k):.1e}" if k in keys else "-" for k in PARITY]
+        same = list(ours["warning"]) == list(ref["warning"])
+        label = ", ".join(f"{k}={v}" for k, v in opts.items())
+        print(f"| {model} | {label} | {len(ours)} / {len(ref)} | {t_ww:.1f} | {t_us:.1f} | "
+              + " | ".join(diffs) + f" | {same} |")  # fmt: skip
+
+
 def farms_bias() -> None:
     print("\n## FARMS and the aspect-ratio bias (random matrices, 128 rows, mean of 4 seeds)\n")
     print("| shape | Q | Gaussian: plain alpha (median xmin) | Gaussian: FARMS alpha (median xmin) |"
@@ -111,7 +156,13 @@ def intruders() -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["parity"]:
+        ww_parity()
+        raise SystemExit(0)
     summaries()
     ww_agreement()
+    ww_parity()
     farms_bias()
     intruders()

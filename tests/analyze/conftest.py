@@ -12,7 +12,7 @@ import torch
 from analyze_ww_cases import WW_MINILM, WW_SMOLLM2  # noqa: E402
 
 WW_COLUMNS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "xmin",
-              "num_pl_spikes", "mp_softrank", "num_spikes")  # fmt: skip
+              "num_pl_spikes", "mp_softrank", "num_spikes", "D", "sigma", "log_alpha_norm")  # fmt: skip
 
 
 def _cache_dir() -> Path:
@@ -49,7 +49,7 @@ def ww_reference(minilm_dir: Path, smollm2_dir: Path) -> dict[str, dict[str, flo
 
     from weightsmith.store import open_store
 
-    key = f"ww-{ww.__version__}-v1"
+    key = f"ww-{ww.__version__}-v2"
     cache = _cache_dir() / "analyze_ww_reference.json"
     if cache.is_file():
         data = json.loads(cache.read_text())

@@ -57,9 +57,29 @@ def test_subsampled_candidates_stay_close_to_the_exact_scan() -> None:
     assert float(coarse.alpha) == pytest.approx(float(exact.alpha), rel=0.1)
 
 
-def test_too_few_eigenvalues_give_nan() -> None:
-    fit = fit_power_law(torch.tensor([0.0] * 50 + [1.0, 2.0, 3.0, 5.0, 8.0], dtype=torch.float64))
-    assert math.isnan(float(fit.alpha))
+def test_a_single_positive_eigenvalue_gives_nan() -> None:
+    fit = fit_power_law(torch.tensor([0.0] * 50 + [8.0], dtype=torch.float64))
+    assert math.isnan(float(fit.alpha)) and math.isnan(float(fit.xmin))
+
+
+@pytest.mark.parametrize("n", [2, 5, 7, 8, 9, 12, 19])
+def test_short_spectra_match_weightwatchers_small_sample_fit(n: int) -> None:
+    """Below 20 positive eigenvalues WeightWatcher switches to its bias-corrected small-sample fit."""
+    import contextlib
+    import io
+
+    from weightwatcher.WW_powerlaw import WWFit
+
+    x = torch.cat([torch.zeros(30, dtype=torch.float64), _pareto(n, 3.0, seed=n)])
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "SMALL N PL FIT"
+        ref = WWFit(x[x > 1e-5].numpy())
+    batch = fit_power_law(torch.stack([x, torch.cat([x[1:], x[:1]])]))  # rows are fitted alone
+    for row in range(2):
+        assert float(batch.alpha[row]) == pytest.approx(ref.alpha, rel=1e-9, abs=1e-12)
+        assert float(batch.xmin[row]) == pytest.approx(ref.xmin, rel=1e-12)
+        assert float(batch.D[row]) == pytest.approx(ref.D, rel=1e-9)
+        assert float(batch.sigma[row]) == pytest.approx(ref.sigma, rel=1e-9, abs=1e-12)
+        assert int(batch.num_pl_spikes[row]) == int((x >= ref.xmin).sum())  # WW's num_pl_spikes
 
 
 def test_alpha_at_median_matches_the_formula_by_hand() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightsmith.analyze import analyze_weights, compare_weights
+from weightsmith.analyze import add_analysis, add_comparison, analyze_weights, compare_weights
 from weightsmith.report import Report, new_figure
 from weightsmith.store import DictStore
 
@@ -31,8 +31,8 @@ def _models() -> tuple[DictStore, DictStore]:
 def _report(tmp_path: Path) -> Path:
     base, tuned = _models()
     rep = Report("analyze <test> & report", subtitle="toy")
-    analyze_weights(base, device="cpu").add_to_report(rep, esd_examples=2)
-    compare_weights(base, tuned, device="cpu").add_to_report(rep)
+    add_analysis(rep, analyze_weights(base, device="cpu"), esd_examples=2)
+    add_comparison(rep, compare_weights(base, tuned, device="cpu"))
     fig = new_figure(3, 2)
     fig.add_subplot().plot([1, 2, 3], [1, 4, 9])
     rep.figure(fig, "an inline SVG", fmt="svg")
@@ -48,6 +48,20 @@ def test_report_is_one_self_contained_file(tmp_path: Path) -> None:
     for external in ('src="http', "<link", "<script", "url(http"):  # nothing is fetched from the network
         assert external not in html
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, no temporary left behind
+
+
+def test_deprecated_result_methods_still_add_the_same_sections() -> None:
+    base, tuned = _models()
+    analysis, comparison = analyze_weights(base, device="cpu"), compare_weights(base, tuned, device="cpu")
+    old, new = Report("r"), Report("r")
+    with pytest.warns(DeprecationWarning, match="add_analysis"):
+        analysis.add_to_report(old, esd_examples=2)
+    with pytest.warns(DeprecationWarning, match="add_comparison"):
+        comparison.add_to_report(old)
+    add_analysis(new, analysis, esd_examples=2)
+    add_comparison(new, comparison)
+    assert old.to_html().count("<h2") == new.to_html().count("<h2") >= 2
+    assert old.to_html().count("<table") == new.to_html().count("<table")
 
 
 def test_table_formats_missing_values() -> None:

@@ -43,16 +43,21 @@ def test_every_tensor_is_analysed_or_skipped_with_a_reason() -> None:
     res = analyze_weights(_store(), device="cpu")
     out = json.loads(json.dumps(res.to_json(), allow_nan=False))
     names = [m["name"] for m in out["matrices"]]
-    assert names == ["layers.0.q.weight", "layers.1.q.weight", "layers.3.q.weight", "layers.4.big.weight"]
+    assert names == ["layers.0.q.weight", "layers.1.q.weight", "layers.1.conv.weight", "layers.3.q.weight",
+                     "layers.4.big.weight"]  # fmt: skip
     assert all(set(m) >= KEYS for m in out["matrices"])
     reasons = {s["name"]: s["reason"] for s in out["skipped"]}
     assert "2 NaN/Inf" in reasons["layers.2.q.weight"]
     assert "1-D" in reasons["layers.0.bias"]
-    assert "conv" in reasons["layers.1.conv.weight"]
+    conv = out["matrices"][2]  # a Conv2d kernel: 9 slices of 8 x 4, 36 pooled eigenvalues
+    view = (conv["layer_type"], conv["N"], conv["M"], conv["rf"], conv["num_evals"])
+    assert view == ("conv2d", 8, 4, 9, 36)
+    assert conv["farms_alpha"] is None and conv["alpha"] is not None
+    assert [m["layer_id"] for m in out["matrices"]] == [1, 2, 3, 4, 5]
     assert "non-floating" in reasons["layers.2.ids"]
     assert "smaller side 5" in reasons["layers.3.tiny.weight"]
     assert len(names) + len(reasons) == len(_store())
-    assert out["summary"]["num_matrices"] == 4 and out["summary"]["num_skipped"] == 5
+    assert out["summary"]["num_matrices"] == 5 and out["summary"]["num_skipped"] == 4
     assert out["matrices"][1]["shape"] == [48, 96]
 
 

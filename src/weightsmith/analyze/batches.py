@@ -14,29 +14,38 @@ import torch
 
 from ..select import Selector
 from ..store import WeightStore
+from .conv import layer_shape
 
-MIN_EVALS = 10  # a matrix whose smaller side is below this has too few eigenvalues for an ESD
+MIN_EVALS = 8  # WeightWatcher's min_evals: a layer with fewer eigenvalues (M * rf) has no ESD
 
 
 def candidate_matrices(
-    store: WeightStore, select: Selector | str | None, min_side: int = MIN_EVALS
+    store: WeightStore, select: Selector | str | None, min_side: int = MIN_EVALS, kernels: bool = False
 ) -> tuple[list[str], list[dict[str, str]]]:
-    """Names of analysable 2-D floating weights and ``{"name", "reason"}`` for every other tensor."""
+    """Names of analysable floating weights and ``{"name", "reason"}`` for every other tensor.
+
+    2-D weights (and with ``kernels`` Conv1d (3-D) and Conv2d (4-D) kernels) are analysable when their
+    ESD (``M * rf`` eigenvalues as WeightWatcher counts them, ``conv.layer_shape``) has at least
+    ``min_side`` values.
+    """
     sel = Selector.of(select)
     names = sel.require(list(store), "tensors") if sel.include else sel.filter(store)
     keep, skipped = [], []
     for name in names:
         meta = store.meta(name)
-        if len(meta.shape) != 2:
-            what = "conv/N-D tensor (not reshaped)" if len(meta.shape) > 2 else f"{len(meta.shape)}-D tensor"
-            skipped.append({"name": name, "reason": f"{what} of shape {list(meta.shape)}; only 2-D weights"})
+        view = layer_shape(meta.shape) if kernels or len(meta.shape) == 2 else None
+        if view is None:
+            only = "only 2-D weights and Conv1d/Conv2d kernels" if kernels else "only 2-D weights"
+            what = f"{len(meta.shape)}-D tensor of shape {list(meta.shape)}"
+            skipped.append({"name": name, "reason": f"{what}; {only}"})
         elif not meta.dtype.is_floating_point:
             skipped.append(
                 {"name": name, "reason": f"non-floating dtype {str(meta.dtype).removeprefix('torch.')}"}
             )
-        elif min(meta.shape) < min_side:
+        elif view.num_evals < min_side:
+            what = "smaller side" if view.rf == 1 else "eigenvalue count M * rf"
             skipped.append(
-                {"name": name, "reason": f"smaller side {min(meta.shape)} < {min_side}: too few eigenvalues"}
+                {"name": name, "reason": f"{what} {view.num_evals} < {min_side}: too few eigenvalues"}
             )
         else:
             keep.append(name)

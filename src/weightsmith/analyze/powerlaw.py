@@ -11,6 +11,11 @@ neural networks", JMLR 2021, arXiv:1810.01075): every sorted eigenvalue above 1e
 is a candidate, the empirical CDF of the tail at its k-th point is ``k / n`` (k = 0..n-1), a candidate
 whose alpha is <= 1 gets ``D = 1``, the first minimum wins and ``sigma = (alpha - 1) / sqrt(n)``.
 Here all candidates of a whole batch of spectra are scored at once as tensor operations.
+
+Spectra with fewer than 20 positive eigenvalues get WeightWatcher 0.7.7's small-sample fit: the
+bias-corrected MLE ``alpha = 1 + (n - 1) / sum(ln(x_i / xmin))`` (Clauset et al., eq. 3.1 with the
+``(n - 1)`` factor that makes the estimator unbiased) over tails of at least 8 points, ``xmin`` again
+the KS-optimal candidate (see ``small_n_fit``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch
 from torch import Tensor
 
 EVALS_THRESH = 1e-5  # eigenvalues at or below this are treated as zeros (WeightWatcher's default)
-MIN_FIT_EVALS = 20  # fewer positive eigenvalues than this: the fit is not well defined, alpha is NaN
+MIN_FIT_EVALS = 20  # fewer positive eigenvalues than this: the small-sample fit (``small_n_fit``)
+SMALL_N_MIN_TAIL = 8  # the small-sample fit's shortest tail (WeightWatcher's k_min)
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,9 @@ def fit_power_law(
     """Fit ``p(x) ~ x^-alpha`` to the tail of each row of ``evals`` (shape ``(B, n)`` or ``(n,)``).
 
     ``max_candidates`` limits the xmin search to that many evenly spaced ranks (used for the long
-    pooled FARMS spectra); ``None`` scores every candidate exactly. Work runs in float64 on the
+    pooled FARMS spectra); ``None`` scores every candidate exactly. Rows with at least 2 but fewer than
+    ``min_evals`` positive eigenvalues get the small-sample fit (``small_n_fit``); rows with fewer than
+    2 are NaN. Work runs in float64 on the
     device of ``evals`` in chunks of about ``chunk_elements`` elements (default: 64K on CPU so a chunk
     stays in cache, 128M on CUDA).
     """
@@ -92,16 +100,51 @@ def fit_power_law(
     sigma = (alpha - 1) / torch.sqrt(tail)
     ok = (n - first) >= min_evals
     nan = torch.full_like(alpha, math.nan)
-    out = PowerLawFit(
-        alpha=torch.where(ok, alpha, nan),
-        xmin=torch.where(ok, xmin, nan),
-        D=torch.where(ok, D, nan),
-        sigma=torch.where(ok, sigma, nan),
-        num_pl_spikes=torch.where(ok, tail, nan),
-    )
+    cols = [torch.where(ok, t, nan) for t in (alpha, xmin, D, sigma, tail)]
+    small = ((~ok) & ((n - first) >= 2)).nonzero().flatten().tolist()
+    for r in small:  # a few short spectra: one small fit each
+        f = small_n_fit(x[r, int(first[r]) :])
+        for col, v in zip(cols, (f.alpha, f.xmin, f.D, f.sigma, f.num_pl_spikes), strict=True):
+            col[r] = v
+    out = PowerLawFit(*cols)
     if single:
         return PowerLawFit(*(t[0] for t in (out.alpha, out.xmin, out.D, out.sigma, out.num_pl_spikes)))
     return out
+
+
+def small_n_fit(x: Tensor) -> PowerLawFit:
+    """WeightWatcher 0.7.7's fit of a short spectrum ``x`` (ascending, all positive, 2 <= n < 20).
+
+    A rank leaving a tail of at least ``SMALL_N_MIN_TAIL`` points with a positive log-sum gets the
+    bias-corrected alpha, and, where that alpha exceeds 1, its KS distance ``D``; every other rank keeps
+    ``D = 1``. WeightWatcher's small-sample routine ranks candidates by ``J = D - 0.868 / sqrt(n_tail)``,
+    but its caller then re-selects the first minimum of ``D`` over all ranks, and that choice is what it
+    reports; so it is the one made here. With no valid rank, the whole spectrum's fit fills rank 0.
+    ``sigma = (alpha - 1) / sqrt(n_tail)`` is taken, as WeightWatcher does, before that fallback fills
+    in rank 0 (an unfilled alpha counts as 0).
+    """
+    x = x.to(torch.float64)
+    n = x.shape[0]
+    logx = torch.log(x)
+    ranks = torch.arange(n - 1, device=x.device)
+    n_tail = (n - ranks).to(torch.float64)
+    suffix = torch.flip(torch.cumsum(torch.flip(logx, [0]), 0), [0])[: n - 1]
+    s = suffix - n_tail * logx[: n - 1]
+    bc = 1 + (n_tail - 1) / s  # bias-corrected MLE
+    rel = torch.arange(n, device=x.device)[None, :] - ranks[:, None]
+    F_emp = rel.clamp_min(0).to(torch.float64) / n_tail[:, None]
+    F_fit = 1 - torch.exp((1 - bc[:, None]) * (logx[None, :] - logx[: n - 1, None]))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    ks = torch.where(rel >= 0, (F_fit - F_emp).abs(), zero).amax(-1)
+    scored = (n_tail >= SMALL_N_MIN_TAIL) & (s > 1e-12)
+    valid = scored & (bc > 1)
+    alphas = torch.where(scored, bc, zero)
+    Ds = torch.where(valid, ks, torch.ones_like(ks))
+    sigmas = (alphas - 1) / n_tail.sqrt()
+    if not bool(valid.any()) and float(s[0]) > 1e-12:
+        alphas[0], Ds[0] = bc[0], ks[0]
+    i = int(torch.argmin(Ds))
+    return PowerLawFit(alphas[i], x[i], Ds[i], sigmas[i], n_tail[i])
 
 
 def power_law_pdf(x: Tensor, alpha: float, xmin: float) -> Tensor:

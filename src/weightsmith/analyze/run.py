@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import WeightsmithError
 from ..execute import ReadAhead, resolve_device
 from ..progress import track
 from ..select import Selector
@@ -23,9 +24,12 @@ from .batches import (
     short_side_first,
     to_device_batch,
 )
+from .conv import LayerShape, layer_esd, layer_shape
 from .farms import FarmsConfig, farms_alpha
+from .fingers import clip_xmax_fit
 from .mp import marchenko_pastur_fit
 from .powerlaw import fit_power_law
+from .randomize import randomized_metrics
 from .spectrum import esd, norm_metrics
 
 __all__ = ["MIN_EVALS", "AnalysisResult", "analyze_weights", "candidate_matrices", "num", "shape_batches"]
@@ -34,7 +38,11 @@ METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_r
 # per-matrix numbers, in the order of a batch's result rows
 COLUMNS = ("alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "effective_rank",
            "log_alpha_norm", "alpha", "mp_softrank", "num_spikes", "farms_alpha", "xmin", "ks_distance",
-           "num_pl_spikes", "nonfinite")  # fmt: skip
+           "num_pl_spikes", "sigma", "sigma_mp", "lambda_max", "xmax", "num_fingers", "raw_alpha",
+           "nonfinite")  # fmt: skip
+OVER_TRAINED_THRESH = 2.0  # WeightWatcher's warning labels: alpha below this is "over-trained"
+UNDER_TRAINED_THRESH = 6.0  # and alpha above this "under-trained"
+FIX_FINGERS = (None, "clip_xmax")
 PRECISIONS = ("auto", "float64", "float32")
 
 
@@ -93,6 +101,12 @@ class AnalysisResult:
             "summary": self.summary(),
         }
 
+    def to_pandas(self) -> Any:
+        """One row per analysed matrix under WeightWatcher 0.7.x's column names (``frame.to_frame``)."""
+        from .frame import to_frame
+
+        return to_frame(self.matrices)
+
     def add_to_report(self, report: Any, title: str | None = None, esd_examples: int = 6) -> None:
         """Deprecated: results do not know the report; call
         ``weightsmith.analyze.report_sections.add_analysis(report, result)``."""
@@ -118,14 +132,31 @@ def analyze_weights(
     mp_fit: bool = True,
     precision: str = "auto",
     streams: int | None = None,
+    kernels: bool = True,
+    randomize: bool = False,
+    seed: int = 0,
+    fix_fingers: str | None = None,
 ) -> AnalysisResult:
     """Spectral metrics of every selected 2-D weight of ``store``, computed batch by batch on ``device``.
 
     Same-shaped matrices (a transposed shape counts as the same) are stacked and go through one
     eigendecomposition, one vectorised power-law fit and one MP fit (unless ``mp_fit=False``) per
     batch. ``precision`` picks the eigensolver dtype (``eig_dtype``); ``streams`` the number of CUDA
-    streams the eigensolver is spread over (default 4 on CUDA).
+    streams the eigensolver is spread over (default 4 on CUDA). With ``kernels`` Conv1d and Conv2d
+    kernels are analysed one by one as WeightWatcher does (``conv.layer_esd``; no FARMS alpha).
+    Each record also carries WeightWatcher's per-layer fields (``N``, ``M``, ``Q``, ``rf``,
+    ``layer_type``, ``layer_id``, ``sigma``, ``warning``, ...; see ``AnalysisResult.to_pandas``).
+    ``randomize`` adds WeightWatcher's randomised-ESD columns (``rand_num_spikes``, ``num_traps``,
+    ``rand_sigma_mp``, ...; ``randomize.randomized_metrics``), the shuffles drawn from
+    ``numpy.random.RandomState(seed)`` layer by layer: the same shuffles as ``np.random.seed(seed)``
+    before WeightWatcher's ``analyze(randomize=True)`` on the same layers. ``fix_fingers="clip_xmax"``
+    refits each tail with its largest eigenvalues clipped off (``fingers.clip_xmax_fit``) and adds
+    ``num_fingers`` and ``raw_alpha``.
     """
+    if fix_fingers not in FIX_FINGERS:
+        raise WeightsmithError(
+            f"fix_fingers must be one of {[f for f in FIX_FINGERS if f]} or None, got {fix_fingers!r}"
+        )
     start = time.perf_counter()
     dev = resolve_device(device)
     dtype = eig_dtype(precision, dev)
@@ -133,8 +164,11 @@ def analyze_weights(
     streams = streams if streams is not None else (4 if cuda else 1)
     if max_batch_bytes is None:
         max_batch_bytes = (1 << 30) if cuda else (1 << 27)
-    names, skipped = candidate_matrices(store, select)
+    names, skipped = candidate_matrices(store, select, kernels=kernels)
     order = {n: i for i, n in enumerate(store)}
+    views = {n: layer_shape(store.meta(n).shape) for n in names}
+    kernel_names = [n for n in names if len(store.meta(n).shape) != 2]
+    names = [n for n in names if len(store.meta(n).shape) == 2]
     batches = list(shape_batches(store, names, max_batch_bytes))
     pending: list[tuple[list[str], int, torch.Tensor, torch.Tensor | None]] = []
     with torch.no_grad():
@@ -143,9 +177,16 @@ def analyze_weights(
         )
         with reader:
             for ((M, N), members), host in track(reader, "analyze", total=len(batches)):
-                rows, evals = _analyze_batch(host, dev, dtype, streams, N, M, mp_fit, farms, farms_config)
+                rows, evals = _analyze_batch(
+                    host, dev, dtype, streams, N, M, mp_fit, farms, farms_config, fix_fingers
+                )
                 pending.append((members, M, rows, evals if keep_esd else None))
                 del host
+        for n in kernel_names:
+            view = views[n]
+            assert view is not None
+            rows, evals = _analyze_kernel(store[n], dev, dtype, view, mp_fit, fix_fingers)
+            pending.append(([n], view.num_evals, rows, evals if keep_esd else None))
     records: dict[str, dict[str, Any]] = {}
     esds: dict[str, np.ndarray] = {}
     for members, M, rows, kept_evals in pending:  # the only host-device synchronisation of the run
@@ -154,13 +195,20 @@ def analyze_weights(
         for b, n in enumerate(members):
             rec: dict[str, Any] = {"name": n, "shape": list(store.meta(n).shape)}
             rec.update({k: num(table[i][b]) for i, k in enumerate(COLUMNS)})
+            rec.update(_ww_fields(views[n], rec))
             bad = int(rec.pop("nonfinite") or 0)
             if bad:
-                what = f"{bad} NaN/Inf value(s) of {M * N}" if bad > 0 else "values overflow the Gram matrix"
+                what = (
+                    f"{bad} NaN/Inf value(s) of {math.prod(rec['shape'])}"
+                    if bad > 0
+                    else "values overflow the Gram matrix"
+                )
                 skipped.append({"name": n, "reason": f"{what}; not analysed"})
                 continue
-            for k in ("num_spikes", "num_pl_spikes"):
+            for k in ("num_spikes", "num_pl_spikes", "num_fingers"):
                 rec[k] = None if rec[k] is None else int(rec[k])
+            if fix_fingers is None:
+                del rec["num_fingers"], rec["raw_alpha"]
             if not farms:
                 rec["farms_alpha"] = None
             rec["num_evals"] = M
@@ -168,6 +216,13 @@ def analyze_weights(
             if ev is not None:
                 esds[n] = ev[b]
     matrices = [records[n] for n in sorted(records, key=order.__getitem__)]
+    for i, rec in enumerate(matrices):
+        rec["layer_id"] = i + 1  # WeightWatcher numbers a state dict's layers from 1
+    if randomize:
+        rng = np.random.RandomState(seed)
+        for rec in track(matrices, "randomize", total=len(matrices)):
+            with torch.no_grad():
+                rec.update(randomized_metrics(store[rec["name"]].to(dev), rec["N"], rec["M"], rng))
     skipped.sort(key=lambda s: order.get(s["name"], 0))
     return AnalysisResult(
         model=name or store.source,
@@ -180,6 +235,52 @@ def analyze_weights(
     )
 
 
+def warning_label(alpha: float | None) -> str:
+    """WeightWatcher's ``warning`` column: ``over-trained`` below alpha 2, ``under-trained`` above 6.
+
+    Martin, Peng & Mahoney, Nature Communications 2021: well-trained layers have 2 <= alpha <= 6.
+    An undefined alpha gets no label (WeightWatcher's failed fit reports alpha = -1, hence
+    ``over-trained``).
+    """
+    if alpha is None:
+        return ""
+    if alpha < OVER_TRAINED_THRESH:
+        return "over-trained"
+    return "under-trained" if alpha > UNDER_TRAINED_THRESH else ""
+
+
+def _ww_fields(view: LayerShape | None, rec: dict[str, Any]) -> dict[str, Any]:
+    assert view is not None
+    return {
+        "layer_type": view.layer_type,
+        "N": view.N,
+        "M": view.M,
+        "Q": view.Q,
+        "rf": view.rf,
+        "warning": warning_label(rec["alpha"]),
+    }
+
+
+def _analyze_kernel(
+    W: torch.Tensor,
+    dev: torch.device,
+    dtype: torch.dtype,
+    view: LayerShape,
+    mp_fit: bool,
+    fix_fingers: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(len(COLUMNS), 1)`` result rows and the ``(1, M * rf)`` pooled ESD of one Conv1d/Conv2d kernel."""
+    W = W.to(dev)
+    evals = layer_esd(W, dtype)[None, :]
+    bad = 0
+    if bool(evals.isnan().any()):  # NaN/Inf weights, or finite ones whose Gram matrix overflows
+        bad = int((~torch.isfinite(W)).sum()) or -1
+    nonfinite = torch.tensor([float(bad)], dtype=torch.float64)
+    evals = evals.to(torch.float64)
+    nan = torch.full((1,), math.nan, dtype=torch.float64, device=evals.device)
+    return _metric_rows(evals, view.N, view.M, mp_fit, nan, nonfinite.to(evals.device), fix_fingers), evals
+
+
 def _analyze_batch(
     host: list[torch.Tensor],
     dev: torch.device,
@@ -190,6 +291,7 @@ def _analyze_batch(
     mp_fit: bool,
     farms: bool,
     farms_config: FarmsConfig | None,
+    fix_fingers: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(len(COLUMNS), B)`` result rows and the ``(B, M)`` ESDs of one same-shaped batch, on ``dev``.
 
@@ -210,11 +312,30 @@ def _analyze_batch(
         W = torch.stack([w.float() for w in mats]) if farms else None
     nonfinite = torch.where(evals[:, 0].isnan() & (nonfinite == 0), -1.0, nonfinite)
     evals = evals.to(torch.float64)  # the fits and metrics run in float64 whatever the solver's dtype
-    fit = fit_power_law(evals)
-    metrics = norm_metrics(evals, fit.alpha)
-    nan = torch.full_like(fit.alpha, math.nan)
-    mpf = marchenko_pastur_fit(evals, N, M) if mp_fit else None
+    nan = torch.full_like(evals[:, 0], math.nan)
     fa = farms_alpha(W, farms_config, dtype, streams) if farms and W is not None else nan
+    return _metric_rows(evals, N, M, mp_fit, fa, nonfinite, fix_fingers), evals
+
+
+def _metric_rows(
+    evals: torch.Tensor,
+    N: int,
+    M: int,
+    mp_fit: bool,
+    fa: torch.Tensor,
+    nonfinite: torch.Tensor,
+    fix_fingers: str | None = None,
+) -> torch.Tensor:
+    """The ``(len(COLUMNS), B)`` rows of float64 descending spectra ``evals`` of ``N x M`` layers."""
+    nan = torch.full_like(evals[:, 0], math.nan)
+    if fix_fingers == "clip_xmax":
+        ff = clip_xmax_fit(evals)
+        fit, xmax, fingers, raw = ff.fit, ff.xmax, ff.num_fingers, ff.raw_alpha
+    else:
+        fit = fit_power_law(evals)
+        xmax, fingers, raw = evals[:, 0], nan, nan
+    metrics = norm_metrics(evals, fit.alpha)
+    mpf = marchenko_pastur_fit(evals, N, M) if mp_fit else None
     cols = {
         **metrics,
         "alpha": fit.alpha,
@@ -224,6 +345,12 @@ def _analyze_batch(
         "xmin": fit.xmin,
         "ks_distance": fit.D,
         "num_pl_spikes": fit.num_pl_spikes,
+        "sigma": fit.sigma,
+        "sigma_mp": mpf.sigma if mpf is not None else nan,
+        "lambda_max": evals[:, 0],
+        "xmax": xmax,
+        "num_fingers": fingers,
+        "raw_alpha": raw,
         "nonfinite": nonfinite,
     }
-    return torch.stack([cols[k].to(torch.float64) for k in COLUMNS]), evals
+    return torch.stack([cols[k].to(torch.float64) for k in COLUMNS])

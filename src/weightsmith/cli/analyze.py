@@ -78,19 +78,37 @@ def analyze_cmd(
     precision: str = typer.Option(
         "auto", "--precision", help="eigensolver dtype: auto (CPU float64, GPU float32), float64, float32"
     ),
+    randomize: bool = typer.Option(
+        False, "--randomize", help="also the element-wise shuffled ESD: its MP fit and correlation traps"
+    ),
+    seed: int = typer.Option(0, "--seed", help="shuffle seed for --randomize (numpy RandomState, as WW)"),
+    fix_fingers: str | None = typer.Option(
+        None, "--fix-fingers", help="clip_xmax: refit alpha with the largest eigenvalues clipped off"
+    ),
     force: bool = typer.Option(False, "--force", help="replace existing outputs"),
 ) -> None:
-    """Spectral metrics (alpha, norms, ranks, MP spikes, FARMS alpha) of every 2-D weight."""
+    """Spectral metrics (alpha, norms, ranks, MP spikes, FARMS alpha) of every 2-D weight and conv kernel."""
     from ..analyze import add_analysis, analyze_weights
     from ..report import Report
 
     opt.choice(precision, "--precision", PRECISIONS)
+    if fix_fingers is not None:
+        opt.choice(fix_fingers, "--fix-fingers", ("clip_xmax",))
     dev = opt.device(device)
     store = _open(model, "MODEL")
     _selected(select, store)
     _check_outputs(json_out, html_out, force)
     result = analyze_weights(
-        store, select=select, device=dev, farms=farms, name=model, mp_fit=mp, precision=precision
+        store,
+        select=select,
+        device=dev,
+        farms=farms,
+        name=model,
+        mp_fit=mp,
+        precision=precision,
+        randomize=randomize,
+        seed=seed,
+        fix_fingers=fix_fingers,
     )
     if html_out is not None:
         report = Report(f"weightsmith analyze: {model}", subtitle=store.source)
