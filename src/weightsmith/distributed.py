@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import WeightsmithError
 from .execute import resolve_device
 
 
@@ -48,3 +49,20 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def shard(model: torch.nn.Module, blocks: list[torch.nn.Module] | None = None) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` each of ``blocks`` (e.g. the transformer layers), then the whole model, so that
+    parameters, gradients and element-wise optimizer state are split by rows across the processes
+    (:mod:`weightsmith.optim` gathers one weight's gradient at a time for its projections)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise WeightsmithError(
+            "FSDP2 (fully_shard) needs a process group: start the run under torchrun "
+            "(python -m torch.distributed.run --nproc_per_node N ...)"
+        )
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks or []:
+        fully_shard(block)
+    fully_shard(model)
+    return model

@@ -1,0 +1,186 @@
+"""Step time, projection-refresh time and peak memory of the train job's optimisers beside galore-torch.
+
+A Llama-shaped causal LM (default: the 1.1B TinyLlama shape, 22 layers, d=2048, bf16 weights and
+gradients), random tokens, batch 4 x 1024. Each optimizer runs ``--steps`` steps with ``--gap`` between
+refreshes; a step that refreshes the projection is timed apart from the others, so
+
+    refresh time = median(refresh steps) - median(other steps)
+    amortised step at gap G = median(other steps) + refresh time / G      (G = 200, galore's default)
+
+The issue's anchor (H200, 1.1B, bf16, 4x1024): galore-torch 93.9 ms a step vs AdamW 88.3 ms, 10.6 vs 12.7 GiB
+peak, 27.5 s each refresh. Goals: refresh <= 1 s, amortised step <= 1.10x AdamW, peak <= galore-torch.
+
+On the GPU machine (the lead's batch):
+
+    .venv/bin/python benchmarks/bench_optim.py --device cuda --out benchmarks/results/optim-bench.json
+
+On this CPU, a smoke run of the same code path: ``--small --device cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from weightsmith import staging
+from weightsmith.optim import GaLoreAdamW, state_bytes
+from weightsmith.optim.apollo import APOLLOAdamW
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_model(small: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:
+        shape = dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    else:  # TinyLlama-1.1B's shape
+        shape = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4)  # fmt: skip
+    config = LlamaConfig(**shape, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def groups(model: torch.nn.Module, rank: int, gap: int, **extra: Any) -> list[dict[str, Any]]:
+    named = list(model.named_parameters())
+    proj = [(n, p) for n, p in named if p.dim() == 2 and any(t in n for t in TARGETS)]
+    ids = {id(p) for _, p in proj}
+    rest = [(n, p) for n, p in named if id(p) not in ids]
+    return [
+        {"params": [p for _, p in proj], "rank": rank, "update_proj_gap": gap, "scale": 0.25,
+         "proj_type": "std", **extra},
+        {"params": [p for _, p in rest]},
+    ]  # fmt: skip
+
+
+def optimizers(rank: int, gap: int) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
+    def galore_torch(model: torch.nn.Module) -> torch.optim.Optimizer:
+        import galore_torch as gt
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return gt.GaLoreAdamW(groups(model, rank, gap), lr=1e-3)
+
+    def ours(projector: str, **extra: Any) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+        return lambda model: GaLoreAdamW(groups(model, rank, gap, projector=projector, **extra), lr=1e-3)
+
+    return {
+        "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
+        "galore-torch": galore_torch,
+        "weightsmith-galore-svd": ours("svd"),
+        "weightsmith-galore-rsvd": ours("rsvd"),
+        "weightsmith-galore-dct": ours("dct"),
+        "weightsmith-q-galore": ours("q4-svd", lazy_threshold=0.4),
+        "weightsmith-apollo": lambda model: APOLLOAdamW(groups(model, rank, gap), lr=1e-3),
+    }
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(
+    name: str, make: Callable[[torch.nn.Module], torch.optim.Optimizer], args: argparse.Namespace
+) -> dict:
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = build_model(args.small, args.device, dtype)
+    opt = make(model)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times: list[tuple[int, float]] = []
+    for step in range(args.steps):
+        sync(args.device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(args.device)
+        times.append((step, time.perf_counter() - t0))
+    refresh_steps = [t for s, t in times if s % args.gap == 0 and s > 0]
+    plain = [t for s, t in times if s % args.gap != 0 and s > 1]
+    step_ms = 1000 * statistics.median(plain)
+    refresh_s = (statistics.median(refresh_steps) - statistics.median(plain)) if refresh_steps else 0.0
+    if name == "adamw":
+        refresh_s = 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+    out = {
+        "optimizer": name,
+        "step_ms": step_ms,
+        "refresh_s": refresh_s,
+        "amortised_step_ms_at_gap_200": step_ms + 1000 * refresh_s / 200,
+        "peak_gib": peak,
+        "state_gib": state_bytes(_state(opt)) / 2**30,
+        "first_step_s": times[0][1],
+        "loss": float(loss),
+    }
+    del model, opt, loss
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def _state(opt: torch.optim.Optimizer) -> Any:
+    # galore-torch keeps a GaLoreProjector object in its state: count its matrix by hand
+    out = []
+    for s in opt.state.values():
+        for v in s.values():
+            proj = getattr(v, "ortho_matrix", None)
+            out.append(proj if proj is not None else v)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="a 4-layer d=256 model and 2x128 tokens (CPU smoke)")
+    ap.add_argument("--rank", type=int, default=None, help="default 512 (1.1B) or 32 (--small)")
+    ap.add_argument("--gap", type=int, default=10, help="steps between refreshes in this benchmark")
+    ap.add_argument("--steps", type=int, default=None, help="default 2 * gap + 1")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--only", default=None, help="comma-separated optimizer names")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    args.rank = args.rank or (32 if args.small else 512)
+    args.batch = args.batch or (2 if args.small else 4)
+    args.seq = args.seq or (128 if args.small else 1024)
+    args.steps = args.steps or 2 * args.gap + 1
+    table = optimizers(args.rank, args.gap)
+    names = args.only.split(",") if args.only else list(table)
+    rows = []
+    for name in names:
+        row = bench(name, table[name], args)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    result = {"args": vars(args), "device_name": _device_name(args.device), "rows": rows}
+    if args.out:
+        staging.write_text(args.out, json.dumps(result, indent=2))
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""``weightsmith train``: full-weight training with a memory-lean optimizer (GaLore family, APOLLO, AdamW).
+
+A separate command rather than ``adapt --method full --optimizer ...``: the optimizer options (rank, gap,
+projector, scale) mean nothing to the adapter methods and the adapter options (rank, alpha, targets of
+adapters) mean something else here, so one command with both would have to reject half of its options
+depending on the other half. The run itself is the same: ``finetune(adapter="full", optimizer=factory)``,
+with the same checkpoints, ``--resume`` and progress as ``adapt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from .. import config as cfg
+from ..errors import WeightsmithError
+from ..tasks import TASKS
+from ._app import app
+
+
+def _optimizers() -> dict[str, type]:
+    from .. import optim  # noqa: F401  (registers the optimizer configs)
+    from ..optim import configs  # noqa: F401
+
+    return cfg.registered("optimizer")
+
+
+def build_optimizer(name: str, options: dict[str, Any]) -> Any:
+    """The registered optimizer config ``name`` with the options given on the command line."""
+    table = _optimizers()
+    if name not in table:
+        raise WeightsmithError(f"unknown optimizer '{name}'; known: {', '.join(sorted(table))}")
+    fields = {f.name for f in dataclasses.fields(table[name])}
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given:
+        if key not in fields:
+            flag = "--" + key.replace("_", "-")
+            raise WeightsmithError(
+                f"--optimizer {name} takes no {flag} (its options: {', '.join(sorted(fields))})"
+            )
+    try:
+        return cfg.config_from_dict({"method": name, **given}, "optimizer")
+    except TypeError as exc:
+        raise WeightsmithError(f"--optimizer {name}: {exc}") from exc
+
+
+def _parse_opts(opts: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in opts:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise WeightsmithError(f"--opt '{item}': expected key=value (e.g. --opt proj_type=left)")
+        parsed = yaml.safe_load(value) if value.strip() else None
+        out[key.strip().replace("-", "_")] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+def _list() -> None:
+    table = Table(title="optimizers (weightsmith train --optimizer NAME)")
+    table.add_column("optimizer")
+    table.add_column("options (defaults)")
+    table.add_column("what")
+    for name, cls in sorted(_optimizers().items()):
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        doc = (cls.__doc__ or "").strip().splitlines()
+        table.add_row(name, fields, doc[0] if doc else "")
+    Console().print(table)
+
+
+@app.command("train")
+def train_cmd(
+    model: str = typer.Argument(None, help="model: packaged asset (minilm, smollm2) or a local HF directory"),
+    optimizer: str = typer.Option(
+        "galore", "--optimizer", help="galore, q-galore, apollo, apollo-mini, adamw"
+    ),
+    rank: int = typer.Option(None, "--rank", "-r", help="projection rank"),
+    update_proj_gap: int = typer.Option(None, "--update-proj-gap", help="steps between subspace refreshes"),
+    projector: str = typer.Option(None, "--projector", help="svd, rsvd (default), dct, random or sparse"),
+    scale: float = typer.Option(None, "--scale", help="update scale (GaLore's alpha, APOLLO's alpha)"),
+    opt: list[str] = typer.Option([], "--opt", help="other optimizer option key=value (repeatable)"),
+    targets: str = typer.Option(
+        None, "--targets", help="weights to project: globs or re:regex, comma separated"
+    ),
+    task: str = typer.Option(None, "--task", "-t", help=f"task: {', '.join(TASKS)}"),
+    epochs: int = typer.Option(1, "--epochs"),
+    max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps (overrides --epochs)"),
+    lr: float = typer.Option(None, "--lr", help="learning rate (default: full fine-tuning's)"),
+    head_lr: float = typer.Option(2e-3, "--head-lr", help="learning rate of the classification head"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
+    schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)"),
+    warmup: float = typer.Option(0.06, "--warmup", help="warm-up fraction of the steps"),
+    weight_decay: float = typer.Option(None, "--weight-decay"),
+    max_examples: int = typer.Option(None, "--max-examples"),
+    max_len: int = typer.Option(None, "--max-len"),
+    eval_examples: int = typer.Option(None, "--eval-examples"),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="also checkpoint every N steps"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    out: Path = typer.Option(None, "--out", "-o", help="output directory"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
+    per_layer: bool = typer.Option(
+        False,
+        "--layerwise",
+        help="update each weight inside backward (no full set of gradients; no clipping)",
+    ),
+    list_optimizers: bool = typer.Option(False, "--list", help="list the optimizers and exit"),
+) -> None:
+    """Train every weight of MODEL on a task with a memory-lean optimizer; writes model/, run.json to --out.
+
+    Example: weightsmith train minilm --optimizer galore --rank 32 --task rotten_tomatoes --out runs/galore
+    """
+    if list_optimizers:
+        _list()
+        return
+    missing = [n for n, v in (("MODEL", model), ("--task", task), ("--out", out)) if v is None]
+    if missing:
+        raise WeightsmithError(f"weightsmith train needs {', '.join(missing)} (see weightsmith train --help)")
+    options = {
+        **_parse_opts(opt),
+        "rank": rank,
+        "update_proj_gap": update_proj_gap,
+        "projector": projector,
+        "scale": scale,
+        "weight_decay": weight_decay,
+        "seed": seed if optimizer != "adamw" else None,
+        "layerwise": True if per_layer else None,
+        "targets": tuple(p.strip() for p in targets.split(",") if p.strip()) if targets else None,
+    }
+    config = build_optimizer(optimizer, options)
+    from ..train import finetune
+
+    result = finetune(
+        model,
+        task,
+        "full",
+        out=out,
+        force=force,
+        resume=resume,
+        max_examples=max_examples,
+        max_len=max_len,
+        eval_examples=eval_examples,
+        optimizer=config.create,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        head_lr=head_lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup=warmup,
+        schedule=schedule,
+        seed=seed,
+        device=device,
+        checkpoint_every=checkpoint_every,
+    )
+    table = Table(title=f"{optimizer} on {result.task} ({result.model})")
+    table.add_column("result")
+    table.add_column("value", justify="right")
+    metric = f"test {result.metric_name}" if result.metric_name == "accuracy" else "val perplexity"
+    for row in (
+        (metric, f"{result.metric:.4f}"),
+        ("optimizer", str(cfg.to_dict(config))),
+        ("optimizer steps", str(result.steps)),
+        ("wall time", f"{result.wall_time_s:.1f} s"),
+        (f"peak memory ({result.memory_kind})", f"{result.peak_memory_mb:.0f} MiB"),
+        ("output", str(out)),
+    ):
+        table.add_row(*row)
+    Console().print(table)

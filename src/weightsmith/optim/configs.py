@@ -1,0 +1,297 @@
+"""Registered optimizer configs (kind ``"optimizer"``): what ``weightsmith train --optimizer NAME`` builds.
+
+Each config is a frozen dataclass whose ``create(named_parameters, lr)`` is an
+:data:`~weightsmith.train.optimizer.OptimizerFactory`, and whose ``check(named_parameters)`` validates the
+options against the model before anything is trained (rank larger than a weight's side, a gap of 0, a
+targeted weight that is not 2-D), raising ``WeightsmithError`` naming the weight and its shape.
+
+Projected weights are the 2-D weights that ``targets`` selects (by default the attention and MLP weights of
+the transformer blocks, as transformers' ``optim_target_modules=[r".*.attn.*", r".*.mlp.*"]``); biases and
+norms among them, embeddings and task heads get plain AdamW.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import register_config, to_dict
+from ..errors import WeightsmithError
+from ..select import Selector
+from .apollo import APOLLOAdamW
+from .galore import GaLoreAdamW, check_projected_group
+from .gradnorm import GradNormLoRPAdamW
+from .layerwise import layerwise as in_backward
+from .projection import PROJ_TYPES
+from .projectors import PROJECTORS
+
+DEFAULT_TARGETS: tuple[str, ...] = (r"re:(attn|attention|mlp|intermediate)\.", r"re:layers?\.\d+\.output\.")
+
+Named = list[tuple[str, nn.Parameter]]
+
+
+def split_targets(named: Named, targets: tuple[str, ...]) -> tuple[Named, Named]:
+    """(projected, plain): targeted weights of 2 or more dimensions, and the rest."""
+    sel = Selector.of(list(targets))
+    hits = [(n, p) for n, p in named if sel.matches(n) and p.dim() >= 2]
+    if not hits:
+        sel.require([n for n, p in named if p.dim() >= 2], "2-D trainable weights")
+    hit_ids = {id(p) for _, p in hits}
+    return hits, [(n, p) for n, p in named if id(p) not in hit_ids]
+
+
+def _groups(projected: Named, plain: Named, **options: Any) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    if projected:
+        groups.append({"params": [(n, p) for n, p in projected], **options})
+    if plain:
+        groups.append({"params": [(n, p) for n, p in plain]})
+    return groups
+
+
+def _spec(config: Any) -> str:
+    """The config as JSON: kept in the optimizer's defaults, so ``--resume`` with other options is refused."""
+    return json.dumps(to_dict(config), sort_keys=True)
+
+
+def _check_options(config: Any) -> None:
+    """Checks that need no model: positive rank and gap, known projector, projection type and scale type."""
+    name = type(config).method
+    rank = getattr(config, "rank", 1)
+    gap = config.update_proj_gap
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise WeightsmithError(f"optimizer {name}: rank must be a positive integer (got {rank!r})")
+    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
+        raise WeightsmithError(
+            f"optimizer {name}: update_proj_gap must be a positive integer (got {gap!r}); "
+            "1 refreshes every step"
+        )
+    projector = getattr(config, "projector", "svd")
+    if projector not in PROJECTORS:
+        raise WeightsmithError(
+            f"optimizer {name}: projector must be one of {', '.join(PROJECTORS)} (got '{projector}')"
+        )
+    if getattr(config, "quantized", False) and projector == "dct":
+        raise WeightsmithError(
+            f"optimizer {name}: the dct projector stores only indices; there is no matrix to quantise"
+        )
+    proj_type = getattr(config, "proj_type", "std")
+    if proj_type not in PROJ_TYPES:
+        raise WeightsmithError(
+            f"optimizer {name}: proj_type must be one of {', '.join(PROJ_TYPES)} (got '{proj_type}')"
+        )
+    if getattr(config, "scale_type", "channel") not in ("channel", "tensor"):
+        raise WeightsmithError(
+            f"optimizer {name}: scale_type must be 'channel' or 'tensor' (got '{config.scale_type}')"
+        )
+    if config.weight_decay < 0:
+        raise WeightsmithError(f"optimizer {name}: weight_decay must be >= 0 (got {config.weight_decay})")
+
+
+def _check(named: Named, targets: tuple[str, ...], rank: int, gap: int) -> None:
+    projected, _ = split_targets(named, targets)
+    group = {"params": [p for _, p in projected], "rank": rank, "update_proj_gap": gap}
+    check_projected_group(group, [n for n, _ in projected], strict_rank=True)
+
+
+@register_config("adamw", "optimizer")
+@dataclass(frozen=True)
+class AdamW:
+    """torch.optim.AdamW on every trainable parameter (the reference)."""
+
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.weight_decay < 0:
+            raise WeightsmithError(f"optimizer adamw: weight_decay must be >= 0 (got {self.weight_decay})")
+
+    def check(self, named: Named) -> None:
+        pass
+
+    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for _, p in named], lr=lr, eps=self.eps, weight_decay=self.weight_decay)
+
+
+@register_config("galore", "optimizer")
+@dataclass(frozen=True)
+class GaLore:
+    """GaLore (Zhao et al., 2024): Adam in a rank-r gradient subspace, refreshed every update_proj_gap."""
+
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    projector: str = "rsvd"
+    quantized: bool = False
+    lazy_threshold: float | None = None
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    weight_decay: float = 0.0
+    eps: float = 1e-6
+    seed: int = 0
+    layerwise: bool = False
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def check(self, named: Named) -> None:
+        _check(named, self.targets, self.rank, self.update_proj_gap)
+
+    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
+        self.check(named)
+        projected, plain = split_targets(named, self.targets)
+        projector = ("q4-" if self.quantized else "") + self.projector
+        options: dict[str, Any] = {
+            "rank": self.rank,
+            "update_proj_gap": self.update_proj_gap,
+            "scale": self.scale,
+            "proj_type": self.proj_type,
+            "projector": projector,
+        }
+        if self.lazy_threshold is not None:
+            options["lazy_threshold"] = self.lazy_threshold
+        groups = _groups(projected, plain, **options)
+        cls = in_backward(GaLoreAdamW) if self.layerwise else GaLoreAdamW
+        return cls(
+            groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed, spec=_spec(self)
+        )
+
+
+@register_config("q-galore", "optimizer")
+@dataclass(frozen=True)
+class QGaLore:
+    """Q-GaLore (Zhang et al., 2024): GaLore with INT4 projection matrices and layer-adaptive lazy refresh."""
+
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    projector: str = "svd"
+    lazy_threshold: float = 0.4
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    weight_decay: float = 0.0
+    eps: float = 1e-6
+    seed: int = 0
+    layerwise: bool = False
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def _galore(self) -> GaLore:
+        return GaLore(self.rank, self.update_proj_gap, self.scale, self.proj_type, self.projector, True,
+                      self.lazy_threshold, self.targets, self.weight_decay, self.eps, self.seed,
+                      self.layerwise)  # fmt: skip
+
+    def check(self, named: Named) -> None:
+        self._galore().check(named)
+
+    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
+        return self._galore().create(named, lr)
+
+
+@register_config("apollo", "optimizer")
+@dataclass(frozen=True)
+class APOLLO:
+    """APOLLO (Zhu et al., 2024): the gradient scaled channel-wise by Adam's effect in a random subspace."""
+
+    rank: int = 256
+    update_proj_gap: int = 200
+    scale: float = 1.0
+    scale_type: str = "channel"
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    weight_decay: float = 0.0
+    eps: float = 1e-6
+    seed: int = 0
+    layerwise: bool = False
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def check(self, named: Named) -> None:
+        _check(named, self.targets, self.rank, self.update_proj_gap)
+
+    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
+        self.check(named)
+        projected, plain = split_targets(named, self.targets)
+        options = {"rank": self.rank, "update_proj_gap": self.update_proj_gap, "scale": self.scale,
+                   "scale_type": self.scale_type}  # fmt: skip
+        groups = _groups(projected, plain, **options)
+        cls = in_backward(APOLLOAdamW) if self.layerwise else APOLLOAdamW
+        return cls(
+            groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed, spec=_spec(self)
+        )
+
+
+@register_config("apollo-mini", "optimizer")
+@dataclass(frozen=True)
+class APOLLOMini:
+    """APOLLO-Mini: rank 1, one scaling factor per tensor, alpha = sqrt(128) (the paper's setting)."""
+
+    update_proj_gap: int = 200
+    scale: float = math.sqrt(128.0)
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    weight_decay: float = 0.0
+    eps: float = 1e-6
+    seed: int = 0
+    layerwise: bool = False
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def _apollo(self) -> APOLLO:
+        return APOLLO(
+            1,
+            self.update_proj_gap,
+            self.scale,
+            "tensor",
+            self.targets,
+            self.weight_decay,
+            self.eps,
+            self.seed,
+            self.layerwise,
+        )
+
+    def check(self, named: Named) -> None:
+        self._apollo().check(named)
+
+    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
+        return self._apollo().create(named, lr)
+
+
+@register_config("gradnormlorp", "optimizer")
+@dataclass(frozen=True)
+class GradNormLoRP:
+    """GradNormLoRP (Huang et al., 2024): weight-normalised, low-rank projected direction, full magnitude."""
+
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    projector: str = "rsvd"
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    weight_decay: float = 0.0
+    eps: float = 1e-6
+    seed: int = 0
+    layerwise: bool = False
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def check(self, named: Named) -> None:
+        _check(named, self.targets, self.rank, self.update_proj_gap)
+
+    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
+        self.check(named)
+        projected, plain = split_targets(named, self.targets)
+        options = {"rank": self.rank, "update_proj_gap": self.update_proj_gap, "scale": self.scale,
+                   "proj_type": self.proj_type, "projector": self.projector}  # fmt: skip
+        cls = in_backward(GradNormLoRPAdamW) if self.layerwise else GradNormLoRPAdamW
+        groups = _groups(projected, plain, **options)
+        return cls(
+            groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed, spec=_spec(self)
+        )

@@ -1,0 +1,157 @@
+"""A gradient transform as an ordinary ``torch.optim.Optimizer``.
+
+``TransformOptimizer(model.named_parameters(), chain(...), lr=1e-3)`` works in weightsmith's trainer, in a
+plain loop and in the transformers ``Trainer`` (``optimizers=(opt, sched)``): param groups, ``state_dict`` /
+``load_state_dict`` and learning-rate schedulers behave as for ``torch.optim.AdamW``.
+
+A step is ``p <- p - lr * (u + wd * p)`` written as decoupled weight decay ("Decoupled Weight Decay
+Regularization", Loshchilov & Hutter, 2019): ``p <- (1 - lr*wd) p - lr*u`` where ``u`` is the transform's
+update. ``decay_after_update=True`` applies the decay to the updated weight instead
+(``p <- (1 - lr*wd)(p - lr*u)``), the order galore-torch and transformers' legacy AdamW use.
+
+Under FSDP2 (``fully_shard``) parameters and gradients are DTensors sharded by rows. Element-wise transforms
+(``elementwise = True``: Adam, identity) run on the local shard, so their state is sharded too. The others
+(projections, APOLLO) gather the parameter's full gradient, one parameter at a time, compute the update
+identically on every process (per-layer seeds do not depend on the process) and keep their low-rank state
+replicated; each process then takes its own rows of the update. The full gradient of one weight is the
+transient cost; computing the projector from the shards alone (an all-reduced range finder) is not done.
+
+The state is loaded back without casting: ``torch.optim.Optimizer.load_state_dict`` casts every floating
+state tensor to its parameter's dtype, which would round float32 moments of a bf16 model and break a
+bit-exact resume; here each tensor keeps the dtype it was saved with.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from itertools import chain as iter_chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .transform import State, Transform
+
+
+class TransformOptimizer(torch.optim.Optimizer):
+    """Run ``transform`` on each parameter's gradient, then apply the learning rate and weight decay.
+
+    ``params`` may be parameters, ``(name, parameter)`` pairs (names reach masks and seeds), or param-group
+    dicts. Subclasses build the transform from the group's hyperparameters (``transform_for``), so values
+    changed in a group (by a scheduler or by hand) take effect on the next step."""
+
+    decay_after_update: bool = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        transform: Transform | None = None,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        **defaults: Any,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if weight_decay < 0.0:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        self._transform = transform
+        self._names: dict[int, str] = {}
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **defaults})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names") or []
+        if len(names) == len(group["params"]):  # names travel by parameter, not by position in a group
+            self._names.update({id(p): str(n) for p, n in zip(group["params"], names, strict=True)})
+
+    # ------------------------------------------------------------------ what subclasses may override
+
+    def transform_for(self, group: dict[str, Any]) -> Transform:
+        """The transform applied to the parameters of ``group``."""
+        if self._transform is None:
+            raise TypeError(f"{type(self).__name__} needs a transform (or must override transform_for)")
+        return self._transform
+
+    # ------------------------------------------------------------------------------------ stepping
+
+    def param_name(self, p: Tensor) -> str:
+        """The name the parameter was given (``""`` when the optimizer got bare parameters)."""
+        return self._names.get(id(p), "")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            transform = self.transform_for(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, p.grad, group, transform)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, grad: Tensor | None = None) -> None:
+        """Update one parameter now (used by per-layer updates inside backward)."""
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                g = grad if grad is not None else p.grad
+                if g is not None:
+                    self._update(p, g, group, self.transform_for(group))
+                return
+        raise KeyError("parameter is not in this optimizer")
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], t: Transform) -> None:
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients ({self.param_name(p)})"
+            )
+        st: State = self.state[p]
+        gathered = isinstance(grad, DTensor) and not getattr(t, "elementwise", False)
+        if gathered:  # FSDP2: a projected transform sees the whole gradient (see the module docstring)
+            full_p, full_g = p.full_tensor(), grad.full_tensor()  # type: ignore[attr-defined]
+        else:
+            full_p, full_g = p, grad
+        if not st:
+            st.update(t.init(full_p, self.param_name(p)))
+        update, new = t.update(full_g, st, full_p)
+        if new is not st:
+            st.clear()
+            st.update(new)
+        if gathered:
+            update = distribute_tensor(update.to(p.dtype), grad.device_mesh, grad.placements)  # type: ignore[attr-defined]
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd and not self.decay_after_update:
+            p.mul_(1.0 - lr * wd)
+        p.add_(update.to(p.dtype), alpha=-lr)
+        if wd and self.decay_after_update:
+            p.add_(p, alpha=-lr * wd)
+
+    # --------------------------------------------------------------------------- state round trip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = iter_chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = iter_chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params, strict=True):
+            if pid in saved:
+                self.state[p] = _to_device(saved[pid], p.device)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """A deep copy of ``value`` with tensors moved to ``device``, dtypes kept."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return copy.deepcopy(value)

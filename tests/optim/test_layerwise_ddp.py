@@ -1,0 +1,164 @@
+"""Per-layer updates inside backward equal ordinary stepping (with gradient accumulation); GaLore under
+DistributedDataParallel and GaLore / Q-GaLore / APOLLO under FSDP2 (2 gloo processes on CPU) equal one process
+on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from weightsmith.errors import WeightsmithError
+from weightsmith.optim import GaLoreAdamW, galore_param_groups, is_layerwise, layerwise
+from weightsmith.train.optimizer import updates_in_backward
+
+torch.set_num_threads(1)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 4))
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(6, 16, generator=g) for _ in range(n)]
+
+
+def _opt(model: torch.nn.Module, cls: type = GaLoreAdamW) -> GaLoreAdamW:
+    groups = galore_param_groups(
+        model.named_parameters(), rank=3, update_proj_gap=2, scale=0.5, projector="rsvd"
+    )
+    return cls(groups, lr=1e-2, weight_decay=0.01)
+
+
+def test_updates_in_backward_equal_stepping_with_accumulation():
+    accum, steps = 2, 5
+    ref, lw = _model(), _model()
+    opt_ref = _opt(ref)
+    opt_lw = _opt(lw, layerwise(GaLoreAdamW))
+    assert updates_in_backward(opt_lw) and is_layerwise(opt_lw) and not updates_in_backward(opt_ref)
+    data = _batches(steps * accum)
+    for s in range(steps):
+        for k in range(accum):
+            x = data[s * accum + k]
+            (ref(x).square().mean() / accum).backward()
+            opt_lw.step_in_backward(k == accum - 1)
+            (lw(x).square().mean() / accum).backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in lw.parameters())  # freed inside backward
+    for p, q in zip(ref.parameters(), lw.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert not torch.equal(ref[0].weight, _model()[0].weight)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = _opt(model)
+        for x in _batches(4):
+            half = x.chunk(world)[rank]
+            ddp(half).square().mean().backward()  # DDP averages the two halves' gradients
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        lw = layerwise(GaLoreAdamW)
+        try:
+            _opt(_model(), lw).step_in_backward(True)
+            refused = False
+        except WeightsmithError:
+            refused = True
+        if rank == 0:
+            torch.save({"params": [p.detach() for p in model.parameters()], "refused": refused}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_ddp_two_processes_equal_one(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    single = _model()
+    opt = _opt(single)
+    for x in _batches(4):
+        single(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for p, q in zip(single.parameters(), got["params"], strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-5)
+    assert got["refused"], "per-layer updates must refuse a multi-process group"
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    from weightsmith import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for label, config in _FSDP_CONFIGS.items():
+            model = _model()
+            distributed.shard(model, [model[0], model[2]])
+            opt = config.create(list(model.named_parameters()), 1e-2)
+            for x in _batches(4):
+                model(x.chunk(world)[rank]).square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            results[label] = [p.full_tensor().detach() for p in model.parameters()]
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_configs() -> dict:
+    from weightsmith.optim import configs
+
+    every = ("re:^[02]\\.",)
+    return {
+        "galore-rsvd": configs.GaLore(rank=3, update_proj_gap=2, projector="rsvd", targets=every),
+        "q-galore": configs.QGaLore(rank=3, update_proj_gap=1, targets=every),
+        "apollo": configs.APOLLO(rank=3, update_proj_gap=2, targets=every),
+    }
+
+
+_FSDP_CONFIGS = _fsdp_configs()
+
+
+@pytest.mark.timeout(240)
+def test_fsdp2_two_processes_equal_one(tmp_path):
+    out = str(tmp_path / "fsdp.pt")
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    for label, config in _FSDP_CONFIGS.items():
+        single = _model()
+        opt = config.create(list(single.named_parameters()), 1e-2)
+        for x in _batches(4):
+            single(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for p, q in zip(single.parameters(), got[label], strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-5, msg=label)
+
+
+def test_fsdp2_without_process_group_is_refused():
+    from weightsmith import distributed
+
+    with pytest.raises(WeightsmithError, match="FSDP2 .* needs a process group"):
+        distributed.shard(_model())
