@@ -165,12 +165,27 @@ class Task:
 
     # ------------------------------------------------------------------ loss / metric
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over the batch's examples (classification) or predicted tokens (LM)."""
         if self.kind == "classification":
             logits = model(batch["input_ids"], batch["attention_mask"])
             return nn.functional.cross_entropy(logits.float(), batch["labels"])
         ids = batch["input_ids"]
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
-        return nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        return lm_loss(logits, ids)
+
+    def split(self, batch: Batch, max_tokens: int | None) -> list[tuple[Batch, float]]:
+        """``batch`` cut into micro-batches of at most ``max_tokens`` tokens (at least one example each),
+        with the weight of each micro-batch's mean loss in the batch's mean: ``sum(w * loss(micro))``
+        equals ``loss(batch)`` (every example holds the same number of loss terms: one label per
+        sentence, ``max_len - 1`` predicted tokens per LM block). ``None`` keeps the batch whole."""
+        rows, width = batch["input_ids"].shape
+        if max_tokens is None or rows * width <= max_tokens:
+            return [(batch, 1.0)]
+        per = max(1, max_tokens // max(width, 1))
+        return [
+            ({k: v[i : i + per] for k, v in batch.items()}, min(per, rows - i) / rows)
+            for i in range(0, rows, per)
+        ]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, tokenizer: Any, split: str = "val", device: Any = "cpu") -> float:
@@ -201,6 +216,15 @@ class Task:
             return evaluate.accuracy(predict, list(data.x[:n]), list(np.asarray(data.y[:n])), batch_size=128)
         finally:
             model.train(was_training)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, the mean of ``-log softmax(logits[:, t])[ids[:, t + 1]]`` over every
+    position but the last of each row. The targets are shifted instead of the logits, so no copy of the
+    ``[B, T, vocab]`` logits is made (the last position is ignored with ``ignore_index``)."""
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 def get_task(

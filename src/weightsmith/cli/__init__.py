@@ -6,6 +6,7 @@ import importlib
 import os
 import sys
 
+from .. import threads
 from ..errors import WeightsmithError
 from ..staging import install_signal_handlers
 from ._app import app
@@ -27,6 +28,7 @@ def main() -> None:
     _register()
     install_signal_handlers()
     try:
+        threads.configure()  # torch's CPU threads from the CPUs this process may use (weightsmith.threads)
         app()
     except WeightsmithError as exc:
         from rich.console import Console

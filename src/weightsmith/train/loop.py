@@ -3,7 +3,9 @@
 ``finetune(model="minilm", task="rotten_tomatoes", adapter=LoRA(rank=8), epochs=1, seed=0, out="run")``
 returns a :class:`TrainResult`. Linear warm-up then linear/cosine/constant decay (``LambdaLR``), gradient
 accumulation, bf16 autocast on CUDA, evaluation after each epoch, and resumable checkpoints (each epoch and
-every ``checkpoint_every`` optimizer steps). Every option is checked before the model is loaded, and the
+every ``checkpoint_every`` optimizer steps). On the CPU a language-modelling batch runs in micro-batches of
+``CPU_MICRO_TOKENS`` tokens (``micro_batch_tokens``; gradients summed, the same step), which bounds the
+memory held for backward. Every option is checked before the model is loaded, and the
 model's weights are checked for NaN/Inf (naming the tensor and file) before training starts.
 
 **The optimizer is injected.** ``optimizer`` is an :data:`~weightsmith.train.optimizer.OptimizerFactory`,
@@ -82,6 +84,16 @@ class TrainArgs:
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     checkpoint_every: int | None = None  # optimizer steps; a checkpoint is also written every epoch
+    # Forward/backward a batch in micro-batches of at most this many tokens (gradients summed, so the
+    # step is the same up to float rounding; dropout draws other masks). None: CPU_MICRO_TOKENS for
+    # language modelling on the CPU (bounds activation and logit memory), otherwise the whole batch.
+    micro_batch_tokens: int | None = None
+
+
+# Default micro-batch on the CPU: a causal LM keeps ~50 kB of activations per token per layer for the
+# backward pass plus the fp32 logits (vocab * 4 bytes per token), so LoRA on SmolLM2-135M at batch
+# 32 x 128 tokens peaked at 10.4 GB RSS; with 512 tokens a pass, 2.3 GB (benchmarks/bench_memory.py).
+CPU_MICRO_TOKENS = 512
 
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -105,7 +117,7 @@ def check_args(args: TrainArgs) -> None:
     for name in ("epochs", "batch_size", "grad_accum"):
         v = getattr(args, name)
         need(_is_int(v) and v >= 1, f"--{name.replace('_', '-')}", "an integer of at least 1", v)
-    for name in ("max_steps", "checkpoint_every"):
+    for name in ("max_steps", "checkpoint_every", "micro_batch_tokens"):
         v = getattr(args, name)
         ok = v is None or (_is_int(v) and v >= 1)
         need(ok, f"--{name.replace('_', '-')}", "an integer of at least 1", v)
@@ -471,6 +483,9 @@ def _train(
     n_trainable = sum(p.numel() for p in params.values())
     n_total = sum(p.numel() for p in net.parameters())
     use_bf16 = args.bf16 and device.type == "cuda"
+    micro_tokens = args.micro_batch_tokens
+    if micro_tokens is None and device.type == "cpu" and t.kind == "lm":
+        micro_tokens = CPU_MICRO_TOKENS
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter() - float(state["elapsed"])
@@ -496,18 +511,26 @@ def _train(
                     break
                 if i % world.size != world.rank:
                     continue
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = t.loss(trained, batch)
-                reg = _regularization(net, method)
-                total_loss = (loss + reg) / args.grad_accum
-                if not torch.isfinite(total_loss.detach()):
-                    _diverged(run_dir, step, epoch, f"loss is {float(loss.detach())}")
                 ends_step = (micro + 1) % args.grad_accum == 0 or i + world.size >= n_batches
-                if in_backward:
-                    opt.step_in_backward(ends_step)  # type: ignore[attr-defined]
-                total_loss.backward()
-                running += float(loss.detach())
+                pieces = t.split(batch, micro_tokens)
+                loss_sum = 0.0
+                for j, (piece, weight) in enumerate(pieces):
+                    piece = {k: v.to(device) for k, v in piece.items()}
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                        loss = t.loss(trained, piece)
+                    last = j == len(pieces) - 1
+                    # the regularizer joins the last micro-batch, once per batch as before
+                    total_loss = (
+                        loss * weight + (_regularization(net, method) if last else 0.0)
+                    ) / args.grad_accum
+                    if not torch.isfinite(total_loss.detach()):
+                        _diverged(run_dir, step, epoch, f"loss is {float(loss.detach())}")
+                    if in_backward:
+                        opt.step_in_backward(ends_step and last)  # type: ignore[attr-defined]
+                    total_loss.backward()
+                    loss_sum += float(loss.detach()) * weight
+                    del loss, total_loss, piece  # free this micro-batch's graph before the next
+                running += loss_sum
                 micro += 1
                 if not ends_step:
                     continue
