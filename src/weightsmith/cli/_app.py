@@ -26,5 +26,12 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads for torch (default: from the CPUs this process may use)."
+    ),
 ) -> None:
     """Weight-space engineering for PyTorch models: adapt, merge, compress and analyze weights."""
+    if threads is not None:
+        from ..threads import configure
+
+        configure(threads)
