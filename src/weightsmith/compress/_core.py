@@ -1,0 +1,248 @@
+"""The compress job: ``compress(model, Config(...), calib=...)`` quantises the selected layers in place.
+
+Every method is a registered frozen dataclass (kind ``"compress"``) deriving from :class:`CompressConfig`.
+A data-free method implements ``quantize(W, None)``; a calibrated one says so with ``needs_calibration``
+and gets each layer's :class:`~weightsmith.layers.InputStats`, gathered block by block with one decoder
+block on the device (:func:`~weightsmith.layers.walk_blocks`), so every block is calibrated on the outputs
+of the already-quantised blocks before it. A method that must see a whole block at once (AWQ folds scales
+into the previous operation) overrides ``compress_block``.
+
+The model keeps the dequantised weights ``Ŵ = s (q − z)`` (it runs as before, with quantisation error);
+the integer codes, scales and zero points are returned in the report for the writers in ``_format.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .. import assets
+from ..errors import WeightsmithError
+from ..layers import InputStats, Layer, StatsSpec, collect_stats, decoder_blocks, find_layers, walk_blocks
+from ..progress import log
+from ._grid import QuantizedWeight, check_bits
+
+PACKAGED_TEXTS = ("hamlet",)
+COMMON_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Options every weight quantiser shares.
+
+    ``bits`` (2-8); ``group_size`` (input columns per scale; 0 = one scale per output row); ``symmetric``
+    (zero point fixed at the middle of the grid; the default, because transformers cannot yet load
+    asymmetric compressed-tensors checkpoints, llm-compressor issue #1618, though vLLM can); ``targets``
+    (a selector of weight names; default: every Linear/Conv1D outside the heads).
+    """
+
+    calibrated: ClassVar[bool] = False
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    targets: str | None = None
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.group_size < 0:
+            raise WeightsmithError(f"--group-size {self.group_size}: use 0 (per-channel) or a positive size")
+
+    def needs_calibration(self) -> bool:
+        return self.calibrated
+
+    def stats_spec(self) -> StatsSpec:
+        return StatsSpec(gram=False, channels=False)
+
+    def quantize(self, W: Tensor, stats: InputStats | None) -> QuantizedWeight:
+        """Quantise one ``[out, in]`` float32 weight (``stats``: its inputs' statistics, if calibrated)."""
+        raise NotImplementedError(type(self).__name__)
+
+    def compress_block(
+        self, block: nn.Module | None, layers: Sequence[Layer], stats: dict[str, InputStats] | None
+    ) -> dict[str, QuantizedWeight]:
+        """Quantise the ``layers`` of one block; write ``Ŵ`` back into each. Default: layer by layer."""
+        out: dict[str, QuantizedWeight] = {}
+        for ly in layers:
+            W = ly.weight().detach().float()
+            qw = self.quantize(W, None if stats is None else stats[ly.name])
+            ly.write(qw.dequantize())
+            out[ly.name] = qw
+        return out
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
+
+
+@dataclass
+class CompressReport:
+    """What ``compress`` did: the config, per-layer errors, wall time, and the quantised weights."""
+
+    config: CompressConfig
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per quantised weight, counting a 16-bit scale (and zero point) per group."""
+        c = self.config
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        groups = sum(r.shape[0] * (r.shape[1] // (c.group_size or r.shape[1])) for r in self.layers)
+        return c.bits + groups * (16 + (0 if c.symmetric else c.bits)) / max(total, 1)
+
+
+def check_group_size(layers: Sequence[Layer], group_size: int) -> None:
+    """Refuse a group size that does not divide every layer's input size, saying which would."""
+    if group_size == 0:
+        return
+    bad = [ly for ly in layers if ly.shape[1] % group_size]
+    if not bad:
+        return
+    g = 0
+    for ly in layers:
+        g = math.gcd(g, ly.shape[1])
+    fits = [str(s) for s in COMMON_GROUPS if g % s == 0] + ["0 (per-channel)"]
+    names = ", ".join(f"{ly.name} (in={ly.shape[1]})" for ly in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise WeightsmithError(
+        f"--group-size {group_size} does not divide the input size of {len(bad)} layer(s): {names}{more}; "
+        f"group sizes that divide every layer: {', '.join(fits)}"
+    )
+
+
+def target_layers(model: nn.Module, config: CompressConfig) -> list[Layer]:
+    layers = find_layers(model, select=config.targets)
+    if not layers:
+        what = f"selector '{config.targets}'" if config.targets else "the default selection"
+        raise WeightsmithError(
+            f"{type(model).__name__}: {what} matches no quantisable layer "
+            "(nn.Linear / Conv1D outside the heads)"
+        )
+    check_group_size(layers, config.group_size)
+    return layers
+
+
+def _record(
+    report: CompressReport,
+    layers: Sequence[Layer],
+    originals: dict[str, Tensor],
+    done: dict[str, QuantizedWeight],
+) -> None:
+    for ly in layers:
+        W = originals[ly.name]
+        err = float((W - done[ly.name].dequantize().to(W.device)).norm() / W.norm().clamp_min(1e-30))
+        report.layers.append(LayerReport(ly.name, ly.shape, err))
+        report.weights[ly.name] = done[ly.name]
+        log(f"  {ly.name} {ly.shape[0]}x{ly.shape[1]}: relative error {err:.4f}")
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig,
+    calib: Sequence[Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, CompressReport]:
+    """Quantise ``model``'s selected layers in place; returns ``(model, report)``.
+
+    ``calib``: a list of model inputs (dicts such as ``{"input_ids": ...}``) for calibrated methods; see
+    :func:`calibration_batches`. ``device``: where each block (or layer) is worked on; the model stays
+    where it is.
+    """
+    t0 = time.perf_counter()
+    layers = target_layers(model, config)
+    report = CompressReport(config)
+    dev = torch.device(device)
+    method = type(config).method  # type: ignore[attr-defined]
+    if not config.needs_calibration():
+        for ly in layers:
+            W = ly.weight().detach().to(dev, torch.float32, copy=True)
+            qw = config.quantize(W, None)
+            ly.write(qw.dequantize())
+            _record(report, [ly], {ly.name: W}, {ly.name: qw})
+        report.seconds = time.perf_counter() - t0
+        return model, report
+    if not calib:
+        raise WeightsmithError(f"'{method}' needs calibration data: pass calib= (see calibration_batches)")
+    spec = config.stats_spec()
+    chosen = {ly.name for ly in layers}
+    try:
+        path, _ = decoder_blocks(model)
+    except WeightsmithError:  # no repeated blocks (a plain MLP): one pass over the whole model
+        path = None
+    outside = [ly for ly in layers if path is None or not ly.name.startswith(path + ".")]
+    if outside:  # statistics from the unquantised model; quantised after the blocks
+        outside_stats = collect_stats(model, outside, calib, spec)
+
+    def on_block(index: int, prefix: str, block: nn.Module, stats: dict[str, InputStats]) -> None:
+        mine = [ly for ly in find_layers(block, prefix=prefix, select=config.targets) if ly.name in chosen]
+        if not mine:
+            return
+        log(f"block {index}: {len(mine)} layer(s)")
+        originals = {ly.name: ly.weight().detach().float().clone() for ly in mine}
+        done = config.compress_block(block, mine, stats)
+        _record(report, mine, originals, done)
+
+    if path is not None:
+        walk_blocks(model, list(calib), on_block, spec, device=dev, select=config.targets)
+    if outside:
+        originals = {ly.name: ly.weight().detach().float().clone() for ly in outside}
+        done = config.compress_block(None, outside, outside_stats)
+        _record(report, outside, originals, done)
+    report.seconds = time.perf_counter() - t0
+    return model, report
+
+
+# ----------------------------------------------------------------------------------------- calibration
+
+
+def calibration_text(calib: str) -> str:
+    """A packaged text's training part (its first 90 %; the rest is held out) or a user's text file."""
+    if calib in PACKAGED_TEXTS:
+        text = assets.load_text(calib)
+        return text[: text.rfind("\n", 0, int(len(text) * 0.9)) + 1]
+    p = Path(calib).expanduser()
+    if not p.is_file():
+        raise WeightsmithError(
+            f"--calib {calib}: not a packaged text ({', '.join(PACKAGED_TEXTS)}) and not a text file"
+        )
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeightsmithError(f"--calib {calib}: cannot read it as UTF-8 text ({exc})") from exc
+
+
+def calibration_batches(
+    tokenizer: Any, calib: str = "hamlet", samples: int = 32, seq_len: int = 512, batch_size: int = 8
+) -> list[dict[str, Tensor]]:
+    """``samples`` windows of ``seq_len`` tokens evenly spaced over the text, ``batch_size`` per batch."""
+    if samples < 1 or seq_len < 2:
+        raise WeightsmithError(
+            f"--samples {samples} / --seq-len {seq_len}: need at least 1 sample of 2 tokens"
+        )
+    ids = tokenizer(calibration_text(calib), return_tensors="pt").input_ids[0]
+    need = samples * seq_len
+    if len(ids) < need:
+        raise WeightsmithError(
+            f"--calib {calib}: too little text, {len(ids)} tokens for --samples {samples} x --seq-len "
+            f"{seq_len} = {need}; lower --samples or --seq-len, or give a longer text"
+        )
+    stride = (len(ids) - seq_len) // max(samples - 1, 1)
+    windows = torch.stack([ids[i * stride : i * stride + seq_len] for i in range(samples)])
+    return [{"input_ids": windows[i : i + batch_size]} for i in range(0, samples, batch_size)]
+
+
+def heldout_text(calib: str = "hamlet") -> str:
+    """The held-out part (last 10 %) of a packaged text, for perplexity after compression."""
+    text = assets.load_text(calib)
+    return text[text.rfind("\n", 0, int(len(text) * 0.9)) + 1 :]

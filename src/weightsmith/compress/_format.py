@@ -1,0 +1,270 @@
+"""Writing and reading compressed models.
+
+- ``compressed-tensors``: the ``pack-quantized`` layout that ``transformers`` (with the compressed-tensors
+  package) and vLLM load. Per quantised ``nn.Linear`` at ``P``: ``P.weight_packed`` (int32; the unsigned
+  ``b``-bit codes of every 32 consecutive values densely fill ``b`` words, value ``i`` at bit ``i·b``, low
+  bits first), ``P.weight_scale`` [out, groups], ``P.weight_zero_point`` (asymmetric only; the codes packed
+  the same way along the output dimension) and ``P.weight_shape``; ``config.json`` carries a
+  ``quantization_config`` with ``quant_method: compressed-tensors`` and ``format: pack-quantized``.
+- ``dense``: the dequantised weights as an ordinary Hugging Face checkpoint.
+- ``weightsmith``: the compressed-tensors tensors with a real-valued zero point (HQQ's fractional ``z``),
+  read back by :func:`load_compressed` only.
+
+Every output directory is complete (config, tokenizer, generation config, ``compression.json``) and is
+built in a staging directory (:func:`weightsmith.staging.staged_dir`) swapped in whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import to_dict
+from ..errors import WeightsmithError
+from ..layers import find_layers
+from ..progress import log
+from ..staging import staged_dir
+from ._core import CompressReport
+from ._grid import QuantizedWeight
+
+FORMATS = ("compressed-tensors", "dense", "weightsmith")
+WEIGHTS = "model.safetensors"
+INFO = "compression.json"
+
+
+def pack_codes(q: Tensor, bits: int) -> Tensor:
+    """Pack unsigned ``bits``-bit codes [rows, cols] densely into int32 [rows, ceil(cols·bits / 32)]."""
+    rows, cols = q.shape
+    v = torch.nn.functional.pad(q.to(torch.int64), (0, (-cols) % 32)).view(rows, -1, 32)
+    start = torch.arange(32, device=q.device) * bits
+    word, off = start // 32, start % 32
+    words = torch.zeros(rows, v.shape[1], bits, dtype=torch.int64, device=q.device)
+    words.index_add_(2, word, v << off)
+    spill = off + bits > 32
+    if bool(spill.any()):
+        words.index_add_(2, word[spill] + 1, v[..., spill] >> (32 - off[spill]))
+    words &= 0xFFFFFFFF
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.view(rows, -1)[:, : -(-cols * bits // 32)].to(torch.int32).contiguous()
+
+
+def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: int32 [rows, words] to unsigned codes [rows, cols] (int64)."""
+    rows, n = packed.shape
+    w = torch.nn.functional.pad(packed.to(torch.int64) & 0xFFFFFFFF, (0, (-n) % bits)).view(rows, -1, bits)
+    start = torch.arange(32, device=packed.device) * bits
+    word, off = start // 32, start % 32
+    mask = (1 << bits) - 1
+    v = w[..., word] >> off
+    spill = off + bits > 32
+    nxt = w[..., (word + 1).clamp_max(bits - 1)] << (32 - off)
+    v = torch.where(spill, v | nxt, v) & mask
+    return v.reshape(rows, -1)[:, :cols]
+
+
+def _weights_scheme(report: CompressReport) -> dict[str, Any]:
+    c = report.config
+    return {
+        "num_bits": c.bits,
+        "type": "int",
+        "symmetric": c.symmetric,
+        "strategy": "group" if c.group_size else "channel",
+        "group_size": c.group_size or None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+        "block_structure": None,
+    }
+
+
+def quantization_config(model: nn.Module, report: CompressReport) -> dict[str, Any]:
+    """The ``quantization_config`` of a compressed-tensors ``pack-quantized`` checkpoint."""
+    done = set(report.weights)
+    ignore = [ly.path for ly in find_layers(model, kinds=("linear",), heads=True) if ly.name not in done]
+    try:
+        from compressed_tensors import __version__ as ct_version
+    except ImportError:
+        ct_version = None
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": _weights_scheme(report),
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": ct_version,
+    }
+
+
+def _quantized_tensors(
+    path: str, qw: QuantizedWeight, dtype: torch.dtype, real_zero: bool
+) -> dict[str, Tensor]:
+    out = {
+        f"{path}.weight_packed": pack_codes(qw.q.cpu(), qw.bits),
+        f"{path}.weight_scale": qw.scale.cpu().to(dtype).contiguous(),
+        f"{path}.weight_shape": torch.tensor(list(qw.q.shape), dtype=torch.int64),
+    }
+    if real_zero:
+        out[f"{path}.weight_zero_point"] = qw.zero.cpu().float().contiguous()
+    elif not qw.symmetric:
+        out[f"{path}.weight_zero_point"] = pack_codes(
+            qw.zero.cpu().round().to(torch.int64).T, qw.bits
+        ).T.contiguous()
+    return out
+
+
+def _state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict without tied duplicates (the later name of a shared tensor is dropped)."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, Tensor] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen and t.numel() > 0:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save_compressed(
+    model: nn.Module,
+    report: CompressReport,
+    out: str | Path,
+    tokenizer: Any = None,
+    format: str = "compressed-tensors",
+    force: bool = False,
+) -> Path:
+    """Write ``model`` (compressed by :func:`~weightsmith.compress.compress`) to the directory ``out``."""
+    from safetensors.torch import save_file
+
+    if format not in FORMATS:
+        raise WeightsmithError(f"--format {format}: unknown; use one of {', '.join(FORMATS)}")
+    layers = {ly.name: ly for ly in find_layers(model, kinds=("linear", "conv1d"), heads=True)}
+    if format != "dense":
+        conv = [n for n in report.weights if layers[n].kind != "linear"]
+        if conv:
+            raise WeightsmithError(
+                f"--format {format} stores nn.Linear layers only, but '{conv[0]}' is a GPT-2 "
+                "Conv1D; use --format dense"
+            )
+    if format == "compressed-tensors":
+        frac = [n for n, qw in report.weights.items() if not qw.integer_zero]
+        if frac:
+            raise WeightsmithError(
+                f"--format compressed-tensors needs integer zero points, but '{frac[0]}' has "
+                "fractional ones (hqq with integer_zero=false); use --format weightsmith or dense"
+            )
+    config = getattr(model, "config", None)
+    if config is None:
+        raise WeightsmithError("saving needs a Hugging Face model (with .config)")
+    info = {
+        "format": format,
+        "config": to_dict(report.config),
+        "bits_per_weight": report.bits_per_weight,
+        "seconds": report.seconds,
+        "layers": len(report.layers),
+    }
+    if format == "compressed-tensors" and not report.config.symmetric:
+        log(
+            "note: asymmetric compressed-tensors checkpoints load in vLLM and ws.load_compressed, "
+            "but not yet in "
+            "transformers (llm-compressor issue #1618); pass symmetric=true for transformers"
+        )
+    with staged_dir(out, force) as tmp:
+        if format == "dense":
+            config.architectures = [type(model).__name__]
+            model.save_pretrained(tmp)  # type: ignore[operator]
+        else:
+            state = _state(model)
+            dtype = next(model.parameters()).dtype
+            for name, qw in report.weights.items():
+                state.pop(name, None)
+                state.update(_quantized_tensors(layers[name].path, qw, dtype, format == "weightsmith"))
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            (tmp / WEIGHTS).chmod(0o644)
+            cfg = config.to_dict()
+            cfg.pop("quantization_config", None)
+            cfg["architectures"] = [type(model).__name__]
+            if format == "compressed-tensors":
+                cfg["quantization_config"] = quantization_config(model, report)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return Path(out)
+
+
+def _dequantize_state(state: dict[str, Tensor], bits: int, group_size: int | None, symmetric: bool) -> None:
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        path = key[: -len(".weight_packed")]
+        out_f, in_f = (int(v) for v in state.pop(f"{path}.weight_shape").tolist())
+        q = unpack_codes(state.pop(key), bits, in_f).float()
+        scale = state.pop(f"{path}.weight_scale").float()
+        zp = state.pop(f"{path}.weight_zero_point", None)
+        if zp is None:
+            zero = torch.full_like(scale, float(1 << (bits - 1)))
+        elif zp.dtype == torch.int32:
+            zero = unpack_codes(zp.T.contiguous(), bits, out_f).T.float()
+        else:
+            zero = zp.float()
+        g = group_size or in_f
+        W = (q.view(out_f, in_f // g, g) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        state[f"{path}.weight"] = W.reshape(out_f, in_f)
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a directory written by :func:`save_compressed` (any format) as a plain ``nn.Module``."""
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = Path(path)
+    info_file = path / INFO
+    if not info_file.is_file():
+        raise WeightsmithError(f"{path}: no {INFO}; not a directory written by weightsmith compress")
+    info = json.loads(info_file.read_text())
+    raw = json.loads((path / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    config = AutoConfig.for_model(**raw)
+    archs = raw.get("architectures") or []
+    cls: Any = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = AutoModelForCausalLM if any("CausalLM" in a for a in archs) else AutoModel
+    if info["format"] == "dense":
+        return cls.from_pretrained(path, dtype=dtype).eval()  # type: ignore[no-any-return]
+    model = cls.from_config(config) if cls in (AutoModel, AutoModelForCausalLM) else cls(config)
+    model = model.to(dtype)
+    state = load_file(str(path / WEIGHTS))
+    c = info["config"]
+    _dequantize_state(state, int(c["bits"]), int(c["group_size"]), bool(c["symmetric"]))
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False
+    )
+    if unexpected:
+        raise WeightsmithError(f"{path}: unexpected tensor '{unexpected[0]}' for {type(model).__name__}")
+    model.tie_weights()
+    shared = model.state_dict()
+    ptrs = [t.untyped_storage().data_ptr() for k, t in shared.items() if k not in missing]
+    lost = [k for k in missing if shared[k].untyped_storage().data_ptr() not in ptrs]
+    if lost:
+        raise WeightsmithError(f"{path}: tensor '{lost[0]}' is missing from {WEIGHTS}")
+    return model.eval()  # type: ignore[no-any-return]

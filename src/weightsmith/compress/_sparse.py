@@ -1,0 +1,198 @@
+"""Shared pieces of the pruners: option checks, mask selection (unstructured and N:M), the pruned weight.
+
+A pruner scores every weight (``|W|`` for magnitude, ``|W| ‖X_j‖₂`` for Wanda, ``w² / [H⁻¹]_jj²`` for
+SparseGPT) and keeps the highest scores inside a comparison group: the whole matrix, each output row, or, for
+N:M semi-structured sparsity, each run of ``M`` consecutive input columns of a row, of which ``N`` are kept
+("Accelerating Sparse Deep Neural Networks", Mishra et al., 2021: 2:4 keeps 2 of every 4, which NVIDIA's
+sparse tensor cores run at up to twice the dense speed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import WeightsmithError
+from ..layers import InputStats
+from ._core import CompressConfig
+
+SCOPES = ("row", "layer")
+# The registry kind of the part-2 methods (pruning, low-rank) until they join ``compress()``'s CLI: the CLI
+# lists ``registered("compress")`` and its tests pin that list, so these register apart for now.
+PART2_KIND = "compress-part2"
+
+
+def check_sparsity(sparsity: float, method: str) -> None:
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise WeightsmithError(f"{method} option sparsity={sparsity}: must be in [0, 1)")
+
+
+def check_nm(n: int, m: int, method: str, in_features: int | None = None, name: str = "") -> None:
+    """``n = m = 0`` means unstructured; otherwise ``1 <= n < m`` and ``m`` divides the input size."""
+    if n == 0 and m == 0:
+        return
+    if not (1 <= n < m):
+        raise WeightsmithError(
+            f"{method} options n={n}, m={m}: N:M sparsity needs 1 <= N < M (e.g. n=2, m=4)"
+        )
+    if in_features is not None and in_features % m:
+        where = f"'{name}' " if name else ""
+        raise WeightsmithError(
+            f"{method} options n={n}, m={m}: M={m} does not divide the input size {in_features} of {where}"
+            "(N:M groups run along the input dimension)"
+        )
+
+
+def check_scope(scope: str, method: str) -> None:
+    if scope not in SCOPES:
+        raise WeightsmithError(f"{method} option prune_scope={scope!r}: use one of {', '.join(SCOPES)}")
+
+
+def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
+    """Keep-mask [out, in]: the ``n`` highest scores of every ``m`` consecutive columns of each row."""
+    out_f, in_f = score.shape
+    if in_f % m:
+        raise WeightsmithError(f"N:M mask: M={m} does not divide the input size {in_f}")
+    g = score.reshape(out_f, in_f // m, m)
+    top = g.topk(n, dim=-1).indices
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, top, True)
+    return keep.reshape(out_f, in_f)
+
+
+def unstructured_mask(score: Tensor, sparsity: float, scope: str = "row") -> Tensor:
+    """Keep-mask [out, in] dropping the ``sparsity`` fraction of lowest scores per row or per matrix.
+
+    Exactly ``floor(sparsity · size)`` entries of each group are dropped (ties broken by position).
+    """
+    out_f, in_f = score.shape
+    if scope == "row":
+        k = int(in_f * sparsity)
+        keep = torch.ones_like(score, dtype=torch.bool)
+        if k:
+            low = score.topk(k, dim=1, largest=False).indices
+            keep.scatter_(1, low, False)
+        return keep
+    k = int(score.numel() * sparsity)
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if k:
+        keep[score.flatten().topk(k, largest=False).indices] = False
+    return keep.view(out_f, in_f)
+
+
+def select_mask(score: Tensor, sparsity: float, n: int, m: int, scope: str = "row") -> Tensor:
+    """N:M when ``m`` is set, else unstructured at ``sparsity``."""
+    return nm_mask(score, n, m) if m else unstructured_mask(score, sparsity, scope)
+
+
+@dataclass
+class SparseWeight:
+    """A pruned weight: ``W`` [out, in] with zeros where ``mask`` is False (``n:m`` = 0:0 if unstructured)."""
+
+    W: Tensor
+    mask: Tensor
+    n: int = 0
+    m: int = 0
+
+    def dequantize(self) -> Tensor:
+        """The dense weight the model runs with (the name matches :class:`QuantizedWeight`)."""
+        return self.W
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float(self.mask.float().mean())
+
+
+def pruned(W: Tensor, keep: Tensor, n: int = 0, m: int = 0) -> SparseWeight:
+    return SparseWeight(W * keep, keep, n, m)
+
+
+@dataclass(frozen=True)
+class PruneConfig(CompressConfig):
+    """Options every pruner shares: ``sparsity`` in [0, 1) (unstructured), or ``n:m`` (keep N of every M
+    consecutive input weights; ``n=2, m=4`` is 2:4, where ``sparsity`` is ignored). ``bits`` and
+    ``group_size`` are inherited from :class:`CompressConfig` and unused (the weights stay in their dtype)."""
+
+    sparsity: float = 0.5
+    n: int = 0
+    m: int = 0
+    group_size: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        method = getattr(type(self), "method", type(self).__name__)
+        check_sparsity(self.sparsity, method)
+        check_nm(self.n, self.m, method)
+
+    def score(self, W: Tensor, stats: InputStats | None) -> Tensor:
+        """The importance of every weight of ``W`` [out, in]; the lowest are pruned."""
+        raise NotImplementedError(type(self).__name__)
+
+    def prune(self, W: Tensor, stats: InputStats | None) -> SparseWeight:
+        """Prune one ``[out, in]`` float32 weight by its :meth:`score` (no weight update)."""
+        check_nm(self.n, self.m, type(self).method, W.shape[1])  # type: ignore[attr-defined]
+        keep = select_mask(self.score(W, stats), self.sparsity, self.n, self.m, self.scope())
+        return pruned(W, keep, self.n, self.m)
+
+    def scope(self) -> str:
+        return "row"
+
+    def quantize(self, W: Tensor, stats: InputStats | None) -> SparseWeight:  # type: ignore[override]
+        return self.prune(W, stats)
+
+
+# ------------------------------------------------------------------------ compressed-tensors sparse layouts
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Bool [rows, cols] to uint8 [rows, ceil(cols / 8)], bit ``j % 8`` of byte ``j // 8`` (little-endian)."""
+    rows, cols = mask.shape
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, (-cols) % 8)).view(rows, -1, 8)
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=m.device)
+    return (m * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, cols: int) -> Tensor:
+    """Inverse of :func:`pack_mask`."""
+    bits = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    return ((packed.unsqueeze(-1) >> bits) & 1).view(packed.shape[0], -1)[:, :cols].bool()
+
+
+def bitmask_tensors(path: str, sw: SparseWeight, dtype: torch.dtype) -> dict[str, Tensor]:
+    """compressed-tensors' ``sparse-bitmask`` tensors of one layer at module ``path``: ``shape``, the kept
+    values row by row (``compressed``), the packed mask (``bitmask``) and each row's first value
+    (``row_offsets``)."""
+    mask = sw.mask.cpu()
+    counts = mask.sum(1)
+    return {
+        f"{path}.shape": torch.tensor(list(mask.shape), dtype=torch.int64),
+        f"{path}.compressed": sw.W.cpu()[mask].to(dtype).contiguous(),
+        f"{path}.bitmask": pack_mask(mask),
+        f"{path}.row_offsets": (torch.cumsum(counts, 0) - counts).contiguous(),
+    }
+
+
+def sparse24_tensors(path: str, sw: SparseWeight, dtype: torch.dtype) -> dict[str, Tensor]:
+    """compressed-tensors' ``sparse-24-bitmask`` tensors: ``shape`` [2, 1], the two kept values of every
+    four as ``compressed`` [rows, cols / 2], and the packed mask."""
+    if (sw.n, sw.m) != (2, 4):
+        raise WeightsmithError(
+            f"'{path}': the sparse-24-bitmask layout needs 2:4 sparsity, not {sw.n}:{sw.m}"
+        )
+    mask = sw.mask.cpu()
+    rows, cols = mask.shape
+    return {
+        f"{path}.shape": torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1),
+        f"{path}.compressed": sw.W.cpu()[mask].to(dtype).reshape(rows, cols // 2).contiguous(),
+        f"{path}.bitmask": pack_mask(mask),
+    }
+
+
+def dense_from_bitmask(compressed: Tensor, bitmask: Tensor, shape: Tensor) -> Tensor:
+    """The dense weight from either layout's ``compressed`` values, ``bitmask`` and ``shape``."""
+    rows, cols = (int(v) for v in shape.flatten().tolist())
+    mask = unpack_mask(bitmask, cols)
+    W = torch.zeros(rows, cols, dtype=compressed.dtype)
+    W[mask] = compressed.flatten()
+    return W

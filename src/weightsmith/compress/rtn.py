@@ -1,0 +1,26 @@
+"""RTN: round-to-nearest weight quantisation, the data-free baseline every other method is compared to.
+
+Each group of ``group_size`` weights of a row is mapped to ``q = clamp(round(w / s + z), 0, 2^b − 1)`` on
+its min-max grid and read back as ``ŵ = s (q − z)`` ("Quantizing deep convolutional networks for efficient
+inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4); symmetric grids fix ``z = 2^(b−1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..config import register_config
+from ..layers import InputStats
+from ._core import CompressConfig
+from ._grid import QuantizedWeight, quantize_rtn
+
+
+@register_config("rtn", kind="compress")
+@dataclass(frozen=True)
+class RTN(CompressConfig):
+    """Round-to-nearest on the min-max grid (symmetric or asymmetric, per-channel or group-wise)."""
+
+    def quantize(self, W: Tensor, stats: InputStats | None) -> QuantizedWeight:
+        return quantize_rtn(W, self.bits, self.group_size, self.symmetric)

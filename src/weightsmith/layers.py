@@ -1,0 +1,431 @@
+"""The layer walker: which layers a job may touch, their ``[out, in]`` weights, and calibration statistics.
+
+- :func:`find_layers` lists the ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Embedding`` layers of a model (or of
+  one block), named by their weight (``model.layers.0.self_attn.q_proj.weight``). :class:`Layer` gives the
+  weight as ``[out, in]`` (Conv1D stores ``[in, out]``; the view is transposed) and writes it back.
+- :class:`InputStats` accumulates what data-aware methods read from a layer's inputs ``X`` [n, in]: the
+  Hessian of the layer-wise squared error ``H = 2 XᵀX / n`` (GPTQ, "GPTQ: Accurate Post-Training
+  Quantization for Generative Pre-trained Transformers", Frantar et al., 2023, eq. 1-2), the per-channel
+  mean ``|x|`` (AWQ, Lin et al., 2024, s_X), the per-channel norm ``‖X_j‖₂`` (Wanda, Sun et al., 2024,
+  S_ij = |W_ij| ‖X_j‖₂) and, optionally, up to ``max_rows`` captured rows (EVA, AWQ's search).
+- :func:`collect_stats` runs batches through a whole model with hooks; :func:`walk_blocks` does it block by
+  block with only one decoder block on the device at a time (sequential onloading): the calibration batch
+  runs through block ``i``, the statistics are handed to a callback that may change block ``i`` (quantise
+  it), and the outputs of the changed block feed block ``i + 1``. A model larger than the device therefore
+  calibrates, and each block sees the inputs the compressed model will really give it.
+- Under ``torch.distributed`` every rank feeds its own share of the batches and :meth:`InputStats.all_reduce`
+  sums the statistics, so all ranks hold the statistics of the whole calibration set (data-parallel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .errors import WeightsmithError
+from .select import Selector
+
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "heads", "pooler", "cls")
+KINDS = ("linear", "conv1d", "embedding")
+
+
+def _conv1d_type() -> type | None:
+    # A model holding a GPT-2 Conv1D has imported transformers already; look the class up, don't import.
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return None if mod is None else mod.Conv1D  # type: ignore[no-any-return]
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """ "linear", "conv1d", "embedding", or None for a module that holds no weight matrix we handle."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def is_head(weight_name: str) -> bool:
+    """A classifier / LM head (``lm_head.weight``, ``classifier.weight``, ...)."""
+    parts = weight_name.split(".")[:-1]
+    return bool(parts) and parts[-1] in HEAD_NAMES
+
+
+@dataclass(eq=False)
+class Layer:
+    """One weight matrix of a model: ``name`` is the weight's state-dict name, ``module`` its owner."""
+
+    name: str
+    module: nn.Module
+    kind: str
+
+    @property
+    def path(self) -> str:
+        """The owning module's path (the name without ``.weight``)."""
+        return self.name[: -len(".weight")]
+
+    def weight(self) -> Tensor:
+        """The weight as ``[out, in]`` (a view: a transpose for Conv1D; ``[num, dim]`` for embeddings)."""
+        W: Tensor = self.module.weight  # type: ignore[assignment]
+        return W.T if self.kind == "conv1d" else W
+
+    def write(self, W: Tensor) -> None:
+        """Copy ``W`` (``[out, in]``) into the layer's weight, in its dtype and layout."""
+        with torch.no_grad():
+            target: Tensor = self.module.weight  # type: ignore[assignment]
+            target.copy_((W.T if self.kind == "conv1d" else W).to(target.dtype))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out_f, in_f = self.weight().shape
+        return int(out_f), int(in_f)
+
+
+def find_layers(
+    model: nn.Module,
+    select: Selector | str | Sequence[str] | None = None,
+    kinds: Sequence[str] = ("linear", "conv1d"),
+    heads: bool = False,
+    prefix: str = "",
+) -> list[Layer]:
+    """The layers of ``model`` of the given ``kinds``, in module order.
+
+    ``select`` filters by weight name (see :class:`~weightsmith.select.Selector`); without it, heads
+    (``lm_head``, ``classifier``, ...) are left out unless ``heads``. ``prefix`` is prepended to the names
+    (walk one block of a model and keep the model's names).
+    """
+    for k in kinds:
+        if k not in KINDS:
+            raise WeightsmithError(f"unknown layer kind '{k}'; known: {', '.join(KINDS)}")
+    found: list[Layer] = []
+
+    def walk(module: nn.Module, path: str) -> None:
+        for child_name, child in module.named_children():
+            p = f"{path}{child_name}"
+            kind = layer_kind(child)
+            if kind is not None:
+                found.append(Layer(f"{p}.weight", child, kind))
+            else:
+                walk(child, p + ".")
+
+    walk(model, prefix)
+    layers = [ly for ly in found if ly.kind in kinds]
+    if select is None:
+        return [ly for ly in layers if heads or not is_head(ly.name)]
+    sel = Selector.of(select)
+    return [ly for ly in layers if sel.matches(ly.name)]
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """Which input statistics to gather per layer.
+
+    ``gram``: ΣxxT (for H = 2XᵀX/n); ``channels``: Σ|x| and Σx² per input channel; ``max_rows``: keep
+    the first ``max_rows`` input rows; ``dtype``: accumulation dtype (float32, or float64 for very long
+    calibration runs); ``feeders``: record which normalisation module (a module with a 1-D ``weight``)
+    produced each layer's input tensor, as :attr:`InputStats.feeder` (AWQ folds its scales into it).
+    """
+
+    gram: bool = True
+    channels: bool = True
+    max_rows: int = 0
+    dtype: torch.dtype = torch.float32
+    feeders: bool = False
+
+
+@dataclass(eq=False)
+class InputStats:
+    """Running statistics of one layer's inputs ``X`` [n, in] (rows are tokens)."""
+
+    name: str
+    spec: StatsSpec
+    n: int = 0
+    gram: Tensor | None = None
+    abs_sum: Tensor | None = None
+    sq_sum: Tensor | None = None
+    total: Tensor | None = None  # Σx per channel
+    rows: list[Tensor] = field(default_factory=list)
+    kept: int = 0
+    feeder: str | None = None  # path (below the walked module) of the norm whose output is this input
+
+    def add(self, x: Tensor) -> None:
+        """Add a batch of input rows ``x`` [..., in]."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if not bool(torch.isfinite(x).all()):
+            raise WeightsmithError(
+                f"non-finite (NaN/inf) activations reach layer '{self.name}'; the model or the calibration "
+                "data is broken (check the weights, or use float32)"
+            )
+        xf = x.to(self.spec.dtype)
+        if self.spec.gram:
+            g = xf.T @ xf
+            self.gram = g if self.gram is None else self.gram.add_(g)
+        if self.spec.channels:
+            a, s, t = xf.abs().sum(0), xf.square().sum(0), xf.sum(0)
+            self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
+            self.sq_sum = s if self.sq_sum is None else self.sq_sum.add_(s)
+            self.total = t if self.total is None else self.total.add_(t)
+        if self.kept < self.spec.max_rows:
+            take = x[: self.spec.max_rows - self.kept].float()
+            self.rows.append(take)
+            self.kept += take.shape[0]
+        self.n += x.shape[0]
+
+    def _need(self, what: Tensor | None, option: str) -> Tensor:
+        if what is None or self.n == 0:
+            raise WeightsmithError(f"layer '{self.name}': no {option} statistics were gathered")
+        return what
+
+    def hessian(self) -> Tensor:
+        """H = 2 XᵀX / n, the Hessian of ‖WX − ŴX‖² / n with respect to each row of Ŵ."""
+        return self._need(self.gram, "Gram") * (2.0 / self.n)
+
+    def mean_abs(self) -> Tensor:
+        """Per-channel mean |x| (AWQ's activation scale s_X)."""
+        return self._need(self.abs_sum, "channel") / self.n
+
+    def mean(self) -> Tensor:
+        """Per-channel mean of x."""
+        return self._need(self.total, "channel") / self.n
+
+    def covariance(self) -> Tensor:
+        """The (biased) input covariance XᵀX / n − μμᵀ, from the Gram matrix and the channel sums."""
+        mu = self.mean().to(self._need(self.gram, "Gram").dtype)
+        return self._need(self.gram, "Gram") / self.n - torch.outer(mu, mu)
+
+    def norms(self) -> Tensor:
+        """Per-channel ‖X_j‖₂ over all rows (Wanda)."""
+        return self._need(self.sq_sum, "channel").sqrt()
+
+    def inputs(self) -> Tensor:
+        """The captured input rows [kept, in] (float32)."""
+        if not self.rows:
+            raise WeightsmithError(f"layer '{self.name}': no input rows were captured")
+        return torch.cat(self.rows)
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of the default process group (no-op without one)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        ref = next((t for t in (self.gram, self.abs_sum) if t is not None), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        count = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        self.n = int(count.item())
+        for t in (self.gram, self.abs_sum, self.sq_sum, self.total):
+            if t is not None:
+                dist.all_reduce(t)
+
+
+def _mask_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+        return x[mask.to(x.device).bool()]
+    return x
+
+
+class _Hooks:
+    """Forward pre-hooks that feed each layer's input into its :class:`InputStats`."""
+
+    def __init__(self, layers: Sequence[Layer], spec: StatsSpec, root: nn.Module | None = None) -> None:
+        self.stats = {ly.name: InputStats(ly.name, spec) for ly in layers}
+        self.mask: Tensor | None = None
+        self.outputs: dict[int, tuple[str, Tensor]] = {}
+        self.handles = [ly.module.register_forward_pre_hook(self._hook(ly.name)) for ly in layers]
+        if spec.feeders and root is not None:
+            for path, m in root.named_modules():
+                w = getattr(m, "weight", None)
+                if path and isinstance(w, Tensor) and w.dim() == 1:
+                    self.handles.append(m.register_forward_hook(self._keep(path)))
+
+    def _keep(self, path: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_mod: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, Tensor):
+                self.outputs[id(out)] = (path, out)
+
+        return hook
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            x, st = args[0], self.stats[name]
+            if st.n == 0 and st.spec.feeders:
+                hit = self.outputs.get(id(x))
+                st.feeder = hit[0] if hit is not None and hit[1] is x else None
+            st.add(_mask_rows(x, self.mask))
+
+        return hook
+
+    def close(self) -> dict[str, InputStats]:
+        for h in self.handles:
+            h.remove()
+        self.outputs.clear()
+        missing = [n for n, s in self.stats.items() if s.n == 0]
+        if missing:
+            raise WeightsmithError(f"calibration batches never reached layer '{missing[0]}' (no inputs)")
+        for s in self.stats.values():
+            s.all_reduce()
+        return self.stats
+
+
+def _call(module: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return module(**batch)
+    if isinstance(batch, (tuple, list)):
+        return module(*batch)
+    return module(batch)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module, layers: Sequence[Layer], batches: Iterable[Any], spec: StatsSpec = StatsSpec()
+) -> dict[str, InputStats]:
+    """Run ``batches`` (dicts of model inputs, tuples or tensors) through ``model``; statistics per layer.
+
+    For dict batches with an ``attention_mask``, padding positions are left out.
+    """
+    hooks = _Hooks(layers, spec, model)
+    try:
+        for batch in batches:
+            hooks.mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            _call(model, batch)
+            hooks.outputs.clear()
+    except BaseException:
+        for h in hooks.handles:
+            h.remove()
+        raise
+    return hooks.close()
+
+
+# ----------------------------------------------------------------------------------------- block walking
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of repeated blocks: the ``nn.ModuleList`` of same-typed modules holding the most
+    parameters (``model.layers`` for Llama, ``transformer.h`` for GPT-2, ``encoder.layer`` for BERT)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for path, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1:
+            size = sum(p.numel() for p in m.parameters())
+            if size > 0 and (best is None or size > best[0]):
+                best = (size, path, m)
+    if best is None:
+        raise WeightsmithError(
+            f"{type(model).__name__} has no stack of repeated blocks (nn.ModuleList) to walk layer by layer"
+        )
+    return best[1], best[2]
+
+
+class _Stop(Exception):
+    """Raised by the hook on block 0 once its inputs are captured."""
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[no-any-return]
+
+
+def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer not inside ``blocks`` to ``device`` (in place: ties survive)."""
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in inside and t.device != device:
+            t.data = t.data.to(device)
+
+
+BlockFn = Callable[[int, str, nn.Module, dict[str, InputStats]], None]
+
+
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module,
+    batches: Sequence[Any],
+    on_block: BlockFn,
+    spec: StatsSpec = StatsSpec(),
+    device: torch.device | str = "cpu",
+    select: Selector | str | Sequence[str] | None = None,
+) -> None:
+    """Calibrate ``model`` block by block with one block on ``device`` at a time (sequential onloading).
+
+    ``on_block(index, prefix, block, stats)`` gets the statistics of the selected layers of that block
+    (named as in the model, e.g. ``model.layers.3.mlp.down_proj.weight``) and may change the block in
+    place; the block's outputs are then recomputed and feed the next block. Layers outside the blocks are
+    not walked. The model's parameters end where they started (the blocks back on their own device).
+    """
+    device = torch.device(device)
+    path, blocks = decoder_blocks(model)
+    home = next(model.parameters()).device
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def catch(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, kwargs))
+        raise _Stop
+
+    _move_outside(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            b = _to(batch, device)
+            if isinstance(b, Mapping):
+                b = {**b, "use_cache": False}
+            with contextlib.suppress(_Stop):
+                _call(model, b)
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise WeightsmithError(f"calibration batches never reached the first block of '{path}'")
+    hidden = [_first(a) if a else k.pop("hidden_states") for a, k in captured]
+    rest = [(tuple(a[1:]) if a else (), k) for a, k in captured]
+    try:
+        for i, block in enumerate(blocks):
+            block.to(device)
+            prefix = f"{path}.{i}." if path else f"{i}."
+            layers = find_layers(block, prefix=prefix)
+            if select is not None:
+                layers = find_layers(block, select=select, prefix=prefix)
+            if layers:
+                hooks = _Hooks(layers, spec, block)
+                try:
+                    for h, (args, kwargs) in zip(hidden, rest, strict=True):
+                        block(h, *args, **kwargs)
+                        hooks.outputs.clear()
+                except BaseException:
+                    for hd in hooks.handles:
+                        hd.remove()
+                    raise
+                on_block(i, prefix, block, hooks.close())
+            hidden = [
+                _first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, rest, strict=True)
+            ]
+            block.to(home)
+    finally:
+        _move_outside(model, blocks, home)
+        blocks.to(home)
+
+
+def iter_layers(model: nn.Module, names: Iterable[str]) -> Iterator[Layer]:
+    """The :class:`Layer` for each weight name (an unknown name is an error naming it)."""
+    table = {ly.name: ly for ly in find_layers(model, kinds=KINDS, heads=True)}
+    for n in names:
+        if n not in table:
+            raise WeightsmithError(f"'{n}' is not a Linear/Conv1D/Embedding weight of the model")
+        yield table[n]
