@@ -1,4 +1,4 @@
-"""weightsmith: weight-space engineering for PyTorch models (adapt, merge, analyze).
+"""weightsmith: weight-space engineering for PyTorch models (adapt, train, merge, compress, analyze).
 
 The foundation (stores, selectors, configs, the executor) is imported eagerly; the jobs are imported on
 first use, so ``import weightsmith`` stays cheap::
@@ -7,6 +7,8 @@ first use, so ``import weightsmith`` stays cheap::
     ws.adapt(model, ws.LoRA(rank=8))
     ws.merge(["ft-a", "ft-b"], ws.TIES(density=0.2), "merged", base="base")
     ws.analyze_weights(ws.open_weights("smollm2"))
+    ws.compress(model, ws.GPTQ(bits=4, group_size=64), calib=batches)
+    opt = ws.GaLoreAdamW(param_groups, lr=1e-3)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _ADAPTER_CONFIGS = {
     "AdaLoRA": "adalora", "Bone": "bone", "Compacter": "compacter", "DoRA": "dora", "EVA": "eva",
     "HRA": "hra", "Hydra": "hydra", "LoLDU": "loldu", "LoRA": "lora", "Monarch": "monarch",
     "NOLA": "nola", "PiSSA": "pissa", "RandLoRA": "randlora", "SLTrain": "sltrain", "SVFit": "svfit",
-    "VeRA": "vera",
+    "VeRA": "vera", "IA3": "ia3", "LoHa": "loha", "LoKr": "lokr", "OFT": "oft", "BOFT": "boft",
 }  # fmt: skip
 _LAZY: dict[str, str] = {
     **{name: f"adapters.{module}" for name, module in _ADAPTER_CONFIGS.items()},
@@ -35,7 +37,11 @@ _LAZY: dict[str, str] = {
                                      "trainable_parameters", "adapters_disabled")},
     **{name: "merge" for name in ("merge", "merge_continual", "merge_state_dicts", "TIES", "DARE",
                                   "DARETIES", "TaskArithmetic", "Average", "OPCM", "LoRAMerge")},
-    **{name: "analyze" for name in ("analyze_weights", "compare_weights", "text_mnn")},
+    **{name: "merge" for name in ("SLERP", "ModelStock", "merge_loras", "extract_lora")},
+    **{name: "analyze" for name in ("analyze_weights", "compare_weights", "text_mnn", "describe", "distances")},
+    **{name: "compress" for name in ("compress", "load_compressed", "save_compressed", "RTN", "GPTQ", "AWQ",
+                                     "HQQ")},
+    **{name: "optim" for name in ("GaLoreAdamW", "APOLLOAdamW", "TransformOptimizer", "chain", "masked")},
     "Report": "report",
     "finetune": "train",
     "open_weights": "models",
