@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,25 @@ import yaml
 from .errors import WeightsmithError, close_names
 
 C = TypeVar("C")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-8`` and ``6e-05`` are numbers (YAML 1.1, which PyYAML
+    follows, reads them as strings because they lack a dot; JSON writes floats that way)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML (or JSON) text safely, with YAML 1.2 floats; no Python tags ever run."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (YamlLoader is a SafeLoader)
+
 
 # kind ("adapter", "merge", ...) -> name -> class
 _REGISTRY: dict[str, dict[str, type]] = {}
@@ -90,7 +110,7 @@ def load_config(path: str | Path, kind: str) -> Any:
     if not path.is_file():
         raise WeightsmithError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
         raise WeightsmithError(f"{path}: not valid YAML/JSON: {exc}") from exc
     if not isinstance(data, dict):

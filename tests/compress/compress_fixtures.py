@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(vocab: int = 256, seed: int = 0):
+def tiny_llama(vocab: int = 256, seed: int = 0, bias: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)  # fmt: skip
+                      tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias)  # fmt: skip
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -1,4 +1,4 @@
-"""``weightsmith compress MODEL --method NAME --out DIR``: quantise a model's weights and write it."""
+"""``weightsmith compress MODEL --method NAME --out DIR``: quantise, prune or factor a model's weights."""
 
 from __future__ import annotations
 
@@ -8,22 +8,37 @@ from typing import Any
 import typer
 import yaml
 
+from ..config import yaml_load
 from ..errors import WeightsmithError
 from ._app import app
 
-HELP = """Quantise the weights of MODEL (a packaged name such as smollm2, or a Hugging Face model directory)
-and write a complete model directory to OUT.
+_HELP = """Compress the weights of MODEL (a packaged name such as smollm2, or a Hugging Face model directory)
+and write a complete model directory to OUT. Calibrated methods run on --samples windows of --seq-len
+tokens of --calib (a packaged text such as hamlet, or a UTF-8 text file).
 
-Methods: rtn (round to nearest, data-free), hqq (half-quadratic, data-free), gptq and awq (calibrated on
---samples windows of --seq-len tokens of --calib, a packaged text such as hamlet or a UTF-8 text file).
-Method options go in --opt key=value: act_order, damp, block_size (gptq); n_grid, clip, max_shrink, rows
-(awq); p, beta, kappa, iters, integer_zero (hqq); symmetric (all).
+Quantisers (--bits, default 4; --group-size, default 128, 0 = per-channel): rtn (round to nearest,
+data-free), hqq (half-quadratic, data-free), gptq and awq (calibrated). Options: act_order, damp,
+block_size (gptq); n_grid, clip, max_shrink, rows (awq); p, beta, kappa, iters, integer_zero (hqq);
+symmetric (all).
 
-Formats: compressed-tensors (pack-quantized; loads in transformers with the compressed-tensors package and
-in vLLM), dense (dequantised weights, a plain checkpoint), weightsmith (read by ws.load_compressed).
+Pruners (options sparsity, default 0.5, or n and m for N:M such as n=2 m=4): magnitude (data-free;
+prune_scope layer or row), wanda (calibrated; prune_scope), sparsegpt (calibrated; damp, block_size),
+dsnot (training-free prune-and-grow on an init mask; calibrated; init, max_cycles, threshold, pow_var).
 
-Example: weightsmith compress smollm2 --method gptq --bits 4 --group-size 64 --out runs/smollm2-gptq4
+Low-rank (options keep, default 0.5 of the parameters; allocation global or uniform; rank, a fixed rank):
+svd (data-free), fwsvd (Fisher-weighted, calibrated; eps), asvd (activation-aware, calibrated; whiten
+cholesky or scale, alpha, damp).
+
+Formats (default: compressed-tensors for quantisers, dense otherwise): compressed-tensors (quantisers only:
+pack-quantized, loads in transformers with the compressed-tensors package and in vLLM), dense (the dense
+weights as a plain checkpoint; every method), weightsmith (read by ws.load_compressed; low-rank layers come
+back as two thin Linears, so the model really is smaller).
+
+Examples: weightsmith compress smollm2 --method gptq --bits 4 --group-size 64 --out runs/smollm2-gptq4;
+weightsmith compress smollm2 --method wanda --opt n=2 --opt m=4 --out runs/smollm2-wanda24
 """
+# one line per paragraph, so the terminal (not the source's line breaks) decides where lines wrap
+HELP = "\n\n".join(" ".join(par.split()) for par in _HELP.split("\n\n"))
 
 
 def _opts(items: list[str]) -> dict[str, Any]:
@@ -33,7 +48,7 @@ def _opts(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise WeightsmithError(f"--opt '{item}': expected key=value (e.g. --opt damp=0.01)")
         try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
+            out[key.strip().replace("-", "_")] = yaml_load(value) if value.strip() else None
         except yaml.YAMLError:
             out[key.strip().replace("-", "_")] = value
     return out
@@ -42,18 +57,27 @@ def _opts(items: list[str]) -> dict[str, Any]:
 @app.command("compress", help=HELP)
 def compress_cmd(
     model: str = typer.Argument(..., help="packaged model name or Hugging Face model directory"),
-    method: str = typer.Option(..., "--method", help="rtn, hqq, gptq or awq"),
+    method: str = typer.Option(
+        ...,
+        "--method",
+        help="rtn, hqq, gptq, awq (quantise); magnitude, wanda, sparsegpt, dsnot (prune); svd, fwsvd, asvd "
+        "(low-rank)",
+    ),
     out: Path = typer.Option(..., "--out", help="output model directory"),
-    bits: int = typer.Option(4, "--bits", help="bits per weight, 2 to 8"),
-    group_size: int = typer.Option(
-        128, "--group-size", help="weights per scale along the input; 0 = per-channel"
+    bits: int | None = typer.Option(None, "--bits", help="bits per weight, 2 to 8 (quantisers; default 4)"),
+    group_size: int | None = typer.Option(
+        None,
+        "--group-size",
+        help="weights per scale along the input; 0 = per-channel (quantisers; default 128)",
     ),
     opt: list[str] = typer.Option([], "--opt", help="method option key=value (repeatable)"),
     calib: str = typer.Option("hamlet", "--calib", help="calibration text: packaged name or text file"),
     samples: int = typer.Option(32, "--samples", help="calibration windows"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per calibration window"),
-    fmt: str = typer.Option(
-        "compressed-tensors", "--format", help="compressed-tensors, dense or weightsmith"
+    fmt: str | None = typer.Option(
+        None,
+        "--format",
+        help="compressed-tensors (quantisers; their default), dense (default otherwise) or weightsmith",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
@@ -70,13 +94,17 @@ def compress_cmd(
     methods = registered("compress")
     if method not in methods:
         raise WeightsmithError(f"--method {method}: unknown; known: {', '.join(sorted(methods))}")
-    if fmt not in C.FORMATS:
+    if fmt is not None and fmt not in C.FORMATS:
         raise WeightsmithError(f"--format {fmt}: unknown; use one of {', '.join(C.FORMATS)}")
-    options = {"method": method, "bits": bits, "group_size": group_size, **_opts(opt)}
+    given = {k: v for k, v in (("bits", bits), ("group_size", group_size)) if v is not None}
+    options = {"method": method, **given, **_opts(opt)}
     try:
         config = config_from_dict(options, "compress")
     except TypeError as exc:
         raise WeightsmithError(f"--opt: {exc}") from exc
+    if fmt is None:
+        fmt = config.default_format
+    config.check_format(fmt)
     if config.needs_calibration() and (samples < 1 or seq_len < 2):
         raise WeightsmithError(
             f"--samples {samples} / --seq-len {seq_len}: need at least 1 window of 2 tokens"
@@ -86,6 +114,8 @@ def compress_cmd(
             "--format compressed-tensors stores integer zero points; drop integer_zero=false "
             "or use --format weightsmith"
         )
+    if config.needs_calibration():
+        C._core.calibration_text(calib)  # a missing or unreadable --calib is refused before the model loads
     dev = resolve_device(device)
     check_output(out, force, directory=True)
     net, tokenizer = load_model(model)
@@ -100,16 +130,13 @@ def compress_cmd(
     batches = None
     if config.needs_calibration():
         batches = C.calibration_batches(tokenizer, calib, samples, seq_len)
-    log(
-        f"compressing {len(layers)} layer(s) of {model} with {method} "
-        f"({bits} bits, group {group_size or 'per-channel'})"
-    )
+    log(f"compressing {len(layers)} layer(s) of {model} with {config}")
     net, report = C.compress(net, config, calib=batches, device=dev)
     path = C.save_compressed(net, report, out, tokenizer, fmt, force)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     errs = [r.rel_error for r in report.layers]
     Console().print(
-        f"{len(errs)} layers quantised in {report.seconds:.1f} s; relative weight error mean "
-        f"{sum(errs) / len(errs):.4f}, max {max(errs):.4f}; {report.bits_per_weight:.2f} bits/weight; "
+        f"{len(errs)} layers {config.verb} in {report.seconds:.1f} s; relative weight error mean "
+        f"{sum(errs) / len(errs):.4f}, max {max(errs):.4f}; {config.describe(report)}; "
         f"{size / 1e6:.1f} MB written to {path} ({fmt})"
     )

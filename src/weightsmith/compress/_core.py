@@ -5,10 +5,13 @@ A data-free method implements ``quantize(W, None)``; a calibrated one says so wi
 and gets each layer's :class:`~weightsmith.layers.InputStats`, gathered block by block with one decoder
 block on the device (:func:`~weightsmith.layers.walk_blocks`), so every block is calibrated on the outputs
 of the already-quantised blocks before it. A method that must see a whole block at once (AWQ folds scales
-into the previous operation) overrides ``compress_block``.
+into the previous operation) overrides ``compress_block``. A method that must see every layer before it
+changes any (low-rank compression with a global rank allocation) does its whole work in :meth:`plan`.
 
-The model keeps the dequantised weights ``Ŵ = s (q − z)`` (it runs as before, with quantisation error);
-the integer codes, scales and zero points are returned in the report for the writers in ``_format.py``.
+The model keeps the dense weights it now stands for (``Ŵ = s (q − z)`` for a quantiser, the pruned matrix
+for a pruner, ``A B`` for a low-rank factorisation): it runs as before, with the compression error. The
+compact form (integer codes and scales, mask, factors: anything :class:`Compressed`) is returned in the
+report for the writers in ``_format.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +36,14 @@ PACKAGED_TEXTS = ("hamlet",)
 COMMON_GROUPS = (32, 64, 128, 256)
 
 
+@runtime_checkable
+class Compressed(Protocol):
+    """One compressed weight (:class:`~._grid.QuantizedWeight`, :class:`~._sparse.SparseWeight`,
+    :class:`~._lowrank.LowRankWeight`): it can give back the dense ``[out, in]`` weight it stands for."""
+
+    def dequantize(self) -> Tensor: ...
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Options every weight quantiser shares.
@@ -44,6 +55,8 @@ class CompressConfig:
     """
 
     calibrated: ClassVar[bool] = False
+    default_format: ClassVar[str] = "compressed-tensors"  # the CLI's --format when none is given
+    verb: ClassVar[str] = "quantised"  # what was done to a layer, for the CLI's summary
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
@@ -60,15 +73,39 @@ class CompressConfig:
     def stats_spec(self) -> StatsSpec:
         return StatsSpec(gram=False, channels=False)
 
+    def check_layers(self, layers: Sequence[Layer]) -> None:
+        """Refuse, before any work, options that do not fit the selected layers (here: the group size)."""
+        check_group_size(layers, self.group_size)
+
+    def describe(self, report: CompressReport) -> str:
+        """One line on the stored size of the result, for the CLI's summary."""
+        return f"{report.bits_per_weight:.2f} bits/weight"
+
+    def check_format(self, fmt: str) -> None:
+        """Refuse an output format that cannot hold this method's result (every format holds quantised)."""
+
+    def plan(
+        self,
+        model: nn.Module,
+        layers: Sequence[Layer],
+        calib: Sequence[Any] | None,
+        device: torch.device,
+    ) -> CompressReport | None:
+        """Compress all of ``layers`` at once and return the report, or None (the default) to let
+        :func:`compress` go layer by layer (:meth:`quantize`) or block by block (:meth:`compress_block`).
+        A method whose choices for one layer depend on every other layer (a global rank budget) does its
+        whole work here."""
+        return None
+
     def quantize(self, W: Tensor, stats: InputStats | None) -> QuantizedWeight:
         """Quantise one ``[out, in]`` float32 weight (``stats``: its inputs' statistics, if calibrated)."""
         raise NotImplementedError(type(self).__name__)
 
     def compress_block(
         self, block: nn.Module | None, layers: Sequence[Layer], stats: dict[str, InputStats] | None
-    ) -> dict[str, QuantizedWeight]:
-        """Quantise the ``layers`` of one block; write ``Ŵ`` back into each. Default: layer by layer."""
-        out: dict[str, QuantizedWeight] = {}
+    ) -> dict[str, Compressed]:
+        """Compress the ``layers`` of one block; write ``Ŵ`` back into each. Default: layer by layer."""
+        out: dict[str, Compressed] = {}
         for ly in layers:
             W = ly.weight().detach().float()
             qw = self.quantize(W, None if stats is None else stats[ly.name])
@@ -86,16 +123,24 @@ class LayerReport:
 
 @dataclass
 class CompressReport:
-    """What ``compress`` did: the config, per-layer errors, wall time, and the quantised weights."""
+    """What ``compress`` did: the config, per-layer errors, wall time, and the compressed weights."""
 
     config: CompressConfig
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
-    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    weights: dict[str, Compressed] = field(default_factory=dict)
 
     @property
-    def bits_per_weight(self) -> float:
-        """Stored bits per quantised weight, counting a 16-bit scale (and zero point) per group."""
+    def quantized(self) -> bool:
+        """Whether every compressed weight is a quantised one (integer codes and scales)."""
+        return bool(self.weights) and all(isinstance(w, QuantizedWeight) for w in self.weights.values())
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        """Stored bits per quantised weight, counting a 16-bit scale (and zero point) per group; None for
+        a pruned or low-rank result (the weights keep their dtype)."""
+        if not self.quantized:
+            return None
         c = self.config
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
         groups = sum(r.shape[0] * (r.shape[1] // (c.group_size or r.shape[1])) for r in self.layers)
@@ -129,7 +174,7 @@ def target_layers(model: nn.Module, config: CompressConfig) -> list[Layer]:
             f"{type(model).__name__}: {what} matches no quantisable layer "
             "(nn.Linear / Conv1D outside the heads)"
         )
-    check_group_size(layers, config.group_size)
+    config.check_layers(layers)
     return layers
 
 
@@ -137,7 +182,7 @@ def _record(
     report: CompressReport,
     layers: Sequence[Layer],
     originals: dict[str, Tensor],
-    done: dict[str, QuantizedWeight],
+    done: dict[str, Compressed],
 ) -> None:
     for ly in layers:
         W = originals[ly.name]
@@ -153,7 +198,7 @@ def compress(
     calib: Sequence[Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, CompressReport]:
-    """Quantise ``model``'s selected layers in place; returns ``(model, report)``.
+    """Compress ``model``'s selected layers in place; returns ``(model, report)``.
 
     ``calib``: a list of model inputs (dicts such as ``{"input_ids": ...}``) for calibrated methods; see
     :func:`calibration_batches`. ``device``: where each block (or layer) is worked on; the model stays
@@ -161,8 +206,12 @@ def compress(
     """
     t0 = time.perf_counter()
     layers = target_layers(model, config)
-    report = CompressReport(config)
     dev = torch.device(device)
+    planned = config.plan(model, layers, calib, dev)
+    if planned is not None:
+        planned.seconds = time.perf_counter() - t0
+        return model, planned
+    report = CompressReport(config)
     method = type(config).method  # type: ignore[attr-defined]
     if not config.needs_calibration():
         for ly in layers:

@@ -6,9 +6,15 @@
   bits first), ``P.weight_scale`` [out, groups], ``P.weight_zero_point`` (asymmetric only; the codes packed
   the same way along the output dimension) and ``P.weight_shape``; ``config.json`` carries a
   ``quantization_config`` with ``quant_method: compressed-tensors`` and ``format: pack-quantized``.
-- ``dense``: the dequantised weights as an ordinary Hugging Face checkpoint.
-- ``weightsmith``: the compressed-tensors tensors with a real-valued zero point (HQQ's fractional ``z``),
-  read back by :func:`load_compressed` only.
+  Quantised models only: pruned and low-rank results are refused (``CompressConfig.check_format``).
+- ``dense``: the dense weights (dequantised, pruned with zeros in place, or the product ``A B``) as an
+  ordinary Hugging Face checkpoint; works for every method.
+- ``weightsmith``: read back by :func:`load_compressed` only. Quantised weights: the compressed-tensors
+  tensors with a real-valued zero point (HQQ's fractional ``z``). Pruned weights: the bitmask layout
+  (``P.weight.compressed`` kept values, ``P.weight.bitmask``, ``P.weight.shape``, ``P.weight.row_offsets``).
+  Low-rank weights: the state dict of :func:`~._lowrank.thin_linears` (``P.down.weight`` [r, in],
+  ``P.up.weight`` [out, r], the bias as ``P.up.bias``), with every layer's rank in ``compression.json``;
+  :func:`load_compressed` rebuilds the two thin Linears, so the loaded model has fewer parameters.
 
 Every output directory is complete (config, tokenizer, generation config, ``compression.json``) and is
 built in a staging directory (:func:`weightsmith.staging.staged_dir`) swapped in whole.
@@ -30,6 +36,8 @@ from ..progress import log
 from ..staging import staged_dir
 from ._core import CompressReport
 from ._grid import QuantizedWeight
+from ._lowrank import LowRankWeight, thin_linears
+from ._sparse import SparseWeight, bitmask_tensors, dense_from_bitmask
 
 FORMATS = ("compressed-tensors", "dense", "weightsmith")
 WEIGHTS = "model.safetensors"
@@ -129,6 +137,24 @@ def _quantized_tensors(
     return out
 
 
+def _weightsmith_tensors(
+    name: str, path: str, w: Any, state: dict[str, Tensor], dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """One compressed weight ``name`` (module ``path``) in the weightsmith format (module docstring)."""
+    if isinstance(w, QuantizedWeight):
+        return _quantized_tensors(path, w, dtype, True)
+    if isinstance(w, SparseWeight):
+        return bitmask_tensors(name, w, dtype)
+    if isinstance(w, LowRankWeight):
+        out = {f"{path}.down.weight": w.B.cpu().to(dtype).contiguous()}
+        out[f"{path}.up.weight"] = w.A.cpu().to(dtype).contiguous()
+        bias = state.pop(f"{path}.bias", None)
+        if bias is not None:
+            out[f"{path}.up.bias"] = bias
+        return out
+    raise WeightsmithError(f"'{name}': the weightsmith format cannot store a {type(w).__name__}")
+
+
 def _state(model: nn.Module) -> dict[str, Tensor]:
     """The state dict without tied duplicates (the later name of a shared tensor is dropped)."""
     seen: set[tuple[int, int]] = set()
@@ -155,6 +181,7 @@ def save_compressed(
 
     if format not in FORMATS:
         raise WeightsmithError(f"--format {format}: unknown; use one of {', '.join(FORMATS)}")
+    report.config.check_format(format)
     layers = {ly.name: ly for ly in find_layers(model, kinds=("linear", "conv1d"), heads=True)}
     if format != "dense":
         conv = [n for n in report.weights if layers[n].kind != "linear"]
@@ -164,7 +191,11 @@ def save_compressed(
                 "Conv1D; use --format dense"
             )
     if format == "compressed-tensors":
-        frac = [n for n, qw in report.weights.items() if not qw.integer_zero]
+        if not report.quantized:
+            raise WeightsmithError(
+                "--format compressed-tensors holds quantised weights only; use --format dense or weightsmith"
+            )
+        frac = [n for n, qw in report.weights.items() if not getattr(qw, "integer_zero", True)]
         if frac:
             raise WeightsmithError(
                 f"--format compressed-tensors needs integer zero points, but '{frac[0]}' has "
@@ -180,6 +211,9 @@ def save_compressed(
         "seconds": report.seconds,
         "layers": len(report.layers),
     }
+    ranks = {n: w.rank for n, w in report.weights.items() if isinstance(w, LowRankWeight)}
+    if ranks:
+        info["ranks"] = ranks
     if format == "compressed-tensors" and not report.config.symmetric:
         log(
             "note: asymmetric compressed-tensors checkpoints load in vLLM and ws.load_compressed, "
@@ -193,9 +227,14 @@ def save_compressed(
         else:
             state = _state(model)
             dtype = next(model.parameters()).dtype
-            for name, qw in report.weights.items():
+            for name, w in report.weights.items():
                 state.pop(name, None)
-                state.update(_quantized_tensors(layers[name].path, qw, dtype, format == "weightsmith"))
+                path = layers[name].path
+                if format == "weightsmith":
+                    state.update(_weightsmith_tensors(name, path, w, state, dtype))
+                else:
+                    assert isinstance(w, QuantizedWeight)  # report.quantized, checked above
+                    state.update(_quantized_tensors(path, w, dtype, False))
             save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
             (tmp / WEIGHTS).chmod(0o644)
             cfg = config.to_dict()
@@ -231,6 +270,15 @@ def _dequantize_state(state: dict[str, Tensor], bits: int, group_size: int | Non
         state[f"{path}.weight"] = W.reshape(out_f, in_f)
 
 
+def _densify_state(state: dict[str, Tensor]) -> None:
+    """Pruned weights stored as bitmask tensors back to dense ``P.weight`` tensors, in place."""
+    for key in [k for k in state if k.endswith(".bitmask")]:
+        name = key[: -len(".bitmask")]
+        shape = state.pop(f"{name}.shape")
+        state.pop(f"{name}.row_offsets", None)
+        state[name] = dense_from_bitmask(state.pop(f"{name}.compressed"), state.pop(key), shape)
+
+
 def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a directory written by :func:`save_compressed` (any format) as a plain ``nn.Module``."""
     import transformers
@@ -253,9 +301,12 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
         return cls.from_pretrained(path, dtype=dtype).eval()  # type: ignore[no-any-return]
     model = cls.from_config(config) if cls in (AutoModel, AutoModelForCausalLM) else cls(config)
     model = model.to(dtype)
+    if info.get("ranks"):
+        thin_linears(model, {name: int(r) for name, r in info["ranks"].items()})
     state = load_file(str(path / WEIGHTS))
     c = info["config"]
     _dequantize_state(state, int(c["bits"]), int(c["group_size"]), bool(c["symmetric"]))
+    _densify_state(state)
     missing, unexpected = model.load_state_dict(
         {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -143,6 +143,8 @@ class LowRankConfig(CompressConfig):
     a fixed rank for every layer (overrides ``keep``). ``bits``/``group_size`` are inherited and unused.
     """
 
+    default_format: ClassVar[str] = "dense"
+    verb: ClassVar[str] = "factored"
     keep: float = 0.5
     allocation: str = "global"
     rank: int = 0
@@ -171,6 +173,36 @@ class LowRankConfig(CompressConfig):
         if not calib:
             raise WeightsmithError(f"'{type(self).method}' needs calibration data: pass calib=")  # type: ignore[attr-defined]
         return dict(collect_stats(model, layers, calib, self.stats_spec()))
+
+    def check_layers(self, layers: Sequence[Layer]) -> None:
+        """Refuse a fixed ``rank`` larger than some selected layer allows (no group size to check)."""
+        if self.rank:
+            for ly in layers:
+                check_rank(self.rank, ly.shape, f"'{ly.name}'")
+
+    def describe(self, report: CompressReport) -> str:
+        """The factors' parameters as a fraction of the factored layers' dense parameters."""
+        ws = [w for w in report.weights.values() if isinstance(w, LowRankWeight)]
+        dense = sum(r.shape[0] * r.shape[1] for r in report.layers)
+        kept = 100 * sum(w.params for w in ws) / max(dense, 1)
+        return f"factors hold {kept:.1f} % of the layers' parameters"
+
+    def check_format(self, fmt: str) -> None:
+        if fmt == "compressed-tensors":
+            raise WeightsmithError(
+                "--format compressed-tensors has no layout for low-rank factors; use --format weightsmith "
+                "(two thin Linears per layer, read by ws.load_compressed) or --format dense (the product A B)"
+            )
+
+    def plan(
+        self,
+        model: nn.Module,
+        layers: Sequence[Layer],
+        calib: Sequence[Any] | None,
+        device: torch.device,
+    ) -> CompressReport:
+        """Global rank allocation must see every layer first: the whole job runs here."""
+        return _compress_layers(model, self, layers, calib, device)
 
     def weighting(self, W: Tensor, ctx: Any) -> Weighting:
         """The ``L``, ``R`` of the weighted error this method minimises (identity: plain SVD)."""
@@ -204,12 +236,19 @@ def compress_lowrank(
     :class:`LowRankWeight` factors (for :func:`thin_linears` and the writers).
     """
     t0 = time.perf_counter()
-    dev = torch.device(device)
-    layers = target_layers(model, config)
+    report = _compress_layers(model, config, target_layers(model, config), calib, torch.device(device))
+    report.seconds = time.perf_counter() - t0
+    return model, report
+
+
+def _compress_layers(
+    model: nn.Module,
+    config: LowRankConfig,
+    layers: Sequence[Layer],
+    calib: Sequence[Any] | None,
+    dev: torch.device,
+) -> CompressReport:
     shapes = {ly.name: ly.shape for ly in layers}
-    if config.rank:
-        for ly in layers:
-            check_rank(config.rank, ly.shape, f"'{ly.name}'")
     ctx = config.context(model, layers, calib)
 
     def weighting(ly: Layer) -> tuple[Tensor, Weighting]:
@@ -231,10 +270,9 @@ def compress_lowrank(
         ly.write(f.dequantize())
         err = float((W - f.dequantize()).norm() / W.norm().clamp_min(1e-30))
         report.layers.append(LayerReport(ly.name, ly.shape, err))
-        report.weights[ly.name] = LowRankWeight(f.A.cpu(), f.B.cpu())  # type: ignore[assignment]
+        report.weights[ly.name] = LowRankWeight(f.A.cpu(), f.B.cpu())
         log(f"  {ly.name} {ly.shape[0]}x{ly.shape[1]}: rank {f.rank}, relative error {err:.4f}")
-    report.seconds = time.perf_counter() - t0
-    return model, report
+    return report
 
 
 class LowRankLinear(nn.Module):

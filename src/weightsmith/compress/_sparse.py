@@ -9,19 +9,18 @@ sparse tensor cores run at up to twice the dense speed).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
-from ..layers import InputStats
-from ._core import CompressConfig
+from ..layers import InputStats, Layer
+from ._core import CompressConfig, CompressReport
 
 SCOPES = ("row", "layer")
-# The registry kind of the part-2 methods (pruning, low-rank) until they join ``compress()``'s CLI: the CLI
-# lists ``registered("compress")`` and its tests pin that list, so these register apart for now.
-PART2_KIND = "compress-part2"
 
 
 def check_sparsity(sparsity: float, method: str) -> None:
@@ -114,6 +113,8 @@ class PruneConfig(CompressConfig):
     consecutive input weights; ``n=2, m=4`` is 2:4, where ``sparsity`` is ignored). ``bits`` and
     ``group_size`` are inherited from :class:`CompressConfig` and unused (the weights stay in their dtype)."""
 
+    default_format: ClassVar[str] = "dense"
+    verb: ClassVar[str] = "pruned"
     sparsity: float = 0.5
     n: int = 0
     m: int = 0
@@ -124,6 +125,27 @@ class PruneConfig(CompressConfig):
         method = getattr(type(self), "method", type(self).__name__)
         check_sparsity(self.sparsity, method)
         check_nm(self.n, self.m, method)
+
+    def check_layers(self, layers: Sequence[Layer]) -> None:
+        """Refuse an ``m`` that does not divide some selected layer's input size (naming the layer)."""
+        method = getattr(type(self), "method", type(self).__name__)
+        for ly in layers:
+            check_nm(self.n, self.m, method, ly.shape[1], ly.name)
+
+    def describe(self, report: CompressReport) -> str:
+        """The fraction of zeros over all pruned weights."""
+        ws = [w for w in report.weights.values() if isinstance(w, SparseWeight)]
+        zeros = sum(int((~w.mask).sum()) for w in ws)
+        total = sum(w.mask.numel() for w in ws)
+        return f"{100 * zeros / max(total, 1):.1f} % of the pruned layers' weights are zero"
+
+    def check_format(self, fmt: str) -> None:
+        if fmt == "compressed-tensors":
+            raise WeightsmithError(
+                "--format compressed-tensors cannot hold a pruned model: compressed-tensors 0.20 no longer "
+                "decompresses its sparse formats (sparse-bitmask, sparse-24-bitmask) and transformers "
+                "cannot load them; use --format dense (zeros kept in place, loads anywhere) or weightsmith"
+            )
 
     def score(self, W: Tensor, stats: InputStats | None) -> Tensor:
         """The importance of every weight of ``W`` [out, in]; the lowest are pruned."""

@@ -26,7 +26,6 @@ from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, StatsSpec
 from ._lowrank import LowRankConfig, Weighting
-from ._sparse import PART2_KIND
 
 WHITEN = ("cholesky", "scale")
 
@@ -43,7 +42,7 @@ def cholesky_whitening(gram: Tensor, damp: float = 1e-2) -> Tensor:
     raise WeightsmithError("asvd: the input Gram matrix is not positive definite even after damping")
 
 
-@register_config("asvd", kind=PART2_KIND)
+@register_config("asvd", kind="compress")
 @dataclass(frozen=True)
 class ASVD(LowRankConfig):
     """Activation-aware SVD (``whiten``: cholesky (SVD-LLM) or scale (ASVD, exponent ``alpha``); ``damp``)."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, Layer, StatsSpec
-from ._core import CompressConfig
+from ._core import CompressConfig, Compressed
 from ._grid import QuantizedWeight, codes, fake_quant, grouped, minmax_params
 
 PREDECESSORS = {"down_proj": "up_proj", "o_proj": "v_proj", "w2": "w3"}  # linear -> linear that feeds it
@@ -115,7 +115,7 @@ class AWQ(CompressConfig):
 
     def compress_block(
         self, block: nn.Module | None, layers: Sequence[Layer], stats: dict[str, InputStats] | None
-    ) -> dict[str, QuantizedWeight]:
+    ) -> dict[str, Compressed]:
         if stats is None:
             raise WeightsmithError("awq needs calibration statistics")
         by_short = {_short(ly.name): ly for ly in layers}
@@ -164,7 +164,7 @@ class AWQ(CompressConfig):
                     pb = getattr(prev.module, "bias", None)
                     if isinstance(pb, Tensor):
                         pb.div_(s.to(pb.dtype))
-        out: dict[str, QuantizedWeight] = {}
+        out: dict[str, Compressed] = {}
         for ly in layers:
             W = ly.weight().detach().float()
             if self.clip and _short(ly.name) not in NO_CLIP:

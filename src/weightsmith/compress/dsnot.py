@@ -24,7 +24,7 @@ from torch import Tensor
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, StatsSpec
-from ._sparse import PART2_KIND, PruneConfig, SparseWeight
+from ._sparse import PruneConfig, SparseWeight
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
@@ -78,7 +78,7 @@ def dsnot(
     return SparseWeight(What, keep, init.n, init.m), swaps
 
 
-@register_config("dsnot", kind=PART2_KIND)
+@register_config("dsnot", kind="compress")
 @dataclass(frozen=True)
 class DSnoT(PruneConfig):
     """DSnoT on an ``init`` mask (wanda, magnitude, sparsegpt); ``max_cycles``, ``threshold``, ``pow_var``."""

@@ -24,7 +24,6 @@ from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import Layer
 from ._lowrank import LowRankConfig, Weighting
-from ._sparse import PART2_KIND
 
 
 def row_fisher(model: nn.Module, layers: Sequence[Layer], batches: Sequence[Any]) -> dict[str, Tensor]:
@@ -73,7 +72,7 @@ def row_fisher(model: nn.Module, layers: Sequence[Layer], batches: Sequence[Any]
     return fisher
 
 
-@register_config("fwsvd", kind=PART2_KIND)
+@register_config("fwsvd", kind="compress")
 @dataclass(frozen=True)
 class FWSVD(LowRankConfig):
     """Fisher-weighted SVD (``eps``: added to the row Fisher before the square root)."""

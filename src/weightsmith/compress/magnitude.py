@@ -14,10 +14,10 @@ from torch import Tensor
 
 from ..config import register_config
 from ..layers import InputStats
-from ._sparse import PART2_KIND, PruneConfig, check_scope
+from ._sparse import PruneConfig, check_scope
 
 
-@register_config("magnitude", kind=PART2_KIND)
+@register_config("magnitude", kind="compress")
 @dataclass(frozen=True)
 class Magnitude(PruneConfig):
     """Magnitude pruning (``sparsity`` or ``n:m``; ``prune_scope``: "layer" or "row" comparison group)."""

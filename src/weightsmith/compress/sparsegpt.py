@@ -24,7 +24,7 @@ from torch import Tensor
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, StatsSpec
-from ._sparse import PART2_KIND, PruneConfig, SparseWeight, check_nm, nm_mask, unstructured_mask
+from ._sparse import PruneConfig, SparseWeight, check_nm, nm_mask, unstructured_mask
 from .gptq import inverse_hessian_factor
 
 
@@ -72,7 +72,7 @@ def sparsegpt_prune(
     return SparseWeight(W * keep, keep, n, m)
 
 
-@register_config("sparsegpt", kind=PART2_KIND)
+@register_config("sparsegpt", kind="compress")
 @dataclass(frozen=True)
 class SparseGPT(PruneConfig):
     """SparseGPT (``sparsity`` or ``n:m``; ``damp``: fraction of mean diag H added; ``block_size``)."""

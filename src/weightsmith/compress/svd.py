@@ -3,7 +3,7 @@
 ``Ŵ = U_r Σ_r V_rᵀ`` is the best rank-``r`` approximation in Frobenius (and spectral) norm, with error
 ``‖W − Ŵ‖_F² = Σ_{k>r} σ_k²`` ("The approximation of one matrix by another of lower rank", Eckart & Young,
 1936). Ranks are chosen per layer by :func:`~weightsmith.compress._lowrank.allocate_ranks` (singular-value
-energy per parameter over all layers) or uniformly; run it with
+energy per parameter over all layers) or uniformly; run it with ``compress()`` or
 :func:`~weightsmith.compress._lowrank.compress_lowrank`.
 """
 
@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 from ..config import register_config
 from ._lowrank import LowRankConfig
-from ._sparse import PART2_KIND
 
 
-@register_config("svd", kind=PART2_KIND)
+@register_config("svd", kind="compress")
 @dataclass(frozen=True)
 class SVD(LowRankConfig):
     """Truncated SVD (``keep``: parameter fraction; ``allocation``: global or uniform; ``rank``: fixed)."""

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, StatsSpec
-from ._sparse import PART2_KIND, PruneConfig, check_scope
+from ._sparse import PruneConfig, check_scope
 
 
 def wanda_score(W: Tensor, norms: Tensor) -> Tensor:
@@ -27,7 +27,7 @@ def wanda_score(W: Tensor, norms: Tensor) -> Tensor:
     return W.abs() * norms.to(W.device, W.dtype).unsqueeze(0)
 
 
-@register_config("wanda", kind=PART2_KIND)
+@register_config("wanda", kind="compress")
 @dataclass(frozen=True)
 class Wanda(PruneConfig):
     """Wanda (``sparsity`` or ``n:m``; ``prune_scope``: "row", the paper's, or "layer")."""

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from ..config import config_from_dict, registered
+from ..config import YamlLoader, config_from_dict, registered
 from ..errors import WeightsmithError
 from ..select import Selector
 from ..store import WeightStore
@@ -109,7 +109,7 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------- YAML
 
 
-class _Bounded(yaml.SafeLoader):
+class _Bounded(YamlLoader):
     """A safe loader that counts nodes as it composes them (aliases and merge keys included)."""
 
     def __init__(self, stream: str) -> None:
