@@ -9,7 +9,6 @@ unmerging is exact in reverse order).
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -19,30 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import WeightsmithError, close_names
+from ..layers import Layer, StatsSpec, collect_stats, is_head, layer_kind
 from ..select import Selector
 from ._core import Adapter, AdapterConfig, AdapterContext, SharedBases
 
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "heads", "pooler", "cls")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 CALIBRATION_ROWS = 4096  # rows of activations kept per layer for data-driven inits
-
-
-def _conv1d_type() -> type | None:
-    # GPT-2's transposed linear layer. A model holding one has imported transformers already, so look
-    # the class up instead of importing transformers (seconds) just to test for it.
-    mod = sys.modules.get("transformers.pytorch_utils")
-    return None if mod is None else mod.Conv1D  # type: ignore[no-any-return]
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    conv1d = _conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        return "conv1d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return None
 
 
 class AdaptedLayer(nn.Module):
@@ -163,11 +144,6 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     yield from walk(model, "")
 
 
-def _is_head(weight_name: str) -> bool:
-    parts = weight_name.split(".")[:-1]
-    return bool(parts) and parts[-1] in HEAD_NAMES
-
-
 def _select(
     model: nn.Module, config: AdapterConfig, targets: Selector | str | None
 ) -> list[tuple[str, nn.Module, str]]:
@@ -178,7 +154,7 @@ def _select(
             f"{type(model).__name__} has no nn.Linear, Conv1D or nn.Embedding layer to adapt"
         )
     if targets is None:
-        hits = [c for c in cands if c[2] != "embedding" and not _is_head(c[0])]
+        hits = [c for c in cands if c[2] != "embedding" and not is_head(c[0])]
         if not hits:
             raise WeightsmithError(
                 f"no linear layers outside the heads to adapt; layers: {close_names('', names)}"
@@ -217,47 +193,14 @@ def collect_inputs(
     batches: Iterable[Any],
     max_rows: int = CALIBRATION_ROWS,
 ) -> dict[str, Tensor]:
-    """Run ``batches`` through ``model`` and keep up to ``max_rows`` input rows per module (float32, CPU).
+    """Run ``batches`` through ``model`` and keep the first ``max_rows`` input rows per module (float32, CPU).
 
     For dict batches with an ``attention_mask``, padding positions are left out.
     """
-    rows: dict[str, list[Tensor]] = {n: [] for n in modules}
-    counts = dict.fromkeys(modules, 0)
-    mask: list[Tensor | None] = [None]
-
-    def hook_for(name: str) -> Any:
-        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-            if counts[name] >= max_rows:
-                return
-            x = args[0].detach()
-            m = mask[0]
-            if m is not None and tuple(m.shape) == tuple(x.shape[:-1]):
-                x = x[m.to(x.device).bool()]
-            x = x.reshape(-1, x.shape[-1])[: max_rows - counts[name]]
-            rows[name].append(x.float().cpu())
-            counts[name] += x.shape[0]
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if isinstance(batch, Mapping):
-                    mask[0] = batch.get("attention_mask")
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {n: torch.cat(r) for n, r in rows.items() if r}
-    missing = [n for n in modules if n not in out]
-    if missing:
-        raise WeightsmithError(f"calibration batches never reached '{missing[0]}' (no inputs recorded)")
-    return out
+    layers = [Layer(n, m, m.kind if isinstance(m, AdaptedLayer) else layer_kind(m) or "linear")
+              for n, m in modules.items()]  # fmt: skip
+    stats = collect_stats(model, layers, batches, StatsSpec(gram=False, channels=False, max_rows=max_rows))
+    return {n: s.inputs().cpu() for n, s in stats.items()}
 
 
 def attach(

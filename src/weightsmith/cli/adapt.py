@@ -21,7 +21,7 @@ from rich.text import Text
 from .. import config as cfg
 from ..errors import WeightsmithError
 from ..tasks import TASKS
-from ..train import FULL, HEAD, TrainArgs, finetune
+from ..train import FULL, HEAD, TrainArgs, TrainResult, finetune
 from ._app import app
 
 BUILTIN = {
@@ -259,23 +259,26 @@ def adapt_cmd(
         eval_examples=eval_examples,
         args=args,
     )
-    table = Table(title=f"{result.method} on {result.task} ({result.model})")
+    trainable = f"{result.trainable_params:,} ({100 * result.trainable_params / result.total_params:.3f} %)"
+    print_result(
+        f"{result.method} on {result.task} ({result.model})", result, ("trainable parameters", trainable), out
+    )
+
+
+def print_result(title: str, result: TrainResult, detail: tuple[str, str], out: Path) -> None:
+    """The table that ``adapt`` and ``train`` print at the end of a run: the metric, ``detail`` (what was
+    trained), steps, time, peak memory and the output directory."""
+    table = Table(title=title)
     table.add_column("result")
     table.add_column("value", justify="right")
-    rows = [
-        (
-            f"test {result.metric_name}" if result.metric_name == "accuracy" else "val perplexity",
-            f"{result.metric:.4f}",
-        ),
-        (
-            "trainable parameters",
-            f"{result.trainable_params:,} ({100 * result.trainable_params / result.total_params:.3f} %)",
-        ),
+    metric = f"test {result.metric_name}" if result.metric_name == "accuracy" else "val perplexity"
+    for row in (
+        (metric, f"{result.metric:.4f}"),
+        detail,
         ("optimizer steps", str(result.steps)),
         ("wall time", f"{result.wall_time_s:.1f} s"),
         (f"peak memory ({result.memory_kind})", f"{result.peak_memory_mb:.0f} MiB"),
         ("output", str(out)),
-    ]
-    for row in rows:
+    ):
         table.add_row(*row)
     Console().print(table)

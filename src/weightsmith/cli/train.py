@@ -22,6 +22,7 @@ from .. import config as cfg
 from ..errors import WeightsmithError
 from ..tasks import TASKS
 from ._app import app
+from .adapt import print_result
 
 
 def _optimizers() -> dict[str, type]:
@@ -67,7 +68,8 @@ def _list() -> None:
     table.add_column("options (defaults)")
     table.add_column("what")
     for name, cls in sorted(_optimizers().items()):
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        own_first = sorted(dataclasses.fields(cls), key=lambda f: f.kw_only is True)  # shared options last
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in own_first)
         doc = (cls.__doc__ or "").strip().splitlines()
         table.add_row(name, fields, doc[0] if doc else "")
     Console().print(table)
@@ -160,17 +162,6 @@ def train_cmd(
         device=device,
         checkpoint_every=checkpoint_every,
     )
-    table = Table(title=f"{optimizer} on {result.task} ({result.model})")
-    table.add_column("result")
-    table.add_column("value", justify="right")
-    metric = f"test {result.metric_name}" if result.metric_name == "accuracy" else "val perplexity"
-    for row in (
-        (metric, f"{result.metric:.4f}"),
-        ("optimizer", str(cfg.to_dict(config))),
-        ("optimizer steps", str(result.steps)),
-        ("wall time", f"{result.wall_time_s:.1f} s"),
-        (f"peak memory ({result.memory_kind})", f"{result.peak_memory_mb:.0f} MiB"),
-        ("output", str(out)),
-    ):
-        table.add_row(*row)
-    Console().print(table)
+    print_result(
+        f"{optimizer} on {result.task} ({result.model})", result, ("optimizer", str(cfg.to_dict(config))), out
+    )

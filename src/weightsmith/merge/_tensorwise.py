@@ -24,6 +24,9 @@ from ..errors import WeightsmithError
 from ..execute import resolve_device
 from . import _core
 
+Weights = Sequence[float] | None  # one weight per model; None: 1.0 each
+Gen = torch.Generator | None  # the random source of ``random`` methods
+
 
 def work_dtype(t: Tensor) -> torch.dtype:
     """The arithmetic dtype of the kernels: float64 stays float64, everything else runs in float32."""
@@ -44,11 +47,7 @@ class TensorwiseMethod(ABC):
 
     @abstractmethod
     def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
+        self, base: Tensor | None, thetas: Sequence[Tensor], weights: Weights = None, generator: Gen = None
     ) -> Tensor:
         """The merged tensor of one weight (float32, or float64 for float64 inputs)."""
 
@@ -105,6 +104,38 @@ class TensorwiseMethod(ABC):
             copy_from=recipe.copy_from(),
             extra_files=kw.get("extra_files"),
         )
+
+
+class CheckedMethod(TensorwiseMethod):
+    """A tensor-wise method whose inputs :meth:`~TensorwiseMethod.check_counts` decides: :meth:`merge`
+    checks them and hands :meth:`merge_checked` one weight per model (1.0 each when none are given)."""
+
+    def merge(
+        self, base: Tensor | None, thetas: Sequence[Tensor], weights: Weights = None, generator: Gen = None
+    ) -> Tensor:
+        self.check_counts(base is not None, len(thetas))
+        w = list(weights) if weights is not None else [1.0] * len(thetas)
+        return self.merge_checked(base, thetas, w, generator)
+
+    @abstractmethod
+    def merge_checked(
+        self, base: Tensor | None, thetas: Sequence[Tensor], weights: list[float], gen: Gen
+    ) -> Tensor:
+        """The merged tensor of one weight (float32, or float64 for float64 inputs)."""
+
+
+class OnBaseMethod(CheckedMethod):
+    """A checked method that needs the base (``base_policy`` "required"): :meth:`merge_on` gets it."""
+
+    def merge_checked(
+        self, base: Tensor | None, thetas: Sequence[Tensor], weights: list[float], gen: Gen
+    ) -> Tensor:
+        assert base is not None  # check_counts refuses a missing base
+        return self.merge_on(base, thetas, weights, gen)
+
+    @abstractmethod
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
+        """The merged tensor of one weight, given the base (float32, or float64 for float64 inputs)."""
 
 
 # ------------------------------------------------------------------- generalised task arithmetic parts

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import register_config
-from ._tensorwise import TensorwiseMethod, work_dtype
+from ._tensorwise import Gen, OnBaseMethod, work_dtype
 
 QUANTILE_SAMPLE = 1_000_000
 
@@ -55,7 +55,7 @@ def arcee_fusion(base: Tensor, other: Tensor, generator: torch.Generator | None 
 
 @register_config("arcee_fusion", kind="merge")
 @dataclass(frozen=True)
-class ArceeFusion(TensorwiseMethod):
+class ArceeFusion(OnBaseMethod):
     """Arcee Fusion of the base and one other model; ``seed`` drives the quartile sample of large tensors."""
 
     seed: int = 0
@@ -64,13 +64,5 @@ class ArceeFusion(TensorwiseMethod):
     max_models = 1
     random = True
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
-        return arcee_fusion(base, thetas[0], generator)
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
+        return arcee_fusion(base, thetas[0], gen)

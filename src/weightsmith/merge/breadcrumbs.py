@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import TensorwiseMethod, combine, l1_rescale, stack_deltas
+from ._tensorwise import Gen, OnBaseMethod, combine, l1_rescale, stack_deltas
 
 
 def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -31,6 +31,15 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[n_bot : n_bot + keep]] = 1
     return mask.reshape(delta.shape)
+
+
+def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
+    """One task vector with Model Breadcrumbs' mask applied (L1-rescaled with ``rescale``); kept whole
+    when ``density`` >= 1."""
+    if density >= 1:
+        return delta
+    m = breadcrumbs_mask(delta, density, gamma)
+    return l1_rescale(delta, m) if rescale else delta * m
 
 
 def breadcrumbs(
@@ -49,18 +58,12 @@ def breadcrumbs(
     b, deltas = stack_deltas(base, thetas)
     if len(thetas) == 0:
         return b
-    kept = []
-    for d, p, g in zip(deltas, densities, gammas, strict=True):
-        if p >= 1:
-            kept.append(d)
-            continue
-        m = breadcrumbs_mask(d, p, g)
-        kept.append(l1_rescale(d, m) if rescale else d * m)
+    kept = [breadcrumbs_prune(d, p, g, rescale) for d, p, g in zip(deltas, densities, gammas, strict=True)]
     return combine(b, torch.stack(kept), weights, elect=elect, normalize=normalize, scaling=scaling)
 
 
 @dataclass(frozen=True)
-class _BreadcrumbsBase(TensorwiseMethod):
+class _BreadcrumbsBase(OnBaseMethod):
     density: float = 1.0
     gamma: float = 0.01
     normalize: bool = False
@@ -77,20 +80,12 @@ class _BreadcrumbsBase(TensorwiseMethod):
                 f"{self.name} option gamma={self.gamma}: the outlier fraction must be in [0, 1)"
             )
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         n = len(thetas)
         return breadcrumbs(
             base,
             thetas,
-            list(weights) if weights is not None else [1.0] * n,
+            weights,
             [self.density] * n,
             [self.gamma] * n,
             elect=self.elect,

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import TensorwiseMethod, combine, l1_rescale, stack_deltas
+from ._tensorwise import Gen, OnBaseMethod, combine, l1_rescale, stack_deltas
 
 
 def magprune(
@@ -82,7 +82,7 @@ def della(
 
 
 @dataclass(frozen=True)
-class _DellaBase(TensorwiseMethod):
+class _DellaBase(OnBaseMethod):
     density: float = 1.0
     epsilon: float = 0.15
     scaling: float = 1.0
@@ -94,27 +94,19 @@ class _DellaBase(TensorwiseMethod):
     def __post_init__(self) -> None:
         check_della(self.density, self.epsilon, self.name)
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         n = len(thetas)
         return della(
             base,
             thetas,
-            list(weights) if weights is not None else [1.0] * n,
+            weights,
             [self.density] * n,
             [self.epsilon] * n,
             elect=self.elect,
             normalize=self.normalize,  # type: ignore[attr-defined]
             rescale=self.rescale,  # type: ignore[attr-defined]
             scaling=self.scaling,
-            generator=generator,
+            generator=gen,
         )
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import TensorwiseMethod, work_dtype
+from ._tensorwise import Gen, TensorwiseMethod, Weights, work_dtype
 
 
 def karcher_mean(
@@ -79,11 +79,7 @@ class Karcher(TensorwiseMethod):
             )
 
     def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
+        self, base: Tensor | None, thetas: Sequence[Tensor], weights: Weights = None, generator: Gen = None
     ) -> Tensor:
         xs = ([base] if base is not None else []) + list(thetas)
         if not xs:

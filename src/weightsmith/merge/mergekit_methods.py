@@ -23,8 +23,8 @@ from torch import Tensor
 from ..errors import WeightsmithError
 from ._tensorwise import combine, l1_rescale, stack_deltas, work_dtype
 from .arcee_fusion import arcee_fusion
-from .breadcrumbs import breadcrumbs
-from .della import check_della, della
+from .breadcrumbs import breadcrumbs_prune
+from .della import check_della, magprune
 from .karcher import Karcher
 from .model_stock import model_stock
 from .nearswap import NearSwap
@@ -92,57 +92,6 @@ def _gta_params(extra: Param | None, normalize: bool, rescale: bool) -> tuple[Pa
     return common if extra is None else (*common, extra)
 
 
-def _della(elect: bool) -> Kernel:
-    def run(
-        base: Tensor | None,
-        thetas: list[Tensor],
-        s: Mapping[str, Any],
-        per: list[Mapping[str, Any]],
-        gen: Any,
-    ) -> Tensor:
-        assert base is not None
-        for p in per:
-            check_della(p["density"], p["epsilon"], "della")
-        return della(
-            base,
-            thetas,
-            [p["weight"] for p in per],
-            [p["density"] for p in per],
-            [p["epsilon"] for p in per],
-            elect=elect,
-            normalize=s["normalize"],
-            rescale=s["rescale"],
-            scaling=s["lambda"],
-            generator=gen,
-        )
-
-    return run
-
-
-def _breadcrumbs(elect: bool) -> Kernel:
-    def run(
-        base: Tensor | None,
-        thetas: list[Tensor],
-        s: Mapping[str, Any],
-        per: list[Mapping[str, Any]],
-        gen: Any,
-    ) -> Tensor:
-        assert base is not None
-        return breadcrumbs(
-            base,
-            thetas,
-            [p["weight"] for p in per],
-            [p["density"] for p in per],
-            [p["gamma"] for p in per],
-            elect=elect,
-            normalize=s["normalize"],
-            rescale=s["rescale"],
-            scaling=s["lambda"],
-        )
-
-    return run
-
-
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     """TIES trim as mergekit ranks it: the top k = max(1, floor(density n)) entries by |delta|."""
     k = max(1, int(density * delta.numel()))
@@ -167,8 +116,20 @@ def sparsify(
     return l1_rescale(delta, mask) if rescale else delta * mask
 
 
+def _prune(delta: Tensor, p: Mapping[str, Any], how: str | None, rescale: bool, gen: Any) -> Tensor:
+    """One task vector sparsified by a row's method: ``della`` (MagPrune, per-model ``epsilon``),
+    ``breadcrumbs`` (per-model ``gamma``) or :func:`sparsify`'s ``magnitude`` / ``random`` / None."""
+    if how == "della":
+        check_della(p["density"], p["epsilon"], "della")
+        return magprune(delta, p["density"], p["epsilon"], rescale, gen)
+    if how == "breadcrumbs":
+        return breadcrumbs_prune(delta, p["density"], p["gamma"], rescale)
+    return sparsify(delta, p["density"], how, rescale, gen)
+
+
 def _gta(elect: bool, how: str | None) -> Kernel:
-    """The task-arithmetic rows (Ilharco et al. 2023; TIES, Yadav et al. 2023; DARE, Yu et al. 2024)."""
+    """The task-arithmetic rows (Ilharco et al. 2023; TIES, Yadav et al. 2023; DARE, Yu et al. 2024; DELLA,
+    Deep et al. 2024; Model Breadcrumbs, Davari & Belilovsky 2024): sparsify each task vector, combine."""
 
     def run(
         base: Tensor | None,
@@ -181,9 +142,7 @@ def _gta(elect: bool, how: str | None) -> Kernel:
         b, deltas = stack_deltas(base, thetas)
         if not thetas:
             return b
-        kept = torch.stack(
-            [sparsify(d, p["density"], how, s["rescale"], gen) for d, p in zip(deltas, per, strict=True)]
-        )
+        kept = torch.stack([_prune(d, p, how, s["rescale"], gen) for d, p in zip(deltas, per, strict=True)])
         return combine(b, kept, _weights(per), elect=elect, normalize=s["normalize"], scaling=s["lambda"])
 
     return run
@@ -199,15 +158,28 @@ def _linear(
     return out / sum(w) if s["normalize"] else out
 
 
+def _interpolate(method: type[SLERP] | type[NearSwap]) -> Kernel:
+    """The kernel of a two-input method with mergekit's shared ``t`` (SLERP, NearSwap)."""
+    return lambda b, x, s, p, g: method(t=s["t"]).merge(b, x)
+
+
 def _weights(per: Sequence[Mapping[str, Any]]) -> list[float]:
     return [float(p["weight"]) for p in per]
 
 
-GTA_ROWS = {  # name: (sign election, sparsification, default normalize, default rescale)
-    "task_arithmetic": (False, None, False, False),
-    "ties": (True, "magnitude", True, False),
-    "dare_ties": (True, "random", False, True),
-    "dare_linear": (False, "random", False, True),
+_EPSILON = Param("epsilon", "non_base", float, 0.15)
+_GAMMA = Param("gamma", "non_base", float, 0.01)
+
+# name: (sign election, sparsification, default normalize, default rescale, per-model option)
+GTA_ROWS: dict[str, tuple[bool, str | None, bool, bool, Param | None]] = {
+    "task_arithmetic": (False, None, False, False, None),
+    "ties": (True, "magnitude", True, False, None),
+    "dare_ties": (True, "random", False, True, None),
+    "dare_linear": (False, "random", False, True, None),
+    "della": (True, "della", True, True, _EPSILON),
+    "della_linear": (False, "della", False, True, _EPSILON),
+    "breadcrumbs": (False, "breadcrumbs", False, False, _GAMMA),
+    "breadcrumbs_ties": (True, "breadcrumbs", False, False, _GAMMA),
 }
 
 METHODS: dict[str, MergekitMethod] = {
@@ -217,11 +189,11 @@ METHODS: dict[str, MergekitMethod] = {
             MergekitMethod(
                 name,
                 "required",
-                _gta_params(None, normalize, rescale),
+                _gta_params(extra, normalize, rescale),
                 _gta(elect, how),
-                random=how == "random",
+                random=how in ("random", "della"),
             )
-            for name, (elect, how, normalize, rescale) in GTA_ROWS.items()
+            for name, (elect, how, normalize, rescale, extra) in GTA_ROWS.items()
         ),
         MergekitMethod(
             "linear",
@@ -229,13 +201,16 @@ METHODS: dict[str, MergekitMethod] = {
             (Param("weight", "input", float), Param("normalize", "shared", bool, True)),
             _linear,
         ),
-        MergekitMethod(
-            "slerp",
-            "required",
-            (Param("t", "shared", float),),
-            lambda b, x, s, p, g: SLERP(t=s["t"]).merge(b, x),
-            min_inputs=2,
-            max_inputs=2,
+        *(  # the base and one model, interpolated by t
+            MergekitMethod(
+                name,
+                "required",
+                (Param("t", "shared", float),),
+                _interpolate(two),
+                min_inputs=2,
+                max_inputs=2,
+            )
+            for name, two in (("slerp", SLERP), ("nearswap", NearSwap))
         ),
         MergekitMethod(
             "nuslerp",
@@ -278,44 +253,10 @@ METHODS: dict[str, MergekitMethod] = {
             min_inputs=3,
         ),
         MergekitMethod(
-            "della",
-            "required",
-            _gta_params(Param("epsilon", "non_base", float, 0.15), True, True),
-            _della(True),
-            random=True,
-        ),
-        MergekitMethod(
-            "della_linear",
-            "required",
-            _gta_params(Param("epsilon", "non_base", float, 0.15), False, True),
-            _della(False),
-            random=True,
-        ),
-        MergekitMethod(
-            "breadcrumbs",
-            "required",
-            _gta_params(Param("gamma", "non_base", float, 0.01), False, False),
-            _breadcrumbs(False),
-        ),
-        MergekitMethod(
-            "breadcrumbs_ties",
-            "required",
-            _gta_params(Param("gamma", "non_base", float, 0.01), False, False),
-            _breadcrumbs(True),
-        ),
-        MergekitMethod(
             "sce",
             "required",
             (Param("int8_mask", "shared", bool, False), Param("select_topk", "shared", float, 1.0)),
             lambda b, x, s, p, g: SCE(select_topk=s["select_topk"]).merge(b, x),
-        ),
-        MergekitMethod(
-            "nearswap",
-            "required",
-            (Param("t", "shared", float),),
-            lambda b, x, s, p, g: NearSwap(t=s["t"]).merge(b, x),
-            min_inputs=2,
-            max_inputs=2,
         ),
         MergekitMethod(
             "arcee_fusion",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import register_config
-from ._tensorwise import TensorwiseMethod, work_dtype
+from ._tensorwise import Gen, OnBaseMethod, work_dtype
 
 
 def model_stock(base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
@@ -49,20 +49,12 @@ def model_stock(base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = Fals
 
 @register_config("model_stock", kind="merge")
 @dataclass(frozen=True)
-class ModelStock(TensorwiseMethod):
+class ModelStock(OnBaseMethod):
     """Model Stock (Jang et al. 2024): at least two fine-tuned models and their pre-trained base."""
 
     filter_wise: bool = False
 
     min_models = 2
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         return model_stock(base, thetas, self.filter_wise)

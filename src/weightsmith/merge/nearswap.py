@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import TensorwiseMethod, work_dtype
+from ._tensorwise import Gen, OnBaseMethod, work_dtype
 
 
 def nearswap(base: Tensor, other: Tensor, t: float) -> Tensor:
@@ -30,7 +29,7 @@ def nearswap(base: Tensor, other: Tensor, t: float) -> Tensor:
 
 @register_config("nearswap", kind="merge")
 @dataclass(frozen=True)
-class NearSwap(TensorwiseMethod):
+class NearSwap(OnBaseMethod):
     """NearSwap of the base and one other model with closeness threshold ``t`` (> 0)."""
 
     t: float = 0.0001
@@ -42,13 +41,5 @@ class NearSwap(TensorwiseMethod):
         if not self.t >= 0:
             raise WeightsmithError(f"nearswap option t={self.t}: the threshold must be >= 0")
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         return nearswap(base, thetas[0], self.t)

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import TensorwiseMethod, work_dtype
+from ._tensorwise import Gen, TensorwiseMethod, Weights, work_dtype
 
 
 @register_config("passthrough", kind="merge")
@@ -37,11 +36,7 @@ class Passthrough(TensorwiseMethod):
             raise WeightsmithError(f"passthrough option scale={self.scale!r:.80}: must be a number")
 
     def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
+        self, base: Tensor | None, thetas: Sequence[Tensor], weights: Weights = None, generator: Gen = None
     ) -> Tensor:
         if base is not None:
             thetas = [base, *thetas]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import TensorwiseMethod, stack_deltas
+from ._tensorwise import Gen, OnBaseMethod, stack_deltas
 
 
 def ram(
@@ -55,7 +55,7 @@ def _check_eps(name: str, epsilon: float) -> None:
 
 @register_config("ram", kind="merge")
 @dataclass(frozen=True)
-class RAM(TensorwiseMethod):
+class RAM(OnBaseMethod):
     """RAM: unique changes in full, shared changes averaged over their contributors."""
 
     epsilon: float = 1e-5
@@ -63,21 +63,13 @@ class RAM(TensorwiseMethod):
     def __post_init__(self) -> None:
         _check_eps(self.name, self.epsilon)
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         return ram(base, thetas, self.epsilon)
 
 
 @register_config("ramplus_tl", kind="merge")
 @dataclass(frozen=True)
-class RAMPlusTL(TensorwiseMethod):
+class RAMPlusTL(OnBaseMethod):
     """RAM+ (tensor-local): RAM with each model's unique changes boosted by 1 + r clamp(rho, 0, alpha)."""
 
     r: float = 0.1
@@ -87,13 +79,5 @@ class RAMPlusTL(TensorwiseMethod):
     def __post_init__(self) -> None:
         _check_eps(self.name, self.epsilon)
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         return ram(base, thetas, self.epsilon, (self.r, self.alpha))

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import TensorwiseMethod, sign_agreement, stack_deltas
+from ._tensorwise import Gen, OnBaseMethod, sign_agreement, stack_deltas
 
 
 def variance_mask(deltas: Tensor, fraction: float) -> Tensor:
@@ -57,7 +57,7 @@ def sce(base: Tensor, thetas: Sequence[Tensor], select_topk: float = 1.0) -> Ten
 
 @register_config("sce", kind="merge")
 @dataclass(frozen=True)
-class SCE(TensorwiseMethod):
+class SCE(OnBaseMethod):
     """SCE (Wan et al. 2024) with variance selection keeping ``select_topk`` of the entries."""
 
     select_topk: float = 1.0
@@ -66,13 +66,5 @@ class SCE(TensorwiseMethod):
         if not 0.0 <= self.select_topk <= 1.0:
             raise WeightsmithError(f"sce option select_topk={self.select_topk}: must be in [0, 1]")
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         return sce(base, thetas, self.select_topk)

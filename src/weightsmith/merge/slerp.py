@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import TensorwiseMethod, work_dtype
+from ._tensorwise import CheckedMethod, Gen, OnBaseMethod, work_dtype
 
 
 def slerp(v0: Tensor, v1: Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
@@ -52,7 +52,7 @@ def check_t(t: float, what: str = "slerp option t") -> None:
 
 @register_config("slerp", kind="merge")
 @dataclass(frozen=True)
-class SLERP(TensorwiseMethod):
+class SLERP(OnBaseMethod):
     """SLERP from the base (t = 0) to the one other model (t = 1), Shoemake 1985."""
 
     t: float = 0.5
@@ -65,15 +65,7 @@ class SLERP(TensorwiseMethod):
     def __post_init__(self) -> None:
         check_t(self.t)
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        assert base is not None
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         return slerp(base, thetas[0], self.t, self.dot_threshold, self.eps)
 
 
@@ -103,7 +95,7 @@ def nuslerp(
 
 @register_config("nuslerp", kind="merge")
 @dataclass(frozen=True)
-class NuSLERP(TensorwiseMethod):
+class NuSLERP(CheckedMethod):
     """SLERP of two models with t = w_1 / (w_0 + w_1) (0.5 when the weights sum to ~0); of their task
     vectors when a base is given. ``flatten`` (default) treats the tensor as one vector; otherwise each
     row (``row_wise``: each column) is interpolated on its own."""
@@ -116,17 +108,11 @@ class NuSLERP(TensorwiseMethod):
     min_models = 2
     max_models = 2
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
+    def merge_checked(
+        self, base: Tensor | None, thetas: Sequence[Tensor], weights: list[float], gen: Gen
     ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        w = list(weights) if weights is not None else [1.0, 1.0]
-        total = w[0] + w[1]
-        t = 0.5 if abs(total) < 1e-6 else w[1] / total
+        total = weights[0] + weights[1]
+        t = 0.5 if abs(total) < 1e-6 else weights[1] / total
         rw, fl, eps = self.row_wise, self.flatten, self.eps
         if base is None:
             return nuslerp(thetas[0], thetas[1], t, row_wise=rw, flatten=fl, eps=eps)
@@ -181,7 +167,7 @@ def multislerp(
 
 @register_config("multislerp", kind="merge")
 @dataclass(frozen=True)
-class MultiSLERP(TensorwiseMethod):
+class MultiSLERP(CheckedMethod):
     """Multi-SLERP: barycentric interpolation of any number of models on the hypersphere (of their task
     vectors when a base is given), weights normalised to sum 1 unless ``normalize_weights`` is false."""
 
@@ -191,13 +177,7 @@ class MultiSLERP(TensorwiseMethod):
     base_policy = "optional"
     min_models = 1
 
-    def merge(
-        self,
-        base: Tensor | None,
-        thetas: Sequence[Tensor],
-        weights: Sequence[float] | None = None,
-        generator: torch.Generator | None = None,
+    def merge_checked(
+        self, base: Tensor | None, thetas: Sequence[Tensor], weights: list[float], gen: Gen
     ) -> Tensor:
-        self.check_counts(base is not None, len(thetas))
-        w = list(weights) if weights is not None else [1.0] * len(thetas)
-        return multislerp(thetas, w, base, normalize_weights=self.normalize_weights, eps=self.eps)
+        return multislerp(thetas, weights, base, normalize_weights=self.normalize_weights, eps=self.eps)

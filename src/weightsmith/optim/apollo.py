@@ -15,14 +15,13 @@ value to reproduce it). Weights that are not 2-D get plain Adam.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .optimizer import TransformOptimizer
+from .galore import ProjectedAdamW
 from .projection import LowRank
 from .projectors import LEFT, Projector, RandomProjection
 from .transform import ScaleByAdam, State, Transform
@@ -77,31 +76,9 @@ class ChannelScale:
         return u * (self.scale * math.sqrt(1.0 - self.b2**t) / (1.0 - self.b1**t)), state
 
 
-class APOLLOAdamW(TransformOptimizer):
+class APOLLOAdamW(ProjectedAdamW):
     """APOLLO on groups with a ``rank`` (keys ``rank``, ``update_proj_gap``, ``scale``, ``scale_type``);
     plain AdamW on the others. Weight decay is decoupled (torch.optim.AdamW's order)."""
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        seed: int = 0,
-        **defaults: Any,
-    ) -> None:
-        super().__init__(
-            params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, seed=seed, **defaults
-        )
-        self.seed = seed
-        from .galore import check_projected_group
-
-        for group in self.param_groups:
-            if "rank" in group:
-                names = [self.param_name(p) or f"parameter {i}" for i, p in enumerate(group["params"])]
-                check_projected_group(group, names)
 
     def transform_for(self, group: dict[str, Any]) -> Transform:
         b1, b2 = group["betas"]

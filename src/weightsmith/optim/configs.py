@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -99,6 +100,63 @@ def _check(named: Named, targets: tuple[str, ...], rank: int, gap: int) -> None:
     check_projected_group(group, [n for n, _ in projected], strict_rank=True)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Common:
+    """The options every projected-gradient config has (keyword-only, so that each method's own options
+    keep their positions)."""
+
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    weight_decay: float = 0.0
+    eps: float = 1e-6
+    seed: int = 0
+    layerwise: bool = False
+
+
+class _Projected(_Common, ABC):
+    """What the projected-gradient configs share: the option checks, the model check, and the build of
+    ``optimizer`` (run inside the backward pass when ``layerwise``) on the projected and plain groups."""
+
+    rank: int
+    update_proj_gap: int
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def _common(self) -> dict[str, Any]:
+        """The shared options, to build the config a preset stands for."""
+        return {f.name: getattr(self, f.name) for f in fields(_Common)}
+
+    def check(self, named: Named) -> None:
+        _check(named, self.targets, self.rank, self.update_proj_gap)
+
+    @abstractmethod
+    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
+        """The optimizer over ``named`` (an :data:`~weightsmith.train.optimizer.OptimizerFactory`)."""
+
+    def _build(self, optimizer: type[Any], named: Named, lr: float, **options: Any) -> torch.optim.Optimizer:
+        self.check(named)
+        projected, plain = split_targets(named, self.targets)
+        cls = in_backward(optimizer) if self.layerwise else optimizer
+        groups = _groups(projected, plain, **options)
+        return cls(  # type: ignore[no-any-return]
+            groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed, spec=_spec(self)
+        )
+
+
+class _Preset(_Projected):
+    """A fixed setting of another projected config: checks and builds what :meth:`_full` returns."""
+
+    @abstractmethod
+    def _full(self) -> _Projected:
+        """The config this preset stands for."""
+
+    def check(self, named: Named) -> None:
+        self._full().check(named)
+
+    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
+        return self._full().create(named, lr)
+
+
 @register_config("adamw", "optimizer")
 @dataclass(frozen=True)
 class AdamW:
@@ -120,7 +178,7 @@ class AdamW:
 
 @register_config("galore", "optimizer")
 @dataclass(frozen=True)
-class GaLore:
+class GaLore(_Projected):
     """GaLore (Zhao et al., 2024): Adam in a rank-r gradient subspace, refreshed every update_proj_gap."""
 
     rank: int = 128
@@ -130,21 +188,8 @@ class GaLore:
     projector: str = "rsvd"
     quantized: bool = False
     lazy_threshold: float | None = None
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    weight_decay: float = 0.0
-    eps: float = 1e-6
-    seed: int = 0
-    layerwise: bool = False
-
-    def __post_init__(self) -> None:
-        _check_options(self)
-
-    def check(self, named: Named) -> None:
-        _check(named, self.targets, self.rank, self.update_proj_gap)
 
     def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
-        self.check(named)
-        projected, plain = split_targets(named, self.targets)
         projector = ("q4-" if self.quantized else "") + self.projector
         options: dict[str, Any] = {
             "rank": self.rank,
@@ -155,16 +200,12 @@ class GaLore:
         }
         if self.lazy_threshold is not None:
             options["lazy_threshold"] = self.lazy_threshold
-        groups = _groups(projected, plain, **options)
-        cls = in_backward(GaLoreAdamW) if self.layerwise else GaLoreAdamW
-        return cls(
-            groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed, spec=_spec(self)
-        )
+        return self._build(GaLoreAdamW, named, lr, **options)
 
 
 @register_config("q-galore", "optimizer")
 @dataclass(frozen=True)
-class QGaLore:
+class QGaLore(_Preset):
     """Q-GaLore (Zhang et al., 2024): GaLore with INT4 projection matrices and layer-adaptive lazy refresh."""
 
     rank: int = 128
@@ -173,99 +214,44 @@ class QGaLore:
     proj_type: str = "std"
     projector: str = "svd"
     lazy_threshold: float = 0.4
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    weight_decay: float = 0.0
-    eps: float = 1e-6
-    seed: int = 0
-    layerwise: bool = False
 
-    def __post_init__(self) -> None:
-        _check_options(self)
-
-    def _galore(self) -> GaLore:
+    def _full(self) -> GaLore:
         return GaLore(self.rank, self.update_proj_gap, self.scale, self.proj_type, self.projector, True,
-                      self.lazy_threshold, self.targets, self.weight_decay, self.eps, self.seed,
-                      self.layerwise)  # fmt: skip
-
-    def check(self, named: Named) -> None:
-        self._galore().check(named)
-
-    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
-        return self._galore().create(named, lr)
+                      self.lazy_threshold, **self._common())  # fmt: skip
 
 
 @register_config("apollo", "optimizer")
 @dataclass(frozen=True)
-class APOLLO:
+class APOLLO(_Projected):
     """APOLLO (Zhu et al., 2024): the gradient scaled channel-wise by Adam's effect in a random subspace."""
 
     rank: int = 256
     update_proj_gap: int = 200
     scale: float = 1.0
     scale_type: str = "channel"
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    weight_decay: float = 0.0
-    eps: float = 1e-6
-    seed: int = 0
-    layerwise: bool = False
-
-    def __post_init__(self) -> None:
-        _check_options(self)
-
-    def check(self, named: Named) -> None:
-        _check(named, self.targets, self.rank, self.update_proj_gap)
 
     def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
-        self.check(named)
-        projected, plain = split_targets(named, self.targets)
-        options = {"rank": self.rank, "update_proj_gap": self.update_proj_gap, "scale": self.scale,
-                   "scale_type": self.scale_type}  # fmt: skip
-        groups = _groups(projected, plain, **options)
-        cls = in_backward(APOLLOAdamW) if self.layerwise else APOLLOAdamW
-        return cls(
-            groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed, spec=_spec(self)
-        )
+        return self._build(
+            APOLLOAdamW, named, lr, rank=self.rank, update_proj_gap=self.update_proj_gap, scale=self.scale,
+            scale_type=self.scale_type,
+        )  # fmt: skip
 
 
 @register_config("apollo-mini", "optimizer")
 @dataclass(frozen=True)
-class APOLLOMini:
+class APOLLOMini(_Preset):
     """APOLLO-Mini: rank 1, one scaling factor per tensor, alpha = sqrt(128) (the paper's setting)."""
 
     update_proj_gap: int = 200
     scale: float = math.sqrt(128.0)
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    weight_decay: float = 0.0
-    eps: float = 1e-6
-    seed: int = 0
-    layerwise: bool = False
 
-    def __post_init__(self) -> None:
-        _check_options(self)
-
-    def _apollo(self) -> APOLLO:
-        return APOLLO(
-            1,
-            self.update_proj_gap,
-            self.scale,
-            "tensor",
-            self.targets,
-            self.weight_decay,
-            self.eps,
-            self.seed,
-            self.layerwise,
-        )
-
-    def check(self, named: Named) -> None:
-        self._apollo().check(named)
-
-    def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
-        return self._apollo().create(named, lr)
+    def _full(self) -> APOLLO:
+        return APOLLO(1, self.update_proj_gap, self.scale, "tensor", **self._common())
 
 
 @register_config("gradnormlorp", "optimizer")
 @dataclass(frozen=True)
-class GradNormLoRP:
+class GradNormLoRP(_Projected):
     """GradNormLoRP (Huang et al., 2024): weight-normalised, low-rank projected direction, full magnitude."""
 
     rank: int = 128
@@ -273,25 +259,9 @@ class GradNormLoRP:
     scale: float = 0.25
     proj_type: str = "std"
     projector: str = "rsvd"
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    weight_decay: float = 0.0
-    eps: float = 1e-6
-    seed: int = 0
-    layerwise: bool = False
-
-    def __post_init__(self) -> None:
-        _check_options(self)
-
-    def check(self, named: Named) -> None:
-        _check(named, self.targets, self.rank, self.update_proj_gap)
 
     def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
-        self.check(named)
-        projected, plain = split_targets(named, self.targets)
-        options = {"rank": self.rank, "update_proj_gap": self.update_proj_gap, "scale": self.scale,
-                   "proj_type": self.proj_type, "projector": self.projector}  # fmt: skip
-        cls = in_backward(GradNormLoRPAdamW) if self.layerwise else GradNormLoRPAdamW
-        groups = _groups(projected, plain, **options)
-        return cls(
-            groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed, spec=_spec(self)
-        )
+        return self._build(
+            GradNormLoRPAdamW, named, lr, rank=self.rank, update_proj_gap=self.update_proj_gap,
+            scale=self.scale, proj_type=self.proj_type, projector=self.projector,
+        )  # fmt: skip

@@ -65,7 +65,48 @@ def check_projected_group(group: dict[str, Any], names: list[str], strict_rank: 
             )
 
 
-class GaLoreAdamW(TransformOptimizer):
+class ProjectedAdamW(TransformOptimizer):
+    """AdamW whose param groups with a ``rank`` get a projected update (the shared base of GaLore, APOLLO and
+    GradNormLoRP): the groups are checked up front, ``seed`` seeds the projections, and
+    :meth:`low_rank` builds the group's :class:`LowRank` transform from galore-torch's group keys."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        seed: int = 0,
+        **defaults: Any,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, seed=seed, **defaults
+        )
+        self.seed = seed
+        for group in self.param_groups:
+            if "rank" in group:
+                names = [self.param_name(p) or f"parameter {i}" for i, p in enumerate(group["params"])]
+                check_projected_group(group, names)
+
+    def low_rank(
+        self, group: dict[str, Any], inner: Transform, lazy_threshold: float | None = None
+    ) -> LowRank:
+        """``inner`` run in the rank-``group["rank"]`` subspace that the group's keys describe."""
+        return LowRank(
+            inner,
+            projector_of(group.get("projector", "svd")),
+            group["rank"],
+            group.get("update_proj_gap", 200),
+            group.get("scale", 1.0),
+            group.get("proj_type", "std"),
+            self.seed,
+            lazy_threshold,
+        )
+
+
+class GaLoreAdamW(ProjectedAdamW):
     """AdamW with GaLore projection on the param groups that carry a ``rank`` (galore-torch's interface)."""
 
     decay_after_update = True
@@ -83,37 +124,15 @@ class GaLoreAdamW(TransformOptimizer):
         seed: int = 0,
         **defaults: Any,
     ) -> None:
-        super().__init__(
-            params,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=tuple(betas),
-            eps=eps,
-            correct_bias=correct_bias,
-            seed=seed,
-            **defaults,
-        )
-        self.seed = seed
-        for group in self.param_groups:
-            if "rank" in group:
-                names = [self.param_name(p) or f"parameter {i}" for i, p in enumerate(group["params"])]
-                check_projected_group(group, names)
+        defaults["correct_bias"] = correct_bias
+        super().__init__(params, lr, betas, eps, weight_decay, seed=seed, **defaults)
 
     def transform_for(self, group: dict[str, Any]) -> Transform:
         b1, b2 = group["betas"]
         adam = ScaleByAdam(b1, b2, group["eps"], group["correct_bias"])
         if "rank" not in group:
             return adam
-        return LowRank(
-            adam,
-            projector_of(group.get("projector", "svd")),
-            group["rank"],
-            group.get("update_proj_gap", 200),
-            group.get("scale", 1.0),
-            group.get("proj_type", "std"),
-            self.seed,
-            group.get("lazy_threshold"),
-        )
+        return self.low_rank(group, adam, group.get("lazy_threshold"))
 
 
 def galore_param_groups(

@@ -18,15 +18,13 @@ of ``m * V / ||V||`` at ``V = W`` (exact up to O(lr^2); it keeps the learning ra
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .galore import check_projected_group, projector_of
-from .optimizer import TransformOptimizer
+from .galore import ProjectedAdamW
 from .projection import LowRank
 from .transform import ScaleByAdam, State, Transform
 
@@ -53,42 +51,13 @@ class WeightNormalized:
         return d_mag * v + tangent, state
 
 
-class GradNormLoRPAdamW(TransformOptimizer):
+class GradNormLoRPAdamW(ProjectedAdamW):
     """GradNormLoRP on the param groups with a ``rank`` (GaLore's group keys), AdamW on the others; decoupled
     weight decay in torch.optim.AdamW's order."""
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        seed: int = 0,
-        **defaults: Any,
-    ) -> None:
-        super().__init__(
-            params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, seed=seed, **defaults
-        )
-        self.seed = seed
-        for group in self.param_groups:
-            if "rank" in group:
-                names = [self.param_name(p) or f"parameter {i}" for i, p in enumerate(group["params"])]
-                check_projected_group(group, names)
 
     def transform_for(self, group: dict[str, Any]) -> Transform:
         b1, b2 = group["betas"]
         adam = ScaleByAdam(b1, b2, group["eps"])
         if "rank" not in group:
             return adam
-        direction = LowRank(
-            adam,
-            projector_of(group.get("projector", "svd")),
-            group["rank"],
-            group.get("update_proj_gap", 200),
-            group.get("scale", 1.0),
-            group.get("proj_type", "std"),
-            self.seed,
-        )
-        return WeightNormalized(direction, adam)
+        return WeightNormalized(self.low_rank(group, adam), adam)
