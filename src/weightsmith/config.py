@@ -60,6 +60,22 @@ def register_config(name: str, kind: str) -> Callable[[type[C]], type[C]]:
     return wrap
 
 
+def parse_opts(items: list[str], example: str = "dropout=0.1") -> dict[str, tuple[str, Any]]:
+    """``--opt key=value`` items as ``{key: (text, value)}``: values parse as YAML (numbers, lists, booleans;
+    ``1e-8`` is a float), text that is not valid YAML stays a string, ``-`` in keys becomes ``_``."""
+    out: dict[str, tuple[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise WeightsmithError(f"--opt '{item}': expected key=value (e.g. --opt {example})")
+        try:
+            value = yaml_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        out[key.strip().replace("-", "_")] = (text, value)
+    return out
+
+
 def registered(kind: str) -> dict[str, type]:
     """All configs registered under ``kind`` (imports the method packages first)."""
     return dict(_REGISTRY.get(kind, {}))

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -31,18 +30,7 @@ BUILTIN = {
 
 
 def _parse_opts(opts: list[str]) -> dict[str, tuple[str, Any]]:
-    """``--opt key=value`` items as ``{key: (raw text, YAML value)}``."""
-    out: dict[str, tuple[str, Any]] = {}
-    for item in opts:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise WeightsmithError(f"--opt '{item}': expected key=value (e.g. --opt dropout=0.1)")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            parsed = value
-        out[key.strip().replace("-", "_")] = (value, parsed)
-    return out
+    return cfg.parse_opts(opts, "dropout=0.1")
 
 
 def _methods() -> dict[str, type]:

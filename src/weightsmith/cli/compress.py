@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 
-from ..config import yaml_load
+from ..config import parse_opts
 from ..errors import WeightsmithError
 from ._app import app
 
@@ -42,16 +41,7 @@ HELP = "\n\n".join(" ".join(par.split()) for par in _HELP.split("\n\n"))
 
 
 def _opts(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise WeightsmithError(f"--opt '{item}': expected key=value (e.g. --opt damp=0.01)")
-        try:
-            out[key.strip().replace("-", "_")] = yaml_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            out[key.strip().replace("-", "_")] = value
-    return out
+    return {k: v for k, (_, v) in parse_opts(items, "damp=0.01").items()}
 
 
 @app.command("compress", help=HELP)

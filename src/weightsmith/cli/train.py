@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from .. import config as cfg
+from ..config import parse_opts
 from ..errors import WeightsmithError
 from ..tasks import TASKS
 from ._app import app
@@ -52,14 +52,8 @@ def build_optimizer(name: str, options: dict[str, Any]) -> Any:
 
 
 def _parse_opts(opts: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in opts:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise WeightsmithError(f"--opt '{item}': expected key=value (e.g. --opt proj_type=left)")
-        parsed = yaml.safe_load(value) if value.strip() else None
-        out[key.strip().replace("-", "_")] = tuple(parsed) if isinstance(parsed, list) else parsed
-    return out
+    parsed = parse_opts(opts, "proj_type=left")
+    return {k: tuple(v) if isinstance(v, list) else v for k, (_, v) in parsed.items()}
 
 
 def _list() -> None:
