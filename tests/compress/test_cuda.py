@@ -45,4 +45,5 @@ def test_cuda_matches_cpu(opts):
             continue
         e_cpu = float((a[k].float() - w[k].float()).norm() / w[k].float().norm())
         e_gpu = float((b[k].float().cpu() - w[k].float()).norm() / w[k].float().norm())
-        assert abs(e_gpu - e_cpu) <= 0.1 * e_cpu + 1e-6, f"{opts['method']} {k}: error {e_gpu:.4f} vs {e_cpu:.4f}"
+        msg = f"{opts['method']} {k}: error {e_gpu:.4f} on cuda vs {e_cpu:.4f} on cpu"
+        assert abs(e_gpu - e_cpu) <= 0.1 * e_cpu + 1e-6, msg
