@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -41,7 +41,9 @@ from ..errors import WeightsmithError
 from ..staging import staged_dir
 from ..store import WeightStore
 from . import _core, inputs
-from .recipe import Recipe, register_runner
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 
 @register_config("lora", kind="merge")
@@ -54,6 +56,11 @@ class LoRAMerge:
     def __post_init__(self) -> None:
         if self.mode not in ("concat", "dense"):
             raise WeightsmithError(f"lora merge mode must be 'concat' or 'dense' (got '{self.mode}')")
+
+    def run(self, recipe: Recipe, out: Path, **kw: Any) -> Path:
+        """Run a recipe whose models are PEFT LoRA folders (or runs holding one)."""
+        models = [Path(m.source) if isinstance(m, WeightStore) else m for m in recipe.models]
+        return merge_loras(models, out, recipe.weights, self.mode, recipe.base, **kw)
 
 
 @dataclass(frozen=True)
@@ -326,9 +333,3 @@ def _write_adapter(
 def _anchored(module: str) -> str:
     # PEFT matches pattern keys as regexes on the module name's suffix: anchor full paths
     return "^" + module.replace(".", r"\.") + "$"
-
-
-@register_runner(LoRAMerge)
-def _run(recipe: Recipe, out: Path, **kw: Any) -> Path:
-    models = [Path(m.source) if isinstance(m, WeightStore) else m for m in recipe.models]
-    return merge_loras(models, out, recipe.weights, recipe.method.mode, recipe.base, **kw)

@@ -497,21 +497,6 @@ def _num_layers(model: str) -> int:
         return 1
 
 
-def register_runner(*types: type) -> Callable[[Callable[..., Path]], Callable[..., Path]]:
-    """Transitional, for ``lora_merge.py``: gives each config type the ``run`` method every merge config
-    has (``fn(recipe, out, **kw)``). New methods define ``run`` on the config class itself."""
-
-    def wrap(fn: Callable[..., Path]) -> Callable[..., Path]:
-        def run(self: Any, recipe: Recipe, out: Path, **kw: Any) -> Path:
-            return fn(recipe, out, **kw)
-
-        for t in types:
-            t.run = run  # type: ignore[attr-defined]
-        return fn
-
-    return wrap
-
-
 def merge_method(config: Any) -> MergeMethod:
     """``config`` as a merge method: an instance of a config registered under kind "merge"."""
     cls = type(config)
