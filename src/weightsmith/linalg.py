@@ -17,6 +17,7 @@ is ~1e-7 x lambda_max, negligible for eigenvalues far above that, and float32 cu
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -164,6 +165,19 @@ def truncated_svd(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Exact top-``rank`` SVD factors (economy SVD, then slicing)."""
     U, S, Vh = svd(W)
     return U[:, :rank], S[:rank], Vh[:rank]
+
+
+def stable_seed(text: str, algorithm: str = "blake2b") -> int:
+    """A 63-bit seed from ``text`` that is the same on every machine and Python run (``hash()`` is not):
+    the first 8 bytes of its digest, little-endian. Saved adapters regenerate their random bases from these
+    seeds (sha256), merges their random masks (blake2b), so neither may change."""
+    raw = text.encode()
+    digest = (
+        hashlib.sha256(raw).digest()
+        if algorithm == "sha256"
+        else hashlib.blake2b(raw, digest_size=8).digest()
+    )
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

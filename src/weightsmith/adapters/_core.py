@@ -33,7 +33,6 @@ Conventions every method can rely on:
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ShapeMismatchError, WeightsmithError
-from ..linalg import seeded_generator
+from ..linalg import seeded_generator, stable_seed
 
 T = TypeVar("T")
 F_ = TypeVar("F_", bound=Callable[..., Any])
@@ -69,8 +68,7 @@ class SharedBases:
         self._last_fn: Callable[[Tensor], Tensor] | None = None
 
     def key_seed(self, key: str) -> int:
-        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+        return stable_seed(f"{self.seed}:{key}", "sha256")
 
     def get(self, key: str, shape: tuple[int, ...], factory: Callable[[torch.Generator], Tensor]) -> Tensor:
         shape = tuple(int(s) for s in shape)

@@ -9,7 +9,6 @@ the same chunks; random masks are drawn per (task, chunk) from seeds, so a re-dr
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..linalg import above_threshold, magnitude_threshold
+from ..linalg import above_threshold, magnitude_threshold, stable_seed
 
 
 class Row(Protocol):
@@ -113,8 +112,7 @@ def gta_finalize(state: GTAState, spec: Row) -> Tensor:
 
 
 def chunk_generator(seed: int, chunk: int, device: torch.device | str = "cpu") -> torch.Generator:
-    digest = hashlib.blake2b(f"{seed}/{chunk}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(stable_seed(f"{seed}/{chunk}"))
 
 
 def row_chunks(shape: Sequence[int]) -> tuple[int, list[slice]]:

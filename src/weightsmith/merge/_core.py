@@ -9,7 +9,6 @@ the executor. This module takes stores, never model names: the recipe layer (``i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from ..errors import WeightsmithError
 from ..execute import resolve_device, stream
-from ..linalg import magnitude_threshold
+from ..linalg import magnitude_threshold, stable_seed
 from ..select import Selector
 from ..staging import check_output
 from ..store import ShardWriter, WeightStore
@@ -126,8 +125,7 @@ def _few(items: Sequence[str], n: int = 5) -> str:
 
 def seed_for(seed: int, index: int, name: str) -> int:
     """A per-(task, tensor) seed: random masks do not depend on the order tensors are processed in."""
-    digest = hashlib.blake2b(f"{seed}:{index}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return stable_seed(f"{seed}:{index}:{name}")
 
 
 def write_model(
