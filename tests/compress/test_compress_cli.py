@@ -68,7 +68,7 @@ def test_cli_gptq_writes_a_loadable_model(tiny_dir, tmp_path):
         (["--group-size", "48"], "group sizes that divide every layer: 32, 64, 0"),
         (
             ["--method", "nope"],
-            "unknown; known: asvd, awq, dsnot, fwsvd, gptq, hqq, magnitude, rtn, sparsegpt, svd, wanda",
+            "unknown; known: asvd, awq, bcq, dsnot, fwsvd, gptq, hqq, magnitude, rtn, sparsegpt, svd, wanda",
         ),
         (["--method", "wanda", "--format", "compressed-tensors"], "0.20 no longer decompresses"),
         (["--method", "svd", "--format", "compressed-tensors"], "no layout for low-rank factors"),

@@ -21,7 +21,7 @@ from weightsmith.compress.wanda import Wanda
 from weightsmith.config import registered
 from weightsmith.errors import WeightsmithError
 
-ALL = ["asvd", "awq", "dsnot", "fwsvd", "gptq", "hqq", "magnitude", "rtn", "sparsegpt", "svd", "wanda"]
+ALL = ["asvd", "awq", "bcq", "dsnot", "fwsvd", "gptq", "hqq", "magnitude", "rtn", "sparsegpt", "svd", "wanda"]
 
 
 def _logits(model, ids):

@@ -16,9 +16,10 @@ and write a complete model directory to OUT. Calibrated methods run on --samples
 tokens of --calib (a packaged text such as hamlet, or a UTF-8 text file).
 
 Quantisers (--bits, default 4; --group-size, default 128, 0 = per-channel): rtn (round to nearest,
-data-free), hqq (half-quadratic, data-free), gptq and awq (calibrated). Options: act_order, damp,
-block_size (gptq); n_grid, clip, max_shrink, rows (awq); p, beta, kappa, iters, integer_zero (hqq);
-symmetric (all).
+data-free), hqq (half-quadratic, data-free), bcq (binary-coding, sums of scaled ±1 vectors, data-free;
+iters, po2_scales for ShiftAddLLM's power-of-two scales; dense output only), gptq and awq (calibrated).
+Options: act_order, damp, block_size (gptq); n_grid, clip, max_shrink, rows (awq); p, beta, kappa, iters,
+integer_zero (hqq); symmetric (all).
 
 Pruners (options sparsity, default 0.5, or n and m for N:M such as n=2 m=4): magnitude (data-free;
 prune_scope layer or row), wanda (calibrated; prune_scope), sparsegpt (calibrated; damp, block_size),
