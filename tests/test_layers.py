@@ -144,6 +144,7 @@ def _dp_worker(rank: int, world: int, port: int, q) -> None:
     s = collect_stats(m, find_layers(m, select="layers.0.mlp.down_proj"), batches)
     st = next(iter(s.values()))
     q.put((rank, st.n, st.hessian().numpy(), st.mean_abs().numpy()))  # numpy: outlives the process
+    dist.barrier()  # no rank tears down gloo while its peer still uses the connection
     dist.destroy_process_group()
 
 
