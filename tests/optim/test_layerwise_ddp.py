@@ -65,7 +65,8 @@ def _free_port() -> int:
 
 def _spawn(fn, out: str) -> None:
     """Two gloo processes; one retry when a worker dies by a signal (on a loaded 2-core machine gloo has,
-    rarely, aborted a worker at start-up or teardown). Wrong results still fail: the assertions check the output."""
+    rarely, aborted a worker at start-up or teardown). Wrong results still fail: assertions check the output.
+    """
     for attempt in range(2):
         try:
             mp.spawn(fn, args=(2, _free_port(), out), nprocs=2, join=True)
