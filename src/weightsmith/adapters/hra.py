@@ -146,7 +146,9 @@ class HRA(AdapterConfig):
     def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> HRA:
         if peft_config.get("apply_GS"):
             raise WeightsmithError(
-                "HRA with apply_GS=true (Gram-Schmidt reflections) is not implemented here"
+                "PEFT HRA adapters with apply_GS=true (Gram-Schmidt-orthogonalised reflections) cannot be "
+                "imported: weightsmith's HRA applies the reflections as trained "
+                "(see docs/adapters-methods.md); nothing was loaded"
             )
         return cls(rank=int(peft_config["r"]))
 

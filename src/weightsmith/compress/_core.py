@@ -98,8 +98,10 @@ class CompressConfig:
         return None
 
     def quantize(self, W: Tensor, stats: InputStats | None) -> QuantizedWeight:
-        """Quantise one ``[out, in]`` float32 weight (``stats``: its inputs' statistics, if calibrated)."""
-        raise NotImplementedError(type(self).__name__)
+        """Quantise one ``[out, in]`` float32 weight (``stats``: its inputs' statistics, if calibrated).
+
+        Every quantiser defines this; a method that compresses whole blocks overrides ``compress_block``."""
+        raise TypeError(f"{type(self).__name__} must define quantize(W, stats) or override compress_block")
 
     def compress_block(
         self, block: nn.Module | None, layers: Sequence[Layer], stats: dict[str, InputStats] | None

@@ -148,8 +148,8 @@ class PruneConfig(CompressConfig):
             )
 
     def score(self, W: Tensor, stats: InputStats | None) -> Tensor:
-        """The importance of every weight of ``W`` [out, in]; the lowest are pruned."""
-        raise NotImplementedError(type(self).__name__)
+        """Importance of every weight of ``W`` [out, in]; the lowest are pruned. Every pruner defines it."""
+        raise TypeError(f"{type(self).__name__} must define score(W, stats)")
 
     def prune(self, W: Tensor, stats: InputStats | None) -> SparseWeight:
         """Prune one ``[out, in]`` float32 weight by its :meth:`score` (no weight update)."""
