@@ -1,8 +1,9 @@
 """Config dataclasses: frozen, registered by a short name, round-trip through JSON and YAML.
 
-Every method's options are a ``@register_config("name")`` frozen dataclass. ``to_dict`` writes
-``{"method": name, **fields}``; ``config_from_dict`` reads it back to the registered type, so the CLI,
-a YAML recipe and Python build the very same object.
+Every method's options are a class decorated with ``@register_config("name", kind)``, which makes it a
+frozen dataclass (a class already decorated with ``@dataclass(frozen=True)`` is kept as it is) and
+registers it. ``to_dict`` writes ``{"method": name, **fields}``; ``config_from_dict`` reads it back to the
+registered type, so the CLI, a YAML recipe and Python build the very same object.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, dataclass_transform
 
 import yaml
 
@@ -43,12 +44,16 @@ def yaml_load(text: str) -> Any:
 _REGISTRY: dict[str, dict[str, type]] = {}
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 def register_config(name: str, kind: str) -> Callable[[type[C]], type[C]]:
-    """Register a frozen dataclass under ``name`` within ``kind``."""
+    """Make ``cls`` a frozen dataclass (unless its own body is one already) and register it under ``name``
+    within ``kind``: configs are values, hashed and compared by their fields, never changed in place."""
 
     def wrap(cls: type[C]) -> type[C]:
-        if not dataclasses.is_dataclass(cls):
-            raise TypeError(f"{cls.__name__} must be a dataclass")
+        if "__dataclass_params__" not in cls.__dict__:
+            cls = dataclasses.dataclass(frozen=True)(cls)
+        elif not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            raise TypeError(f"{cls.__name__} must be a frozen dataclass")
         table = _REGISTRY.setdefault(kind, {})
         if name in table and table[name] is not cls:
             raise TypeError(f"{kind} config '{name}' registered twice")

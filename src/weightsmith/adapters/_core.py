@@ -252,10 +252,12 @@ class AdapterConfig:
     def create(self, W0: Tensor, ctx: AdapterContext) -> Adapter:
         raise TypeError(f"{type(self).__name__} must define create(W0, ctx)")
 
+    # Small settings for the conformance suite (toy weights of shapes like 48x64, 64x32).
+    example_opts: ClassVar[dict[str, Any]] = {}
+
     @classmethod
     def example(cls: type[A]) -> A:
-        """Small settings for the conformance suite (toy weights of shapes like 48x64, 64x32)."""
-        return cls()
+        return cls(**cls.example_opts)
 
     @classmethod
     def peft_claims(cls, peft_config: Mapping[str, Any]) -> bool:

@@ -19,7 +19,6 @@ PEFT's defaults, a run of a few hundred steps barely moves the model (docs/adapt
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -185,11 +184,11 @@ class AdaLoRAAdapter(Adapter):
 
 
 @register_config("adalora", kind="adapter")
-@dataclass(frozen=True)
 class AdaLoRA(AdapterConfig):
     """``init_rank`` triplets per layer pruned to an average of ``target_rank`` per adapted matrix."""
 
     default_lr: ClassVar[float] = 5e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(init_rank=4, target_rank=2)
     peft_type: ClassVar[str | None] = "ADALORA"
 
     init_rank: int = 12
@@ -232,10 +231,6 @@ class AdaLoRA(AdapterConfig):
             orth_weight=float(peft_config.get("orth_reg_weight", 0.5)),
             dropout=float(peft_config.get("lora_dropout") or 0.0),
         )
-
-    @classmethod
-    def example(cls) -> AdaLoRA:
-        return cls(init_rank=4, target_rank=2)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> AdaLoRAAdapter:
         check_rank(self.init_rank, W0, ctx)

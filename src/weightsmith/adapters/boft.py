@@ -22,7 +22,6 @@ reading it stops at that shape mismatch (set the factor to 1 in its adapter_conf
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -141,13 +140,13 @@ class BOFTAdapter(Adapter):
 
 
 @register_config("boft", kind="adapter")
-@dataclass(frozen=True)
 class BOFT(AdapterConfig):
     """``block_size`` b or ``block_num`` k (one of them 0; PEFT default b=4), ``n_butterfly_factor`` m
     (PEFT default 1)."""
 
     peft_type: ClassVar[str | None] = "BOFT"
     default_lr: ClassVar[float] = 1e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(block_size=4, n_butterfly_factor=2)
 
     block_size: int = 4
     block_num: int = 0
@@ -163,10 +162,6 @@ class BOFT(AdapterConfig):
             raise WeightsmithError(
                 f"BOFT n_butterfly_factor must be at least 1, got {self.n_butterfly_factor}"
             )
-
-    @classmethod
-    def example(cls) -> BOFT:
-        return cls(block_size=4, n_butterfly_factor=2)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> BOFTAdapter:
         out_f, in_f = W0.shape

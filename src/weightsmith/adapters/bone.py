@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -97,11 +96,11 @@ class BoneAdapter(Adapter):
 
 
 @register_config("bone", kind="adapter")
-@dataclass(frozen=True)
 class Bone(AdapterConfig):
     """``rank`` r (block size); ``variant``: "miss" (default) | "bat" | "mini"; ``mini_r`` for "mini"."""
 
     default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=16)
     peft_type: ClassVar[str | None] = "MISS"  # PEFT's name for Bone since 0.17
 
     rank: int = 64
@@ -121,10 +120,6 @@ class Bone(AdapterConfig):
     def __post_init__(self) -> None:
         if self.variant not in ("miss", "bat", "mini"):
             raise ValueError(f"Bone variant must be 'miss', 'bat' or 'mini', got {self.variant!r}")
-
-    @classmethod
-    def example(cls) -> Bone:
-        return cls(rank=16)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> BoneAdapter:
         out_f, in_f = W0.shape

@@ -21,8 +21,7 @@ exactly as a thin product, ``Lf [out, n² r]`` with ``Lf[(a, k), (i, b, ρ)] = A
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -70,21 +69,17 @@ def glorot_uniform(shape: tuple[int, int, int], g: torch.Generator) -> Tensor:
 
 
 @register_config("compacter", kind="adapter")
-@dataclass(frozen=True)
 class Compacter(AdapterConfig):
     """``phm_dim`` n (divides both sides); ``rank`` r of the fast weights; ``shared_slow_weights``: one A."""
 
     default_lr: ClassVar[float] = 3e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(phm_dim=4, rank=2)
 
     phm_dim: int = 4
     rank: int = 1
     phm_init_range: float = 0.01
     shared_slow_weights: bool = True
     seed: int = 0
-
-    @classmethod
-    def example(cls) -> Compacter:
-        return cls(phm_dim=4, rank=2)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> CompacterAdapter:
         out_f, in_f = W0.shape

@@ -13,7 +13,6 @@ cached (the frozen base changes only when something is merged into it), so a ste
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -118,11 +117,11 @@ class DoRAAdapter(Adapter):
 
 
 @register_config("dora", kind="adapter")
-@dataclass(frozen=True)
 class DoRA(AdapterConfig):
     """LoRA direction (rank, alpha, rslora as in LoRA) plus a trainable magnitude per output row."""
 
     default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=4, alpha=8.0)
     peft_type: ClassVar[str | None] = "LORA"
 
     rank: int = 8
@@ -145,10 +144,6 @@ class DoRA(AdapterConfig):
     def to_peft(self) -> dict[str, Any]:
         return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "use_rslora": self.rslora,
                 "use_dora": True, "lora_dropout": 0.0, "init_lora_weights": True}  # fmt: skip
-
-    @classmethod
-    def example(cls) -> DoRA:
-        return cls(rank=4, alpha=8.0)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> DoRAAdapter:
         check_rank(self.rank, W0, ctx)

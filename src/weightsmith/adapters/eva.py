@@ -15,8 +15,8 @@ rows per layer (``_attach.CALIBRATION_ROWS``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import ClassVar
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -59,9 +59,9 @@ def redistribute(ratios: Mapping[str, Tensor], budget: int) -> dict[str, int]:
 
 
 @register_config("eva", kind="adapter")
-@dataclass(frozen=True)
 class EVA(AdapterConfig):
     default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=4, alpha=8.0)
     rank: int = 8
     alpha: float = 16.0
     rho: float = 2.0
@@ -74,10 +74,6 @@ class EVA(AdapterConfig):
     def __post_init__(self) -> None:
         if self.rho < 1.0:
             raise ValueError(f"EVA rho must be >= 1, got {self.rho}")
-
-    @classmethod
-    def example(cls) -> EVA:
-        return cls(rank=4, alpha=8.0)
 
     def needs_calibration(self) -> bool:
         return True

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -131,11 +130,11 @@ class HRAAdapter(Adapter):
 
 
 @register_config("hra", kind="adapter")
-@dataclass(frozen=True)
 class HRA(AdapterConfig):
     """``rank`` r reflections (even; PEFT default 8); ``ortho_lambda`` λ of the orthogonality regulariser."""
 
     default_lr: ClassVar[float] = 1e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=4)
     peft_type: ClassVar[str | None] = "HRA"
 
     rank: int = 8
@@ -154,10 +153,6 @@ class HRA(AdapterConfig):
 
     def to_peft(self) -> dict[str, Any]:
         return {"peft_type": "HRA", "r": self.rank, "apply_GS": False, "init_weights": True}
-
-    @classmethod
-    def example(cls) -> HRA:
-        return cls(rank=4)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> HRAAdapter:
         in_f = W0.shape[1]

@@ -17,8 +17,7 @@ never forms the dense update. ``r (in + out) + 2 r out`` numbers train.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -59,19 +58,15 @@ class HydraAdapter(Adapter):
 
 
 @register_config("hydra", kind="adapter")
-@dataclass(frozen=True)
 class Hydra(AdapterConfig):
     """``rank`` r of both branches; ``scale`` s multiplies both (the authors' ``scale``)."""
 
     default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=4)
 
     rank: int = 8
     scale: float = 1.0
     seed: int = 0
-
-    @classmethod
-    def example(cls) -> Hydra:
-        return cls(rank=4)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> HydraAdapter:
         out_f, in_f = W0.shape

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -86,7 +85,6 @@ class IA3InputAdapter(IA3Adapter):
 
 
 @register_config("ia3", kind="adapter")
-@dataclass(frozen=True)
 class IA3(AdapterConfig):
     """``feedforward``: the modules that scale their input instead of their output (PEFT's
     ``feedforward_modules``): name suffixes, or ``re:<regex>`` matching the whole module name."""
@@ -94,6 +92,7 @@ class IA3(AdapterConfig):
     peft_type: ClassVar[str | None] = "IA3"
     # the paper trains (IA)³ with Adafactor at 3e-3; vectors near 1 take large steps
     default_lr: ClassVar[float] = 3e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(feedforward=("l2",))
 
     feedforward: tuple[str, ...] = ()
 
@@ -107,10 +106,6 @@ class IA3(AdapterConfig):
                 raise WeightsmithError(
                     f"(IA)3 feedforward entry {e!r}: not a regular expression: {exc}"
                 ) from exc
-
-    @classmethod
-    def example(cls) -> IA3:
-        return cls(feedforward=("l2",))
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> IA3Adapter:
         if ctx.kind == "embedding":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -99,20 +98,16 @@ class LoHaAdapter(Adapter):
 
 
 @register_config("loha", kind="adapter")
-@dataclass(frozen=True)
 class LoHa(AdapterConfig):
     """``rank`` r of each of the two factors (ΔW has rank ≤ r²); scaling ``alpha / r`` (PEFT: 8 and 8)."""
 
     peft_type: ClassVar[str | None] = "LOHA"
     default_lr: ClassVar[float] = 1e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=3, alpha=6.0)
 
     rank: int = 8
     alpha: float = 8.0
     seed: int = 0
-
-    @classmethod
-    def example(cls) -> LoHa:
-        return cls(rank=3, alpha=6.0)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> LoHaAdapter:
         out_f, in_f = W0.shape

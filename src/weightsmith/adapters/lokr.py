@@ -100,13 +100,13 @@ class LoKrAdapter(Adapter):
 
 
 @register_config("lokr", kind="adapter")
-@dataclass(frozen=True)
 class LoKr(AdapterConfig):
     """``rank`` r of the low-rank factors; scaling ``alpha / r``; ``decompose_factor`` f and
     ``decompose_both`` choose the Kronecker shapes as PEFT does (PEFT defaults: r=8, alpha=8, f=-1)."""
 
     peft_type: ClassVar[str | None] = "LOKR"
     default_lr: ClassVar[float] = 1e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=2, alpha=4.0, decompose_both=True)
 
     rank: int = 8
     alpha: float = 8.0
@@ -117,10 +117,6 @@ class LoKr(AdapterConfig):
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise WeightsmithError(f"LoKr rank must be at least 1, got {self.rank}")
-
-    @classmethod
-    def example(cls) -> LoKr:
-        return cls(rank=2, alpha=4.0, decompose_both=True)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> LoKrAdapter:
         out_f, in_f = W0.shape

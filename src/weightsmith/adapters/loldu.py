@@ -19,8 +19,7 @@ the residual absorbs whatever the truncated product does not represent, so ΔW s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -70,18 +69,14 @@ class LoLDUAdapter(Adapter):
 
 
 @register_config("loldu", kind="adapter")
-@dataclass(frozen=True)
 class LoLDU(AdapterConfig):
     """``rank`` r of the kept LDU factors (None: all); ``sigma_init`` starts the trainable scale σ."""
 
     default_lr: ClassVar[float] = 1e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=8)
 
     rank: int | None = None
     sigma_init: float = 1.0
-
-    @classmethod
-    def example(cls) -> LoLDU:
-        return cls(rank=8)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> LoLDUAdapter:
         r = min(W0.shape) if self.rank is None else self.rank

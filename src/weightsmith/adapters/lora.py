@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -121,7 +120,6 @@ class LoRAAdapter(Adapter):
 
 
 @register_config("lora", kind="adapter")
-@dataclass(frozen=True)
 class LoRA(AdapterConfig):
     """Rank ``r``; scaling ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
 
@@ -129,6 +127,7 @@ class LoRA(AdapterConfig):
     """
 
     default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=4, alpha=8.0)
     peft_type: ClassVar[str | None] = "LORA"
 
     rank: int = 8
@@ -142,10 +141,6 @@ class LoRA(AdapterConfig):
     def __post_init__(self) -> None:
         if self.init not in ("default", "gaussian"):
             raise ValueError(f"LoRA init must be 'default' or 'gaussian', got {self.init!r}")
-
-    @classmethod
-    def example(cls) -> LoRA:
-        return cls(rank=4, alpha=8.0)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> LoRAAdapter:
         check_rank(self.rank, W0, ctx)

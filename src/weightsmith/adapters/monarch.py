@@ -25,8 +25,7 @@ concatenated along that rank (negated), so ``M(L, R) - M(L_0, R_0)`` is still a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -120,11 +119,11 @@ class MonarchAdapter(Adapter):
 
 
 @register_config("monarch", kind="adapter")
-@dataclass(frozen=True)
 class Monarch(AdapterConfig):
     """``nblocks`` blocks per factor (divides both sides); ``block_rank`` b; ``init``: "project" | "zero"."""
 
     default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(nblocks=4, block_rank=2)
 
     nblocks: int = 4
     block_rank: int = 1
@@ -134,10 +133,6 @@ class Monarch(AdapterConfig):
     def __post_init__(self) -> None:
         if self.init not in ("project", "zero"):
             raise ValueError(f"Monarch init must be 'project' or 'zero', got {self.init!r}")
-
-    @classmethod
-    def example(cls) -> Monarch:
-        return cls(nblocks=4, block_rank=2)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> MonarchAdapter:
         out_f, in_f = W0.shape

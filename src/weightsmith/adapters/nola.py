@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -81,21 +80,17 @@ class NOLAAdapter(Adapter):
 
 
 @register_config("nola", kind="adapter")
-@dataclass(frozen=True)
 class NOLA(AdapterConfig):
     """``rank`` r of the LoRA factors; ``num_basis_A`` k and ``num_basis_B`` l; scaling ``alpha / rank``."""
 
     default_lr: ClassVar[float] = 5e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=4, num_basis_A=16, num_basis_B=12, alpha=4.0)
 
     rank: int = 8
     num_basis_A: int = 1024
     num_basis_B: int = 1024
     alpha: float = 8.0
     seed: int = 0
-
-    @classmethod
-    def example(cls) -> NOLA:
-        return cls(rank=4, num_basis_A=16, num_basis_B=12, alpha=4.0)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> NOLAAdapter:
         out_f, in_f = W0.shape

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -162,7 +161,6 @@ class OFTAdapter(Adapter):
 
 
 @register_config("oft", kind="adapter")
-@dataclass(frozen=True)
 class OFT(AdapterConfig):
     """``block_size`` b (PEFT's ``oft_block_size``, default 32) or ``rank`` k (number of blocks): set one,
     the other 0. ``cayley_neumann`` with ``neumann_terms`` (else the exact Cayley map), ``block_share``,
@@ -170,6 +168,7 @@ class OFT(AdapterConfig):
 
     peft_type: ClassVar[str | None] = "OFT"
     default_lr: ClassVar[float] = 1e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(block_size=8)
 
     block_size: int = 32
     rank: int = 0
@@ -187,10 +186,6 @@ class OFT(AdapterConfig):
             )
         if self.cayley_neumann and self.neumann_terms < 1:
             raise WeightsmithError(f"OFT neumann_terms must be at least 1, got {self.neumann_terms}")
-
-    @classmethod
-    def example(cls) -> OFT:
-        return cls(block_size=8)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> OFTAdapter:
         in_f = W0.shape[1]

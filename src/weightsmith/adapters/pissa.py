@@ -14,8 +14,7 @@ the adapter is exactly zero at init, unmerging is exact, and a saved adapter is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -50,21 +49,17 @@ class PiSSAAdapter(Adapter):
 
 
 @register_config("pissa", kind="adapter")
-@dataclass(frozen=True)
 class PiSSA(AdapterConfig):
     """LoRA (rank, alpha, rslora) from the top-``rank`` SVD of ``W0``; ``niter > 0``: randomized SVD."""
 
     default_lr: ClassVar[float] = 2e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=4, alpha=8.0)
 
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
     niter: int = 0
     seed: int = 0
-
-    @classmethod
-    def example(cls) -> PiSSA:
-        return cls(rank=4, alpha=8.0)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> PiSSAAdapter:
         check_rank(self.rank, W0, ctx)

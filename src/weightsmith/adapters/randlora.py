@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -194,11 +193,11 @@ class RandLoRAAdapter(Adapter):
 
 
 @register_config("randlora", kind="adapter")
-@dataclass(frozen=True)
 class RandLoRA(AdapterConfig):
     """``rank`` r of each random basis (PEFT default 32); scaling ``alpha / rank`` (PEFT's alpha: 640)."""
 
     default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=8, alpha=16.0)
     peft_type: ClassVar[str | None] = "RANDLORA"
 
     rank: int = 32
@@ -214,10 +213,6 @@ class RandLoRA(AdapterConfig):
             )
         r = int(peft_config["r"])
         return cls(rank=r, alpha=float(peft_config.get("randlora_alpha", 20 * r)))
-
-    @classmethod
-    def example(cls) -> RandLoRA:
-        return cls(rank=8, alpha=16.0)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> RandLoRAAdapter:
         out_f, in_f = W0.shape

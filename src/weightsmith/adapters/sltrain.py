@@ -18,7 +18,6 @@ Backward forms ``∂ΔW = gᵀ x`` once and gathers ``∂V`` from it; ``∂B``, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -99,20 +98,16 @@ class SLTrainAdapter(Adapter):
 
 
 @register_config("sltrain", kind="adapter")
-@dataclass(frozen=True)
 class SLTrain(AdapterConfig):
     """``rank`` r and ``alpha`` (scaling α/r) of the low-rank part; ``density`` δ of the sparse part."""
 
     default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=4, alpha=8.0, density=0.05)
 
     rank: int = 8
     alpha: float = 16.0
     density: float = 0.03
     seed: int = 0
-
-    @classmethod
-    def example(cls) -> SLTrain:
-        return cls(rank=4, alpha=8.0, density=0.05)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> SLTrainAdapter:
         out_f, in_f = W0.shape

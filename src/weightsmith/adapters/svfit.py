@@ -16,8 +16,7 @@ SVD's sign choices. The paper has no public code; this follows the equations abo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +60,14 @@ def energy_rank(S: Tensor, energy: float) -> int:
 
 
 @register_config("svfit", kind="adapter")
-@dataclass(frozen=True)
 class SVFit(AdapterConfig):
     """``rank``: number of top singular values to train (None: all); or ``energy`` in (0, 1] to choose it."""
 
     default_lr: ClassVar[float] = 5e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=8)
 
     rank: int | None = None
     energy: float | None = None
-
-    @classmethod
-    def example(cls) -> SVFit:
-        return cls(rank=8)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> SVFitAdapter:
         limit = min(W0.shape)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -80,11 +79,11 @@ class VeRAAdapter(Adapter):
 
 
 @register_config("vera", kind="adapter")
-@dataclass(frozen=True)
 class VeRA(AdapterConfig):
     """``rank`` r of the shared random matrices (PEFT default 256); ``d_initial`` starts every entry of d."""
 
     default_lr: ClassVar[float] = 5e-3
+    example_opts: ClassVar[dict[str, Any]] = dict(rank=16)
     peft_type: ClassVar[str | None] = "VERA"
 
     rank: int = 256
@@ -99,10 +98,6 @@ class VeRA(AdapterConfig):
                 "regenerates them with its own generator); save it again with save_projection=true"
             )
         return cls(rank=int(peft_config["r"]), d_initial=float(peft_config.get("d_initial", 0.1)))
-
-    @classmethod
-    def example(cls) -> VeRA:
-        return cls(rank=16)
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> VeRAAdapter:
         out_f, in_f = W0.shape

@@ -208,6 +208,24 @@ class LowRankConfig(CompressConfig):
         """The ``L``, ``R`` of the weighted error this method minimises (identity: plain SVD)."""
         return Weighting()
 
+    def needs_spectra(self) -> bool:
+        """Whether :meth:`choose_ranks` reads every layer's (weighted) singular values."""
+        return self.allocation == "global" and not self.rank
+
+    def choose_ranks(
+        self, spectra: dict[str, Tensor] | None, shapes: dict[str, tuple[int, int]]
+    ) -> dict[str, int]:
+        """The rank of every layer to factor (``spectra``: singular values of ``W̃``, when
+        :meth:`needs_spectra`). A layer left out of the result stays dense and untouched."""
+        if spectra is not None:
+            return allocate_ranks(spectra, shapes, self.keep)
+        return uniform_ranks(shapes, self.keep, self.rank)
+
+    def new_report(self, ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> CompressReport:
+        """The report :func:`compress_lowrank` fills for these ranks (a method may return a subclass
+        with more fields)."""
+        return CompressReport(self)
+
     def quantize(self, W: Tensor, stats: InputStats | None) -> LowRankWeight:  # type: ignore[override]
         """One layer at the uniform rank (``compress()``'s per-layer path; use :func:`compress_lowrank`
         for global allocation)."""
@@ -255,16 +273,17 @@ def _compress_layers(
         W = ly.weight().detach().to(dev, torch.float32, copy=True)
         return W, config.weighting(W, ctx.get(ly.name))
 
-    if config.allocation == "global" and not config.rank:
+    spectra = None
+    if config.needs_spectra():
         spectra = {}
         for ly in layers:
             W, wt = weighting(ly)
             spectra[ly.name] = svdvals(wt.apply(W)).cpu()
-        ranks = allocate_ranks(spectra, shapes, config.keep)
-    else:
-        ranks = uniform_ranks(shapes, config.keep, config.rank)
-    report = CompressReport(config)
+    ranks = config.choose_ranks(spectra, shapes)
+    report = config.new_report(ranks, shapes)
     for ly in layers:
+        if ly.name not in ranks:
+            continue
         W, wt = weighting(ly)
         f = weighted_svd(W, wt, ranks[ly.name])
         ly.write(f.dequantize())

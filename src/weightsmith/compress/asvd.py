@@ -16,7 +16,6 @@ Then ``Ŵ = trunc_r(W S) S⁻¹`` (``B = V_rᵀ S⁻¹`` by a triangular solve).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +42,6 @@ def cholesky_whitening(gram: Tensor, damp: float = 1e-2) -> Tensor:
 
 
 @register_config("asvd", kind="compress")
-@dataclass(frozen=True)
 class ASVD(LowRankConfig):
     """Activation-aware SVD (``whiten``: cholesky (SVD-LLM) or scale (ASVD, exponent ``alpha``); ``damp``)."""
 

@@ -20,7 +20,6 @@ are not clipped (their errors are amplified by the attention softmax).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -92,7 +91,6 @@ def search_clip(
 
 
 @register_config("awq", kind="compress")
-@dataclass(frozen=True)
 class AWQ(CompressConfig):
     """AWQ (``n_grid`` α values; ``clip``: run the clipping search; ``max_shrink``; ``rows``: tokens kept)."""
 

@@ -16,8 +16,6 @@ sign of ``e_i`` flips, or after ``max_cycles`` swaps. No gradient and no weight 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -79,7 +77,6 @@ def dsnot(
 
 
 @register_config("dsnot", kind="compress")
-@dataclass(frozen=True)
 class DSnoT(PruneConfig):
     """DSnoT on an ``init`` mask (wanda, magnitude, sparsegpt); ``max_cycles``, ``threshold``, ``pow_var``."""
 

@@ -14,7 +14,6 @@ loss a batch's own ``labels`` give (a fine-tuned classifier).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,7 +72,6 @@ def row_fisher(model: nn.Module, layers: Sequence[Layer], batches: Sequence[Any]
 
 
 @register_config("fwsvd", kind="compress")
-@dataclass(frozen=True)
 class FWSVD(LowRankConfig):
     """Fisher-weighted SVD (``eps``: added to the row Fisher before the square root)."""
 

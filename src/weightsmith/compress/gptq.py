@@ -17,8 +17,6 @@ keeps one scale in storage order and the stored format needs no permutation inde
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -98,7 +96,6 @@ def gptq_quantize(
 
 
 @register_config("gptq", kind="compress")
-@dataclass(frozen=True)
 class GPTQ(CompressConfig):
     """GPTQ (``damp``: Hessian dampening as a fraction of mean diag H; ``block_size``; ``act_order``)."""
 

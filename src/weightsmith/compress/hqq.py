@@ -16,8 +16,6 @@ the end and each group's scale is refitted by least squares, ``s = ⟨W, q − z
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -34,7 +32,6 @@ def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
 
 
 @register_config("hqq", kind="compress")
-@dataclass(frozen=True)
 class HQQ(CompressConfig):
     """Half-quadratic zero-point optimisation (``p``-norm, ``beta`` growing by ``kappa``, ``iters`` steps)."""
 

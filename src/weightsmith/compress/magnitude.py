@@ -8,8 +8,6 @@ consecutive input weights of a row).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
 from ..config import register_config
@@ -18,7 +16,6 @@ from ._sparse import PruneConfig, check_scope
 
 
 @register_config("magnitude", kind="compress")
-@dataclass(frozen=True)
 class Magnitude(PruneConfig):
     """Magnitude pruning (``sparsity`` or ``n:m``; ``prune_scope``: "layer" or "row" comparison group)."""
 

@@ -7,8 +7,6 @@ inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4); symmetric grids fix ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
 from ..config import register_config
@@ -18,7 +16,6 @@ from ._grid import QuantizedWeight, quantize_rtn
 
 
 @register_config("rtn", kind="compress")
-@dataclass(frozen=True)
 class RTN(CompressConfig):
     """Round-to-nearest on the min-max grid (symmetric or asymmetric, per-channel or group-wise)."""
 

@@ -16,8 +16,6 @@ to columns after the block are applied once per block (lazy batch updates).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -73,7 +71,6 @@ def sparsegpt_prune(
 
 
 @register_config("sparsegpt", kind="compress")
-@dataclass(frozen=True)
 class SparseGPT(PruneConfig):
     """SparseGPT (``sparsity`` or ``n:m``; ``damp``: fraction of mean diag H added; ``block_size``)."""
 

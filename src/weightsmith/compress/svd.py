@@ -9,13 +9,10 @@ energy per parameter over all layers) or uniformly; run it with ``compress()`` o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..config import register_config
 from ._lowrank import LowRankConfig
 
 
 @register_config("svd", kind="compress")
-@dataclass(frozen=True)
 class SVD(LowRankConfig):
     """Truncated SVD (``keep``: parameter fraction; ``allocation``: global or uniform; ``rank``: fixed)."""

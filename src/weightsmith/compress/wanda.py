@@ -12,8 +12,6 @@ for N:M. No weight is updated, so one forward pass of calibration data is the wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor
 
 from ..config import register_config
@@ -28,7 +26,6 @@ def wanda_score(W: Tensor, norms: Tensor) -> Tensor:
 
 
 @register_config("wanda", kind="compress")
-@dataclass(frozen=True)
 class Wanda(PruneConfig):
     """Wanda (``sparsity`` or ``n:m``; ``prune_scope``: "row", the paper's, or "layer")."""
 

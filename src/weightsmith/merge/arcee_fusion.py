@@ -13,7 +13,6 @@ million positions drawn with replacement from ``generator`` (as mergekit approxi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +53,6 @@ def arcee_fusion(base: Tensor, other: Tensor, generator: torch.Generator | None 
 
 
 @register_config("arcee_fusion", kind="merge")
-@dataclass(frozen=True)
 class ArceeFusion(OnBaseMethod):
     """Arcee Fusion of the base and one other model; ``seed`` drives the quartile sample of large tensors."""
 

@@ -96,13 +96,11 @@ class _BreadcrumbsBase(OnBaseMethod):
 
 
 @register_config("breadcrumbs", kind="merge")
-@dataclass(frozen=True)
 class Breadcrumbs(_BreadcrumbsBase):
     """Model Breadcrumbs followed by a weighted task-vector sum."""
 
 
 @register_config("breadcrumbs_ties", kind="merge")
-@dataclass(frozen=True)
 class BreadcrumbsTIES(_BreadcrumbsBase):
     """Model Breadcrumbs followed by the TIES sign election."""
 

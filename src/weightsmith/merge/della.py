@@ -111,7 +111,6 @@ class _DellaBase(OnBaseMethod):
 
 
 @register_config("della", kind="merge")
-@dataclass(frozen=True)
 class DELLA(_DellaBase):
     """DELLA with TIES sign election; mergekit defaults: normalize and rescale on."""
 
@@ -120,7 +119,6 @@ class DELLA(_DellaBase):
 
 
 @register_config("della_linear", kind="merge")
-@dataclass(frozen=True)
 class DELLALinear(_DellaBase):
     """DELLA without sign election (a weighted task-vector sum); mergekit defaults: rescale on."""
 

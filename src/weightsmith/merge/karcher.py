@@ -15,7 +15,6 @@ inputs with norm <= tol do not take part in the direction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -62,7 +61,6 @@ def karcher_mean(
 
 
 @register_config("karcher", kind="merge")
-@dataclass(frozen=True)
 class Karcher(TensorwiseMethod):
     """The equal-weight Karcher mean of all inputs (the base included when one is given)."""
 

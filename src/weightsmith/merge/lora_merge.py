@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 
 @register_config("lora", kind="merge")
-@dataclass(frozen=True)
 class LoRAMerge:
     """``mode``: ``concat`` (a rank-sum adapter, exact) or ``dense`` (merged into the base, exact)."""
 

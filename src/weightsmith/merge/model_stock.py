@@ -13,7 +13,6 @@ vanishes (|1 + (N-1) cos| < 1e-6) the base is kept; norms are clamped at 1e-6 in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,7 +47,6 @@ def model_stock(base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = Fals
 
 
 @register_config("model_stock", kind="merge")
-@dataclass(frozen=True)
 class ModelStock(OnBaseMethod):
     """Model Stock (Jang et al. 2024): at least two fine-tuned models and their pre-trained base."""
 

@@ -10,7 +10,6 @@ so entries that differ by at most ``t`` are swapped fully, larger differences pr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -28,7 +27,6 @@ def nearswap(base: Tensor, other: Tensor, t: float) -> Tensor:
 
 
 @register_config("nearswap", kind="merge")
-@dataclass(frozen=True)
 class NearSwap(OnBaseMethod):
     """NearSwap of the base and one other model with closeness threshold ``t`` (> 0)."""
 

@@ -42,7 +42,6 @@ from . import _core, inputs
 
 
 @register_config("opcm", kind="merge")
-@dataclass(frozen=True)
 class OPCM:
     """``alpha``: fraction of the merged update's nuclear norm that defines its dominant subspace.
     2-D tensors are projected except those matching ``unprojected`` (embeddings are lookup tables)."""

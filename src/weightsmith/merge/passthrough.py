@@ -9,7 +9,6 @@ method is the identity times a per-input ``scale``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -19,7 +18,6 @@ from ._tensorwise import Gen, TensorwiseMethod, Weights, work_dtype
 
 
 @register_config("passthrough", kind="merge")
-@dataclass(frozen=True)
 class Passthrough(TensorwiseMethod):
     """The single input tensor times ``scale`` (``None``: unchanged, in the input's dtype)."""
 

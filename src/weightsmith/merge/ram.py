@@ -15,7 +15,6 @@ models whose changes are mostly shared, and so diluted by averaging, get their u
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -54,7 +53,6 @@ def _check_eps(name: str, epsilon: float) -> None:
 
 
 @register_config("ram", kind="merge")
-@dataclass(frozen=True)
 class RAM(OnBaseMethod):
     """RAM: unique changes in full, shared changes averaged over their contributors."""
 
@@ -68,7 +66,6 @@ class RAM(OnBaseMethod):
 
 
 @register_config("ramplus_tl", kind="merge")
-@dataclass(frozen=True)
 class RAMPlusTL(OnBaseMethod):
     """RAM+ (tensor-local): RAM with each model's unique changes boosted by 1 + r clamp(rho, 0, alpha)."""
 

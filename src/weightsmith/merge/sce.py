@@ -16,7 +16,6 @@ Model weights from the recipe are not used (as in mergekit).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -56,7 +55,6 @@ def sce(base: Tensor, thetas: Sequence[Tensor], select_topk: float = 1.0) -> Ten
 
 
 @register_config("sce", kind="merge")
-@dataclass(frozen=True)
 class SCE(OnBaseMethod):
     """SCE (Wan et al. 2024) with variance selection keeping ``select_topk`` of the entries."""
 

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -51,7 +50,6 @@ def check_t(t: float, what: str = "slerp option t") -> None:
 
 
 @register_config("slerp", kind="merge")
-@dataclass(frozen=True)
 class SLERP(OnBaseMethod):
     """SLERP from the base (t = 0) to the one other model (t = 1), Shoemake 1985."""
 
@@ -94,7 +92,6 @@ def nuslerp(
 
 
 @register_config("nuslerp", kind="merge")
-@dataclass(frozen=True)
 class NuSLERP(CheckedMethod):
     """SLERP of two models with t = w_1 / (w_0 + w_1) (0.5 when the weights sum to ~0); of their task
     vectors when a base is given. ``flatten`` (default) treats the tensor as one vector; otherwise each
@@ -166,7 +163,6 @@ def multislerp(
 
 
 @register_config("multislerp", kind="merge")
-@dataclass(frozen=True)
 class MultiSLERP(CheckedMethod):
     """Multi-SLERP: barycentric interpolation of any number of models on the hypersphere (of their task
     vectors when a base is given), weights normalised to sum 1 unless ``normalize_weights`` is false."""

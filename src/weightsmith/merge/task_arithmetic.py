@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,6 @@ class GTAMethod(ABC):
 
 
 @register_config("gta", kind="merge")
-@dataclass(frozen=True)
 class GTA(GTAMethod):
     """One row of the family. ``density`` is the kept fraction (TIES k, DARE 1-p); ``trim`` the scope of
     the magnitude top-k; ``rescale`` of survivors: ``inverse`` (1/density, DARE paper) or ``l1``
@@ -107,7 +105,6 @@ class GTA(GTAMethod):
 
 
 @register_config("average", kind="merge")
-@dataclass(frozen=True)
 class Average(GTAMethod):
     """Weighted average of the checkpoints (a model soup): sum_i w_i theta_i / sum_i w_i."""
 
@@ -116,7 +113,6 @@ class Average(GTAMethod):
 
 
 @register_config("task_arithmetic", kind="merge")
-@dataclass(frozen=True)
 class TaskArithmetic(GTAMethod):
     """theta_0 + lambda * sum_i w_i tau_i (Ilharco et al. 2023)."""
 
@@ -127,7 +123,6 @@ class TaskArithmetic(GTAMethod):
 
 
 @register_config("ties", kind="merge")
-@dataclass(frozen=True)
 class TIES(GTAMethod):
     """TIES-Merging (Yadav et al. 2023). ``trim="model"`` ranks |tau_i| over the whole model, as the
     paper's code does; ``"tensor"`` per tensor, as mergekit does."""
@@ -147,7 +142,6 @@ class TIES(GTAMethod):
 
 
 @register_config("dare", kind="merge")
-@dataclass(frozen=True)
 class DARE(GTAMethod):
     """DARE (Yu et al. 2024) followed by task arithmetic: drop rate ``p``, survivors times 1/(1-p)."""
 
@@ -165,7 +159,6 @@ class DARE(GTAMethod):
 
 
 @register_config("dare_ties", kind="merge")
-@dataclass(frozen=True)
 class DARETIES(GTAMethod):
     """DARE, then the TIES sign election and disjoint mean (Yu et al. 2024, DARE + TIES-Merging)."""
 
