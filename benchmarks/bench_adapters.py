@@ -6,6 +6,10 @@ q,k,v,o,gate,up,down, AdamW, causal-LM loss. Median step time over the measured 
 allocated GPU memory (model included). Every registered weightsmith method is run; PEFT is run
 for the methods it has.
 
+The floor (``torch floor``) is the same step with every weight frozen: the frozen model's forward and the
+backward through its activations (what any adapter step must pay). ``--libs weightsmith-compile`` (and
+``peft-compile``) run the step with the adapted model under ``torch.compile``.
+
     PYTHONPATH=src python3 benchmarks/bench_adapters.py --out results.jsonl          # GPU
     PYTHONPATH=src python3 benchmarks/bench_adapters.py --tiny --steps 2 --warmup 1  # CPU smoke run
     python3 benchmarks/bench_adapters.py --report results.jsonl > benchmarks/results/adapters-speed.md
@@ -95,8 +99,14 @@ def run(
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     t0 = time.perf_counter()
     hook: Callable[[int], None] = lambda step: None  # noqa: E731
+    compiled = lib.endswith("-compile")
+    lib = lib.removesuffix("-compile")
     if method == "full":
         net = model
+    elif method == "floor":
+        net = model.requires_grad_(False)
+        # backward through every activation, no weight gradient: the cost an adapter step cannot avoid
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_())
     elif lib == "peft":
         import peft
 
@@ -113,13 +123,14 @@ def run(
     init_s = time.perf_counter() - t0
     params = [p for p in net.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-5)
+    fwd = torch.compile(net) if compiled else net
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
 
     def one(step: int) -> torch.Tensor:
-        loss = net(input_ids=ids, labels=ids).loss
+        loss = fwd(input_ids=ids, labels=ids).loss
         if lib == "weightsmith" and method != "full":
             loss = loss + adapters.adapter_regularization(net)
         loss.backward()
@@ -151,7 +162,8 @@ def run(
         )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     out = {
-        "lib": lib, "method": method, "step_ms": 1000 * statistics.median(times), "peak_gib": peak,
+        "lib": lib + ("-compile" if compiled else ""), "method": method,
+        "step_ms": 1000 * statistics.median(times), "peak_gib": peak,
         "trainable": n_train, "init_s": init_s, "loss": float(loss.detach()),
         "finite": bool(torch.isfinite(loss)),
     }  # fmt: skip
@@ -162,7 +174,6 @@ def report(path: Path, device_name: str | None = None) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     meta = next((r for r in rows if "device" in r), {})
     res = {(r["lib"], r["method"]): r for r in rows if "method" in r}
-    lora = res.get(("weightsmith", "lora"))
     lines = [
         "# Adapter training step: weightsmith vs PEFT",
         "",
@@ -175,27 +186,42 @@ def report(path: Path, device_name: str | None = None) -> str:
         "peak = max allocated GPU memory "
         "(model included). Produced by `benchmarks/bench_adapters.py`.",
         "",
-        "| method | weightsmith ms | PEFT ms | PEFT / ws (speed-up) | ws GiB | PEFT GiB | ws / our LoRA time "
-        "| trainable (ws) | trainable (PEFT) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | weightsmith ms | compiled ms | PEFT ms | PEFT compiled ms | PEFT / ws (speed-up) "
+        "| ws / floor | ws / our LoRA | ws GiB | PEFT GiB | trainable (ws) | trainable (PEFT) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    methods = sorted({m for _, m in res}, key=lambda m: (m != "full", m != "lora", m))
+    floor = res.get(("torch", "floor"))
+
+    def best(lib: str, m: str) -> dict[str, Any] | None:
+        runs = [r for r in (res.get((lib, m)), res.get((lib + "-compile", m))) if r is not None]
+        return min(runs, key=lambda r: r["step_ms"]) if runs else None
+
+    def f(r: dict[str, Any] | None, key: str, fmt: str = "{:.1f}") -> str:
+        return fmt.format(r[key]) if r is not None and key in r else "-"
+
+    lora_best = best("weightsmith", "lora")
+    methods = sorted({m for _, m in res}, key=lambda m: (m not in ("floor", "full"), m != "lora", m))
     for m in methods:
-        w, p = res.get(("weightsmith", m)), res.get(("peft", m))
-        if m == "full":
-            w = res.get(("torch", "full"))
-
-        def f(r: dict[str, Any] | None, key: str, fmt: str = "{:.1f}") -> str:
-            return fmt.format(r[key]) if r is not None and key in r else "-"
-
-        speed = f"{p['step_ms'] / w['step_ms']:.2f}x" if w and p and m != "full" else "-"
-        rel = f"{w['step_ms'] / lora['step_ms']:.2f}" if w and lora and m != "full" else "-"
-        name = "full fine-tuning" if m == "full" else m
+        if m in ("floor", "full"):
+            t = res.get(("torch", m))
+            name = "frozen floor" if m == "floor" else "full fine-tuning"
+            lines.append(
+                f"| {name} | {f(t, 'step_ms')} | - | - | - | - | - | - | {f(t, 'peak_gib')} | - | - | - |"
+            )
+            continue
+        w, p = best("weightsmith", m), best("peft", m)
+        speed = f"{p['step_ms'] / w['step_ms']:.2f}x" if w and p else "-"
+        rel = f"{w['step_ms'] / lora_best['step_ms']:.2f}" if w and lora_best else "-"
+        over = f"{w['step_ms'] / floor['step_ms']:.2f}" if w and floor else "-"
         lines.append(
-            f"| {name} | {f(w, 'step_ms')} | {f(p, 'step_ms')} | {speed} "
+            f"| {m} | {f(res.get(('weightsmith', m)), 'step_ms')} "
+            f"| {f(res.get(('weightsmith-compile', m)), 'step_ms')} | {f(res.get(('peft', m)), 'step_ms')} "
+            f"| {f(res.get(('peft-compile', m)), 'step_ms')} | {speed} | {over} | {rel} "
             f"| {f(w, 'peak_gib')} | {f(p, 'peak_gib')} "
-            f"| {rel} | {f(w, 'trainable', '{:,}')} | {f(p, 'trainable', '{:,}')} |"
+            f"| {f(w, 'trainable', '{:,}')} | {f(p, 'trainable', '{:,}')} |"
         )
+    lines.append("")
+    lines.append("Ratios use each library's faster of eager and compiled.")
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines += ["", "Not run:"] + [f"- {r['lib']} {r['skipped']}: {r['why']}" for r in skipped]
@@ -240,17 +266,18 @@ def main() -> None:
     plan: list[tuple[str, str]] = []
     libs = args.libs.split(",")
     if "torch" in libs:
-        plan.append(("torch", "full"))
-    if "peft" in libs:
-        plan += [("peft", m) for m in peft_configs()]
-    if "weightsmith" in libs:
-        plan += [("weightsmith", m) for m in sorted(adapters.registered_adapters())]
+        plan += [("torch", "floor"), ("torch", "full")]
+    for lib in libs:
+        if lib.startswith("peft"):
+            plan += [(lib, m) for m in peft_configs()]
+        if lib.startswith("weightsmith"):
+            plan += [(lib, m) for m in sorted(adapters.registered_adapters())]
     with args.out.open("a") as fh:
         fh.write(json.dumps(meta) + "\n")
         for lib, method in plan:
-            if wanted and method not in wanted:
+            if wanted and method not in wanted and lib != "torch":
                 continue
-            if lib == "weightsmith" and method in SKIP:
+            if lib.startswith("weightsmith") and method in SKIP:
                 fh.write(json.dumps({"lib": lib, "skipped": method, "why": SKIP[method]}) + "\n")
                 continue
             if time.perf_counter() - start > args.deadline:
