@@ -18,6 +18,12 @@ runs with transformers 5.24 and compressed-tensors 0.20.1). Its AWQ needs an acc
         --out benchmarks/results/compress_vs_llmcompressor_smollm2.json
     .venv/bin/python benchmarks/bench_compress.py --device cuda --model DIR_OF_A_1B_LLAMA --group-size 128 \
         --out benchmarks/results/compress_vs_llmcompressor_1b.json
+
+Where no trained model can travel (the GPU machine reaches no hub and carries at most 64 MiB), ``--model
+random-llama-1b`` builds a random-init Llama-shaped 1.1B model (hidden 2048, 22 layers, intermediate 5632,
+32/4 heads) with a BPE tokenizer trained on ``--text`` (a plain text file: its first 90 % calibrates, the
+rest is held out). Its perplexity means nothing (random weights); time, peak memory and the logit error
+relative to the unquantised model compare the two libraries' work on the same layers.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ import argparse
 import copy
 import json
 import resource
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from weightsmith.assets import load_text
 from weightsmith.compress import calibration_batches, compress, heldout_text
 from weightsmith.config import config_from_dict
 from weightsmith.evaluate import perplexity
@@ -49,6 +57,35 @@ def _peak_mb(dev: torch.device) -> float:
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def random_llama(size: str, text: str) -> tuple[Any, Any]:
+    """A random-init Llama-shaped model and a byte-level BPE tokenizer (vocab 8192) trained on ``text``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=8192, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(text.splitlines(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    dims = {"1b": (2048, 22, 5632, 32, 4), "tiny": (64, 2, 176, 4, 2)}[size]
+    h, n, inter, heads, kv = dims
+    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=n, intermediate_size=inter, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=len(tok), max_position_embeddings=2048,
+                      bos_token_id=0, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg)
+    # llm-compressor reads the config and tokenizer back from the model's path: give it one
+    where = Path(tempfile.mkdtemp(prefix="random-llama-"))
+    cfg.save_pretrained(where)
+    tok.save_pretrained(where)
+    model.config._name_or_path = str(where)
+    return model.cpu().eval(), tok
 
 
 def run_ours(
@@ -96,7 +133,10 @@ def run_llmcompressor(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument(
+        "--model", default="smollm2", help="a model name/dir, or random-llama-1b / random-llama-tiny"
+    )
+    ap.add_argument("--text", type=Path, default=None, help="a text file instead of the packaged Hamlet")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--bits", default="4,3")
@@ -108,9 +148,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
-    base, tok = load_model(args.model, task="causal-lm")
-    text = heldout_text("hamlet")
-    calib = calibration_batches(tok, "hamlet", args.samples, args.seq_len)
+    full = args.text.read_text(encoding="utf-8") if args.text else None
+    if args.model.startswith("random-llama-"):
+        base, tok = random_llama(args.model.removeprefix("random-llama-"), full or load_text("hamlet"))
+    else:
+        base, tok = load_model(args.model, task="causal-lm")
+    if full is None:
+        text, calib_src = heldout_text("hamlet"), "hamlet"
+    else:
+        cut = full.rfind("\n", 0, int(len(full) * 0.9)) + 1
+        text, calib_src = full[cut:], str(args.text.with_suffix(".calib.txt"))
+        Path(calib_src).write_text(full[:cut], encoding="utf-8")
+    calib = calibration_batches(tok, calib_src, args.samples, args.seq_len)
     libs = args.libraries.split(",")
     if "llmcompressor" in libs:
         try:
