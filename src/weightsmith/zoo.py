@@ -261,18 +261,16 @@ def from_arch(arch: dict[str, Any]) -> nn.Module:
 
 def load(path: str | os.PathLike[str]) -> nn.Module:
     """A zoo model written by ``save`` (eval mode); anything else is a WeightsmithError naming the file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from .store import SafetensorsStore
 
     p = Path(path)
     if not p.is_file() or p.suffix != ".safetensors":
         raise WeightsmithError(f"{p}: expected a zoo model .safetensors file (see `weightsmith zoo-train`)")
+    store = SafetensorsStore([p], str(p))  # validated as the safetensors library would, naming the file
     try:
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(p))
-    except Exception as exc:  # the safetensors library decides what is readable; its errors are user errors
-        raise WeightsmithError(f"{p}: not a readable safetensors file: {str(exc)[:200]}") from exc
+        state, meta = {k: store[k] for k in store}, store.metadata
+    finally:
+        store.close()
     if "weightsmith.zoo" not in meta:
         raise WeightsmithError(
             f"{p}: no 'weightsmith.zoo' metadata; it was not written by weightsmith.zoo.save"

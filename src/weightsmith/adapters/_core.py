@@ -139,6 +139,13 @@ class Adapter(nn.Module):
     # False: forward never reads base_out, so the core does not compute x W0ᵀ for it (it may pass None)
     needs_base_out: ClassVar[bool] = True
 
+    def hold(self, **tensors: Tensor) -> None:
+        """Hold frozen tensors (random bases, SVD factors, masks) as non-persistent buffers: they follow the
+        module's device and dtype moves, get no gradient, and are not saved (each method rebuilds them from
+        its seed or from ``W0``)."""
+        for name, t in tensors.items():
+            self.register_buffer(name, t, persistent=False)
+
     def delta(self, W0: Tensor) -> Tensor:
         """The dense update ``ΔW`` (same shape as ``W0``), so that ``W' = W0 + ΔW``."""
         raise TypeError(f"{type(self).__name__} must define delta(W0)")

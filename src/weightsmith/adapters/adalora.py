@@ -148,8 +148,10 @@ class AdaLoRAAdapter(Adapter):
         self.register_buffer(
             "keep", torch.ones(E.shape[0], dtype=torch.bool, device=E.device), persistent=False
         )
-        self.register_buffer("keep_mask", torch.ones_like(E), persistent=False)  # keep as E's dtype, [r, 1]
-        self.register_buffer("neg_eye", -torch.eye(E.shape[0], device=E.device), persistent=False)
+        self.hold(
+            keep_mask=torch.ones_like(E),  # keep as E's dtype, [r, 1]
+            neg_eye=-torch.eye(E.shape[0], device=E.device),
+        )
         self._allocator: Any = allocator
 
     def delta(self, W0: Tensor) -> Tensor:

@@ -90,8 +90,7 @@ class BOFTAdapter(Adapter):
         n = k * b
         perms = [torch.arange(n)] + [butterfly_perm(n, k >> i, b // 2) for i in range(1, m)]
         P = torch.stack(perms).to(R.device)
-        self.register_buffer("perms", P, persistent=False)
-        self.register_buffer("inv_perms", torch.argsort(P, dim=1), persistent=False)
+        self.hold(perms=P, inv_perms=torch.argsort(P, dim=1))
 
     def blocks(self) -> Tensor:
         """Cayley rotations [m, k, b, b] (float32 or wider)."""

@@ -61,7 +61,7 @@ class DoRAAdapter(Adapter):
         self.m = nn.Parameter(m)
         self.scaling = scaling
         self._w0_sq: tuple[tuple[int, int, torch.dtype], Tensor] | None = None
-        self.register_buffer("merge_norm", torch.zeros(0), persistent=False)
+        self.hold(merge_norm=torch.zeros(0))
 
     def _base_row_sq(self, W0: Tensor) -> Tensor:
         key = (W0.data_ptr(), W0._version, W0.dtype)

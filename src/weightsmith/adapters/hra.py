@@ -88,7 +88,7 @@ class HRAAdapter(Adapter):
         self.ortho_lambda = ortho_lambda
         r = u.shape[1]
         mask = -(torch.ones(r, r).triu(1) + 0.5 * torch.eye(r))
-        self.register_buffer("wy_mask", mask.to(u.device), persistent=False)
+        self.hold(wy_mask=mask.to(u.device))
 
     def directions(self) -> Tensor:
         """Unit reflection vectors [in, r]."""

@@ -46,9 +46,7 @@ class LoLDUAdapter(Adapter):
 
     def __init__(self, PL: Tensor, z0: Tensor, U: Tensor, sigma_init: float) -> None:
         super().__init__()
-        self.register_buffer("PL", PL, persistent=False)
-        self.register_buffer("U", U, persistent=False)
-        self.register_buffer("z0", z0.clone(), persistent=False)
+        self.hold(PL=PL, U=U, z0=z0.clone())
         self.sigma0 = float(sigma_init)
         self.z = nn.Parameter(z0.clone())
         self.sigma = nn.Parameter(torch.tensor(float(sigma_init), device=z0.device))

@@ -97,11 +97,12 @@ class MonarchAdapter(Adapter):
         self.L = nn.Parameter(L.clone())
         self.project = project
         if project:
-            self.register_buffer("R0", R.clone(), persistent=False)
-            self.register_buffer("L0", L.clone(), persistent=False)
+            self.hold(R0=R.clone(), L0=L.clone())
             Lf0, Rf0 = monarch_factors(R, L)
-            self.register_buffer("Lf0", -Lf0, persistent=False)  # negated: subtracted from M(L, R)
-            self.register_buffer("Rf0", Rf0, persistent=False)
+            self.hold(
+                Lf0=-Lf0,  # negated: subtracted from M(L, R)
+                Rf0=Rf0,
+            )
 
     def delta(self, W0: Tensor) -> Tensor:
         M = monarch_dense(self.R, self.L)

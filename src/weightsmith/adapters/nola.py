@@ -45,8 +45,7 @@ class NOLAAdapter(Adapter):
 
     def __init__(self, A_basis: Tensor, B_basis: Tensor, beta: Tensor, scaling: float) -> None:
         super().__init__()
-        self.register_buffer("A_basis", A_basis, persistent=False)
-        self.register_buffer("B_basis", B_basis, persistent=False)
+        self.hold(A_basis=A_basis, B_basis=B_basis)
         self.alpha = nn.Parameter(torch.zeros(A_basis.shape[0], device=beta.device))
         self.beta = nn.Parameter(beta)
         self.scaling = scaling

@@ -33,8 +33,7 @@ class PiSSAAdapter(Adapter):
         super().__init__()
         self.A = nn.Parameter(A0.clone())
         self.B = nn.Parameter(B0.clone())
-        self.register_buffer("A0", A0, persistent=False)
-        self.register_buffer("B0", B0, persistent=False)
+        self.hold(A0=A0, B0=B0)
         self.scaling = scaling
 
     def delta(self, W0: Tensor) -> Tensor:

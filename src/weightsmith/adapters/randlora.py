@@ -119,8 +119,10 @@ class RandLoRAAdapter(Adapter):
         self, A: Tensor, B: Tensor, out_f: int, in_f: int, rank: int, n: int, scaling: float
     ) -> None:
         super().__init__()
-        self.register_buffer("randlora_A", A, persistent=False)  # [r, d_max]
-        self.register_buffer("randlora_B", B, persistent=False)  # [D_max, n_max, r]
+        self.hold(
+            randlora_A=A,  # [r, d_max]
+            randlora_B=B,  # [D_max, n_max, r]
+        )
         self.out_f, self.in_f, self.rank, self.n, self.scaling = out_f, in_f, rank, n, scaling
         d, D = min(out_f, in_f), max(out_f, in_f)
         self.randlora_lambda = nn.Parameter(torch.zeros(n, rank, device=A.device))
@@ -178,8 +180,8 @@ class RandLoRAAdapter(Adapter):
                 self.randlora_A.copy_(A[:, 0, :])
         else:
             self._shared_slots.pop("randlora_A", None)
-            self.register_buffer("randlora_A", A[:, 0, :].to(self.randlora_A.device), persistent=False)
-        self.register_buffer("randlora_B", mine.to(self.randlora_B.device), persistent=False)
+            self.hold(randlora_A=A[:, 0, :].to(self.randlora_A.device))
+        self.hold(randlora_B=mine.to(self.randlora_B.device))
         self.peft_bases = True  # not regenerable from our seed any more
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:

@@ -83,8 +83,7 @@ class SLTrainAdapter(Adapter):
         self.A = nn.Parameter(A)
         self.B = nn.Parameter(torch.zeros(out_f, A.shape[0], device=A.device))
         self.values = nn.Parameter(torch.zeros(flat.numel(), device=A.device))
-        self.register_buffer("index", torch.stack([flat // in_f, flat % in_f]).to(A.device), persistent=False)
-        self.register_buffer("flat", flat.to(A.device), persistent=False)
+        self.hold(index=torch.stack([flat // in_f, flat % in_f]).to(A.device), flat=flat.to(A.device))
         self.scaling = scaling
 
     def delta(self, W0: Tensor) -> Tensor:

@@ -36,9 +36,7 @@ class SVFitAdapter(Adapter):
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor) -> None:
         super().__init__()
-        self.register_buffer("U", U, persistent=False)
-        self.register_buffer("V", V, persistent=False)
-        self.register_buffer("sigma0", S.clone(), persistent=False)
+        self.hold(U=U, V=V, sigma0=S.clone())
         self.sigma = nn.Parameter(S.clone())
 
     def delta(self, W0: Tensor) -> Tensor:

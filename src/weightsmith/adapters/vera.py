@@ -41,8 +41,7 @@ class VeRAAdapter(Adapter):
 
     def __init__(self, A: Tensor, B: Tensor, out_f: int, in_f: int, rank: int, d_initial: float) -> None:
         super().__init__()
-        self.register_buffer("vera_A", A, persistent=False)
-        self.register_buffer("vera_B", B, persistent=False)
+        self.hold(vera_A=A, vera_B=B)
         self.out_f, self.in_f, self.rank = out_f, in_f, rank
         self.vera_lambda_d = nn.Parameter(torch.full((rank,), float(d_initial), device=A.device))
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_f, device=A.device))
