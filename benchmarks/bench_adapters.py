@@ -43,6 +43,7 @@ OURS: dict[str, dict[str, Any]] = {
     "bone": {"rank": 64},
     "hra": {"rank": 8},
 }
+COMPILE_MODE: str | None = None  # --compile-mode (e.g. "reduce-overhead": CUDA graphs)
 SKIP = {"eva": "data-driven init (one SVD of calibration activations per layer); its adapter is LoRA's"}
 
 
@@ -124,7 +125,10 @@ def run(
     params = [p for p in net.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-5)
-    fwd = torch.compile(net) if compiled else net
+    if compiled:
+        # many adapted layers call one function with inputs that differ in requires_grad: allow the variants
+        torch._dynamo.config.recompile_limit = 64
+    fwd = torch.compile(net, mode=COMPILE_MODE) if compiled else net
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -243,7 +247,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("adapters-speed.jsonl"))
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--profile", default="", help="comma list of lib:method to profile one step of")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the -compile libraries")
     args = ap.parse_args()
+    global COMPILE_MODE
+    COMPILE_MODE = args.compile_mode
     if args.report is not None:
         sys.stdout.write(report(args.report))
         return
