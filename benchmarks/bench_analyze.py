@@ -2,6 +2,15 @@
 
     python benchmarks/bench_analyze.py --model smollm2 --device cpu --threads 1 --ww-mp
     python benchmarks/bench_analyze.py --model llama1b --device cuda --sweep
+    python benchmarks/bench_analyze.py --device cuda --size 1b --e2e --repeats 3 --out e2e.jsonl
+
+``--e2e`` times the command line end to end, each run a fresh process (``python -m weightsmith analyze
+DIR --device D --out F``: interpreter start, imports, reading the safetensors shards, the analysis and
+the JSON written), in four settings: ``plain`` (``--no-farms --no-mp``), ``farms`` (``--no-mp``), ``mp``
+(``--no-farms``) and ``defaults`` (FARMS and MP fit), beside WeightWatcher 0.7.x in a fresh process on
+the same matrices (reading them included; its ``analyze()`` call is also timed alone). Every setting runs
+``--repeats`` times after one untimed run that warms the page cache; the minimum and median are kept.
+Ratios: ``farms_over_plain`` (goal <= 1.5), ``defaults_over_mp``, and WeightWatcher's time over ours.
 
 ``smollm2`` is the packaged SmolLM2-135M; ``llama1b`` is a randomly initialised Llama-shaped 1.1B model
 (hidden 2048, 22 layers, intermediate 5632, 32 heads, 4 KV heads, vocab 32000) written tensor by tensor
@@ -26,6 +35,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +50,7 @@ SHAPES = {
     # hidden, layers, intermediate, heads, kv heads, vocab, tied embeddings
     "llama1b": (2048, 22, 5632, 32, 4, 32000, False),
     "smollm2-random": (576, 30, 1536, 9, 3, 49152, True),
+    "tiny-random": (256, 2, 704, 4, 2, 2000, False),  # a smoke test of the benchmark itself
 }
 
 
@@ -132,9 +143,81 @@ def agreement(ours: dict[str, dict], ww: dict[str, dict], names: list[str]) -> d
     }
 
 
+SIZES = {"1b": "llama1b", "135m": "smollm2-random", "tiny": "tiny-random"}
+E2E_SETTINGS = {
+    "plain": ["--no-farms", "--no-mp"],
+    "farms": ["--no-mp"],
+    "mp": ["--no-farms"],
+    "defaults": [],
+}
+
+
+def ww_child(model_dir: str) -> None:
+    """Run in a fresh process: read every 2-D weight of ``model_dir`` as float32, WeightWatcher's
+    default ``analyze()``; print one JSON line of seconds."""
+    t0 = time.perf_counter()
+    from weightsmith.store import open_store
+
+    store = open_store(model_dir)
+    state = {n: store[n].float() for n in select_names(store, None, True)}
+    t1 = time.perf_counter()
+    analysis_s, _ = run_ww(state)
+    print(json.dumps({"read_s": t1 - t0, "analysis_s": analysis_s, "matrices": len(state)}), flush=True)
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    import subprocess
+
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout
+
+
+def end_to_end(model_dir: Path, device: str, repeats: int, ww: bool, workdir: Path) -> dict[str, object]:
+    """Fresh-process wall times of ``weightsmith analyze`` per setting and of WeightWatcher."""
+    import statistics
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out: dict[str, object] = {"repeats": repeats}
+    for name, flags in E2E_SETTINGS.items():
+        cmd = [sys.executable, "-m", "weightsmith", "analyze", str(model_dir), "--device", device,
+               "--out", str(workdir / f"e2e-{name}.json"), "--force", *flags]  # fmt: skip
+        _timed(cmd, env)  # warms the page cache (and CUDA's kernel cache)
+        times = [_timed(cmd, env)[0] for _ in range(repeats)]
+        out[f"{name}_seconds"] = round(min(times), 2)
+        out[f"{name}_median_seconds"] = round(statistics.median(times), 2)
+        print(f"weightsmith analyze ({name}): {times}", flush=True)
+    out["farms_over_plain"] = round(out["farms_seconds"] / out["plain_seconds"], 2)  # type: ignore[operator]
+    out["defaults_over_mp"] = round(out["defaults_seconds"] / out["mp_seconds"], 2)  # type: ignore[operator]
+    if ww:
+        cmd = [sys.executable, __file__, "--ww-child", str(model_dir)]
+        total, stdout = _timed(cmd, env)
+        child = json.loads(stdout.strip().splitlines()[-1])
+        out |= {"ww_process_seconds": round(total, 2), "ww_analysis_seconds": round(child["analysis_s"], 2),
+                "ww_read_seconds": round(child["read_s"], 2), "ww_matrices": child["matrices"]}  # fmt: skip
+        for name in E2E_SETTINGS:
+            ours = out[f"{name}_seconds"]
+            out[f"speedup_{name}_vs_ww_process"] = round(total / ours, 1)  # type: ignore[operator]
+            out[f"speedup_{name}_vs_ww_analysis"] = round(child["analysis_s"] / ours, 1)  # type: ignore[operator]
+        print(f"WeightWatcher: process {total:.1f} s, analyze() {child['analysis_s']:.1f} s", flush=True)
+    return out
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--ww-child":
+        ww_child(sys.argv[2])
+        return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["smollm2", "smollm2-random", "llama1b"], required=True)
+    ap.add_argument("--model", choices=["smollm2", *SHAPES], default=None)
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), default=None, help="1b: llama1b, 135m: smollm2-random, tiny"
+    )
+    ap.add_argument("--e2e", action="store_true", help="time the CLI end to end in fresh processes")
+    ap.add_argument("--repeats", type=int, default=3, help="timed fresh-process runs per --e2e setting")
+    ap.add_argument("--no-ww", action="store_true", help="with --e2e: leave WeightWatcher out")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--layers", type=int, default=None, help="only the first N decoder layers")
     ap.add_argument("--no-embeddings", action="store_true")
@@ -145,7 +228,23 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/weightsmith-bench")
     ap.add_argument("--out", default=None, help="append a JSON line with the results here")
     args = ap.parse_args()
+    if (args.model is None) == (args.size is None):
+        ap.error("give one of --model or --size")
+    args.model = args.model or SIZES[args.size]
     _threads(args.threads)
+    if args.e2e:
+        if args.model == "smollm2":
+            ap.error("--e2e builds a random model: use --size 1b or --size 135m")
+        workdir = Path(args.workdir)
+        model_dir = build_llama(workdir / args.model, args.model)
+        device = "auto" if args.device == "auto" else args.device
+        e2e: dict[str, object] = {"model": args.model, "device": device, "mode": "e2e"}
+        e2e |= end_to_end(model_dir, device, args.repeats, not args.no_ww, workdir)
+        print(json.dumps(e2e), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(e2e) + "\n")
+        return
 
     import torch
 

@@ -89,3 +89,14 @@ def to_device_batch(host: list[torch.Tensor], device: torch.device) -> torch.Ten
     """Stack host tensors as float32 ``(B, short, long)`` on ``device`` (copies are asynchronous)."""
     mats = [short_side_first(t.to(device, non_blocking=True).float()) for t in host]
     return torch.stack(mats)
+
+
+def oversized(store: WeightStore, names: list[str], max_bytes: int) -> tuple[list[str], list[str]]:
+    """Split ``names`` into matrices that fit ``max_bytes`` as float32 and those that do not (2-D only):
+    the latter are for ``sketch.streamed_norm_metrics``, which reads them in row blocks."""
+    fit: list[str] = []
+    big: list[str] = []
+    for n in names:
+        shape = store.meta(n).shape
+        (big if len(shape) == 2 and shape[0] * shape[1] * 4 > max_bytes else fit).append(n)
+    return fit, big

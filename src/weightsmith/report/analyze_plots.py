@@ -40,6 +40,33 @@ def _by_kind(records: Sequence[dict[str, Any]], key: str) -> dict[str, tuple[lis
     return dict(series)
 
 
+def has_layer_series(records: Sequence[dict[str, Any]], key: str) -> bool:
+    """Whether any record has a layer index and a finite ``key`` (else a plot of it would be empty)."""
+    return bool(_by_kind(records, key))
+
+
+def _readable(ax: Any, log_x: bool = False, log_y: bool = False) -> None:
+    """Few, plain tick labels: integers on a layer axis; on log axes 1-2-5 steps written as numbers
+    (0.01, 20, 5e+04), no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+    ax.autoscale_view()
+    for axis, log in ((ax.xaxis, log_x), (ax.yaxis, log_y)):
+        if log:
+            lo, hi = axis.get_view_interval()
+            decades = math.log10(hi / lo) if lo > 0 and hi > lo else 10.0
+            axis.set_major_locator(LogLocator(subs=(1.0,) if decades > 3 else (1.0, 2.0, 5.0), numticks=8))
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(NullFormatter())
+        elif axis is ax.xaxis:
+            axis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+        else:
+            axis.set_major_locator(MaxNLocator(nbins=6))
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.25, which="major")
+
+
 def plot_layer_metric(
     records: Sequence[dict[str, Any]],
     key: str,
@@ -48,7 +75,10 @@ def plot_layer_metric(
     log: bool = False,
     bands: Sequence[float] = (),
 ) -> Any:
-    """One line per matrix kind of ``key`` against the layer index (matrices without one are left out)."""
+    """One line per matrix kind of ``key`` against the layer index (matrices without one are left out).
+
+    Call ``has_layer_series`` first: with no series the figure says so in words only.
+    """
     fig = new_figure(9, 4)
     ax = fig.add_subplot()
     series = _by_kind(records, key)
@@ -59,6 +89,7 @@ def plot_layer_metric(
         ax.axhline(b, color="grey", lw=0.8, ls="--")
     if log:
         ax.set_yscale("log")
+    _readable(ax, log_y=log)
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title or ylabel)
@@ -70,7 +101,11 @@ def plot_layer_metric(
 
 
 def plot_esd(evals: np.ndarray, alpha: float | None, xmin: float | None, title: str) -> Any:
-    """Histogram of the ESD on log-log axes (density) with the fitted power law over its tail."""
+    """Histogram of the ESD on log-log axes (density) with the fitted power law over its tail.
+
+    The fitted line spans the tail's eigenvalues only (``xmin`` to the largest), and both axes are set
+    by the data, so the line never stretches the plot beyond the ESD.
+    """
     fig = new_figure(4.2, 3.2)
     ax = fig.add_subplot()
     ev = np.asarray(evals, dtype=np.float64)
@@ -85,12 +120,15 @@ def plot_esd(evals: np.ndarray, alpha: float | None, xmin: float | None, title: 
     keep = dens > 0
     ax.loglog(centers[keep], dens[keep], ".", ms=4, label="ESD")
     if alpha is not None and xmin is not None and math.isfinite(alpha) and math.isfinite(xmin):
-        x = np.logspace(math.log10(xmin), hi, 50)
+        x = np.logspace(math.log10(xmin), math.log10(max(ev.max(), xmin)), 50)
         share = (ev >= xmin).mean()  # the fitted density covers only the tail's share of the mass
-        ax.loglog(
-            x, share * (alpha - 1) / xmin * (x / xmin) ** (-alpha), "r-", lw=1.5, label=f"alpha={alpha:.2f}"
-        )
+        y = share * (alpha - 1) / xmin * (x / xmin) ** (-alpha)
+        ax.loglog(x, y, "r-", lw=1.5, label=f"alpha={alpha:.2f}")
         ax.axvline(xmin, color="r", lw=0.6, ls=":")
+    d = dens[keep]
+    ax.set_ylim(d.min() / 2, d.max() * 2)
+    ax.set_xlim(edges[0] / 1.2, edges[-1] * 1.2)
+    _readable(ax, log_x=True, log_y=True)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.set_title(title, fontsize=8)

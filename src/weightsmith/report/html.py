@@ -24,6 +24,35 @@ figcaption{color:#57606a;font-size:.9rem}table{border-collapse:collapse;font-siz
 th,td{border:1px solid #d0d7de;padding:.25rem .5rem;text-align:right}th{background:#f6f8fa}
 td:first-child,th:first-child{text-align:left}caption{caption-side:top;text-align:left;color:#57606a}
 nav ul{columns:2;font-size:.9rem}.tablewrap{overflow-x:auto}
+table.sortable th{cursor:pointer;user-select:none}
+table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
+table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
+"""
+
+# Click a header of a sortable table to sort by that column (again: reverse). Each cell's data-v holds its
+# raw value: numbers compare as numbers, text in natural order (layers.2 before layers.10), blanks last.
+_SORT_JS = """
+document.querySelectorAll("table.sortable").forEach(function (t) {
+  var coll = new Intl.Collator(undefined, {numeric: true, sensitivity: "base"});
+  var heads = t.tHead.rows[0].cells;
+  Array.prototype.forEach.call(heads, function (th, i) {
+    th.title = "click to sort";
+    th.addEventListener("click", function () {
+      var asc = th.getAttribute("aria-sort") !== "ascending";
+      Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+      var body = t.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = a.cells[i].getAttribute("data-v"), y = b.cells[i].getAttribute("data-v");
+        if (x === "" || y === "") { return (x === "") - (y === ""); }
+        var nx = Number(x), ny = Number(y);
+        var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : coll.compare(x, y);
+        return asc ? c : -c;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
 """
 
 
@@ -44,6 +73,13 @@ def _format(value: Any, float_format: str) -> str:
     return html.escape(str(value))
 
 
+def _sort_key(value: Any) -> str:
+    """A cell's raw value for sorting: '' for None and NaN, the full number, or the text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return html.escape(repr(value) if isinstance(value, float) else str(value), quote=True)
+
+
 def _slug(text: str, taken: set[str]) -> str:
     base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
     slug, i = base, 2
@@ -62,6 +98,7 @@ class Report:
         self._blocks: list[str] = []
         self._toc: list[tuple[str, str]] = []
         self._ids: set[str] = set()
+        self._sortable = False
 
     def section(self, title: str, text: str | None = None, html_body: str | None = None) -> Report:
         """Start a section with a heading; ``text`` is escaped (blank lines split paragraphs)."""
@@ -108,17 +145,31 @@ class Report:
         rows: Sequence[Sequence[Any]],
         caption: str = "",
         float_format: str = "{:.4g}",
+        sortable: bool = False,
     ) -> Report:
-        """A table; floats use ``float_format``, None and NaN print as a dash."""
+        """A table; floats use ``float_format``, None and NaN print as a dash. With ``sortable`` a click on
+        a header sorts the rows by that column (numbers by value, text in natural order; inline script)."""
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{_format(v, float_format)}</td>" for v in row) + "</tr>" for row in rows
-        )
+        if sortable:
+            cell = '<td data-v="{k}">{v}</td>'
+            body = "".join(
+                "<tr>"
+                + "".join(cell.format(k=_sort_key(v), v=_format(v, float_format)) for v in row)
+                + "</tr>"
+                for row in rows
+            )
+        else:
+            body = "".join(
+                "<tr>" + "".join(f"<td>{_format(v, float_format)}</td>" for v in row) + "</tr>"
+                for row in rows
+            )
         cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+        cls = ' class="sortable"' if sortable else ""
         self._blocks.append(
-            f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f'<div class="tablewrap"><table{cls}>{cap}<thead><tr>{head}</tr></thead>'
             f"<tbody>{body}</tbody></table></div>"
         )
+        self._sortable = self._sortable or sortable
         return self
 
     def to_html(self) -> str:
@@ -128,12 +179,13 @@ class Report:
         if len(self._toc) > 1:
             items = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in self._toc)
             toc = f"<nav><ul>{items}</ul></nav>"
+        script = f"<script>{_SORT_JS}</script>" if self._sortable else ""
         return (
             '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head><body>"
             f'<h1>{html.escape(self.title)}</h1><p class="sub">{sub}weightsmith report, {stamp}</p>'
-            f"{toc}{''.join(self._blocks)}</body></html>\n"
+            f"{toc}{''.join(self._blocks)}{script}</body></html>\n"
         )
 
     def write(self, path: str | os.PathLike[str], force: bool = True) -> Path:
