@@ -115,6 +115,8 @@ def method_configs() -> dict[str, dict[str, Any]]:
         d: dict[str, Any] = {"method": name}
         if name in ("lora", "dora", "pissa", "eva") and "rank" in fields:
             d["rank"] = LORA_RANK
+        if name == "sara":  # as many trained entries as LoRA r=8 has parameters, layer by layer
+            d["rank_budget"] = LORA_RANK
         out[name] = to_dict(config_from_dict(d, "adapter"))
     lora_params = count_params(config_from_dict(out["lora"], "adapter"), targets) if "lora" in out else None
     if "adalora" in out:  # rank budget: hold for the first ~10 % of steps, prune until the last ~20 %
