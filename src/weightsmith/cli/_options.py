@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import WeightsmithError
 
@@ -98,3 +99,14 @@ def outputs(force: bool, *paths: tuple[str, Path | None], directory: bool = Fals
             check_output(path, force, directory)
         except WeightsmithError as exc:
             raise WeightsmithError(f"{option}: {exc}") from exc
+
+
+def train_args(options: Mapping[str, Any]) -> Any:
+    """``TrainArgs`` from a command's options (``locals()`` of ``adapt`` or ``train``): each option named
+    like a field of ``TrainArgs`` sets it, so a new training setting is one typer option, not three lines."""
+    import dataclasses
+
+    from ..train import TrainArgs
+
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    return TrainArgs(**{k: v for k, v in options.items() if k in names})

@@ -20,8 +20,9 @@ from rich.text import Text
 from .. import config as cfg
 from ..errors import WeightsmithError
 from ..tasks import TASKS
-from ..train import FULL, HEAD, TrainArgs, TrainResult, finetune
+from ..train import FULL, HEAD, TrainResult, finetune
 from ._app import app
+from ._options import train_args
 
 BUILTIN = {
     FULL: "full fine-tuning: every weight trainable",
@@ -196,6 +197,7 @@ def adapt_cmd(
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="also checkpoint every N steps"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    parallel: str = typer.Option("ddp", "--parallel", help="under torchrun: ddp or fsdp2 (sharded)"),
     out: Path = typer.Option(None, "--out", "-o", help="output directory"),
     force: bool = typer.Option(
         False, "--force", help="replace an existing --out (kept until the new run is complete)"
@@ -219,20 +221,7 @@ def adapt_cmd(
     if resume and force:
         raise WeightsmithError("--resume and --force exclude each other")
     adapter = build_adapter(method, rank, alpha, opt)
-    args = TrainArgs(
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        head_lr=head_lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        warmup=warmup,
-        schedule=schedule,
-        weight_decay=weight_decay,
-        seed=seed,
-        device=device,
-        checkpoint_every=checkpoint_every,
-    )
+    args = train_args(locals())
     result = finetune(
         model,
         task,
