@@ -367,7 +367,7 @@ def test_mergekit_yaml_handle_resolves_relative_paths(llamas, tmp_path):
     [
         ({"merge_method": "slerp", "parameters": {"t": 0.5, "tt": 1}}, "unknown parameter 'tt'"),
         ({"merge_method": "slerp", "modules": {"x": {}}}, "modules"),
-        ({"merge_method": "slerp", "tokenizer_source": "union"}, "tokenizer_source"),
+        ({"merge_method": "slerp", "tokenizer_source": 3}, "tokenizer_source"),
         ({"merge_method": "slerpy"}, "no tensor-wise kernel"),
         (
             {"merge_method": "della", "models": [{"model": "x", "parameters": {"gamma": 0.1}}]},

@@ -13,8 +13,8 @@ from ._app import app
 
 # Command modules, in help order. Each registers its commands on ``app`` when imported.
 COMMAND_MODULES = (
-    "assets_cmd", "analyze", "phases", "adapt", "train", "export", "merge", "extract_lora", "compress",
-    "align", "demo",
+    "assets_cmd", "analyze", "phases", "adapt", "train", "export", "merge", "merge_moe", "extract_lora",
+    "compress", "align", "demo",
 )  # fmt: skip
 
 

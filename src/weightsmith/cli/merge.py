@@ -42,7 +42,24 @@ mergekit YAML (detected by its merge_method key), read with mergekit 0.1.5's sem
 
 Computation is float32 everywhere; see docs/merging.md for where mergekit's semantics differ from the
 papers (weighted sign vote, L1 rescale in DARE, per-tensor trim) and how to get each with our recipe.
+--exact-dtype repeats mergekit's own arithmetic in the YAML's dtype (bf16 deltas and sums for ties,
+float32 for linear and slerp) so the files are bit-identical to mergekit's (linear, task_arithmetic,
+ties, breadcrumbs, breadcrumbs_ties, slerp, passthrough). tokenizer_source (union | base | MODEL), the
+tokenizer: block and chat_template build the output tokenizer and its embedding rows as mergekit does
+(docs/merging-mergekit.md).
 """
+
+
+def output(out: Path | None, out_option: Path | None, usage: str) -> Path:
+    """The output directory, given as OUT or --out (not two different ones)."""
+    from ..errors import WeightsmithError
+
+    if out is not None and out_option is not None and out != out_option:
+        raise WeightsmithError(f"two outputs given: OUT {out} and --out {out_option}; give one")
+    target = out if out is not None else out_option
+    if target is None:
+        raise WeightsmithError(f"no output given: {usage} (or --out OUT)")
+    return target
 
 
 @app.command("merge", help=HELP)
@@ -54,21 +71,31 @@ def merge_cmd(
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (float32, bfloat16, float16)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB or 500MB."),
+    exact_dtype: bool = typer.Option(
+        False,
+        "--exact-dtype",
+        help="mergekit YAML: compute in the YAML's dtype exactly as mergekit does (bit-identical files) "
+        "instead of float32.",
+    ),
 ) -> None:
     from ..errors import WeightsmithError
     from ..merge import recipe as recipes
     from ..progress import log
 
-    if out is not None and out_option is not None and out != out_option:
-        raise WeightsmithError(f"two outputs given: OUT {out} and --out {out_option}; give one")
-    target = out if out is not None else out_option
-    if target is None:
-        raise WeightsmithError("no output given: weightsmith merge RECIPE.yaml OUT (or --out OUT)")
+    target = output(out, out_option, "weightsmith merge RECIPE.yaml OUT")
     from ..merge._core import parse_dtype
 
     try:
         parse_dtype(dtype)
     except WeightsmithError as exc:
         raise WeightsmithError(f"--dtype: {exc}") from None
-    result = recipes.run(recipe, target, dtype=dtype, device=device, force=force, shard_size=shard_size)
+    result = recipes.run(
+        recipe,
+        target,
+        dtype=dtype,
+        device=device,
+        force=force,
+        shard_size=shard_size,
+        exact_dtype=exact_dtype,
+    )
     log(f"merged model written to {result}")

@@ -17,7 +17,9 @@ Industry, arXiv:2403.13257; mergekit's documented config semantics):
 
 Tensors are read ahead and written behind through the shared executor (:mod:`weightsmith.execute`) into a
 staged output directory (:class:`weightsmith.store.ShardWriter`); config and tokenizer files come from the
-base (or the first source), with ``num_hidden_layers`` set to the output's layer count.
+base (or the first source), with ``num_hidden_layers`` set to the output's layer count. ``modules:
+{default: ...}`` is the same config with one more parameter scope; tokenizer keys re-index the
+token-indexed tensors as they are read (:mod:`weightsmith.merge.tokenizer`) and write the built tokenizer.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..errors import WeightsmithError
 from ..execute import ReadAhead, WriteBehind, resolve_device
 from ..progress import track
 from ..store import ShardWriter, WeightStore
-from . import _core
+from . import _core, mergekit_exact, tokenizer
 from .mergekit_methods import METHODS as METHODS_WITH_KERNELS
 from .mergekit_methods import REQUIRED, MergekitMethod, Param, method
 
@@ -247,19 +249,22 @@ def job_parameters(
     mk: MergekitMethod,
     job: Job,
     sl: OutSlice,
-    glob: Mapping[str, Setting],
+    outer: Sequence[Mapping[str, Setting]],
     base_index: int | None,
     where: str,
 ) -> tuple[dict[str, Any], list[Mapping[str, Any]]]:
-    """(shared values, one dict per non-base input) for one output tensor."""
+    """(shared values, one dict per non-base input) for one output tensor; ``outer`` are the scopes after
+    the slice's (the module's parameters, then the global ones)."""
     shared = {
-        p.name: resolve(p, [sl.params, glob], job.out, job.t, where) for p in mk.params if p.scope == "shared"
+        p.name: resolve(p, [sl.params, *outer], job.out, job.t, where)
+        for p in mk.params
+        if p.scope == "shared"
     }
     per: list[Mapping[str, Any]] = []
     for i, (model, name) in enumerate(job.inputs):
         if i == base_index:
             continue
-        scopes = [s.params for s in sl.sources if s.model == model] + [sl.params, glob]
+        scopes = [s.params for s in sl.sources if s.model == model] + [sl.params, *outer]
         per.append(
             {
                 p.name: resolve(p, scopes, name, job.t, f"{where} ({model})")
@@ -286,11 +291,16 @@ def run(
     seed: int = 0,
     extra_files: Mapping[str, str] | None = None,
     where: str = "mergekit config",
+    exact: bool = False,
 ) -> Path:
     """Merge as the mergekit ``config`` (a parsed YAML mapping) says and write a model directory to ``out``.
-    ``open_model`` / ``source_dir`` resolve the config's model names (the caller's business)."""
+    ``open_model`` / ``source_dir`` resolve the config's model names (the caller's business). ``exact``
+    computes in the inputs' dtype as mergekit does (:mod:`weightsmith.merge.mergekit_exact`) instead of
+    float32."""
     mk = method(str(config.get("merge_method")))
-    glob = config.get("parameters") or {}
+    kernel = mergekit_exact.kernel(mk.name) if exact else mk.kernel
+    config, module_params = lift_modules(config, where)
+    outer = [module_params, config.get("parameters") or {}]
     stores: dict[str, WeightStore] = {}
 
     def store(model: str) -> WeightStore:
@@ -310,19 +320,33 @@ def run(
     in_dtype = _core.parse_dtype(config.get("dtype"))
     out_dtype = _core.parse_dtype(dtype or config.get("out_dtype") or config.get("dtype"))
     dev = resolve_device(device)
-    params = [job_parameters(mk, j, slices[j.slice], glob, bases[j.slice], where) for j in jobs]
+    params = [job_parameters(mk, j, slices[j.slice], outer, bases[j.slice], where) for j in jobs]
+    if mk.name == "slerp":
+        for job, (shared, _) in zip(jobs, params, strict=True):
+            if not 0.0 <= shared["t"] <= 1.0:
+                raise WeightsmithError(
+                    f"{where}: parameter 't' of tensor '{job.out}' is out of range: t={shared['t']:g}; "
+                    "SLERP's t must be in [0, 1]"
+                )
+    tok_spec = tokenizer.parse(config, where)
+    vocab = None
+    if tok_spec is not None and tok_spec.source is not None:
+        vocab = tokenizer.build(tok_spec, config.get("base_model"), referenced(config), source_dir, where)
 
     def read(job: Job) -> list[Tensor]:
         ts = [store(m)[n] for m, n in job.inputs]
+        ts = [
+            t.to(dev, in_dtype) if in_dtype is not None and t.is_floating_point() else t.to(dev) for t in ts
+        ]
+        if vocab is not None and tokenizer.is_vocab_tensor(job.out) and ts[0].is_floating_point():
+            ts = vocab.remap([m for m, _ in job.inputs], slices[job.slice].base, ts, job.out)
         shapes = {tuple(t.shape) for t in ts}
         if len(shapes) > 1:
             raise WeightsmithError(
                 f"{where}: tensor '{job.out}' has different shapes in its inputs: "
                 + ", ".join(f"{m}:{n} {tuple(t.shape)}" for (m, n), t in zip(job.inputs, ts, strict=True))
             )
-        return [
-            t.to(dev, in_dtype) if in_dtype is not None and t.is_floating_point() else t.to(dev) for t in ts
-        ]
+        return ts
 
     def size(job: Job) -> int:
         return sum(store(m).meta(n).nbytes for m, n in job.inputs)
@@ -337,6 +361,8 @@ def run(
                 if not tensors[0].is_floating_point():
                     behind.put(job.out, tensors[0])
                     continue
+                if exact:
+                    tensors = mergekit_exact.align(tensors)
                 b = bases[job.slice]
                 base = tensors[b] if b is not None else None
                 thetas = [t for k, t in enumerate(tensors) if k != b]
@@ -345,7 +371,7 @@ def run(
                 if mk.random:
                     gen = torch.Generator(device=dev).manual_seed(_core.seed_for(seed, 0, job.out))
                 try:
-                    result = mk.kernel(base, thetas, shared, per, gen)
+                    result = kernel(base, thetas, shared, per, gen)
                 except (RuntimeError, ValueError) as exc:
                     raise WeightsmithError(f"merging tensor '{job.out}' failed: {exc}") from exc
                 if not bool(torch.isfinite(result).all()):
@@ -353,17 +379,93 @@ def run(
                 behind.put(job.out, result, target)
         behind.finish()
         _core._copy_model_files(writer, copy_from, out_dtype, extra_files)
+        if tok_spec is not None:
+            _write_tokenizer(tok_spec, vocab, config, source_dir, copy_from, writer.tmp, where)
         cfg = writer.tmp / "config.json"
         if cfg.is_file():
             data = json.loads(cfg.read_text())
             if "num_hidden_layers" in data:
                 data["num_hidden_layers"] = n_out
-                writer.write_text("config.json", json.dumps(data, indent=2))
+            if vocab is not None:
+                _set_vocab_size(data, vocab.size)
+            writer.write_text("config.json", json.dumps(data, indent=2))
         return writer.close()
     except BaseException:
         behind.close()
         writer.abort()
         raise
+
+
+def lift_modules(config: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any], Mapping[str, Setting]]:
+    """A ``modules:`` config as the equivalent ``models:`` / ``slices:`` config and the module's
+    ``parameters`` (a scope between the slice's and the global ones). mergekit names the one module of a
+    single-module (decoder-only) architecture ``default``; multi-module architectures (vision-language
+    models) are not supported."""
+    modules = config.get("modules")
+    if not modules:
+        return config, {}
+    present = [k for k in ("models", "slices") if config.get(k)]
+    if present:
+        raise WeightsmithError(
+            f"{where}: give exactly one of 'models', 'slices' and 'modules' (also got {present})"
+        )
+    if not isinstance(modules, Mapping) or list(modules) != ["default"]:
+        names = list(modules) if isinstance(modules, Mapping) else modules
+        raise WeightsmithError(
+            f"{where}: modules {str(names)[:80]}: only the 'default' module of a single-module "
+            "(decoder-only) architecture is supported; a multi-module (vision-language) model is not"
+        )
+    mod = modules["default"]
+    if not isinstance(mod, Mapping) or set(mod) - {"models", "slices", "parameters"}:
+        raise WeightsmithError(
+            f"{where}: modules.default is {{models: [...] | slices: [...], parameters: {{...}}}} "
+            f"(got {str(mod)[:80]})"
+        )
+    if bool(mod.get("models")) == bool(mod.get("slices")):
+        raise WeightsmithError(f"{where}: modules.default needs exactly one of 'models' and 'slices'")
+    lifted = {k: v for k, v in config.items() if k != "modules"}
+    key = "models" if mod.get("models") else "slices"
+    lifted[key] = mod[key]
+    return lifted, mod.get("parameters") or {}
+
+
+def referenced(config: Mapping[str, Any]) -> list[str]:
+    """Every model a mergekit YAML names, once each: the base, then ``models:`` and ``slices:`` sources in
+    order."""
+    out = [config["base_model"]] if isinstance(config.get("base_model"), str) else []
+    for m in config.get("models") or []:
+        out.append(m.get("model") if isinstance(m, Mapping) else m)
+    for sl in config.get("slices") or []:
+        out += [src.get("model") for src in (sl.get("sources") or []) if isinstance(src, Mapping)]
+    return list(dict.fromkeys(m for m in out if isinstance(m, str)))
+
+
+def _set_vocab_size(data: dict[str, Any], size: int) -> None:
+    holder = (
+        data if "vocab_size" in data or not isinstance(data.get("text_config"), dict) else data["text_config"]
+    )
+    holder["vocab_size"] = size
+
+
+def _write_tokenizer(
+    spec: tokenizer.TokenizerSpec,
+    vocab: tokenizer.Vocabulary | None,
+    config: Mapping[str, Any],
+    source_dir: Callable[[str], Path | None],
+    donor: Path | None,
+    folder: Path,
+    where: str,
+) -> None:
+    """The output's tokenizer files: the built vocabulary's tokenizer, or (``chat_template`` alone) the
+    donor's with the template set, as mergekit re-saves it."""
+    template = spec.chat_template
+    if template == "auto":
+        template = tokenizer.auto_template([source_dir(m) for m in referenced(config)])
+    if vocab is not None:
+        vocab.save(folder, template)
+    elif template is not None:
+        tok = tokenizer.load_tokenizer(donor, f"{where}: chat_template needs the tokenizer of {donor}")
+        tokenizer.save_tokenizer(tok, folder, template)
 
 
 # ------------------------------------------------------------------------- the recipe layer's handle
@@ -381,15 +483,12 @@ def _check_keys(config: Mapping[str, Any], mk: MergekitMethod, where: str) -> No
         raise WeightsmithError(
             f"{where}: unknown mergekit key(s) {unknown[:5]}; known: {', '.join(sorted(YAML_KEYS))}"
         )
-    if config.get("modules"):
-        raise WeightsmithError(f"{where}: mergekit 'modules:' is not supported; use 'models:' or 'slices:'")
-    tok = config.get("tokenizer_source")
-    if config.get("tokenizer") or (tok is not None and tok != "base"):
-        raise WeightsmithError(
-            f"{where}: tokenizer_source {str(tok)[:80]} is not supported; the base's tokenizer is copied"
-        )
+    config, module_params = lift_modules(config, where)
+    tokenizer.parse(config, where)
     known = {p.name for p in mk.params}
     scopes: list[tuple[str, Any]] = [("(global)", config.get("parameters"))]
+    if module_params:
+        scopes.append(("of modules.default", module_params))
     for i, sl in enumerate(config.get("slices") or []):
         if isinstance(sl, Mapping):
             scopes.append((f"of slices[{i}]", sl.get("parameters")))
@@ -418,6 +517,7 @@ class MergekitYAML:
 
     config: Mapping[str, Any]
     path: Path | None = None
+    exact: bool = False  # mergekit's low-precision arithmetic (``--exact-dtype``)
 
     def __post_init__(self) -> None:
         _check_keys(
@@ -447,13 +547,15 @@ class MergekitYAML:
             seed=int(kw.get("seed", 0)),
             extra_files=kw.get("extra_files"),
             where=str(self.path or "mergekit config"),
+            exact=self.exact,
         )
 
 
 def handles(config: Mapping[str, Any]) -> bool:
     """Whether this module runs ``config``: a method of the table that the task-arithmetic executor does
-    not run, or any method of the table with ``slices:``."""
+    not run, or any method of the table with ``slices:`` or tokenizer keys."""
     name = config.get("merge_method")
     if not isinstance(name, str) or name not in METHODS_WITH_KERNELS:
         return False
-    return bool(config.get("slices")) or name not in ONE_PASS_ROWS
+    retokenize = any(config.get(k) is not None for k in ("tokenizer_source", "tokenizer", "chat_template"))
+    return bool(config.get("slices") or config.get("modules")) or name not in ONE_PASS_ROWS or retokenize

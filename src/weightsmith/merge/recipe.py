@@ -18,7 +18,9 @@ global ``parameters`` (normalize, lambda, rescale, int8_mask), scalars, ``{filte
 layer gradients; methods linear, task_arithmetic, ties, dare_ties, dare_linear run here (one pass over the
 tasks). Every other method of mergekit 0.1.5 (slerp, nuslerp, multislerp, karcher, model_stock, della,
 della_linear, breadcrumbs, breadcrumbs_ties, sce, nearswap, arcee_fusion, ram, ramplus_tl, passthrough) and
-any config with ``slices:`` is planned and run by :mod:`weightsmith.merge.mergekit_plan`.
+any config with ``slices:``, ``modules:`` or tokenizer keys (``tokenizer_source``, ``tokenizer:``,
+``chat_template``) is planned and run by :mod:`weightsmith.merge.mergekit_plan`; so is every mergekit YAML
+read with ``exact_dtype`` (mergekit's own low-precision arithmetic, :mod:`weightsmith.merge.mergekit_exact`).
 """
 
 from __future__ import annotations
@@ -184,7 +186,9 @@ def read_yaml(path: Path) -> tuple[Any, str]:
     return data, text
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, exact_dtype: bool = False) -> Recipe:
+    """A recipe file, ours or mergekit's. ``exact_dtype`` (mergekit YAMLs only) reproduces mergekit's
+    low-precision arithmetic bit for bit instead of computing in float32."""
     path = Path(path)
     if not path.is_file():
         raise WeightsmithError(f"recipe file not found: {path}")
@@ -194,7 +198,15 @@ def load_recipe(path: str | Path) -> Recipe:
             f"{path}: a recipe is a YAML mapping (with 'method' or mergekit's 'merge_method'), "
             f"got {short(data)}"
         )
-    recipe = from_mergekit(data, path) if "merge_method" in data else from_dict(data, path)
+    if exact_dtype and "merge_method" not in data:
+        raise WeightsmithError(
+            f"{path}: --exact-dtype reproduces mergekit's arithmetic, so it takes a mergekit YAML "
+            "(with 'merge_method'); our recipes compute in float32"
+        )
+    if exact_dtype:
+        recipe = Recipe(mergekit_plan.MergekitYAML(data, path, exact=True), [], flavour="mergekit")
+    else:
+        recipe = from_mergekit(data, path) if "merge_method" in data else from_dict(data, path)
     recipe.text = text
     return recipe
 
@@ -421,11 +433,6 @@ def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
             raise WeightsmithError(
                 f"{recipe}: mergekit '{key}:' (layer slicing) is not supported; use 'models:'"
             )
-    tok = data.get("tokenizer_source")
-    if data.get("tokenizer") or (tok is not None and tok != "base"):
-        raise WeightsmithError(
-            f"{recipe}: tokenizer_source {short(tok)} is not supported; the base's tokenizer is copied"
-        )
     row, norm_default, rescale_default = MERGEKIT_METHODS[method]
     entries = _model_list(data.get("models"), recipe, {"parameters"})
     filters: list[str] = []
@@ -518,10 +525,16 @@ def run(
     device: str | None = "cpu",
     force: bool = False,
     shard_size: str | int = "2GB",
+    exact_dtype: bool = False,
 ) -> Path:
     """Execute a recipe (a :class:`Recipe` or a YAML path) and write the result to ``out``: the method's
-    registered config type runs it (``config.run(recipe, out, ...)``)."""
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    registered config type runs it (``config.run(recipe, out, ...)``). ``exact_dtype``: see
+    :func:`load_recipe`."""
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, exact_dtype=exact_dtype)
+    if exact_dtype and not (isinstance(r.method, mergekit_plan.MergekitYAML) and r.method.exact):
+        raise WeightsmithError(
+            "--exact-dtype applies to a mergekit YAML read with load_recipe(exact_dtype=True)"
+        )
     method = merge_method(r.method)
     provenance = {"weightsmith_recipe.yaml": r.text} if r.text else None
     return method.run(
