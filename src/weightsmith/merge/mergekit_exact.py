@@ -23,14 +23,14 @@ them by name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
-from .mergekit_methods import Kernel
+from .mergekit_methods import Kernel, Params, weights
 
 CHUNK = 1 << 20  # mergekit's SLERP works over chunks of this many entries
 
@@ -134,8 +134,8 @@ def _gta(elect: bool, how: str | None) -> Kernel:
     def run(
         base: Tensor | None,
         thetas: list[Tensor],
-        s: Mapping[str, Any],
-        per: Sequence[Mapping[str, Any]],
+        s: Params,
+        per: Sequence[Params],
         gen: Any,
     ) -> Tensor:
         assert base is not None
@@ -173,16 +173,12 @@ def _gta(elect: bool, how: str | None) -> Kernel:
     return run
 
 
-def _weights(per: Sequence[Mapping[str, Any]]) -> list[float]:
-    return [float(p["weight"]) for p in per]
-
-
 def _scaled(x: Tensor, scale: float | None) -> Tensor:
     return x if scale is None else x * scale
 
 
 KERNELS: dict[str, Kernel] = {
-    "linear": lambda b, x, s, p, g: linear(x, _weights(p), s["normalize"]),
+    "linear": lambda b, x, s, p, g: linear(x, weights(p), s["normalize"]),
     "slerp": lambda b, x, s, p, g: slerp(b, x[0], s["t"]) if b is not None else x[0],
     "task_arithmetic": _gta(False, None),
     "ties": _gta(True, "magnitude"),

@@ -36,7 +36,8 @@ from .slerp import SLERP, MultiSLERP, NuSLERP
 REQUIRED: Any = object()
 
 # kernel(base, thetas, shared, per_model, generator): per_model has one dict per non-base input
-Kernel = Callable[[Tensor | None, list[Tensor], Mapping[str, Any], list[Mapping[str, Any]], Any], Tensor]
+Params = Mapping[str, Any]  # one level of a mergekit config's parameters, resolved for one tensor
+Kernel = Callable[[Tensor | None, list[Tensor], Params, list[Params], Any], Tensor]
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ def _gta(elect: bool, how: str | None) -> Kernel:
     def run(
         base: Tensor | None,
         thetas: list[Tensor],
-        s: Mapping[str, Any],
-        per: list[Mapping[str, Any]],
+        s: Params,
+        per: list[Params],
         gen: Any,
     ) -> Tensor:
         assert base is not None
@@ -143,7 +144,7 @@ def _gta(elect: bool, how: str | None) -> Kernel:
         if not thetas:
             return b
         kept = torch.stack([_prune(d, p, how, s["rescale"], gen) for d, p in zip(deltas, per, strict=True)])
-        return combine(b, kept, _weights(per), elect=elect, normalize=s["normalize"], scaling=s["lambda"])
+        return combine(b, kept, weights(per), elect=elect, normalize=s["normalize"], scaling=s["lambda"])
 
     return run
 
@@ -153,7 +154,7 @@ def _linear(
 ) -> Tensor:
     """Weighted average (Wortsman et al., "Model soups", ICML 2022): sum_i w_i theta_i [/ sum_i w_i]."""
     dt = work_dtype(thetas[0])
-    w = _weights(per)
+    w = weights(per)
     out = sum((wi * t.to(dt) for wi, t in zip(w, thetas, strict=True)), torch.zeros_like(thetas[0], dtype=dt))
     return out / sum(w) if s["normalize"] else out
 
@@ -163,7 +164,8 @@ def _interpolate(method: type[SLERP] | type[NearSwap]) -> Kernel:
     return lambda b, x, s, p, g: method(t=s["t"]).merge(b, x)
 
 
-def _weights(per: Sequence[Mapping[str, Any]]) -> list[float]:
+def weights(per: Sequence[Params]) -> list[float]:
+    """Each model's ``weight`` parameter."""
     return [float(p["weight"]) for p in per]
 
 
@@ -221,7 +223,7 @@ METHODS: dict[str, MergekitMethod] = {
                 Param("nuslerp_flatten", "shared", bool, True),
             ),
             lambda b, x, s, p, g: NuSLERP(row_wise=s["nuslerp_row_wise"], flatten=s["nuslerp_flatten"]).merge(
-                b, x, _weights(p)
+                b, x, weights(p)
             ),
             min_non_base=2,
             max_non_base=2,
@@ -235,7 +237,7 @@ METHODS: dict[str, MergekitMethod] = {
                 Param("eps", "shared", float, 1e-8),
             ),
             lambda b, x, s, p, g: MultiSLERP(normalize_weights=s["normalize_weights"], eps=s["eps"]).merge(
-                b, x, _weights(p)
+                b, x, weights(p)
             ),
             min_non_base=1,
         ),
