@@ -143,3 +143,18 @@ def test_bad_lowrank_options():
         compress_lowrank(tiny_llama(), ASVD())
     with pytest.raises(WeightsmithError, match="calibration"):
         compress_lowrank(tiny_llama(), FWSVD())
+
+
+def test_a_layer_left_out_of_choose_ranks_stays_dense():
+    class FirstOnly(SVD):
+        def choose_ranks(self, spectra, shapes):
+            first = next(iter(shapes))
+            return {first: 2}
+
+    m = tiny_llama()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    m, report = compress_lowrank(m, FirstOnly(keep=0.5))
+    (name,) = report.weights
+    assert report.weights[name].rank == 2 and [r.name for r in report.layers] == [name]
+    changed = [n for n, p in m.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == [name]

@@ -67,12 +67,13 @@ def gptq_quantize(
     W, H = W[:, perm], H[perm][:, perm]
     U = inverse_hessian_factor(H, damp)
     Q = torch.empty_like(W)
+    cols = perm.tolist()  # host-side once: reading perm[i] in the loop would sync the GPU every column
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = cols[i1 + i]
             grp = col // g
             if not static and col % g == 0:  # the group's grid from the current (updated) weights
                 s, z = minmax_params(
