@@ -1,4 +1,7 @@
-"""``fix_fingers="clip_xmax"``: refit the power law with the largest eigenvalues ("fingers") clipped off.
+"""``fix_fingers``: power-law fits that keep a few outsized top eigenvalues ("fingers") from skewing alpha.
+
+``clip_xmax`` refits the power law with the largest eigenvalues clipped off; ``xmin_peak`` bounds xmin
+near the peak of the ESD (``xmin_peak_range``, ``xmin_peak_fit``).
 
 Martin & Mahoney, "Implicit self-regularization in deep neural networks", JMLR 22, 2021
 (arXiv:1810.01075), and the WeightWatcher 0.7.x ``fix_fingers`` option: a few outsized eigenvalues at the
@@ -12,10 +15,20 @@ alpha; ``xmax`` the largest eigenvalue left in the kept fit; ``num_pl_spikes`` c
 
 All ``B x (max_fingers - 1)`` clipped spectra are fitted in one batched ``fit_power_law`` call: a clipped
 eigenvalue is replaced by 0, which the fit ignores.
+
+``xmin_peak`` (WeightWatcher 0.7.x ``fix_fingers="xmin_peak"``, which hands the range to the ``powerlaw``
+package of Alstott, Bullmore & Plenz, "powerlaw: a Python package for analysis of heavy-tailed
+distributions", PLoS ONE 9(1), 2014): the positive eigenvalues' log10 are binned into 100 equal bins
+between their minimum and maximum; the left edge ``e`` of the fullest bin (the first, on a tie) gives
+the peak ``p = 10^e``, and xmin is searched, by the same Clauset-Shalizi-Newman KS criterion, only over
+eigenvalues in ``[log10(0.95 p), 1.5 p]`` (WeightWatcher passes the lower bound as a log10 and the upper
+one as a value; we reproduce that, it is what its numbers are) less the largest such eigenvalue, and only
+fits with alpha > 1 count. ``xmin_max`` replaces the upper bound ``1.5 p``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +36,7 @@ from torch import Tensor
 
 from .powerlaw import EVALS_THRESH, PowerLawFit, fit_power_law
 
+PEAK_BINS = 100  # WeightWatcher's histogram of log10 eigenvalues
 DEFAULT_MAX_FINGERS = 10
 DEFAULT_FINGER_THRESH = 1.0
 MIN_ALPHA = 2.0
@@ -79,3 +93,41 @@ def clip_xmax_fit(
         raw_alpha=fits.alpha.reshape(B, len(clips))[:, 0],
         xmax=torch.where(clipped < n_pos, top, torch.full_like(top, float("nan"))),
     )
+
+
+def xmin_peak_range(
+    evals: Tensor, xmin_max: float | None = None, thresh: float = EVALS_THRESH
+) -> tuple[Tensor, Tensor]:
+    """``(low, high)`` bounds of xmin per row of ``evals`` (B, n): ``(log10(0.95 p), 1.5 p)``, p the ESD peak.
+
+    The histogram is ``numpy.histogram(log10(evals), bins=100)``'s: edges ``first + i * step`` with
+    ``step = (last - first) / 100`` and the last edge exactly ``last`` (a constant row gets
+    ``first - 0.5, last + 0.5``), each value counted in the bin whose left edge it reaches, the last bin
+    closed.
+    """
+    x = evals.to(torch.float64)
+    pos = x > thresh
+    lg = torch.log10(torch.where(pos, x, torch.ones_like(x)))
+    first = torch.where(pos, lg, torch.full_like(lg, math.inf)).amin(-1)
+    last = torch.where(pos, lg, torch.full_like(lg, -math.inf)).amax(-1)
+    flat = first == last
+    first, last = torch.where(flat, first - 0.5, first), torch.where(flat, last + 0.5, last)
+    step = (last - first) / PEAK_BINS
+    i = torch.arange(PEAK_BINS + 1, dtype=x.dtype, device=x.device)
+    edges = i[None, :] * step[:, None] + first[:, None]
+    edges[:, -1] = last
+    bins = (torch.searchsorted(edges, lg.contiguous(), right=True) - 1).clamp(0, PEAK_BINS - 1)
+    counts = torch.zeros(x.shape[0], PEAK_BINS, dtype=torch.long, device=x.device)
+    counts.scatter_add_(1, bins, pos.long())
+    peak = 10.0 ** edges.gather(1, counts.argmax(-1, keepdim=True))[:, 0]
+    high = 1.5 * peak if xmin_max is None else torch.full_like(peak, float(xmin_max))
+    return torch.log10(0.95 * peak), high
+
+
+def xmin_peak_fit(evals: Tensor, xmin_max: float | None = None) -> PowerLawFit:
+    """WeightWatcher's ``fix_fingers="xmin_peak"`` power-law fit of each row of ``evals`` (B, n), any order.
+
+    No small-sample fit here: the ``powerlaw`` package fits short spectra the same way.
+    """
+    x = evals.to(torch.float64)
+    return fit_power_law(x, min_evals=2, xmin_range=xmin_peak_range(x, xmin_max))

@@ -7,7 +7,9 @@ state-dict reader, ``name`` and ``longname`` are the tensor name without its ``.
 ``layer_id`` counts the analysed layers from 1. ``D`` is the KS distance of the power-law fit (not a
 dimension), ``xmax`` and ``spectral_norm`` are lambda_max, ``norm`` is ``||W||_F^2``. Columns that are
 ours only (``effective_rank``, ``farms_alpha``, ``tensor``, ``shape``) come last; an analysis run with
-``randomize`` adds WeightWatcher's randomised-ESD columns (``randomize.RANDOM_COLUMNS``) before them.
+``randomize`` adds WeightWatcher's randomised-ESD columns (``randomize.RANDOM_COLUMNS``) before them, one
+with ``fit="TPL"``/``"E_TPL"`` its ``Lambda`` and one with ``fix_fingers="clip_xmax"`` its
+``num_fingers`` and ``raw_alpha``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def to_frame(matrices: list[dict[str, Any]]) -> Any:
 
     randomized = any("num_traps" in rec for rec in matrices)
     fingers = ("num_fingers", "raw_alpha") if any("num_fingers" in rec for rec in matrices) else ()
-    extra = (*fingers, *(RANDOM_COLUMNS if randomized else ()), *OWN_COLUMNS)
+    tpl = ("Lambda",) if any("Lambda" in rec for rec in matrices) else ()
+    extra = (*tpl, *fingers, *(RANDOM_COLUMNS if randomized else ()), *OWN_COLUMNS)
     rows = []
     for rec in matrices:
         row = {c: _value(rec, c, k) for c, k in WW_COLUMNS.items()}

@@ -48,6 +48,7 @@ def fit_power_law(
     max_candidates: int | None = None,
     min_evals: int = MIN_FIT_EVALS,
     chunk_elements: int | None = None,
+    xmin_range: tuple[Tensor, Tensor] | None = None,
 ) -> PowerLawFit:
     """Fit ``p(x) ~ x^-alpha`` to the tail of each row of ``evals`` (shape ``(B, n)`` or ``(n,)``).
 
@@ -56,7 +57,9 @@ def fit_power_law(
     ``min_evals`` positive eigenvalues get the small-sample fit (``small_n_fit``); rows with fewer than
     2 are NaN. Work runs in float64 on the
     device of ``evals`` in chunks of about ``chunk_elements`` elements (default: 64K on CPU so a chunk
-    stays in cache, 128M on CUDA).
+    stays in cache, 128M on CUDA). ``xmin_range = (low, high)`` (one bound per row) restricts xmin to the
+    eigenvalues in ``[low, high]`` less the largest of them, as the ``powerlaw`` package's ``Fit(xmin=(low,
+    high))`` does (``fingers.xmin_peak_fit``); a row with no such candidate is NaN.
     """
     single = evals.dim() == 1
     x = evals.reshape(1, -1) if single else evals
@@ -89,6 +92,8 @@ def fit_power_law(
         D = dev.amax(-1)
         Ds[:, s : s + step] = torch.where(a > 1, D, torch.ones_like(D))
     usable = cand[None, :] >= first[:, None]
+    if xmin_range is not None:
+        usable = usable & xmin_candidates(x, valid, xmin_range)[:, cand]
     Ds = torch.where(usable, Ds, torch.full_like(Ds, math.inf))
     best = torch.argmin(Ds, dim=-1)  # first minimum, as WeightWatcher's np.argmin
 
@@ -99,6 +104,8 @@ def fit_power_law(
     tail = n_tail[best]
     sigma = (alpha - 1) / torch.sqrt(tail)
     ok = (n - first) >= min_evals
+    if xmin_range is not None:
+        ok = ok & usable.any(-1)
     nan = torch.full_like(alpha, math.nan)
     cols = [torch.where(ok, t, nan) for t in (alpha, xmin, D, sigma, tail)]
     small = ((~ok) & ((n - first) >= 2)).nonzero().flatten().tolist()
@@ -110,6 +117,15 @@ def fit_power_law(
     if single:
         return PowerLawFit(*(t[0] for t in (out.alpha, out.xmin, out.D, out.sigma, out.num_pl_spikes)))
     return out
+
+
+def xmin_candidates(x: Tensor, valid: Tensor, xmin_range: tuple[Tensor, Tensor]) -> Tensor:
+    """Candidate xmin ranks of ascending rows ``x``: ``valid`` ones in ``[low, high]`` but the largest."""
+    low, high = (torch.as_tensor(b, dtype=x.dtype, device=x.device).reshape(-1, 1) for b in xmin_range)
+    inside = valid & (x >= low) & (x <= high)
+    ranks = torch.arange(x.shape[-1], device=x.device).expand_as(x)
+    last = torch.where(inside, ranks, -1).amax(-1, keepdim=True)
+    return inside & (ranks < last)
 
 
 def small_n_fit(x: Tensor) -> PowerLawFit:

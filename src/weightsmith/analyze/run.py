@@ -26,11 +26,12 @@ from .batches import (
 )
 from .conv import LayerShape, layer_esd, layer_shape
 from .farms import FarmsConfig, farms_alpha
-from .fingers import clip_xmax_fit
+from .fingers import clip_xmax_fit, xmin_peak_fit
 from .mp import marchenko_pastur_fit
-from .powerlaw import fit_power_law
+from .powerlaw import PowerLawFit, fit_power_law
 from .randomize import randomized_metrics
 from .spectrum import esd, norm_metrics
+from .tpl import fit_truncated_power_law
 
 __all__ = ["MIN_EVALS", "AnalysisResult", "analyze_weights", "candidate_matrices", "num", "shape_batches"]
 METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "effective_rank",
@@ -39,10 +40,11 @@ METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_r
 COLUMNS = ("alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "effective_rank",
            "log_alpha_norm", "alpha", "mp_softrank", "num_spikes", "farms_alpha", "xmin", "ks_distance",
            "num_pl_spikes", "sigma", "sigma_mp", "lambda_max", "xmax", "num_fingers", "raw_alpha",
-           "nonfinite")  # fmt: skip
+           "Lambda", "nonfinite")  # fmt: skip
 OVER_TRAINED_THRESH = 2.0  # WeightWatcher's warning labels: alpha below this is "over-trained"
 UNDER_TRAINED_THRESH = 6.0  # and alpha above this "under-trained"
-FIX_FINGERS = (None, "clip_xmax")
+FIX_FINGERS = (None, "clip_xmax", "xmin_peak")
+FITS = ("PL", "TPL", "E_TPL")  # WeightWatcher's fit=: power law, truncated power law, TPL with xmin_peak
 PRECISIONS = ("auto", "float64", "float32")
 
 
@@ -136,6 +138,7 @@ def analyze_weights(
     randomize: bool = False,
     seed: int = 0,
     fix_fingers: str | None = None,
+    fit: str = "PL",
 ) -> AnalysisResult:
     """Spectral metrics of every selected 2-D weight of ``store``, computed batch by batch on ``device``.
 
@@ -151,12 +154,13 @@ def analyze_weights(
     ``numpy.random.RandomState(seed)`` layer by layer: the same shuffles as ``np.random.seed(seed)``
     before WeightWatcher's ``analyze(randomize=True)`` on the same layers. ``fix_fingers="clip_xmax"``
     refits each tail with its largest eigenvalues clipped off (``fingers.clip_xmax_fit``) and adds
-    ``num_fingers`` and ``raw_alpha``.
+    ``num_fingers`` and ``raw_alpha``; ``fix_fingers="xmin_peak"`` bounds xmin near the ESD's peak
+    (``fingers.xmin_peak_fit``). ``fit="TPL"`` fits a truncated power law (``tpl.
+    fit_truncated_power_law``) and adds its ``Lambda``; ``fit="E_TPL"`` is the TPL with xmin_peak. As in
+    WeightWatcher (with the ``powerlaw`` package), these fits report ``xmax`` as undefined and TPL fits
+    no ``sigma``.
     """
-    if fix_fingers not in FIX_FINGERS:
-        raise WeightsmithError(
-            f"fix_fingers must be one of {[f for f in FIX_FINGERS if f]} or None, got {fix_fingers!r}"
-        )
+    fix_fingers, tpl = _fit_options(fix_fingers, fit)
     start = time.perf_counter()
     dev = resolve_device(device)
     dtype = eig_dtype(precision, dev)
@@ -178,14 +182,14 @@ def analyze_weights(
         with reader:
             for ((M, N), members), host in track(reader, "analyze", total=len(batches)):
                 rows, evals = _analyze_batch(
-                    host, dev, dtype, streams, N, M, mp_fit, farms, farms_config, fix_fingers
+                    host, dev, dtype, streams, N, M, mp_fit, farms, farms_config, fix_fingers, tpl
                 )
                 pending.append((members, M, rows, evals if keep_esd else None))
                 del host
         for n in kernel_names:
             view = views[n]
             assert view is not None
-            rows, evals = _analyze_kernel(store[n], dev, dtype, view, mp_fit, fix_fingers)
+            rows, evals = _analyze_kernel(store[n], dev, dtype, view, mp_fit, fix_fingers, tpl)
             pending.append(([n], view.num_evals, rows, evals if keep_esd else None))
     records: dict[str, dict[str, Any]] = {}
     esds: dict[str, np.ndarray] = {}
@@ -207,8 +211,10 @@ def analyze_weights(
                 continue
             for k in ("num_spikes", "num_pl_spikes", "num_fingers"):
                 rec[k] = None if rec[k] is None else int(rec[k])
-            if fix_fingers is None:
+            if fix_fingers != "clip_xmax":
                 del rec["num_fingers"], rec["raw_alpha"]
+            if not tpl:
+                del rec["Lambda"]
             if not farms:
                 rec["farms_alpha"] = None
             rec["num_evals"] = M
@@ -233,6 +239,22 @@ def analyze_weights(
         farms=farms,
         esds=esds,
     )
+
+
+def _fit_options(fix_fingers: str | None, fit: str) -> tuple[str | None, bool]:
+    """Checked ``(fix_fingers, tpl)``: ``E_TPL`` is the TPL fit with ``xmin_peak``, as in WeightWatcher."""
+    if fix_fingers not in FIX_FINGERS:
+        raise WeightsmithError(
+            f"fix_fingers must be one of {[f for f in FIX_FINGERS if f]} or None, got {fix_fingers!r}"
+        )
+    if fit not in FITS:
+        raise WeightsmithError(f"fit must be one of {list(FITS)}, got {fit!r}")
+    if fit != "PL" and fix_fingers == "clip_xmax":
+        raise WeightsmithError(
+            f"fit={fit!r} with fix_fingers='clip_xmax': the clipped refit is a power-law fit only "
+            "(WeightWatcher refuses E_TPL with clip_xmax too); use fix_fingers='xmin_peak' or None"
+        )
+    return ("xmin_peak" if fit == "E_TPL" else fix_fingers), fit != "PL"
 
 
 def warning_label(alpha: float | None) -> str:
@@ -268,6 +290,7 @@ def _analyze_kernel(
     view: LayerShape,
     mp_fit: bool,
     fix_fingers: str | None = None,
+    tpl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(len(COLUMNS), 1)`` result rows and the ``(1, M * rf)`` pooled ESD of one Conv1d/Conv2d kernel."""
     W = W.to(dev)
@@ -278,7 +301,8 @@ def _analyze_kernel(
     nonfinite = torch.tensor([float(bad)], dtype=torch.float64)
     evals = evals.to(torch.float64)
     nan = torch.full((1,), math.nan, dtype=torch.float64, device=evals.device)
-    return _metric_rows(evals, view.N, view.M, mp_fit, nan, nonfinite.to(evals.device), fix_fingers), evals
+    rows = _metric_rows(evals, view.N, view.M, mp_fit, nan, nonfinite.to(evals.device), fix_fingers, tpl)
+    return rows, evals
 
 
 def _analyze_batch(
@@ -292,6 +316,7 @@ def _analyze_batch(
     farms: bool,
     farms_config: FarmsConfig | None,
     fix_fingers: str | None = None,
+    tpl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(len(COLUMNS), B)`` result rows and the ``(B, M)`` ESDs of one same-shaped batch, on ``dev``.
 
@@ -314,7 +339,7 @@ def _analyze_batch(
     evals = evals.to(torch.float64)  # the fits and metrics run in float64 whatever the solver's dtype
     nan = torch.full_like(evals[:, 0], math.nan)
     fa = farms_alpha(W, farms_config, dtype, streams) if farms and W is not None else nan
-    return _metric_rows(evals, N, M, mp_fit, fa, nonfinite, fix_fingers), evals
+    return _metric_rows(evals, N, M, mp_fit, fa, nonfinite, fix_fingers, tpl), evals
 
 
 def _metric_rows(
@@ -325,15 +350,22 @@ def _metric_rows(
     fa: torch.Tensor,
     nonfinite: torch.Tensor,
     fix_fingers: str | None = None,
+    tpl: bool = False,
 ) -> torch.Tensor:
     """The ``(len(COLUMNS), B)`` rows of float64 descending spectra ``evals`` of ``N x M`` layers."""
     nan = torch.full_like(evals[:, 0], math.nan)
-    if fix_fingers == "clip_xmax":
+    xmax, fingers, raw, lam = evals[:, 0], nan, nan, nan
+    if tpl:
+        tf = fit_truncated_power_law(evals, xmin_peak=fix_fingers == "xmin_peak")
+        fit = PowerLawFit(tf.alpha, tf.xmin, tf.D, nan, tf.num_pl_spikes)
+        xmax, lam = nan, tf.Lambda
+    elif fix_fingers == "clip_xmax":
         ff = clip_xmax_fit(evals)
         fit, xmax, fingers, raw = ff.fit, ff.xmax, ff.num_fingers, ff.raw_alpha
+    elif fix_fingers == "xmin_peak":
+        fit, xmax = xmin_peak_fit(evals), nan
     else:
         fit = fit_power_law(evals)
-        xmax, fingers, raw = evals[:, 0], nan, nan
     metrics = norm_metrics(evals, fit.alpha)
     mpf = marchenko_pastur_fit(evals, N, M) if mp_fit else None
     cols = {
@@ -351,6 +383,7 @@ def _metric_rows(
         "xmax": xmax,
         "num_fingers": fingers,
         "raw_alpha": raw,
+        "Lambda": lam,
         "nonfinite": nonfinite,
     }
     return torch.stack([cols[k].to(torch.float64) for k in COLUMNS])

@@ -83,7 +83,14 @@ def analyze_cmd(
     ),
     seed: int = typer.Option(0, "--seed", help="shuffle seed for --randomize (numpy RandomState, as WW)"),
     fix_fingers: str | None = typer.Option(
-        None, "--fix-fingers", help="clip_xmax: refit alpha with the largest eigenvalues clipped off"
+        None,
+        "--fix-fingers",
+        help="clip_xmax: refit with the largest eigenvalues clipped off; xmin_peak: xmin near the ESD peak",
+    ),
+    fit: str = typer.Option(
+        "PL",
+        "--fit",
+        help="PL (power law), TPL (truncated power law: adds Lambda) or E_TPL (TPL + xmin_peak)",
     ),
     force: bool = typer.Option(False, "--force", help="replace existing outputs"),
 ) -> None:
@@ -93,7 +100,10 @@ def analyze_cmd(
 
     opt.choice(precision, "--precision", PRECISIONS)
     if fix_fingers is not None:
-        opt.choice(fix_fingers, "--fix-fingers", ("clip_xmax",))
+        opt.choice(fix_fingers, "--fix-fingers", ("clip_xmax", "xmin_peak"))
+    opt.choice(fit, "--fit", ("PL", "TPL", "E_TPL"))
+    if fit != "PL" and fix_fingers == "clip_xmax":
+        raise WeightsmithError(f"--fit {fit} --fix-fingers clip_xmax: clip_xmax refits a power law only")
     dev = opt.device(device)
     store = _open(model, "MODEL")
     _selected(select, store)
@@ -109,6 +119,7 @@ def analyze_cmd(
         randomize=randomize,
         seed=seed,
         fix_fingers=fix_fingers,
+        fit=fit,
     )
     if html_out is not None:
         report = Report(f"weightsmith analyze: {model}", subtitle=store.source)
