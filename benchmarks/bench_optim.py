@@ -10,11 +10,19 @@ refreshes; a step that refreshes the projection is timed apart from the others, 
 The issue's anchor (H200, 1.1B, bf16, 4x1024): galore-torch 93.9 ms a step vs AdamW 88.3 ms, 10.6 vs 12.7 GiB
 peak, 27.5 s each refresh. Goals: refresh <= 1 s, amortised step <= 1.10x AdamW, peak <= galore-torch.
 
-On the GPU machine (the lead's batch):
+On the GPU machine (the lead's batch), every optimizer in one call, with the ratios to AdamW and
+galore-torch printed at the end:
 
-    .venv/bin/python benchmarks/bench_optim.py --device cuda --out benchmarks/results/optim-bench.json
+    .venv/bin/python benchmarks/bench_optim.py --device cuda --size 1b \
+        --out benchmarks/results/optim-bench.json
 
-On this CPU, a smoke run of the same code path: ``--small --device cpu``.
+On 2 GPUs (DDP and FSDP2 throughput against one GPU; peak memory per GPU; galore-torch does not run on
+FSDP2's sharded parameters, so leave it out there):
+
+    torchrun --nproc_per_node 2 benchmarks/bench_optim.py --device cuda --size 1b --parallel fsdp2 \
+        --only adamw,weightsmith-galore-rsvd,weightsmith-galore-dct --out benchmarks/results/optim-fsdp2.json
+
+On this CPU, a smoke run of the same code path: ``--size small --device cpu``.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Any
 
 import torch
 
-from weightsmith import staging
+from weightsmith import distributed, staging
 from weightsmith.optim import GaLoreAdamW, state_bytes
 from weightsmith.optim.apollo import APOLLOAdamW
 
@@ -97,9 +105,14 @@ def bench(
 ) -> dict:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.small, args.device, dtype)
-    opt = make(model)
     vocab = model.config.vocab_size
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    trained = model
+    if args.parallel == "fsdp2":  # under torchrun: each decoder layer, then the whole model, sharded
+        trained = distributed.shard(model, model.model.layers)
+    elif args.world.size > 1:
+        trained = distributed.wrap(model, args.world, torch.device(args.device))
+    opt = make(model)
+    gen = torch.Generator(device="cpu").manual_seed(args.world.rank)  # each process its own batch
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -107,7 +120,7 @@ def bench(
     for step in range(args.steps):
         sync(args.device)
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = trained(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -128,9 +141,12 @@ def bench(
         "peak_gib": peak,
         "state_gib": state_bytes(_state(opt)) / 2**30,
         "first_step_s": times[0][1],
-        "loss": float(loss),
+        "loss": float(loss.detach()),
+        "processes": args.world.size,
+        "parallel": args.parallel if args.world.size > 1 else "none",
+        "tokens_per_s": args.world.size * args.batch * args.seq / (step_ms / 1000),
     }
-    del model, opt, loss
+    del model, trained, opt, loss
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -150,7 +166,13 @@ def _state(opt: torch.optim.Optimizer) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true", help="a 4-layer d=256 model and 2x128 tokens (CPU smoke)")
+    ap.add_argument(
+        "--size",
+        choices=["small", "1b"],
+        default="1b",
+        help="1b: TinyLlama's shape, 4x1024 tokens; small: 4 layers, d=256, 2x128 tokens (CPU)",
+    )
+    ap.add_argument("--small", action="store_true", help="the same as --size small")
     ap.add_argument("--rank", type=int, default=None, help="default 512 (1.1B) or 32 (--small)")
     ap.add_argument("--gap", type=int, default=10, help="steps between refreshes in this benchmark")
     ap.add_argument("--steps", type=int, default=None, help="default 2 * gap + 1")
@@ -159,7 +181,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--only", default=None, help="comma-separated optimizer names")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
+                    help="under torchrun: DDP or FSDP2 (peak memory and state are per process)")  # fmt: skip
     args = ap.parse_args()
+    args.world, dev = distributed.init(args.device)
+    args.device = str(dev)
+    args.small = args.small or args.size == "small"
     args.rank = args.rank or (32 if args.small else 512)
     args.batch = args.batch or (2 if args.small else 4)
     args.seq = args.seq or (128 if args.small else 1024)
@@ -169,11 +196,31 @@ def main() -> None:
     rows = []
     for name in names:
         row = bench(name, table[name], args)
-        print(json.dumps(row), flush=True)
+        if args.world.main:
+            print(json.dumps(row), flush=True)
         rows.append(row)
-    result = {"args": vars(args), "device_name": _device_name(args.device), "rows": rows}
+    if not args.world.main:
+        return
+    print_ratios(rows)
+    options = {k: v for k, v in vars(args).items() if k != "world"}
+    result = {"args": options, "device_name": _device_name(args.device), "rows": rows}
     if args.out:
         staging.write_text(args.out, json.dumps(result, indent=2))
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """Each optimizer against AdamW (step, amortised step at gap 200) and galore-torch (peak memory), with
+    the issue's goals: refresh <= 1 s, amortised step <= 1.10x AdamW, peak <= galore-torch."""
+    by = {r["optimizer"]: r for r in rows}
+    adamw, galore = by.get("adamw"), by.get("galore-torch")
+    print(f"{'optimizer':28} {'step ms':>8} {'refresh s':>9} {'x AdamW':>8} {'amortised x AdamW':>18} "
+          f"{'peak GiB':>9} {'x galore-torch peak':>20}")  # fmt: skip
+    for r in rows:
+        step = r["step_ms"] / adamw["step_ms"] if adamw else float("nan")
+        amort = r["amortised_step_ms_at_gap_200"] / adamw["step_ms"] if adamw else float("nan")
+        peak = r["peak_gib"] / galore["peak_gib"] if galore else float("nan")
+        print(f"{r['optimizer']:28} {r['step_ms']:8.1f} {r['refresh_s']:9.3f} {step:8.3f} {amort:18.3f} "
+              f"{r['peak_gib']:9.2f} {peak:20.3f}")  # fmt: skip
 
 
 def _device_name(device: str) -> str:

@@ -1,16 +1,30 @@
 """Data-parallel training across processes started by ``torchrun``: one process per GPU (NCCL), or
-several CPU processes (gloo). Without ``WORLD_SIZE`` in the environment everything is single-process."""
+several CPU processes (gloo). Without ``WORLD_SIZE`` in the environment everything is single-process.
+
+Two ways to spread a model (``PARALLEL``): ``ddp`` keeps a whole copy in every process and all-reduces the
+gradients (:func:`wrap`); ``fsdp2`` shards parameters, gradients and element-wise optimizer state by rows
+with ``torch.distributed.fsdp.fully_shard`` (:func:`shard`; "PyTorch FSDP: Experiences on Scaling Fully
+Sharded Data Parallel", Zhao et al., 2023, in its per-parameter DTensor form). Under FSDP2 the checkpoint
+helpers here gather every sharded tensor into a full one (:func:`gather`, a collective: every process calls
+it in the same order) and slice a full tensor back into the local shard on load (:func:`shard_like`, no
+communication), so a checkpoint is one set of full tensors whatever the number of processes.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .errors import WeightsmithError
 from .execute import resolve_device
+
+PARALLEL = ("ddp", "fsdp2")
 
 
 @dataclass(frozen=True)
@@ -51,18 +65,103 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def shard(model: torch.nn.Module, blocks: list[torch.nn.Module] | None = None) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` each of ``blocks`` (e.g. the transformer layers), then the whole model, so that
-    parameters, gradients and element-wise optimizer state are split by rows across the processes
-    (:mod:`weightsmith.optim` gathers one weight's gradient at a time for its projections)."""
+def require_group(what: str = "FSDP2 (fully_shard)") -> None:
+    """Refuse ``what`` outside a process group (a run not started by torchrun)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise WeightsmithError(
-            "FSDP2 (fully_shard) needs a process group: start the run under torchrun "
-            "(python -m torch.distributed.run --nproc_per_node N ...)"
+            f"{what} needs a process group: start the run under torchrun "
+            "(python -m torch.distributed.run --nproc_per_node N ...), or use --parallel ddp"
         )
+
+
+def shard(model: torch.nn.Module, blocks: Iterable[torch.nn.Module] | None = None) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` each of ``blocks`` (e.g. the transformer layers), then the whole model, so that
+    parameters, gradients and element-wise optimizer state are split by rows across the processes
+    (:mod:`weightsmith.optim` computes its projections from the row shards)."""
+    require_group()
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks or []:
         fully_shard(block)
     fully_shard(model)
     return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2-sharded (DTensor) parameters."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of ``t``: all-gathered when it is a DTensor (a collective), as a plain tensor."""
+    if not isinstance(t, DTensor):
+        return t
+    out = t.full_tensor()
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return out.wait() if isinstance(out, AsyncCollectiveTensor) else out
+
+
+def gather(tree: Any, keep: bool = True) -> tuple[Any, list[list[Any]]]:
+    """``tree`` (nested dicts, lists, tuples) with every DTensor replaced by its full tensor, and the paths
+    of the tensors so replaced. A collective under FSDP2: every process calls it on a tree of the same
+    structure. With ``keep=False`` the values are gathered (so that the peers' collectives complete) but
+    dropped; the tree returned is then ``None``."""
+    paths: list[list[Any]] = []
+
+    def walk(x: Any, path: list[Any]) -> Any:
+        if isinstance(x, DTensor):
+            paths.append(path)
+            whole = full(x)
+            return whole if keep else None
+        if isinstance(x, dict):
+            return {k: walk(v, [*path, k]) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v, [*path, i]) for i, v in enumerate(x))
+        return x
+
+    out = walk(tree, [])
+    return (out if keep else None), paths
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t`` (the tensor itself when it is not sharded)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``like``: sliced to this process's shard when ``like`` is a DTensor (no
+    communication: every process holds ``full``), otherwise ``full`` itself."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(
+        full.to(like.to_local().device), like.device_mesh, like.placements, src_data_rank=None
+    )
+
+
+def all_gather_object(obj: Any, world: World) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in one process)."""
+    if world.size == 1:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def unshard_for_export(model: torch.nn.Module) -> None:
+    """After training under FSDP2: replace every sharded parameter by its full tensor (a collective), so
+    that code that knows nothing of DTensors (``save_pretrained``, adapter writers) can write the model.
+    Tied parameters stay tied. The model must not be trained afterwards (FSDP's hooks expect shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():  # sharded state: FSDP's state-dict hooks then leave the modules alone
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    done: dict[int, tuple[torch.Tensor, torch.nn.Parameter]] = {}  # the old one kept: ids stay unique
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if isinstance(p, DTensor):
+                if id(p) not in done:
+                    whole = torch.nn.Parameter(full(p).detach(), requires_grad=p.requires_grad)
+                    done[id(p)] = (p, whole)
+                module._parameters[name] = done[id(p)][1]

@@ -1,6 +1,8 @@
 """Per-layer updates inside backward equal ordinary stepping (with gradient accumulation); GaLore under
 DistributedDataParallel and GaLore / Q-GaLore / APOLLO under FSDP2 (2 gloo processes on CPU) equal one process
-on the whole batch."""
+on the whole batch. Under FSDP2, GaLore with the randomized SVD (also with lazy refresh), random and DCT
+projectors runs on the row shards (projector from all-reduced small products, moments sharded) and still
+equals one process; Q-GaLore and APOLLO gather the gradient."""
 
 from __future__ import annotations
 
@@ -135,6 +137,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             results[label] = [p.full_tensor().detach() for p in model.parameters()]
+            if label in _ROW_SHARDED:  # computed on the row shards: no gathered gradient, sharded moments
+                inner = opt.state[model[0].weight]["inner"]
+                results[f"{label}/sharded"] = torch.tensor(type(inner["mu"]).__name__ == "DTensor")
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -148,12 +153,16 @@ def _fsdp_configs() -> dict:
     every = ("re:^[02]\\.",)
     return {
         "galore-rsvd": configs.GaLore(rank=3, update_proj_gap=2, projector="rsvd", targets=every),
+        "galore-rsvd-lazy": configs.GaLore(rank=3, update_proj_gap=1, lazy_threshold=0.3, targets=every),
+        "galore-random": configs.GaLore(rank=3, update_proj_gap=2, projector="random", targets=every),
+        "galore-dct": configs.GaLore(rank=3, update_proj_gap=2, projector="dct", targets=every),
         "q-galore": configs.QGaLore(rank=3, update_proj_gap=1, targets=every),
         "apollo": configs.APOLLO(rank=3, update_proj_gap=2, targets=every),
     }
 
 
 _FSDP_CONFIGS = _fsdp_configs()
+_ROW_SHARDED = ("galore-rsvd", "galore-rsvd-lazy", "galore-random", "galore-dct")
 
 
 @pytest.mark.timeout(240)
@@ -170,6 +179,8 @@ def test_fsdp2_two_processes_equal_one(tmp_path):
             opt.zero_grad(set_to_none=True)
         for p, q in zip(single.parameters(), got[label], strict=True):
             torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-5, msg=label)
+        if label in _ROW_SHARDED:
+            assert bool(got[f"{label}/sharded"]), label
 
 
 def test_fsdp2_without_process_group_is_refused():

@@ -50,6 +50,43 @@ def test_rsvd_finds_the_svd_subspace(side):
     assert torch.equal(again["P"], Q)  # seeded
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rsvd_batched_refresh_equals_one_at_a_time(side):
+    Gs = [_low_rank_plus_noise(36, 28, 5, seed) for seed in range(3)]
+    one = [{} for _ in Gs]
+    for G, st, seed in zip(Gs, one, range(3), strict=True):
+        RandomizedSVD().refresh(G, side, 4, st, seed)
+    many: list[dict] = [{} for _ in Gs]
+    RandomizedSVD().refresh_batch(Gs, side, 4, many, list(range(3)))
+    for a, b, G in zip(one, many, Gs, strict=True):
+        torch.testing.assert_close(a["P"], b["P"], atol=1e-5, rtol=0)
+        exact: dict = {}
+        SVD().refresh(G, side, 4, exact, 0)
+        assert subspace_similarity(exact["P"], b["P"], side) > 0.999
+
+
+def test_optimizer_refreshes_same_shaped_weights_in_one_batch(monkeypatch):
+    calls = []
+    original = RandomizedSVD.refresh_batch
+
+    def spy(self, Gs, *args):
+        calls.append(len(Gs))
+        return original(self, Gs, *args)
+
+    monkeypatch.setattr(RandomizedSVD, "refresh_batch", spy)
+    from weightsmith.optim import GaLoreAdamW
+
+    params = [torch.nn.Parameter(torch.randn(12, 8)) for _ in range(3)] + [
+        torch.nn.Parameter(torch.randn(6, 8))
+    ]
+    opt = GaLoreAdamW([{"params": params, "rank": 2, "update_proj_gap": 2, "projector": "rsvd"}], lr=1e-2)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert calls == [3, 1, 3, 1]  # refreshes at steps 0 and 2: the three 12 x 8 weights together
+
+
 def test_dct_keeps_indices_of_the_most_energetic_basis_vectors():
     D = dct_basis(32)
     torch.testing.assert_close(D.T @ D, torch.eye(32), atol=1e-5, rtol=0)

@@ -148,3 +148,23 @@ def test_state_bytes_counts_projected_moments():
     opt.step()
     # std projection of a 32x64 weight is left: moments 4x64 each, projector 32x4
     assert state_bytes(opt.state_dict()["state"]) == 4 * (2 * 4 * 64 + 32 * 4)
+
+
+def test_foreach_updates_equal_one_at_a_time():
+    """``update_many`` (multi-tensor kernels over several weights) computes what ``update`` computes, bit for
+    bit: Adam alone, and GaLore's projected Adam through a refresh."""
+    from weightsmith.optim.projection import galore_adam
+    from weightsmith.optim.projectors import RandomizedSVD
+    from weightsmith.optim.transform import ScaleByAdam
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(12, 8), (12, 8), (5, 9)]
+    for t in (ScaleByAdam(), galore_adam(rank=3, update_proj_gap=2, projector=RandomizedSVD())):
+        params = [torch.randn(s, generator=g) for s in shapes]
+        one = [t.init(p, f"w{i}") for i, p in enumerate(params)]
+        many = [t.init(p, f"w{i}") for i, p in enumerate(params)]
+        for _ in range(3):
+            grads = [torch.randn(s, generator=g) for s in shapes]
+            expected = [t.update(gr, st, p)[0] for gr, st, p in zip(grads, one, params, strict=True)]
+            got = t.update_many(list(zip(grads, many, params, strict=True)))
+            assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True)), type(t).__name__

@@ -107,11 +107,16 @@ def train_cmd(
         "--layerwise",
         help="update each weight inside backward (no full set of gradients; no clipping)",
     ),
+    parallel: str = typer.Option(
+        "ddp", "--parallel", help="under torchrun: ddp (a copy per process) or fsdp2 (sharded, fully_shard)"
+    ),
     list_optimizers: bool = typer.Option(False, "--list", help="list the optimizers and exit"),
 ) -> None:
     """Train every weight of MODEL on a task with a memory-lean optimizer; writes model/, run.json to --out.
 
     Example: weightsmith train minilm --optimizer galore --rank 32 --task rotten_tomatoes --out runs/galore
+
+    On several GPUs: torchrun --nproc_per_node 2 -m weightsmith train ... --parallel fsdp2
     """
     if list_optimizers:
         _list()
@@ -155,6 +160,7 @@ def train_cmd(
         seed=seed,
         device=device,
         checkpoint_every=checkpoint_every,
+        parallel=parallel,
     )
     print_result(
         f"{optimizer} on {result.task} ({result.model})", result, ("optimizer", str(cfg.to_dict(config))), out

@@ -10,7 +10,9 @@ loop's ``UpdatesInBackward`` protocol: before every backward pass the loop calls
 ``step_in_backward(enabled)``, with ``enabled`` True on the pass that ends an optimizer step. Passes with
 ``enabled=False`` leave the gradients to accumulate as usual, so gradient accumulation gives exactly the
 result of ordinary stepping (the saving then holds on the last micro-batch only: the earlier ones need every
-gradient kept). In a plain loop call ``opt.step_in_backward(True)`` once and then only ``loss.backward()``.
+gradient kept). In a plain loop call ``opt.step_in_backward(True)`` once and then ``loss.backward()``;
+``opt.step()`` afterwards finds no gradient and does nothing, and calling it keeps
+``torch.optim.lr_scheduler``'s check that the optimizer stepped first quiet.
 
 Limits, stated rather than hidden: no global gradient-norm clipping (no full set of gradients to take the
 norm of); not under DistributedDataParallel, whose all-reduce of a gradient bucket completes after the

@@ -10,11 +10,13 @@ update. ``decay_after_update=True`` applies the decay to the updated weight inst
 (``p <- (1 - lr*wd)(p - lr*u)``), the order galore-torch and transformers' legacy AdamW use.
 
 Under FSDP2 (``fully_shard``) parameters and gradients are DTensors sharded by rows. Element-wise transforms
-(``elementwise = True``: Adam, identity) run on the local shard, so their state is sharded too. The others
-(projections, APOLLO) gather the parameter's full gradient, one parameter at a time, compute the update
-identically on every process (per-layer seeds do not depend on the process) and keep their low-rank state
-replicated; each process then takes its own rows of the update. The full gradient of one weight is the
-transient cost; computing the projector from the shards alone (an all-reduced range finder) is not done.
+(``elementwise = True``: Adam, identity) run on the local shard, so their state is sharded too. A projected
+transform that can work on rows (``shards_rows(shape)``: GaLore's ``LowRank`` with the randomized SVD,
+random projections, or DCT on the right side) runs on the local rows, its projector computed from
+all-reduced small products (:mod:`weightsmith.optim.sharded`); no full gradient exists. The others (the
+exact SVD, INT4 projectors, APOLLO, GradNormLoRP) gather the parameter's full gradient, one parameter at a
+time, compute the update identically on every process (per-layer seeds do not depend on the process) and
+keep their low-rank state replicated; each process then takes its own rows of the update.
 
 The state is loaded back without casting: ``torch.optim.Optimizer.load_state_dict`` casts every floating
 state tensor to its parameter's dtype, which would round float32 moments of a bf16 model and break a
@@ -32,7 +34,13 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .sharded import rows_of, use
 from .transform import State, Transform
+
+
+def _shards_rows(t: Transform, shape: tuple[int, ...]) -> bool:
+    check = getattr(t, "shards_rows", None)
+    return bool(check(shape)) if check is not None else False
 
 
 class TransformOptimizer(torch.optim.Optimizer):
@@ -90,10 +98,51 @@ class TransformOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             transform = self.transform_for(group)
+            self._refresh_batched(group, transform)
+            if self._update_batched(group, transform):
+                continue
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, p.grad, group, transform)
         return loss
+
+    def _update_batched(self, group: dict[str, Any], t: Transform) -> bool:
+        """Update every parameter of ``group`` through the transform's ``update_many`` (multi-tensor kernels)
+        when it has one and every gradient is whole and dense; False when it does not apply."""
+        update_many = getattr(t, "update_many", None)
+        if update_many is None:
+            return False
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:  # nothing to update (e.g. the gradients were consumed inside backward)
+            return True
+        if any(p.grad.is_sparse or isinstance(p.grad, DTensor) for p in params):  # type: ignore[union-attr]
+            return False
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(t.init(p, self.param_name(p)))
+        updates = update_many([(p.grad, self.state[p], p) for p in params])
+        if updates is None:
+            return False
+        for p, update in zip(params, updates, strict=True):
+            self._apply(p, update, group)
+        return True
+
+    def _refresh_batched(self, group: dict[str, Any], t: Transform) -> None:
+        """Let a projected transform refresh the subspaces that are due, same-shaped gradients batched
+        (``refresh_many``), before the per-parameter updates (whole, dense gradients only)."""
+        refresh_many = getattr(t, "refresh_many", None)
+        if refresh_many is None:
+            return
+        items = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None or g.is_sparse or isinstance(g, DTensor):
+                continue
+            st = self.state[p]
+            if not st:
+                st.update(t.init(p, self.param_name(p)))
+            items.append((g, st))
+        refresh_many(items)
 
     @torch.no_grad()
     def step_param(self, p: Tensor, grad: Tensor | None = None) -> None:
@@ -112,25 +161,38 @@ class TransformOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} does not support sparse gradients ({self.param_name(p)})"
             )
         st: State = self.state[p]
-        gathered = isinstance(grad, DTensor) and not getattr(t, "elementwise", False)
-        if gathered:  # FSDP2: a projected transform sees the whole gradient (see the module docstring)
-            full_p, full_g = p.full_tensor(), grad.full_tensor()  # type: ignore[attr-defined]
+        name = self.param_name(p)
+        split = isinstance(grad, DTensor) and not getattr(t, "elementwise", False)
+        where = rows_of(grad) if split and _shards_rows(t, tuple(grad.shape)) else None
+        if where is not None:  # FSDP2, on the row shard (see the module docstring)
+            p, grad = p.to_local(), grad.to_local()  # type: ignore[attr-defined]
+            with use(where):
+                update = self._transform_update(p, grad, st, t, name)
+        elif split:  # FSDP2, gathered: the transform sees the whole gradient
+            whole_p, whole_g = p.full_tensor(), grad.full_tensor()  # type: ignore[attr-defined]
+            full = self._transform_update(whole_p, whole_g, st, t, name)
+            update = distribute_tensor(full.to(p.dtype), grad.device_mesh, grad.placements)  # type: ignore[attr-defined]
         else:
-            full_p, full_g = p, grad
-        if not st:
-            st.update(t.init(full_p, self.param_name(p)))
-        update, new = t.update(full_g, st, full_p)
-        if new is not st:
-            st.clear()
-            st.update(new)
-        if gathered:
-            update = distribute_tensor(update.to(p.dtype), grad.device_mesh, grad.placements)  # type: ignore[attr-defined]
+            update = self._transform_update(p, grad, st, t, name)
+        self._apply(p, update, group)
+
+    def _apply(self, p: Tensor, update: Tensor, group: dict[str, Any]) -> None:
+        """``p <- p - lr * update`` with decoupled weight decay (before or after: see the module doc)."""
         lr, wd = group["lr"], group["weight_decay"]
         if wd and not self.decay_after_update:
             p.mul_(1.0 - lr * wd)
         p.add_(update.to(p.dtype), alpha=-lr)
         if wd and self.decay_after_update:
             p.add_(p, alpha=-lr * wd)
+
+    def _transform_update(self, p: Tensor, grad: Tensor, st: State, t: Transform, name: str) -> Tensor:
+        if not st:
+            st.update(t.init(p, name))
+        update, new = t.update(grad, st, p)
+        if new is not st:
+            st.clear()
+            st.update(new)
+        return update
 
     # --------------------------------------------------------------------------- state round trip
 

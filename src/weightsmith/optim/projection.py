@@ -13,16 +13,22 @@ Layer-adaptive lazy refresh ("Q-GaLore", Zhang et al., 2024, Sec. 3.3): at each 
 new and old subspaces, ``||P_old^T P_new||_F^2 / r`` (1 when they coincide, r/k for random ones), is kept
 in a queue of the last ``lazy_window`` refreshes; when their mean reaches ``lazy_threshold`` the layer's gap
 is multiplied by ``lazy_growth`` (its subspace has stopped moving, so SVDs are skipped).
+
+Under FSDP2 a weight whose one projected side the projector computes from sums over rows (``row_sides``:
+the randomized SVD, random projections, DCT on the right) is updated on its row shard without gathering the
+gradient (:mod:`weightsmith.optim.sharded`); the others gather it, one weight at a time.
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 from .projectors import LEFT, RIGHT, SVD, Projector
+from .sharded import Rows, local, rows
 from .transform import ScaleByAdam, State, Transform
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -47,11 +53,15 @@ def name_seed(name: str, seed: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
 
 
-def subspace_similarity(old: Tensor, new: Tensor, side: str) -> float:
-    """``||P_old^T P_new||_F^2 / r`` for orthonormal bases (left: columns, right: rows)."""
-    a, b = (old.float(), new.float()) if side == LEFT else (old.float().mT, new.float().mT)
+def subspace_similarity(old: Tensor, new: Tensor, side: str, where: Rows | None = None) -> float:
+    """``||P_old^T P_new||_F^2 / r`` for orthonormal bases (left: columns, right: rows); a left basis split
+    by rows (``where``) sums its shards' products."""
+    a, b = (local(old).float(), local(new).float()) if side == LEFT else (old.float().mT, new.float().mT)
     r = max(1, min(a.shape[1], b.shape[1]))
-    return float((a.mT @ b).square().sum()) / r
+    overlap = a.mT @ b
+    if side == LEFT and where is not None:
+        overlap = where.reduce(overlap)
+    return float(overlap.square().sum()) / r
 
 
 @dataclass(frozen=True)
@@ -87,43 +97,101 @@ class LowRank:
             "inner": self.inner.init(param, name),
         }
 
+    def shards_rows(self, shape: tuple[int, ...]) -> bool:
+        """Whether the update of an ``shape`` weight can run on row shards (FSDP2) without gathering the
+        gradient: one projected side, which the projector computes from sums over rows."""
+        chosen = sides(self.proj_type, (int(shape[0]), int(shape[1])))
+        return len(chosen) == 1 and chosen[0] in getattr(self.projector, "row_sides", ())
+
+    def due(self, state: State) -> bool:
+        """Whether the next update refreshes the subspace."""
+        return bool(state["count"] >= state["next"] or not state["proj"])
+
+    def refresh_many(self, items: list[tuple[Tensor, State]], batch_bytes: int = 2**29) -> None:
+        """Refresh, before their updates, the subspaces of the weights that are due, with same-shaped
+        gradients batched (``projector.refresh_batch``, in groups of at most ``batch_bytes`` of float32
+        gradient); their updates then find the subspace fresh. Without a batched projector it does nothing
+        (each update refreshes its own)."""
+        if getattr(self.projector, "refresh_batch", None) is None:
+            return
+        groups: dict[tuple[Any, ...], list[tuple[Tensor, State]]] = {}
+        for G, state in items:
+            if self.due(state):
+                groups.setdefault((tuple(G.shape), G.dtype, G.device), []).append((G, state))
+        for (shape, _, _), group in groups.items():
+            size = max(1, batch_bytes // (4 * shape[0] * shape[1]))
+            for i in range(0, len(group), size):
+                chunk = group[i : i + size]
+                self._refresh_all([G for G, _ in chunk], [st for _, st in chunk])
+
     def _refresh(self, G: Tensor, state: State) -> None:
-        for side in sides(self.proj_type, tuple(G.shape)):
-            sub: State = state["proj"].setdefault(side, {})
-            old = self.projector.matrix(sub, side) if sub and self.lazy_threshold is not None else None
-            seed = state["seed"] + 7919 * state["count"] + (1 if side == RIGHT else 0)
-            self.projector.refresh(G, side, self.rank, sub, seed)
-            if old is not None:
-                state["queue"] = [
-                    *state["queue"],
-                    subspace_similarity(old, self.projector.matrix(sub, side), side),
-                ]
-                state["queue"] = state["queue"][-self.lazy_window :]
-        state["refreshes"] += 1
-        q = state["queue"]
-        if (
-            self.lazy_threshold is not None
-            and len(q) >= self.lazy_window
-            and sum(q) / len(q) >= self.lazy_threshold
-        ):
-            state["gap"] = max(1, int(state["gap"] * self.lazy_growth))
-            state["queue"] = []
-        state["next"] = state["count"] + state["gap"]
+        self._refresh_all([G], [state])
+
+    def _refresh_all(self, Gs: list[Tensor], states: list[State]) -> None:
+        where = rows(Gs[0])
+        batch = getattr(self.projector, "refresh_batch", None)
+        for side in sides(self.proj_type, where.shape):
+            subs: list[State] = [state["proj"].setdefault(side, {}) for state in states]
+            lazy = self.lazy_threshold is not None
+            olds = [self.projector.matrix(sub, side) if sub and lazy else None for sub in subs]
+            seeds = [st["seed"] + 7919 * st["count"] + (1 if side == RIGHT else 0) for st in states]
+            if batch is not None and len(Gs) > 1:
+                batch(Gs, side, self.rank, subs, seeds)
+            else:
+                for G, sub, seed in zip(Gs, subs, seeds, strict=True):
+                    self.projector.refresh(G, side, self.rank, sub, seed)
+            for state, sub, old in zip(states, subs, olds, strict=True):
+                if old is not None:
+                    similarity = subspace_similarity(old, self.projector.matrix(sub, side), side, where)
+                    state["queue"] = [*state["queue"], similarity][-self.lazy_window :]
+        for state in states:
+            state["refreshes"] += 1
+            q = state["queue"]
+            full = self.lazy_threshold is not None and len(q) >= self.lazy_window
+            if full and sum(q) / len(q) >= self.lazy_threshold:  # type: ignore[operator]
+                state["gap"] = max(1, int(state["gap"] * self.lazy_growth))
+                state["queue"] = []
+            state["next"] = state["count"] + state["gap"]
 
     def project(self, G: Tensor, state: State) -> Tensor:
-        for side in sides(self.proj_type, tuple(G.shape)):
-            P = self.projector.matrix(state["proj"][side], side).to(G.dtype)
-            G = P.mT @ G if side == LEFT else G @ P.mT
+        """``P^T G`` (left) or ``G P^T`` (right). On row shards a left product is summed over the processes
+        and a right one stays split by rows (a row-sharded DTensor, so the inner optimiser's state is too)."""
+        where = rows(G)
+        for side in sides(self.proj_type, where.shape):
+            P = local(self.projector.matrix(state["proj"][side], side)).to(G.dtype)
+            G = where.reduce(P.mT @ G) if side == LEFT else where.wrap(G @ P.mT)
         return G
 
     def project_back(self, R: Tensor, state: State, like: Tensor) -> Tensor:
-        for side in sides(self.proj_type, tuple(like.shape)):
-            P = self.projector.matrix(state["proj"][side], side).to(R.dtype)
+        """The inverse of :meth:`project`: this process's rows of ``P N`` (left) or ``N P`` (right)."""
+        R = local(R)
+        for side in sides(self.proj_type, rows(like).shape):
+            P = local(self.projector.matrix(state["proj"][side], side)).to(R.dtype)
             R = P @ R if side == LEFT else R @ P
         return R
 
+    def update_many(self, items: list[tuple[Tensor, State, Tensor]]) -> list[Tensor] | None:
+        """:meth:`update` of several weights (``(grad, state, param)``), Adam's moment updates done by
+        multi-tensor (foreach) kernels over all of them: the same arithmetic as :class:`ScaleByAdam`, op for
+        op, in a handful of kernel launches instead of several per weight. None when the inner optimiser is
+        not Adam (the caller then updates one weight at a time)."""
+        adam = self.inner
+        if not isinstance(adam, ScaleByAdam) or not items:
+            return None
+        lows = []
+        for grad, state, param in items:
+            if self.due(state):
+                self._refresh(grad, state)
+            lows.append((self.project(grad, state), state["inner"], param))
+            state["count"] += 1
+        us = adam.update_many(lows)
+        return [
+            self.project_back(u, state, grad) * self.scale
+            for u, (grad, state, _) in zip(us, items, strict=True)
+        ]
+
     def update(self, grad: Tensor, state: State, param: Tensor) -> tuple[Tensor, State]:
-        if state["count"] >= state["next"] or not state["proj"]:
+        if self.due(state):
             self._refresh(grad, state)
         low = self.project(grad, state)
         state["count"] += 1

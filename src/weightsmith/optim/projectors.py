@@ -31,6 +31,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .sharded import local, rows
 from .transform import State
 
 LEFT, RIGHT = "left", "right"
@@ -60,6 +61,7 @@ class SVD:
     """Exact economy SVD of the gradient in float32, as galore-torch computes it."""
 
     name: str = "svd"
+    row_sides: tuple[str, ...] = ()  # galore-torch's SVD of the whole gradient: gathered under FSDP2
 
     def refresh(self, G: Tensor, side: str, rank: int, state: State, seed: int) -> None:
         U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
@@ -71,39 +73,62 @@ class SVD:
 
 @dataclass(frozen=True)
 class RandomizedSVD:
-    """Top-r singular subspace by a randomized range finder with ``power_iters`` power iterations."""
+    """Top-r singular subspace by a randomized range finder with ``power_iters`` power iterations.
+
+    The subspace iteration runs on the row space, ``Q <- orth(G^T G Q)`` ("Finding structure with
+    randomness", Halko, Martinsson & Tropp, 2011, Alg. 4.4), started from the previous subspace (warm start)
+    and seeded random columns; it ends with the eigenproblem of ``(G Q)^T (G Q) = V S^2 V^T``: the right
+    singular vectors are ``Q V``, the left ones ``G Q V S^-1`` (directions whose singular value is below
+    1e-6 of the largest are left out as zero columns). Every product is a sum over the gradient's rows, so
+    under FSDP2 the same code runs on row shards with all-reduces of n x k and k x k matrices
+    (:mod:`weightsmith.optim.sharded`); a left projector is then split by rows as the gradient. Signs are
+    fixed (the largest entry of each right vector positive) so that the result does not depend on the split.
+    """
 
     oversample: int = 8
     power_iters: int = 2
     warm_start: bool = True
     name: str = "rsvd"
+    row_sides: tuple[str, ...] = (LEFT, RIGHT)
 
     def refresh(self, G: Tensor, side: str, rank: int, state: State, seed: int) -> None:
-        A = G.float() if side == LEFT else G.float().mT  # left singular vectors of A are wanted
-        m, n = A.shape
+        self.refresh_batch([G], side, rank, [state], [seed])
+
+    def refresh_batch(
+        self, Gs: list[Tensor], side: str, rank: int, states: list[State], seeds: list[int]
+    ) -> None:
+        """:meth:`refresh` of same-shaped gradients at once (batched matrix products, QR and eigh)."""
+        where = rows(Gs[0])
+        A = torch.stack([G.float() for G in Gs])  # this process's rows of each gradient
+        m, n = where.shape
         k = min(rank + self.oversample, m, n)
-        gen = _generator(seed, A.device)
-        if self.warm_start and "P" in state:
-            prev = self.matrix(state, side).float()
-            prev = prev if side == LEFT else prev.mT
-            extra = (
-                torch.randn(m, k - prev.shape[1], device=A.device, generator=gen)
-                if k > prev.shape[1]
-                else None
-            )
-            start = prev if extra is None else torch.cat([prev, extra], dim=1)
-            Q, _ = torch.linalg.qr(A @ (A.mT @ start))
-        else:
-            Q, _ = torch.linalg.qr(A @ torch.randn(n, k, device=A.device, generator=gen))
+        starts = []
+        for G, state, seed in zip(Gs, states, seeds, strict=True):
+            start = torch.randn(n, k, device=A.device, generator=_generator(seed, A.device))
+            if self.warm_start and "P" in state:
+                prev = local(state["P"]).float()
+                basis = prev.mT if side == RIGHT else where.reduce(G.float().mT @ prev)  # the old row space
+                start = torch.cat([basis[:, :k], start[:, basis.shape[1] :]], dim=1)
+            starts.append(start)
+        Q, _ = torch.linalg.qr(where.reduce(A.mT @ (A @ torch.stack(starts))))
         for _ in range(self.power_iters):
-            Q, _ = torch.linalg.qr(A.mT @ Q)
-            Q, _ = torch.linalg.qr(A @ Q)
-        Ub, _, _ = torch.linalg.svd(Q.mT @ A, full_matrices=False)
-        U = (Q @ Ub[:, :rank]).to(G.dtype)
-        state["P"] = U.contiguous() if side == LEFT else U.mT.contiguous()
+            Q, _ = torch.linalg.qr(where.reduce(A.mT @ (A @ Q)))
+        C = (A @ Q).double()  # rows of G Q
+        evals, V = torch.linalg.eigh(where.reduce(C.mT @ C))
+        V, sigma = V.flip(-1)[..., :rank], evals.flip(-1)[..., :rank].clamp_min(0).sqrt()
+        W = Q.double() @ V  # the right singular vectors, n x r
+        sign = torch.where(W.gather(1, W.abs().argmax(dim=1, keepdim=True)) >= 0, 1.0, -1.0)
+        if side == RIGHT:
+            P = (W * sign).mT
+        else:
+            keep = sigma > 1e-6 * sigma[..., :1].clamp_min(1e-30)
+            P = (C @ (V * sign)) * torch.where(keep, 1.0 / sigma.clamp_min(1e-30), 0.0).unsqueeze(-2)
+        for i, state in enumerate(states):
+            Pi = P[i].to(Gs[i].dtype).contiguous()
+            state["P"] = Pi if side == RIGHT else where.wrap(Pi)
 
     def matrix(self, state: State, side: str) -> Tensor:
-        return state["P"]
+        return state["P"]  # type: ignore[no-any-return]
 
 
 _DCT_CACHE: dict[tuple[int, str], Tensor] = {}
@@ -129,11 +154,14 @@ class DCT:
     """The r DCT-II basis vectors with the most gradient energy; the state is their indices (``idx``)."""
 
     name: str = "dct"
+    row_sides: tuple[str, ...] = (RIGHT,)  # column energies are sums over rows: one all-reduce of n values
 
     def refresh(self, G: Tensor, side: str, rank: int, state: State, seed: int) -> None:
         A = G.float() if side == LEFT else G.float().mT
         D = dct_basis(A.shape[0], A.device)
         energy = (D.mT @ A).square().sum(dim=1)
+        if side == RIGHT:
+            energy = rows(G).reduce(energy)
         state["idx"] = torch.topk(energy, min(rank, energy.numel())).indices
         state["dim"] = int(A.shape[0])
 
@@ -149,9 +177,11 @@ class RandomProjection:
 
     kind: str = "gaussian"
     name: str = "random"
+    row_sides: tuple[str, ...] = (LEFT, RIGHT)  # drawn whole from the seed; a left one split by rows
 
     def refresh(self, G: Tensor, side: str, rank: int, state: State, seed: int) -> None:
-        k = G.shape[0] if side == LEFT else G.shape[1]
+        where = rows(G)
+        k = where.shape[0] if side == LEFT else where.shape[1]
         gen = _generator(seed, G.device)
         if self.kind == "gaussian":
             P = torch.randn(k, rank, device=G.device, generator=gen) / math.sqrt(rank)
@@ -161,7 +191,7 @@ class RandomProjection:
             signs = (u < 1 / (2 * s)).float() - (u > 1 - 1 / (2 * s)).float()
             P = signs * math.sqrt(s / rank)
         P = P.to(G.dtype)
-        state["P"] = P if side == LEFT else P.mT.contiguous()
+        state["P"] = where.wrap(where.take(P).contiguous()) if side == LEFT else P.mT.contiguous()
 
     def matrix(self, state: State, side: str) -> Tensor:
         return state["P"]
@@ -191,6 +221,8 @@ class Quantized:
 
     inner: Projector
     group_size: int = 64
+
+    row_sides: tuple[str, ...] = ()  # packed codes do not split by rows: gathered under FSDP2
 
     @property
     def name(self) -> str:

@@ -1,9 +1,11 @@
 """Resumable checkpoints, and where a run keeps them so that a finished run is never lost.
 
 A checkpoint is a directory ``checkpoint/``: the trainable state (``state.safetensors``), the optimizer,
-scheduler and RNG state (``optim.pt``: ``torch.save``, read back with ``torch.load(weights_only=True)``, so
-optimizer state must be tensors and plain Python types) and ``meta.json`` (where the run stands). It is
-built through :mod:`weightsmith.staging` and swapped in whole.
+scheduler and RNG state, each process's RNG in a multi-process run (``optim.pt``: ``torch.save``, read back
+with ``torch.load(weights_only=True)``, so optimizer state must be tensors and plain Python types) and
+``meta.json`` (where the run stands). It is
+built through :mod:`weightsmith.staging` and swapped in whole. Under FSDP2 every tensor is saved gathered
+(full), and cut back into shards on load, so the files are those of a one-process run.
 
 :class:`RunDir` decides where a run works (the rule is also in ``docs/adapters.md``):
 
@@ -29,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import staging
+from .. import distributed, staging
 from ..errors import WeightsmithError
 
 CHECKPOINT = "checkpoint"
@@ -40,15 +43,41 @@ STATE_FILE, OPTIM_FILE, META_FILE = "state.safetensors", "optim.pt", "meta.json"
 RUN_FILE = "run.json"
 
 
-def save_checkpoint(ckpt: Path, model: nn.Module, keys: list[str], opt: Any, sched: Any, meta: dict) -> None:
-    """Write the checkpoint directory ``ckpt`` whole (an older one is replaced only once this is complete)."""
+def snapshot(
+    model: nn.Module, keys: list[str], opt: Any, sched: Any, world: distributed.World
+) -> dict | None:
+    """What a checkpoint holds: the tensors ``keys`` of ``model``, the optimizer, scheduler and RNG states.
+
+    Every process of a multi-process run calls it (under FSDP2 the sharded tensors are gathered into full
+    ones, a collective; each process's RNG state is collected so that a resumed run draws what the
+    uninterrupted one would have drawn); the main process gets the snapshot, the others ``None``. The
+    paths of the optimizer-state tensors that were sharded are kept (``"sharded"``), so that
+    :func:`load_checkpoint` cuts them back into shards."""
     state = model.state_dict()
-    extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    tensors, _ = distributed.gather({k: state[k] for k in keys}, world.main)
+    optim, sharded = distributed.gather(opt.state_dict(), world.main)
+    rngs = distributed.all_gather_object(torch.get_rng_state(), world)
+    cuda = torch.cuda.is_available()
+    cuda_rngs = distributed.all_gather_object(torch.cuda.get_rng_state(), world) if cuda else None
+    if not world.main:
+        return None
+    extra: dict[str, Any] = {"optimizer": optim, "sharded": sharded, "scheduler": sched.state_dict(),
+                             "rng": rngs[0]}  # fmt: skip
+    if world.size > 1:
+        extra["rng_ranks"] = rngs
+    if cuda:
         extra["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if world.size > 1:
+            extra["cuda_rng_ranks"] = cuda_rngs
+    return {"tensors": {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, "extra": extra}
+
+
+def save_checkpoint(ckpt: Path, snap: dict, meta: dict) -> None:
+    """Write the checkpoint directory ``ckpt`` whole from a :func:`snapshot` (an older one is replaced only
+    once this is complete)."""
     with staging.staged_dir(ckpt, force=True) as tmp:
-        save_file({k: state[k].detach().cpu().contiguous() for k in keys}, str(tmp / STATE_FILE))
-        torch.save(extra, tmp / OPTIM_FILE)
+        save_file(snap["tensors"], str(tmp / STATE_FILE))
+        torch.save(snap["extra"], tmp / OPTIM_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -74,14 +103,38 @@ def load_checkpoint(ckpt: Path, model: nn.Module, keys: list[str], opt: Any, sch
             f"{ckpt}: checkpoint lacks '{missing[0]}' ({len(missing)} tensors); "
             "it was written for another method or model; start again with --force"
         )
-    model.load_state_dict(state, strict=False)
+    live = model.state_dict()
+    model.load_state_dict(
+        {k: distributed.shard_like(v, live[k]) if k in live else v for k, v in state.items()}, strict=False
+    )
     opt.load_state_dict(extra["optimizer"])
     _keep_saved_dtypes(opt, extra["optimizer"])
+    _reshard(opt, extra.get("sharded", []))
     sched.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"])
-    if "cuda_rng" in extra and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rngs = extra.get("rng_ranks")
+    torch.set_rng_state(rngs[rank] if rngs and len(rngs) == size else extra["rng"])
+    if torch.cuda.is_available():
+        cuda_rngs = extra.get("cuda_rng_ranks")
+        if cuda_rngs and len(cuda_rngs) == size:
+            torch.cuda.set_rng_state(cuda_rngs[rank])
+        elif "cuda_rng" in extra:
+            torch.cuda.set_rng_state_all(extra["cuda_rng"])
     return read_meta(ckpt)
+
+
+def _reshard(opt: Any, paths: list[list[Any]]) -> None:
+    """Cut the optimizer-state tensors that were sharded when saved (``paths`` from :func:`snapshot`:
+    ``["state", index, key, ...]``) back into this process's shard, laid out as their parameter."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for path in paths:
+        if len(path) < 3 or path[0] != "state":
+            continue
+        p = params[path[1]]
+        node = opt.state[p]
+        for key in path[2:-1]:
+            node = node[key]
+        node[path[-1]] = distributed.shard_like(node[path[-1]], p)
 
 
 def _keep_saved_dtypes(opt: Any, saved: dict[str, Any]) -> None:
@@ -171,10 +224,11 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self.checkpoint / META_FILE).is_file()
 
-    def save(self, model: nn.Module, keys: list[str], opt: Any, sched: Any, meta: dict) -> None:
+    def save(self, snap: dict, meta: dict) -> None:
+        """Write the checkpoint from a :func:`snapshot`."""
         if self._swap is None:
             self._claim()
-        save_checkpoint(self.checkpoint, model, keys, opt, sched, meta)
+        save_checkpoint(self.checkpoint, snap, meta)
 
     def _claim(self) -> None:
         """Working in OUT itself: create it at the first checkpoint; later, check it is still this run's."""

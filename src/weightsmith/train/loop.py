@@ -17,7 +17,13 @@ that group), schedules every group's ``lr``, clips the global gradient norm (``m
 the state must be tensors and plain Python types). An optimizer implementing
 :class:`~weightsmith.train.optimizer.UpdatesInBackward` (``step_in_backward(enabled)``) updates parameters
 inside backward (per-layer updates): the loop then announces, before each backward pass, whether it ends an
-optimizer step, and neither clips nor calls ``step()``. Without that method nothing changes.
+optimizer step, and does not clip; its ``step()`` is still called after the pass (it finds no gradient left),
+which keeps the scheduler's order check satisfied. Without that method nothing changes.
+
+**Under torchrun** the model is spread with DDP (``parallel="ddp"``, the default) or sharded with FSDP2
+(``parallel="fsdp2"``: ``fully_shard`` on each repeated block and on the whole model; a clear error outside a
+process group). Checkpoints hold full tensors either way (FSDP2 shards are gathered on save and cut again on
+load), so a run resumes bit-exactly and a checkpoint does not depend on the number of processes.
 
 **Where the run is written** (``out``; :class:`~weightsmith.train.checkpoint.RunDir`): a new ``out`` is
 created at the first checkpoint (a run killed earlier leaves nothing behind) and holds ``out/checkpoint``
@@ -57,7 +63,7 @@ from ..errors import WeightsmithError
 from ..progress import bar as progress_bar
 from ..progress import log
 from ..tasks import Task, get_task
-from .checkpoint import CHECKPOINT, RunDir, load_checkpoint, read_meta
+from .checkpoint import CHECKPOINT, RunDir, load_checkpoint, read_meta, snapshot
 from .optimizer import OptimizerFactory, adamw_factory, describe, separate_head, updates_in_backward
 from .runs import FULL, HEAD, write_outputs
 
@@ -88,6 +94,9 @@ class TrainArgs:
     # step is the same up to float rounding; dropout draws other masks). None: CPU_MICRO_TOKENS for
     # language modelling on the CPU (bounds activation and logit memory), otherwise the whole batch.
     micro_batch_tokens: int | None = None
+    # How a multi-process (torchrun) run spreads the model: "ddp" (a copy in every process, gradients
+    # all-reduced) or "fsdp2" (parameters, gradients and element-wise optimizer state sharded by rows).
+    parallel: str = "ddp"
 
 
 # Default micro-batch on the CPU: a causal LM keeps ~50 kB of activations per token per layer for the
@@ -134,6 +143,9 @@ def check_args(args: TrainArgs) -> None:
     )
     need(_is_int(args.seed) and args.seed >= 0, "--seed", "an integer of at least 0", args.seed)
     need(args.schedule in SCHEDULES, "--schedule", " or ".join(SCHEDULES), args.schedule)
+    need(
+        args.parallel in distributed.PARALLEL, "--parallel", " or ".join(distributed.PARALLEL), args.parallel
+    )
     need(isinstance(args.bf16, bool), "bf16", "True or False", args.bf16)
     check_device(args.device)
 
@@ -383,12 +395,14 @@ def finetune(
         "args": {**dataclasses.asdict(args), "lr": lr},
     }
     world, device = distributed.init(args.device)
+    if args.parallel == "fsdp2":
+        distributed.require_group("--parallel fsdp2 (FSDP2, fully_shard)")
     run_dir = RunDir(out, force, resume) if out is not None and world.main else None
     ckpt = Path(out) / CHECKPOINT if resume and out is not None else None
     if resume and run_dir is not None:
         ckpt = run_dir.checkpoint
         saved = read_meta(ckpt).get("run", {})
-        changed = _differences({k: v for k, v in saved.items() if k != "optimizer"}, _plain(meta_run))
+        changed = _differences(_comparable(saved), _comparable(_plain(meta_run)))
         if changed:
             raise WeightsmithError(
                 f"--resume: {out} was started with other settings ({'; '.join(changed[:4])}); "
@@ -408,6 +422,13 @@ def finetune(
 
 def _plain(x: Any) -> Any:
     return json.loads(json.dumps(x))
+
+
+def _comparable(run: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share with the first: not the optimizer (checked apart) nor the
+    parallelism (a checkpoint holds full tensors, so DDP and FSDP2 runs resume each other)."""
+    args = {k: v for k, v in run.get("args", {}).items() if k != "parallel"}
+    return {**{k: v for k, v in run.items() if k != "optimizer"}, "args": args}
 
 
 def _differences(then: Any, now: Any, where: str = "") -> list[str]:
@@ -442,7 +463,13 @@ def _train(
     net.to(device)  # adapters are created on the device (SVD/LU inits and calibration run there)
     _attach(t, net, adapter, targets, args.batch_size, device)
     world.barrier()
-    trained = distributed.wrap(net, world, device)  # all-reduces gradients across processes
+    sharded = args.parallel == "fsdp2"
+    if sharded:  # FSDP2: each repeated block, then the rest, sharded by rows across the processes
+        from ..layers import decoder_blocks
+
+        trained = distributed.shard(net, decoder_blocks(t.backbone(net))[1])
+    else:
+        trained = distributed.wrap(net, world, device)  # all-reduces gradients across processes
     params = _trainable(net)
     head = t.head(net)
     if factory is None:
@@ -493,13 +520,20 @@ def _train(
     net.train()
 
     def checkpoint(next_epoch: int, next_batch: int) -> None:
-        if run_dir is None:
+        # every process of a multi-process run takes part (FSDP2 gathers shards; the RNG states are
+        # collected), so that all of them also stop together on a non-finite weight
+        if run_dir is None and world.size == 1:
             return
-        bad = next((n for n, p in params.items() if not bool(torch.isfinite(p.detach()).all())), None)
+        local = (
+            n for n, p in params.items() if not bool(torch.isfinite(distributed.local(p.detach())).all())
+        )
+        bad = next((b for b in distributed.all_gather_object(next(local, None), world) if b), None)
         if bad is not None:
             _diverged(run_dir, step - 1, epoch, f"parameter '{bad}' is not finite after the update")
         state.update(step=step, epoch=next_epoch, batch=next_batch, elapsed=time.perf_counter() - start)
-        run_dir.save(net, keys, opt, sched, state)
+        snap = snapshot(net, keys, opt, sched, world)
+        if run_dir is not None and snap is not None:
+            run_dir.save(snap, state)
 
     with progress_bar() as bar:
         job = bar.add_task(f"{method} · {t.name}", total=total, completed=step, status="")
@@ -537,8 +571,10 @@ def _train(
                 if not in_backward:
                     norm = nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm or float("inf"))
                     if not torch.isfinite(norm):
-                        _diverged(run_dir, step, epoch, f"gradient norm is {float(norm)}")
-                    opt.step()
+                        _diverged(run_dir, step, epoch, f"gradient norm is {float(distributed.local(norm))}")
+                # updates inside backward have consumed every gradient: step() finds none and does nothing,
+                # but the learning-rate scheduler sees the optimizer stepped before it (no order warning)
+                opt.step()
                 sched.step()
                 _adapter_step(net, method, step, total)
                 opt.zero_grad(set_to_none=True)
@@ -561,6 +597,8 @@ def _train(
 
     wall = time.perf_counter() - start
     metric = t.evaluate(net, tok, "test", device) if t.kind == "classification" else state["val"][-1]
+    if sharded:
+        distributed.unshard_for_export(net)  # the writers below see whole tensors
     peak, kind = _peak_memory(device)
     result = TrainResult(
         t.model_spec,

@@ -12,8 +12,10 @@ Per-layer updates inside backward (GaLore's layer-wise updates: Zhao et al., "Ga
 Training by Gradient Low-Rank Projection", ICML 2024, §4.3) need the loop's cooperation: an optimizer that
 implements :class:`UpdatesInBackward` updates each parameter from its post-accumulate-grad hook and frees
 the gradient, so no full set of gradients ever exists. The loop tells it before every backward pass
-whether that pass ends an optimizer step (gradient accumulation), and then neither clips gradients nor
-calls ``step()``. An optimizer without that method is stepped the ordinary way.
+whether that pass ends an optimizer step (gradient accumulation), and then does not clip gradients; it still
+calls ``step()`` after that pass, when the hooks have consumed every gradient, so ``step()`` must then do
+nothing (a ``TransformOptimizer`` skips parameters without a gradient) and learning-rate schedulers see the
+usual order. An optimizer without that method is stepped the ordinary way.
 """
 
 from __future__ import annotations
