@@ -14,7 +14,8 @@ copied from the base), atomically. A model may be a directory, a .safetensors fi
 or a weightsmith adapt run of a full fine-tune (its model/ directory is used).
 
 \b
-Our recipe format (methods: average, task_arithmetic, ties, dare, dare_ties, gta, opcm, lora, and every
+Our recipe format (methods: average, task_arithmetic, ties, dare, dare_ties, gta, opcm, lora, the data-aware
+regmean, fisher and adamerging (data: TASK or TEXT, samples, seq_len; docs/merging-data-aware.md), and every
 mergekit method below under the same name, e.g. method: slerp with t: 0.3):
   method: ties              # its options sit beside it:
   density: 0.2              #   ties: density, scaling, trim (model|tensor), weighted_election

@@ -10,9 +10,11 @@ import importlib
 import pkgutil
 
 from ._core import TaskVector, check_inputs, write_model
+from .adamerging import AdaMerging
 from .arcee_fusion import ArceeFusion
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTIES
 from .della import DELLA, DELLALinear
+from .fisher import Fisher
 from .karcher import Karcher
 from .lora_merge import LoRAMerge, merge_loras
 from .model_stock import ModelStock
@@ -22,6 +24,7 @@ from .passthrough import Passthrough
 from .ram import RAM, RAMPlusTL
 from .recipe import load_recipe, merge
 from .recipe import run as run_recipe
+from .regmean import RegMean
 from .sce import SCE
 from .slerp import SLERP, MultiSLERP, NuSLERP
 from .task_arithmetic import (
@@ -46,4 +49,6 @@ __all__ = [
     # mergekit's tensor-wise methods (docs/merging-mergekit.md)
     "DELLA", "RAM", "SCE", "SLERP", "ArceeFusion", "Breadcrumbs", "BreadcrumbsTIES", "DELLALinear", "Karcher",
     "ModelStock", "MultiSLERP", "NearSwap", "NuSLERP", "Passthrough", "RAMPlusTL",
+    # data-aware merges (docs/merging-data-aware.md)
+    "AdaMerging", "Fisher", "RegMean",
 ]  # fmt: skip

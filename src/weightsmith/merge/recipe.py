@@ -416,6 +416,10 @@ def _layer_t(name: str, n_layers: int) -> float:
 def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
     """A mergekit YAML, reproducing mergekit 0.1.5's semantics for the supported methods."""
     method = data["merge_method"]
+    from . import _dataaware
+
+    if isinstance(method, str) and method in _dataaware.MERGEKIT_NAMES:  # RegMean, Fisher, AdaMerging
+        return _dataaware.mergekit_recipe(data, recipe)
     if mergekit_plan.handles(data):  # SLERP, Model Stock, DELLA, ... and every ``slices:`` config
         return Recipe(mergekit_plan.MergekitYAML(data, recipe), [], flavour="mergekit")
     unknown = sorted(str(k) for k in data if k not in MERGEKIT_KEYS)
