@@ -395,6 +395,8 @@ def walk_blocks(
         raise WeightsmithError(f"calibration batches never reached the first block of '{path}'")
     hidden = [_first(a) if a else k.pop("hidden_states") for a, k in captured]
     rest = [(tuple(a[1:]) if a else (), k) for a, k in captured]
+    # padding positions are left out of the statistics, as in collect_stats
+    masks = [b.get("attention_mask") if isinstance(b, Mapping) else None for b in batches]
     try:
         for i, block in enumerate(blocks):
             block.to(device)
@@ -405,7 +407,8 @@ def walk_blocks(
             if layers:
                 hooks = _Hooks(layers, spec, block)
                 try:
-                    for h, (args, kwargs) in zip(hidden, rest, strict=True):
+                    for h, (args, kwargs), mask in zip(hidden, rest, masks, strict=True):
+                        hooks.mask = mask
                         block(h, *args, **kwargs)
                         hooks.outputs.clear()
                 except BaseException:
