@@ -22,6 +22,7 @@ from ..config import parse_opts
 from ..errors import WeightsmithError
 from ..tasks import TASKS
 from ._app import app
+from ._options import train_args
 from .adapt import print_result
 
 
@@ -138,6 +139,8 @@ def train_cmd(
     config = build_optimizer(optimizer, options)
     from ..train import finetune
 
+    # weight decay belongs to the optimizer here (options above), not to the loop's default AdamW
+    args = train_args({k: v for k, v in locals().items() if k != "weight_decay"})
     result = finetune(
         model,
         task,
@@ -149,18 +152,7 @@ def train_cmd(
         max_len=max_len,
         eval_examples=eval_examples,
         optimizer=config.create,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        head_lr=head_lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        warmup=warmup,
-        schedule=schedule,
-        seed=seed,
-        device=device,
-        checkpoint_every=checkpoint_every,
-        parallel=parallel,
+        args=args,
     )
     print_result(
         f"{optimizer} on {result.task} ({result.model})", result, ("optimizer", str(cfg.to_dict(config))), out
