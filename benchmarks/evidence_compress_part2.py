@@ -26,7 +26,6 @@ import torch
 
 from weightsmith.compress import calibration_batches, compress, heldout_text
 from weightsmith.compress._lowrank import LowRankConfig, compress_lowrank
-from weightsmith.compress._sparse import PART2_KIND
 from weightsmith.config import config_from_dict
 from weightsmith.evaluate import perplexity
 from weightsmith.models import load_model
@@ -117,7 +116,7 @@ def main() -> None:
     for label, setting, opts in jobs:
         if (label, setting) in done:
             continue
-        cfg = config_from_dict(opts, PART2_KIND)
+        cfg = config_from_dict(opts, "compress")
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         batches = calib if cfg.needs_calibration() else None

@@ -9,16 +9,16 @@ sparse tensor cores run at up to twice the dense speed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import WeightsmithError
 from ..layers import InputStats, Layer
-from ._core import CompressConfig, CompressReport
+from ._core import CompressConfig, CompressReport, _record
 
 SCOPES = ("row", "layer")
 
@@ -83,6 +83,34 @@ def unstructured_mask(score: Tensor, sparsity: float, scope: str = "row") -> Ten
 def select_mask(score: Tensor, sparsity: float, n: int, m: int, scope: str = "row") -> Tensor:
     """N:M when ``m`` is set, else unstructured at ``sparsity``."""
     return nm_mask(score, n, m) if m else unstructured_mask(score, sparsity, scope)
+
+
+def layer_gradients(
+    model: nn.Module, layers: Sequence[Layer], batches: Sequence[Any], each: Callable[[Layer, Tensor], None]
+) -> None:
+    """Call ``each(layer, g)`` with every calibration batch's gradient ``g`` [out, in] (float32) of the
+    model's loss for each layer: the causal-LM loss (``labels = input_ids``) or the batch's own ``labels``.
+
+    The backward passes are FWSVD's (:func:`~weightsmith.compress.fwsvd.row_fisher`: only the layers'
+    weights get gradients, flags and ``.grad`` restored afterwards); a post-accumulate hook on each weight
+    hands over the batch's gradient before it is cleared.
+    """
+    from .fwsvd import row_fisher
+
+    def hook_for(ly: Layer) -> Callable[[Tensor], None]:
+        def hook(p: Tensor) -> None:
+            if p.grad is not None:
+                g = p.grad.detach().float()
+                each(ly, g.T if ly.kind == "conv1d" else g)
+
+        return hook
+
+    handles = [ly.module.weight.register_post_accumulate_grad_hook(hook_for(ly)) for ly in layers]  # type: ignore[union-attr, operator]
+    try:
+        row_fisher(model, layers, batches)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass
@@ -162,6 +190,21 @@ class PruneConfig(CompressConfig):
 
     def quantize(self, W: Tensor, stats: InputStats | None) -> SparseWeight:  # type: ignore[override]
         return self.prune(W, stats)
+
+
+def prune_by_scores(
+    config: PruneConfig, layers: Sequence[Layer], scores: dict[str, Tensor], scope: str
+) -> CompressReport:
+    """Prune every layer by its precomputed score [out, in] (methods that score all layers before any
+    changes, from gradients of the whole model); writes the pruned weights and returns the report."""
+    report = CompressReport(config)
+    for ly in layers:
+        W = ly.weight().detach().float().clone()
+        sw = pruned(W, select_mask(scores[ly.name].to(W.device), config.sparsity, config.n, config.m, scope),
+                    config.n, config.m)  # fmt: skip
+        ly.write(sw.W)
+        _record(report, [ly], {ly.name: W}, {ly.name: sw})
+    return report
 
 
 # ------------------------------------------------------------------------ compressed-tensors sparse layouts
