@@ -17,17 +17,26 @@ tokens of --calib (a packaged text such as hamlet, or a UTF-8 text file).
 
 Quantisers (--bits, default 4; --group-size, default 128, 0 = per-channel): rtn (round to nearest,
 data-free), hqq (half-quadratic, data-free), bcq (binary-coding, sums of scaled ±1 vectors, data-free;
-iters, po2_scales for ShiftAddLLM's power-of-two scales; dense output only), gptq and awq (calibrated).
+iters, po2_scales for ShiftAddLLM's power-of-two scales; avg_bits for its sensitivity-based mixed bits),
+gptq and awq (calibrated), udfc (data-free compensation of the quantisation or pruning error by the next
+layer; prune_only, sparsity, combine), bitstack (sign x low-rank residual stack, activation-aware; levels,
+rank, sort; --format weightsmith, reloaded at any size by ws.load_compressed(DIR, memory_mb=...)).
 Options: act_order, damp, block_size (gptq); n_grid, clip, max_shrink, rows (awq); p, beta, kappa, iters,
 integer_zero (hqq); symmetric (all).
 
 Pruners (options sparsity, default 0.5, or n and m for N:M such as n=2 m=4): magnitude (data-free;
 prune_scope layer or row), wanda (calibrated; prune_scope), sparsegpt (calibrated; damp, block_size),
-dsnot (training-free prune-and-grow on an init mask; calibrated; init, max_cycles, threshold, pow_var).
+dsnot (training-free prune-and-grow on an init mask; calibrated; init, max_cycles, threshold, pow_var),
+armor (N:M core wrapped by block-diagonal correctors; n, m, block_size, iters, init), dpruner (general
+importance from --calib and domain importance from domain=FILE; lam, prune_scope), pst (magnitude plus a
+low-rank and structured fit of gradient importance; rank, alpha, structured).
 
 Low-rank (options keep, default 0.5 of the parameters; allocation global or uniform; rank, a fixed rank):
 svd (data-free), fwsvd (Fisher-weighted, calibrated; eps), asvd (activation-aware, calibrated; whiten
-cholesky or scale, alpha, damp).
+cholesky or scale, alpha, damp), welore (ranks from each matrix's singular-value tail under the keep
+budget; matrices that do not compress stay dense; min_ratio). Structure: masa (attention projections of
+all layers as combinations of shared matrix atoms; keep, atoms), monarch (nearest Monarch matrix; nblocks,
+block_rank); both dense output for now.
 
 Formats (default: compressed-tensors for quantisers, dense otherwise): compressed-tensors (quantisers only:
 pack-quantized, loads in transformers with the compressed-tensors package and in vLLM), dense (the dense
@@ -51,8 +60,8 @@ def compress_cmd(
     method: str = typer.Option(
         ...,
         "--method",
-        help="rtn, hqq, gptq, awq (quantise); magnitude, wanda, sparsegpt, dsnot (prune); svd, fwsvd, asvd "
-        "(low-rank)",
+        help="rtn, hqq, bcq, gptq, awq, udfc, bitstack (quantise); magnitude, wanda, sparsegpt, dsnot, "
+        "armor, dpruner, pst (prune); svd, fwsvd, asvd, welore, masa, monarch (low-rank / structure)",
     ),
     out: Path = typer.Option(..., "--out", help="output model directory"),
     bits: int | None = typer.Option(None, "--bits", help="bits per weight, 2 to 8 (quantisers; default 4)"),
