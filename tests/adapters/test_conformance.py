@@ -80,7 +80,8 @@ def test_identity_at_init(method):
     y0 = m(x)
     names = attach(m, method)
     assert names == ["l1.weight", "c1.weight", "l2.weight"]
-    assert close(m(x), y0, 1e-5), f"{method}: adapted model differs from the base at init"
+    if getattr(config(method), "identity_at_init", True):  # QAT runs on quantised weights from the start
+        assert close(m(x), y0, 1e-5), f"{method}: adapted model differs from the base at init"
     with adapters.adapters_disabled(m):
         assert torch.equal(m(x), y0)
 

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from compress_fixtures import tiny_llama
+from compress_fixtures import calib, tiny_llama
 
 from weightsmith.compress import RTN, compress, load_compressed, save_compressed
+from weightsmith.compress._alloc import allocate_bits, mean_bits
 from weightsmith.compress.bcq import (
     BCQ,
     BCQWeight,
@@ -18,6 +19,7 @@ from weightsmith.compress.bcq import (
     nearest_codes,
     po2_refine,
     refit_alpha,
+    sensitivity,
 )
 from weightsmith.errors import WeightsmithError
 
@@ -104,25 +106,63 @@ def test_bcq_vs_rtn_at_equal_bits(dist: str, capsys):
         )
 
 
-def test_compress_tiny_llama_dense_roundtrip_and_formats(tmp_path):
+def test_compress_tiny_llama_dense_and_weightsmith_roundtrip(tmp_path):
     m = tiny_llama()
     q, report = compress(copy.deepcopy(m), BCQ(bits=3, group_size=16, iters=5))
     assert len(report.layers) == 14 and all(0 < r.rel_error < 1 for r in report.layers)
     assert report.bits_per_weight is None
-    assert report.config.describe(report) == f"{3 + 3 * 16 / 16:.2f} bits/weight (binary codes)"
+    assert (
+        report.config.describe(report) == f"{3 + 3 * 16 / 16:.2f} bits/weight (binary codes, 3.00 code bits)"
+    )
     layer = "model.layers.0.mlp.down_proj.weight"
     w = report.weights[layer]
     assert isinstance(w, BCQWeight)
+    assert torch.equal(w.alpha, w.alpha.half().float())  # the scales are stored in float16, exactly
     assert torch.equal(q.get_parameter(layer), w.dequantize())
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
     assert torch.isfinite(q(ids).logits).all()
-    out = save_compressed(q, report, tmp_path / "dense", format="dense")
-    back = load_compressed(out)
-    assert torch.equal(back.get_parameter(layer), w.dequantize())
-    for fmt in ("compressed-tensors", "weightsmith"):
-        with pytest.raises(WeightsmithError, match="binary codes"):
-            save_compressed(q, report, tmp_path / fmt, format=fmt)
-        assert not (tmp_path / fmt).exists()
+    for fmt in ("dense", "weightsmith"):
+        back = load_compressed(save_compressed(q, report, tmp_path / fmt, format=fmt))
+        for name, wq in report.weights.items():
+            assert torch.equal(back.get_parameter(name), wq.dequantize()), (fmt, name)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "weightsmith" / "model.safetensors"), "pt") as f:
+        packed = f.get_tensor("model.layers.0.mlp.down_proj.bcq_codes")
+    assert packed.dtype == torch.int32 and packed.shape == (64, 128 * 3 // 32)  # 3 bits per weight
+    with pytest.raises(WeightsmithError, match="binary codes"):
+        save_compressed(q, report, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_sensitivity_by_hand_with_identity_hessian():
+    # H = I: (H + λI)⁻¹ = I / (1 + λ), its Cholesky factor: diagonal 1 / sqrt(1 + λ), so W_H = W sqrt(1 + λ)
+    W = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    lam = 0.01  # damp · mean diag H
+    WH = W * (1 + lam) ** 0.5
+    assert sensitivity(W, torch.eye(2), 0.01) == pytest.approx(float(WH.norm() * WH.std() ** 2), rel=1e-5)
+
+
+def test_allocate_bits_by_hand():
+    # budget 2.5 bits over sizes 100/100/200: all at 2 (800 bits of 1000), then by sensitivity: c (+200)
+    # fits, a (+100) does not (1100 > 1000) ... b is less sensitive than a, so nothing else
+    sens = {"a": 3.0, "b": 1.0, "c": 5.0}
+    sizes = {"a": 100, "b": 100, "c": 200}
+    bits = allocate_bits(sens, sizes, 2.5, [2, 3])
+    assert bits == {"a": 2, "b": 2, "c": 3}
+    assert mean_bits(bits, sizes) == 2.5
+    assert allocate_bits(sens, sizes, 2.75, [2, 3]) == {"a": 3, "b": 2, "c": 3}
+
+
+def test_mixed_bits_meet_the_budget_and_reload_exactly(tmp_path):
+    q, report = compress(tiny_llama(), BCQ(avg_bits=2.5, group_size=16, iters=3), calib=calib())
+    sizes = {r.name: r.shape[0] * r.shape[1] for r in report.layers}
+    bits = {n: w.bits for n, w in report.weights.items()}
+    assert set(bits.values()) == {2, 3} and 2.3 < mean_bits(bits, sizes) <= 2.5
+    assert f"{mean_bits(bits, sizes):.2f} code bits" in report.config.describe(report)
+    back = load_compressed(save_compressed(q, report, tmp_path / "mixed", format="weightsmith"))
+    for name, w in report.weights.items():
+        assert torch.equal(back.get_parameter(name), w.dequantize()), name
 
 
 def test_bad_options():
@@ -134,3 +174,7 @@ def test_bad_options():
         BCQ(symmetric=False)
     with pytest.raises(WeightsmithError, match="group size"):
         compress(tiny_llama(), BCQ(group_size=48))
+    with pytest.raises(WeightsmithError, match="avg_bits 1"):
+        BCQ(avg_bits=1.5)
+    with pytest.raises(WeightsmithError, match="needs calibration data"):
+        compress(tiny_llama(), BCQ(avg_bits=2.5, group_size=16))

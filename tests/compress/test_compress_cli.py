@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import weightsmith.cli.compress  # noqa: F401  (registers the command)
 from weightsmith.cli import main
 from weightsmith.cli._app import app
+from weightsmith.config import registered
 
 runner = CliRunner()
 
@@ -68,7 +69,7 @@ def test_cli_gptq_writes_a_loadable_model(tiny_dir, tmp_path):
         (["--group-size", "48"], "group sizes that divide every layer: 32, 64, 0"),
         (
             ["--method", "nope"],
-            "unknown; known: asvd, awq, bcq, dsnot, fwsvd, gptq, hqq, magnitude, rtn, sparsegpt, svd, wanda",
+            "unknown; known: " + ", ".join(sorted(registered("compress"))),
         ),
         (["--method", "wanda", "--format", "compressed-tensors"], "0.20 no longer decompresses"),
         (["--method", "svd", "--format", "compressed-tensors"], "no layout for low-rank factors"),

@@ -21,7 +21,10 @@ from weightsmith.compress.wanda import Wanda
 from weightsmith.config import registered
 from weightsmith.errors import WeightsmithError
 
-ALL = ["asvd", "awq", "bcq", "dsnot", "fwsvd", "gptq", "hqq", "magnitude", "rtn", "sparsegpt", "svd", "wanda"]
+ALL = [
+    "armor", "asvd", "awq", "bcq", "bitstack", "dpruner", "dsnot", "fwsvd", "gptq", "hqq", "magnitude",
+    "masa", "monarch", "pst", "rtn", "sparsegpt", "svd", "udfc", "wanda", "welore",
+]  # fmt: skip
 
 
 def _logits(model, ids):

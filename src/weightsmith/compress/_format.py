@@ -15,6 +15,13 @@
   Low-rank weights: the state dict of :func:`~._lowrank.thin_linears` (``P.down.weight`` [r, in],
   ``P.up.weight`` [out, r], the bias as ``P.up.bias``), with every layer's rank in ``compression.json``;
   :func:`load_compressed` rebuilds the two thin Linears, so the loaded model has fewer parameters.
+  Binary codes (BCQ): ``P.bcq_codes`` (the ``b``-bit codes, bit ``i`` for ``b_i``, packed as above),
+  ``P.bcq_alpha`` [out, groups, b] (float16) and ``P.bcq_shape`` (out, in, b, group size); ``b`` may differ
+  from layer to layer (mixed bits). BitStack: ``P.bitstack_scale`` [in] and per block ``i``
+  ``P.bitstack.i.signs`` (uint8, one bit per weight), ``P.bitstack.i.u``, ``P.bitstack.i.v`` (float16); the
+  global stack order and each block's size are in ``compression.json``; ``load_compressed(DIR,
+  memory_mb=M)`` reads only the blocks of the top of the stack that fit ``M`` MB (10^6 bytes) in all, and
+  the model runs with ``Ŵ = Σ_{loaded i} B_i diag(s)⁻¹``.
 
 Every output directory is complete (config, tokenizer, generation config, ``compression.json``) and is
 built in a staging directory (:func:`weightsmith.staging.staged_dir`) swapped in whole.
@@ -38,10 +45,25 @@ from ._core import CompressReport
 from ._grid import QuantizedWeight
 from ._lowrank import LowRankWeight, thin_linears
 from ._sparse import SparseWeight, bitmask_tensors, dense_from_bitmask
+from .bcq import BCQWeight
+from .bitstack import BitStackWeight
 
 FORMATS = ("compressed-tensors", "dense", "weightsmith")
 WEIGHTS = "model.safetensors"
 INFO = "compression.json"
+MB = 1e6
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def pack_codes(q: Tensor, bits: int) -> Tensor:
@@ -145,6 +167,19 @@ def _weightsmith_tensors(
         return _quantized_tensors(path, w, dtype, True)
     if isinstance(w, SparseWeight):
         return bitmask_tensors(name, w, dtype)
+    if isinstance(w, BCQWeight):
+        return {
+            f"{path}.bcq_codes": pack_codes(w.codes.cpu(), w.bits),
+            f"{path}.bcq_alpha": w.alpha.cpu().half().contiguous(),
+            f"{path}.bcq_shape": torch.tensor([*w.codes.shape, w.bits, w.group_size], dtype=torch.int64),
+        }
+    if isinstance(w, BitStackWeight):
+        out = {f"{path}.bitstack_scale": w.scale.cpu().float().contiguous()}
+        for i in range(w.levels):
+            out[f"{path}.bitstack.{i}.signs"] = w.signs[i].cpu().contiguous()
+            out[f"{path}.bitstack.{i}.u"] = w.u[i].cpu().half().contiguous()
+            out[f"{path}.bitstack.{i}.v"] = w.v[i].cpu().half().contiguous()
+        return out
     if isinstance(w, LowRankWeight):
         out = {f"{path}.down.weight": w.B.cpu().to(dtype).contiguous()}
         out[f"{path}.up.weight"] = w.A.cpu().to(dtype).contiguous()
@@ -214,6 +249,9 @@ def save_compressed(
     ranks = {n: w.rank for n, w in report.weights.items() if isinstance(w, LowRankWeight)}
     if ranks:
         info["ranks"] = ranks
+    stacks = {layers[n].path: w for n, w in report.weights.items() if isinstance(w, BitStackWeight)}
+    if stacks and format == "weightsmith":
+        info["stack"] = _stack_info(stacks)
     if format == "compressed-tensors" and not report.config.symmetric:
         log(
             "note: asymmetric compressed-tensors checkpoints load in vLLM and ws.load_compressed, "
@@ -279,17 +317,119 @@ def _densify_state(state: dict[str, Tensor]) -> None:
         state[name] = dense_from_bitmask(state.pop(f"{name}.compressed"), state.pop(key), shape)
 
 
-def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a directory written by :func:`save_compressed` (any format) as a plain ``nn.Module``."""
-    import transformers
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+def _stack_info(stacks: dict[str, BitStackWeight]) -> dict[str, Any]:
+    """The global order of the blocks above level 0 (``[module path, level]``, most useful first) and
+    each layer's block size in bytes."""
+    order = sorted(
+        ((w.position[i], p, i) for p, w in stacks.items() for i in range(1, w.levels)), key=lambda t: t[0]
+    )
+    return {
+        "order": [[p, i] for _, p, i in order],
+        "block_bytes": {p: w.block_bytes() for p, w in stacks.items()},
+        "levels": {p: w.levels for p, w in stacks.items()},
+    }
 
-    path = Path(path)
+
+def _nbytes(fh: Any, key: str) -> int:
+    sl = fh.get_slice(key)
+    n = 1
+    for d in sl.get_shape():
+        n *= int(d)
+    return n * _ITEMSIZE.get(sl.get_dtype(), 4)
+
+
+def _stack_key(key: str) -> tuple[str, int] | None:
+    """``(module path, level)`` of a BitStack block tensor ``P.bitstack.i.{signs,u,v}``, else None."""
+    head, sep, tail = key.rpartition(".bitstack.")
+    if not sep:
+        return None
+    level = tail.split(".")[0]
+    return (head, int(level)) if level.isdigit() else None
+
+
+def stack_sizes(path: str | Path) -> list[float]:
+    """Sizes (MB, 10^6 bytes) of every loadable prefix of a BitStack directory's stack, smallest first: the
+    ``memory_mb`` values at which :func:`load_compressed` takes one more block."""
+    from safetensors import safe_open
+
+    info = _read_info(Path(path))
+    if "stack" not in info:
+        raise WeightsmithError(f"{path}: not a BitStack directory (no stack in {INFO})")
+    with safe_open(str(Path(path) / WEIGHTS), "pt") as fh:
+        base = sum(_nbytes(fh, k) for k in fh.keys() if (_stack_key(k) or ("", 0))[1] == 0)  # noqa: SIM118
+    sizes = [base / MB]
+    for p, _ in info["stack"]["order"]:
+        base += info["stack"]["block_bytes"][p]
+        sizes.append(base / MB)
+    return sizes
+
+
+def _stack_budget(path: Path, info: dict[str, Any], memory_mb: float | None) -> dict[str, int]:
+    """Blocks per layer (module path) of the top of the stack that fits ``memory_mb`` (all if None)."""
+    stack = info["stack"]
+    if memory_mb is None:
+        return {p: int(n) for p, n in stack["levels"].items()}
+    sizes = stack_sizes(path)
+    if memory_mb < sizes[0]:
+        raise WeightsmithError(
+            f"memory_mb={memory_mb}: {path} needs at least {sizes[0]:.2f} MB (every layer's first block and "
+            f"the uncompressed tensors); its stack loads at {sizes[0]:.2f} to {sizes[-1]:.2f} MB"
+        )
+    taken = sum(1 for s in sizes[1:] if s <= memory_mb)
+    levels = {p: 1 for p in stack["levels"]}
+    for p, _ in stack["order"][:taken]:
+        levels[p] += 1
+    return levels
+
+
+def _rebuild_stack(state: dict[str, Tensor], levels: dict[str, int]) -> None:
+    """BitStack tensors back to dense ``P.weight`` (the loaded blocks summed, scaled back), in place."""
+    for p, n in levels.items():
+        scale = state.pop(f"{p}.bitstack_scale").float()
+        W = torch.zeros(0)
+        for i in range(n):
+            signs = state.pop(f"{p}.bitstack.{i}.signs")
+            u, v = state.pop(f"{p}.bitstack.{i}.u").float(), state.pop(f"{p}.bitstack.{i}.v").float()
+            block = BitStackWeight(signs.unsqueeze(0), u.unsqueeze(0), v.unsqueeze(0), scale).block(0)
+            W = block if i == 0 else W + block
+        state[f"{p}.weight"] = W / scale.unsqueeze(0)
+
+
+def _rebuild_bcq(state: dict[str, Tensor]) -> None:
+    """Binary codes and scales back to dense ``P.weight`` tensors, in place."""
+    for key in [k for k in state if k.endswith(".bcq_codes")]:
+        p = key[: -len(".bcq_codes")]
+        out_f, in_f, bits, group = (int(v) for v in state.pop(f"{p}.bcq_shape").tolist())
+        codes = unpack_codes(state.pop(key), bits, in_f).to(torch.uint8)
+        state[f"{p}.weight"] = BCQWeight(codes, state.pop(f"{p}.bcq_alpha").float(), bits, group).dequantize()
+
+
+def _read_info(path: Path) -> dict[str, Any]:
     info_file = path / INFO
     if not info_file.is_file():
         raise WeightsmithError(f"{path}: no {INFO}; not a directory written by weightsmith compress")
-    info = json.loads(info_file.read_text())
+    return json.loads(info_file.read_text())  # type: ignore[no-any-return]
+
+
+def load_compressed(
+    path: str | Path, dtype: torch.dtype = torch.float32, memory_mb: float | None = None
+) -> nn.Module:
+    """Load a directory written by :func:`save_compressed` (any format) as a plain ``nn.Module``.
+
+    ``memory_mb``: for a BitStack directory (``--format weightsmith``), load the top of its stack that fits
+    this many MB (10^6 bytes) of stored tensors (:func:`stack_sizes` lists the steps); only those blocks
+    are read from disk. The model is an ordinary dense one, whatever the size chosen."""
+    import transformers
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = Path(path)
+    info = _read_info(path)
+    if memory_mb is not None and "stack" not in info:
+        raise WeightsmithError(
+            f"memory_mb={memory_mb}: {path} holds no BitStack stack; only bitstack output written with "
+            "--format weightsmith loads at a chosen size"
+        )
     raw = json.loads((path / "config.json").read_text())
     raw.pop("quantization_config", None)
     config = AutoConfig.for_model(**raw)
@@ -303,10 +443,15 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     model = model.to(dtype)
     if info.get("ranks"):
         thin_linears(model, {name: int(r) for name, r in info["ranks"].items()})
-    state = load_file(str(path / WEIGHTS))
+    levels = _stack_budget(path, info, memory_mb) if "stack" in info else {}
+    with safe_open(str(path / WEIGHTS), "pt") as fh:
+        keys = [k for k in fh.keys() if (sk := _stack_key(k)) is None or sk[1] < levels.get(sk[0], 0)]  # noqa: SIM118
+        state = {k: fh.get_tensor(k) for k in keys}
     c = info["config"]
     _dequantize_state(state, int(c["bits"]), int(c["group_size"]), bool(c["symmetric"]))
     _densify_state(state)
+    _rebuild_bcq(state)
+    _rebuild_stack(state, levels)
     missing, unexpected = model.load_state_dict(
         {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False
     )

@@ -23,24 +23,43 @@ Multiplication-Less Reparameterization", NeurIPS 2024) applies BCQ to LLM weight
 with ``po2_scales`` the rounded scales are then refined one at a time over powers of two, alternating with
 the ``B`` step (:func:`po2_refine`).
 
+The scales are stored in float16: after the fit they are rounded to float16 and the codes refitted to the
+rounded scales (one more ``B`` step), so the stored codes and scales give back exactly the model's weights.
+
+**Mixed bits** (ShiftAddLLM Sec. 4.3, "automated bit allocation"): with ``avg_bits`` set, each layer gets
+``⌊avg_bits⌋`` or ``⌈avg_bits⌉`` bits, the higher width going to the most sensitive layers while the
+size-weighted mean stays within the budget (:func:`~._alloc.allocate_bits`). Sensitivity is the paper's
+criterion, computed from calibration inputs ``X`` of the layer: with ``U`` the upper Cholesky factor of
+``(H + λI)⁻¹``, ``H = 2XᵀX/n`` (as in GPTQ), and ``W_H = W diag(U)⁻¹`` (each column divided by ``U_jj``),
+
+    sensitivity = ‖W_H‖_F · std(W_H)²
+
+which the paper reports ranks the layers' reparameterisation errors with Kendall τ = 0.905.
+
 The codes are not an integer grid (the ``2^k`` levels ``Σ ±α_i`` are not evenly spaced), so the result is
-a :class:`BCQWeight`: ``--format dense`` writes the weights it stands for; compressed-tensors cannot hold
-it. ShiftAddLLM's calibrated objective and its sensitivity-based mixed-bit allocation are not part of this
-data-free method.
+a :class:`BCQWeight`: ``--format weightsmith`` stores the packed codes and float16 scales (read back by
+``ws.load_compressed``), ``--format dense`` the weights they stand for; compressed-tensors cannot hold it.
+ShiftAddLLM's calibrated multi-objective fit (GPTQ-style error feedback) is not part of this method.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ..layers import InputStats
-from ._core import CompressConfig, CompressReport
-from ._grid import grouped
+from ..layers import InputStats, Layer, StatsSpec
+from ..progress import log
+from ._alloc import allocate_bits, mean_bits, per_layer
+from ._core import CompressConfig, CompressReport, _record
+from ._grid import check_bits, grouped
+from .gptq import inverse_hessian_factor
 
 
 @dataclass
@@ -171,16 +190,40 @@ def _codes(B: Tensor) -> Tensor:
     return ((B > 0).long() * weights).sum(-1)
 
 
+def sensitivity(W: Tensor, H: Tensor, damp: float = 0.01) -> float:
+    """ShiftAddLLM's layer sensitivity ``‖W_H‖_F · std(W_H)²`` , ``W_H = W diag(U)⁻¹`` (module docstring)."""
+    H = H.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    WH = W.float() / inverse_hessian_factor(H, damp).diagonal().unsqueeze(0)
+    return float(WH.norm() * WH.std().square())
+
+
+def bcq_quantize(W: Tensor, bits: int, group_size: int, iters: int, po2_scales: bool) -> BCQWeight:
+    """BCQ of one ``[out, in]`` weight with float16 scales (module docstring)."""
+    Wg = grouped(W.float(), group_size)
+    B, alpha, _ = bcq_fit(Wg, bits, iters)
+    if po2_scales:
+        B, alpha, _ = po2_refine(Wg, B, alpha, max(iters, 1))
+    alpha = alpha.half().float()
+    idx = nearest_codes(Wg, alpha)
+    codes = idx.reshape(W.shape).to(torch.uint8)
+    return BCQWeight(codes, alpha, bits, group_size)
+
+
 @register_config("bcq", kind="compress")
 @dataclass(frozen=True)
 class BCQ(CompressConfig):
     """Binary-coding quantisation: ``bits`` scaled ±1 vectors per group, greedy then ``iters`` rounds of
-    alternating least squares; ``po2_scales`` rounds the scales to powers of two (ShiftAddLLM)."""
+    alternating least squares; ``po2_scales`` rounds the scales to powers of two (ShiftAddLLM);
+    ``avg_bits`` (0: off) mixes ``⌊avg_bits⌋`` and ``⌈avg_bits⌉`` bits by layer sensitivity (calibrated)."""
 
     default_format = "dense"
     bits: int = 3
     iters: int = 15
     po2_scales: bool = False
+    avg_bits: float = 0.0
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -188,28 +231,68 @@ class BCQ(CompressConfig):
             raise WeightsmithError(f"bcq option iters={self.iters}: use 0 (greedy only) or more rounds")
         if not self.symmetric:
             raise WeightsmithError("bcq codes are ±1 sums with no zero point; it has no asymmetric form")
+        if self.avg_bits:
+            check_bits(math.floor(self.avg_bits), "bcq option avg_bits")
+            check_bits(math.ceil(self.avg_bits), "bcq option avg_bits")
+        if not self.damp > 0:
+            raise WeightsmithError(f"bcq option damp={self.damp}: must be > 0")
+
+    def needs_calibration(self) -> bool:
+        return bool(self.avg_bits)
 
     def check_format(self, fmt: str) -> None:
-        why = {
-            "compressed-tensors": "their 2^bits levels are not an integer grid",
-            "weightsmith": "the weightsmith writer has no layout for them yet",
-        }
-        if fmt in why:
+        if fmt == "compressed-tensors":
             raise WeightsmithError(
-                f"--format {fmt} cannot hold binary codes ({why[fmt]}); "
-                "use --format dense (the weights the codes stand for, loads anywhere)"
+                "--format compressed-tensors cannot hold binary codes (their 2^bits levels are not an "
+                "integer grid); use --format weightsmith (packed codes and scales, read by "
+                "ws.load_compressed) or dense (the weights the codes stand for, loads anywhere)"
             )
 
     def describe(self, report: CompressReport) -> str:
-        total = sum(r.shape[0] * r.shape[1] for r in report.layers)
-        groups = sum(r.shape[0] * (r.shape[1] // (self.group_size or r.shape[1])) for r in report.layers)
+        ws = {n: w for n, w in report.weights.items() if isinstance(w, BCQWeight)}
+        sizes = {r.name: r.shape[0] * r.shape[1] for r in report.layers}
+        total = sum(sizes.values())
+        code = mean_bits({n: w.bits for n, w in ws.items()}, sizes)
         scale_bits = 8 if self.po2_scales else 16  # a power of two needs only its exponent
-        return f"{self.bits + groups * self.bits * scale_bits / max(total, 1):.2f} bits/weight (binary codes)"
+        scales = sum(w.alpha.numel() for w in ws.values()) * scale_bits
+        return f"{code + scales / max(total, 1):.2f} bits/weight (binary codes, {code:.2f} code bits)"
 
     def quantize(self, W: Tensor, stats: InputStats | None) -> BCQWeight:  # type: ignore[override]
-        Wg = grouped(W.float(), self.group_size)
-        B, alpha, _ = bcq_fit(Wg, self.bits, self.iters)
-        if self.po2_scales:
-            B, alpha, _ = po2_refine(Wg, B, alpha, max(self.iters, 1))
-        codes = _codes(B).reshape(W.shape).to(torch.uint8)
-        return BCQWeight(codes, alpha, self.bits, self.group_size)
+        return bcq_quantize(W, self.bits, self.group_size, self.iters, self.po2_scales)
+
+    def allocate(
+        self, model: nn.Module, layers: Sequence[Layer], calib: Sequence[Any] | None, device: torch.device
+    ) -> dict[str, int]:
+        """Per-layer bit widths under ``avg_bits`` from the layers' sensitivities (module docstring)."""
+        score = per_layer(
+            model,
+            layers,
+            calib,
+            StatsSpec(gram=True, channels=False),
+            lambda ly, st: sensitivity(ly.weight().detach().float(), st.hessian(), self.damp),
+            device,
+            "bcq",
+        )
+        sizes = {ly.name: ly.shape[0] * ly.shape[1] for ly in layers}
+        choices = sorted({math.floor(self.avg_bits), math.ceil(self.avg_bits)})
+        return allocate_bits(score, sizes, self.avg_bits, choices)
+
+    def plan(
+        self,
+        model: nn.Module,
+        layers: Sequence[Layer],
+        calib: Sequence[Any] | None,
+        device: torch.device,
+    ) -> CompressReport | None:
+        """Mixed bits must rank every layer first; uniform bits go layer by layer (``None``)."""
+        if not self.avg_bits:
+            return None
+        bits = self.allocate(model, layers, calib, device)
+        report = CompressReport(self)
+        for ly in layers:
+            W = ly.weight().detach().to(device, torch.float32, copy=True)
+            qw = bcq_quantize(W, bits[ly.name], self.group_size, self.iters, self.po2_scales)
+            ly.write(qw.dequantize())
+            log(f"  {ly.name}: {qw.bits} bits")
+            _record(report, [ly], {ly.name: W}, {ly.name: qw})
+        return report
