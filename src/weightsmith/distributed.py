@@ -13,16 +13,30 @@ communication), so a checkpoint is one set of full tensors whatever the number o
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .errors import WeightsmithError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 from .execute import resolve_device
+
+
+def is_dtensor(x: Any) -> TypeGuard[DTensor]:
+    """Whether ``x`` is an FSDP2/DTensor shard. Before ``torch.distributed.tensor`` is imported no DTensor can
+    exist, so commands that never shard skip importing it (it costs most of a second at start-up)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
 
 PARALLEL = ("ddp", "fsdp2")
 
@@ -89,12 +103,12 @@ def shard(model: torch.nn.Module, blocks: Iterable[torch.nn.Module] | None = Non
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` holds FSDP2-sharded (DTensor) parameters."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole of ``t``: all-gathered when it is a DTensor (a collective), as a plain tensor."""
-    if not isinstance(t, DTensor):
+    if not is_dtensor(t):
         return t
     out = t.full_tensor()
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
@@ -110,7 +124,7 @@ def gather(tree: Any, keep: bool = True) -> tuple[Any, list[list[Any]]]:
     paths: list[list[Any]] = []
 
     def walk(x: Any, path: list[Any]) -> Any:
-        if isinstance(x, DTensor):
+        if is_dtensor(x):
             paths.append(path)
             whole = full(x)
             return whole if keep else None
@@ -126,14 +140,16 @@ def gather(tree: Any, keep: bool = True) -> tuple[Any, list[list[Any]]]:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's part of ``t`` (the tensor itself when it is not sharded)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` laid out as ``like``: sliced to this process's shard when ``like`` is a DTensor (no
     communication: every process holds ``full``), otherwise ``full`` itself."""
-    if not isinstance(like, DTensor):
+    if not is_dtensor(like):
         return full
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(
         full.to(like.to_local().device), like.device_mesh, like.placements, src_data_rank=None
     )
@@ -160,7 +176,7 @@ def unshard_for_export(model: torch.nn.Module) -> None:
     done: dict[int, tuple[torch.Tensor, torch.nn.Parameter]] = {}  # the old one kept: ids stay unique
     for module in model.modules():
         for name, p in list(module._parameters.items()):
-            if isinstance(p, DTensor):
+            if is_dtensor(p):
                 if id(p) not in done:
                     whole = torch.nn.Parameter(full(p).detach(), requires_grad=p.requires_grad)
                     done[id(p)] = (p, whole)

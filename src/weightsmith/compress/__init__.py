@@ -19,52 +19,39 @@ from ._core import (
     compress,
     heldout_text,
 )
-from ._format import FORMATS, load_compressed, save_compressed
+from ._format import FORMATS, load_compressed, save_compressed, stack_sizes
 from ._lowrank import LowRankConfig, LowRankLinear, LowRankWeight, compress_lowrank, thin_linears
 from ._sparse import PruneConfig, SparseWeight
+from .armor import ARMOR
 from .asvd import ASVD
 from .awq import AWQ
+from .bcq import BCQ
+from .bitstack import BitStack
+from .dpruner import DPruner, dpruner_compress
 from .dsnot import DSnoT
 from .fwsvd import FWSVD
 from .gptq import GPTQ
 from .hqq import HQQ
 from .magnitude import Magnitude
+from .masa import MASA
+from .monarch_compress import MonarchCompress
+from .pst import PST
 from .rtn import RTN
 from .sparsegpt import SparseGPT
 from .svd import SVD
+from .udfc import UDFC
 from .wanda import Wanda
+from .welore import WeLore, lrc_task
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
-    "ASVD",
-    "AWQ",
-    "FORMATS",
-    "FWSVD",
-    "GPTQ",
-    "HQQ",
-    "RTN",
-    "SVD",
-    "CompressConfig",
-    "CompressReport",
-    "Compressed",
-    "DSnoT",
-    "LowRankConfig",
-    "LowRankLinear",
-    "LowRankWeight",
-    "Magnitude",
-    "PruneConfig",
-    "SparseGPT",
-    "SparseWeight",
-    "Wanda",
-    "calibration_batches",
-    "check_group_size",
-    "compress",
-    "compress_lowrank",
-    "heldout_text",
-    "load_compressed",
-    "save_compressed",
+    "ARMOR", "ASVD", "AWQ", "BCQ", "BitStack", "CompressConfig", "CompressReport", "Compressed", "DPruner",
+    "DSnoT", "FORMATS", "FWSVD", "GPTQ", "HQQ", "LowRankConfig", "LowRankLinear", "LowRankWeight", "MASA",
+    "Magnitude", "MonarchCompress", "PST", "PruneConfig", "RTN", "SVD", "SparseGPT", "SparseWeight", "UDFC",
+    "Wanda", "WeLore", "calibration_batches", "check_group_size", "compress", "compress_lowrank",
+    "dpruner_compress", "heldout_text", "load_compressed", "lrc_task", "save_compressed", "stack_sizes",
     "thin_linears",
-]
+]  # fmt: skip
