@@ -45,6 +45,17 @@ class Compressed(Protocol):
 
 
 @dataclass(frozen=True)
+class PlanJob:
+    """What :meth:`CompressConfig.plan` works on: the model, its selected layers, the calibration batches
+    (None for a data-free method) and the device."""
+
+    model: nn.Module
+    layers: Sequence[Layer]
+    calib: Sequence[Any] | None
+    device: torch.device
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """Options every weight quantiser shares.
 
@@ -84,13 +95,7 @@ class CompressConfig:
     def check_format(self, fmt: str) -> None:
         """Refuse an output format that cannot hold this method's result (every format holds quantised)."""
 
-    def plan(
-        self,
-        model: nn.Module,
-        layers: Sequence[Layer],
-        calib: Sequence[Any] | None,
-        device: torch.device,
-    ) -> CompressReport | None:
+    def plan(self, job: PlanJob) -> CompressReport | None:
         """Compress all of ``layers`` at once and return the report, or None (the default) to let
         :func:`compress` go layer by layer (:meth:`quantize`) or block by block (:meth:`compress_block`).
         A method whose choices for one layer depend on every other layer (a global rank budget) does its
@@ -209,7 +214,7 @@ def compress(
     t0 = time.perf_counter()
     layers = target_layers(model, config)
     dev = torch.device(device)
-    planned = config.plan(model, layers, calib, dev)
+    planned = config.plan(PlanJob(model, layers, calib, dev))
     if planned is not None:
         planned.seconds = time.perf_counter() - t0
         return model, planned

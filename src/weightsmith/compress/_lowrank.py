@@ -28,7 +28,7 @@ from ..errors import WeightsmithError
 from ..layers import InputStats, Layer, StatsSpec, collect_stats
 from ..linalg import svd, svdvals
 from ..progress import log
-from ._core import CompressConfig, CompressReport, LayerReport, target_layers
+from ._core import CompressConfig, CompressReport, LayerReport, PlanJob, target_layers
 
 ALLOCATIONS = ("global", "uniform")
 
@@ -194,14 +194,9 @@ class LowRankConfig(CompressConfig):
                 "(two thin Linears per layer, read by ws.load_compressed) or --format dense (the product A B)"
             )
 
-    def plan(
-        self,
-        model: nn.Module,
-        layers: Sequence[Layer],
-        calib: Sequence[Any] | None,
-        device: torch.device,
-    ) -> CompressReport:
+    def plan(self, job: PlanJob) -> CompressReport:
         """Global rank allocation must see every layer first: the whole job runs here."""
+        model, layers, calib, device = job.model, job.layers, job.calib, job.device
         return _compress_layers(model, self, layers, calib, device)
 
     def weighting(self, W: Tensor, ctx: Any) -> Weighting:

@@ -57,7 +57,7 @@ from ..errors import WeightsmithError
 from ..layers import InputStats, Layer, StatsSpec
 from ..progress import log
 from ._alloc import allocate_bits, mean_bits, per_layer
-from ._core import CompressConfig, CompressReport, _record
+from ._core import CompressConfig, CompressReport, PlanJob, _record
 from ._grid import check_bits, grouped
 from .gptq import inverse_hessian_factor
 
@@ -277,14 +277,9 @@ class BCQ(CompressConfig):
         choices = sorted({math.floor(self.avg_bits), math.ceil(self.avg_bits)})
         return allocate_bits(score, sizes, self.avg_bits, choices)
 
-    def plan(
-        self,
-        model: nn.Module,
-        layers: Sequence[Layer],
-        calib: Sequence[Any] | None,
-        device: torch.device,
-    ) -> CompressReport | None:
+    def plan(self, job: PlanJob) -> CompressReport | None:
         """Mixed bits must rank every layer first; uniform bits go layer by layer (``None``)."""
+        model, layers, calib, device = job.model, job.layers, job.calib, job.device
         if not self.avg_bits:
             return None
         bits = self.allocate(model, layers, calib, device)

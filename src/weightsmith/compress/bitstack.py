@@ -43,7 +43,7 @@ from ..layers import InputStats, Layer, StatsSpec
 from ..linalg import rsvd, seeded_generator, truncated_svd
 from ..progress import log
 from ._alloc import per_layer
-from ._core import CompressConfig, CompressReport, LayerReport
+from ._core import CompressConfig, CompressReport, LayerReport, PlanJob
 from ._sparse import pack_mask, unpack_mask
 
 SORTS = ("perplexity", "error")
@@ -226,14 +226,9 @@ class BitStack(CompressConfig):
             f"{8 * full / max(total, 1):.2f} bits/weight"
         )
 
-    def plan(
-        self,
-        model: nn.Module,
-        layers: Sequence[Layer],
-        calib: Sequence[Any] | None,
-        device: torch.device,
-    ) -> CompressReport:
+    def plan(self, job: PlanJob) -> CompressReport:
         """Scales, decompositions and the global sort need every layer first: the whole job runs here."""
+        model, layers, calib, device = job.model, job.layers, job.calib, job.device
         if self.needs_calibration() and not calib:
             raise WeightsmithError("'bitstack' needs calibration data: pass calib= (see calibration_batches)")
         scales: dict[str, Tensor] = {}

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, Layer, StatsSpec, collect_stats, decoder_blocks, walk_blocks
-from ._core import CompressReport, calibration_batches, target_layers
+from ._core import CompressReport, PlanJob, calibration_batches, target_layers
 from ._sparse import PruneConfig, check_scope, layer_gradients, prune_by_scores
 from .gptq import inverse_hessian_factor
 
@@ -146,9 +146,8 @@ class DPruner(PruneConfig):
             ) from exc
         return calibration_batches(tok, self.domain, self.domain_samples, self.domain_seq_len)
 
-    def plan(
-        self, model: nn.Module, layers: Sequence[Layer], calib: Sequence[Any] | None, device: torch.device
-    ) -> CompressReport:
+    def plan(self, job: PlanJob) -> CompressReport:
+        model, layers, calib, device = job.model, job.layers, job.calib, job.device
         if not calib:
             raise WeightsmithError("'dpruner' needs general calibration data: pass calib=")
         return dpruner_scores_and_prune(model, self, layers, calib, self.domain_batches(model), device)

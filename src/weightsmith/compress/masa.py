@@ -35,7 +35,7 @@ from ..errors import WeightsmithError
 from ..layers import Layer
 from ..linalg import svd
 from ..progress import log
-from ._core import CompressConfig, CompressReport, LayerReport
+from ._core import CompressConfig, CompressReport, LayerReport, PlanJob
 from ._lowrank import check_keep
 
 ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*\.")
@@ -109,9 +109,8 @@ class MASA(CompressConfig):
             raise WeightsmithError("masa: no attention projections found; name the layers with targets=")
         return found
 
-    def plan(
-        self, model: nn.Module, layers: Sequence[Layer], calib: Sequence[Any] | None, device: torch.device
-    ) -> CompressReport:
+    def plan(self, job: PlanJob) -> CompressReport:
+        layers, device = job.layers, job.device
         report = CompressReport(self)
         for key, group in group_layers(self.shared_layers(layers)).items():
             Ws = [ly.weight().detach().to(device, torch.float32, copy=True) for ly in group]

@@ -37,7 +37,7 @@ from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import Layer
 from ..linalg import truncated_svd
-from ._core import CompressReport
+from ._core import CompressReport, PlanJob
 from ._sparse import PruneConfig, check_scope, layer_gradients, prune_by_scores
 
 
@@ -99,9 +99,8 @@ class PST(PruneConfig):
         if not self.alpha >= 0:
             raise WeightsmithError(f"pst option alpha={self.alpha}: must be >= 0")
 
-    def plan(
-        self, model: nn.Module, layers: Sequence[Layer], calib: Sequence[Any] | None, device: torch.device
-    ) -> CompressReport:
+    def plan(self, job: PlanJob) -> CompressReport:
+        model, layers, calib = job.model, job.layers, job.calib
         if not calib:
             raise WeightsmithError("'pst' needs calibration data (gradients of the loss): pass calib=")
         Z = movement_scores(model, layers, calib)

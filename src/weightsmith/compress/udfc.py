@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import Layer
-from ._core import CompressConfig, Compressed, CompressReport, _record
+from ._core import CompressConfig, Compressed, CompressReport, PlanJob, _record
 from ._grid import quantize_rtn
 from ._sparse import SparseWeight, check_sparsity
 
@@ -175,14 +175,9 @@ class UDFC(CompressConfig):
             keep[W.norm(dim=1).topk(k, largest=False).indices] = False
         return keep
 
-    def plan(
-        self,
-        model: nn.Module,
-        layers: Sequence[Layer],
-        calib: Sequence[Any] | None,
-        device: torch.device,
-    ) -> CompressReport:
+    def plan(self, job: PlanJob) -> CompressReport:
         """Producers before their consumers, so each consumer is compensated before it is compressed."""
+        model, layers, device = job.model, job.layers, job.device
         by_path = {ly.path: ly for ly in layers}
         pairs: dict[str, tuple[str, str]] = {}
         for path in by_path:
