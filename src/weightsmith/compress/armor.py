@@ -226,7 +226,6 @@ def armor_fit(
 
 
 @register_config("armor", kind="compress")
-@dataclass(frozen=True)
 class ARMOR(PruneConfig):
     """ARMOR (N:M only, default 2:4; ``block_size`` of the correctors, dividing every layer's in and out
     sizes; ``iters`` of block coordinate descent; ``cg_steps`` per value update; ``swaps``: groups re-chosen

@@ -212,7 +212,6 @@ def bcq_quantize(W: Tensor, bits: int, group_size: int, iters: int, po2_scales: 
 
 
 @register_config("bcq", kind="compress")
-@dataclass(frozen=True)
 class BCQ(CompressConfig):
     """Binary-coding quantisation: ``bits`` scaled ±1 vectors per group, greedy then ``iters`` rounds of
     alternating least squares; ``po2_scales`` rounds the scales to powers of two (ShiftAddLLM);

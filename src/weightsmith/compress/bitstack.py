@@ -169,7 +169,6 @@ def sort_blocks(
 
 
 @register_config("bitstack", kind="compress")
-@dataclass(frozen=True)
 class BitStack(CompressConfig):
     """BitStack (``levels`` residual blocks per weight of rank ``rank``; ``activation_aware`` scaling;
     ``sort``: "perplexity" (the paper's rule, one calibration pass per layer and level, on the first

@@ -31,7 +31,6 @@ layer walker on the general batches, and the pruned weights are not reconstructe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,7 +97,6 @@ def dual_importance(general: Tensor, domain: Tensor, lam: float) -> Tensor:
 
 
 @register_config("dpruner", kind="compress")
-@dataclass(frozen=True)
 class DPruner(PruneConfig):
     """D-Pruner (``sparsity`` or ``n:m``): the calibration text (``--calib``) is the general one; ``domain``
     is the domain text (a text file or packaged text), tokenised with the model's tokenizer into

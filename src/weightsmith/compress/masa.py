@@ -71,7 +71,6 @@ def group_layers(layers: Sequence[Layer]) -> dict[str, list[Layer]]:
 
 
 @register_config("masa", kind="compress")
-@dataclass(frozen=True)
 class MASA(CompressConfig):
     """Matrix atoms shared across layers (``keep``: atoms per group as a fraction of its layers,
     ``atoms``: a fixed number of atoms per group, overrides ``keep``). Default targets: the attention

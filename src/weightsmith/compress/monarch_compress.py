@@ -50,7 +50,6 @@ def monarch_params(shape: tuple[int, int], nblocks: int, block_rank: int) -> int
 
 
 @register_config("monarch", kind="compress")
-@dataclass(frozen=True)
 class MonarchCompress(CompressConfig):
     """Nearest Monarch matrix (``nblocks`` blocks per factor, dividing both sides of every weight;
     ``block_rank`` b, the rank of each of the ``nblocks²`` blocks). Data-free."""

@@ -27,7 +27,6 @@ the spikes over whole rows and columns; docs/compress-pruning-2.md), so use it w
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,7 +78,6 @@ def movement_scores(model: nn.Module, layers: Sequence[Layer], batches: Sequence
 
 
 @register_config("pst", kind="compress")
-@dataclass(frozen=True)
 class PST(PruneConfig):
     """PST's one-shot importance and mask (``sparsity`` or ``n:m``; ``rank`` of the low-rank part; ``alpha``:
     weight of the data-driven part; ``structured``: with the row and column vectors; ``prune_scope``: layer

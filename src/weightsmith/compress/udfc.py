@@ -37,7 +37,6 @@ targeted layer goes on the RTN grid (producers first, each consumer after its co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -122,7 +121,6 @@ def compensate(
 
 
 @register_config("udfc", kind="compress")
-@dataclass(frozen=True)
 class UDFC(CompressConfig):
     """UDFC (RTN on ``bits`` / ``group_size`` unless ``prune_only``; ``sparsity``: fraction of each producer's
     output channels pruned; ``compensate``: rebuild the next layer, false for the uncompensated baseline;

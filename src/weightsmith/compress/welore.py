@@ -103,7 +103,6 @@ class WeLoreReport(CompressReport):
 
 
 @register_config("welore", kind="compress")
-@dataclass(frozen=True)
 class WeLore(LowRankConfig):
     """WeLore (``keep``: stored-parameter fraction, LRC factors plus dense N-LRCs; ``min_ratio``: the
     rank reduction a matrix needs to become an LRC). ``allocation``/``rank`` do not apply."""

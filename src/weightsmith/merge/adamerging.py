@@ -48,7 +48,6 @@ GRANULARITY = ("layer", "task")
 
 
 @register_config("adamerging", kind="merge")
-@dataclass(frozen=True)
 class AdaMerging(DataOptions):
     """``granularity``: layer (one coefficient per task and tensor) or task (one per task); ``init``: the
     starting (task-arithmetic) coefficient; ``steps``, ``lr``: Adam on the entropy. Data options:

@@ -26,7 +26,6 @@ copies of the parameters, and the merged checkpoint is written tensor by tensor.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,6 @@ LABELS = ("predicted", "exact", "empirical")
 
 
 @register_config("fisher", kind="merge")
-@dataclass(frozen=True)
 class Fisher(DataOptions):
     """``labels``: predicted | exact | empirical (see the module docstring); ``eps``: floor added to each
     Fisher. Data options: :class:`~._dataaware.DataOptions` (``samples`` examples per model)."""

@@ -25,7 +25,6 @@ memory does not grow with the number of models. The solve is in float64, damped 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,6 @@ from ._dataaware import (
 
 
 @register_config("regmean", kind="merge")
-@dataclass(frozen=True)
 class RegMean(DataOptions):
     """``alpha``: scale of the Gram matrices' non-diagonal entries (1 keeps them, 0 drops them);
     ``damp``: ridge towards the average weight, relative to the mean diagonal of ``Σ G~`` (0: the exact

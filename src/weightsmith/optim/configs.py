@@ -158,7 +158,6 @@ class _Preset(_Projected):
 
 
 @register_config("adamw", "optimizer")
-@dataclass(frozen=True)
 class AdamW:
     """torch.optim.AdamW on every trainable parameter (the reference)."""
 
@@ -177,7 +176,6 @@ class AdamW:
 
 
 @register_config("galore", "optimizer")
-@dataclass(frozen=True)
 class GaLore(_Projected):
     """GaLore (Zhao et al., 2024): Adam in a rank-r gradient subspace, refreshed every update_proj_gap."""
 
@@ -204,7 +202,6 @@ class GaLore(_Projected):
 
 
 @register_config("q-galore", "optimizer")
-@dataclass(frozen=True)
 class QGaLore(_Preset):
     """Q-GaLore (Zhang et al., 2024): GaLore with INT4 projection matrices and layer-adaptive lazy refresh."""
 
@@ -221,7 +218,6 @@ class QGaLore(_Preset):
 
 
 @register_config("apollo", "optimizer")
-@dataclass(frozen=True)
 class APOLLO(_Projected):
     """APOLLO (Zhu et al., 2024): the gradient scaled channel-wise by Adam's effect in a random subspace."""
 
@@ -238,7 +234,6 @@ class APOLLO(_Projected):
 
 
 @register_config("apollo-mini", "optimizer")
-@dataclass(frozen=True)
 class APOLLOMini(_Preset):
     """APOLLO-Mini: rank 1, one scaling factor per tensor, alpha = sqrt(128) (the paper's setting)."""
 
@@ -250,7 +245,6 @@ class APOLLOMini(_Preset):
 
 
 @register_config("gradnormlorp", "optimizer")
-@dataclass(frozen=True)
 class GradNormLoRP(_Projected):
     """GradNormLoRP (Huang et al., 2024): weight-normalised, low-rank projected direction, full magnitude."""
 
