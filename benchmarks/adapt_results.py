@@ -54,7 +54,7 @@ SLOW_FIRST = ("hra", "eva", "monarch", "compacter", "randlora", "full", "nola", 
 SEEDS = (0, 1, 2)
 LM_METHODS = ("lora", "dora", "nola", "vera", "loldu", "full")
 # Language modelling: learning rates for a short run (20 steps) on SmolLM2, at the top of the usual ranges.
-LM_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "nola": 5e-3, "vera": 1e-2, "loldu": 1e-3}
+LM_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "nola": 5e-3, "vera": 1e-2, "loldu": 1e-3, "sara": 1e-3}
 LORA_RANK = 8
 MATCH_LORA = ("randlora",)  # methods whose rank is chosen to match LoRA r=8's parameter count
 # Extra settings (label -> options) for the claims: NOLA's paper compares with LoRA r=1 and runs NOLA
