@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,10 +308,8 @@ def build(
                 writer.add(name, _cast(t, dtype))
         for layer in range(layers):
             writer.add(f"model.layers.{layer}.mlp.gate.weight", _cast(gates[layer], dtype))
-        with tempfile.TemporaryDirectory() as d:
-            _mixtral_config(folder, cfg, dtype).save_pretrained(d)
-            tok.save_pretrained(d)
-            writer.copy_files(d, ("*",))
+        _mixtral_config(folder, cfg, dtype).save_pretrained(writer.tmp)  # into the staged output
+        tok.save_pretrained(writer.tmp)
         return writer.close()
     except BaseException:
         writer.abort()
