@@ -193,10 +193,10 @@ def test_recipe_errors_name_the_option(family, tmp_path):
 
 def test_mergekit_style_yaml_reads_the_data_options_from_parameters(family, tmp_path):
     """``merge_method: regmean`` with ``parameters:`` (what recipe.from_mergekit hands to
-    ``_dataaware.mergekit_recipe``): the same model as our format."""
+    ``recipe.data_aware_recipe``): the same model as our format."""
     import yaml
 
-    from weightsmith.merge._dataaware import mergekit_recipe
+    from weightsmith.merge.recipe import data_aware_recipe as mergekit_recipe
 
     _, fts = family
     data = yaml.safe_load(

@@ -30,7 +30,7 @@ import json
 import math
 import re
 import reprlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -416,10 +416,8 @@ def _layer_t(name: str, n_layers: int) -> float:
 def from_mergekit(data: dict[str, Any], recipe: Path | None = None) -> Recipe:
     """A mergekit YAML, reproducing mergekit 0.1.5's semantics for the supported methods."""
     method = data["merge_method"]
-    from . import _dataaware
-
-    if isinstance(method, str) and method in _dataaware.MERGEKIT_NAMES:  # RegMean, Fisher, AdaMerging
-        return _dataaware.mergekit_recipe(data, recipe)
+    if isinstance(method, str) and method in DATA_AWARE:  # RegMean, Fisher, AdaMerging
+        return data_aware_recipe(data, recipe)
     if mergekit_plan.handles(data):  # SLERP, Model Stock, DELLA, ... and every ``slices:`` config
         return Recipe(mergekit_plan.MergekitYAML(data, recipe), [], flavour="mergekit")
     unknown = sorted(str(k) for k in data if k not in MERGEKIT_KEYS)
@@ -589,3 +587,54 @@ def merge(
     return method.run(
         r, Path(out), dtype=dtype, device=device, force=force, shard_size=shard_size, extra_files=extra_files
     )
+
+
+DATA_AWARE = ("regmean", "fisher", "adamerging")
+DATA_AWARE_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+}
+
+
+def data_aware_recipe(data: Mapping[str, Any], path: Path | None = None) -> Recipe:
+    """A mergekit-style YAML naming a data-aware method (``merge_method: regmean``) as a recipe: the method's
+    options (data options included) come from the global ``parameters:``, a model's ``parameters:`` may give
+    its ``weight`` and its ``data`` source; ``base_model`` is the base. Scalars only (no gradients or
+    filters: these methods set their own per-layer weights)."""
+    method = data["merge_method"]
+    unknown = sorted(str(k) for k in data if k not in DATA_AWARE_KEYS)
+    if unknown:
+        raise WeightsmithError(f"{path}: key(s) {unknown} are not read with merge_method {method}")
+    if data.get("tokenizer_source") not in (None, "base"):
+        raise WeightsmithError(f"{path}: tokenizer_source with {method}: only 'base' (the base's tokenizer)")
+    glob = dict(data.get("parameters") or {})
+    entries = _model_list(data.get("models"), path, {"parameters"})
+    base = data.get("base_model")
+    base_name = _locate(base, path, "base_model") if base else None
+    entries = [(m, e) for m, e in entries if m != base_name]
+    per = [dict(e.get("parameters") or {}) for _, e in entries]
+    for p in per:
+        extra = sorted(set(p) - {"weight", "data"})
+        if extra:
+            raise WeightsmithError(
+                f"{path}: per-model parameter(s) {extra} of {method}: only weight and data"
+            )
+    if any("data" in p for p in per):
+        if "data" in glob or not all("data" in p for p in per):
+            raise WeightsmithError(f"{path}: give 'data' for every model, or once in the global parameters")
+        glob["data"] = [str(p["data"]) for p in per]
+    elif isinstance(glob.get("data"), str):
+        glob["data"] = [glob["data"]]
+    fields = {"method": method, **glob}
+    _check_option_types(fields, path)
+    weights = [_number(p.get("weight", 1.0), "a model's weight", path) for p in per]
+    dtype = data.get("out_dtype") or data.get("dtype")
+    return Recipe(
+        config_from_dict(fields, "merge"), [m for m, _ in entries], base_name, weights, None, dtype,
+        flavour="mergekit",
+    )  # fmt: skip
