@@ -45,6 +45,7 @@ from ._core import CompressReport
 from ._grid import QuantizedWeight
 from ._lowrank import LowRankWeight, thin_linears
 from ._sparse import SparseWeight, bitmask_tensors, dense_from_bitmask
+from .armor import ArmorWeight, armor_tensors, densify_armor
 from .bcq import BCQWeight
 from .bitstack import BitStackWeight
 
@@ -167,6 +168,8 @@ def _weightsmith_tensors(
         return _quantized_tensors(path, w, dtype, True)
     if isinstance(w, SparseWeight):
         return bitmask_tensors(name, w, dtype)
+    if isinstance(w, ArmorWeight):
+        return armor_tensors(name, path, w, dtype)
     if isinstance(w, BCQWeight):
         return {
             f"{path}.bcq_codes": pack_codes(w.codes.cpu(), w.bits),
@@ -450,6 +453,7 @@ def load_compressed(
     c = info["config"]
     _dequantize_state(state, int(c["bits"]), int(c["group_size"]), bool(c["symmetric"]))
     _densify_state(state)
+    densify_armor(state)
     _rebuild_bcq(state)
     _rebuild_stack(state, levels)
     missing, unexpected = model.load_state_dict(
