@@ -13,9 +13,9 @@ We use the power compander with an offset (the function of the paper's family we
 ``α = 1`` is the identity. ``v`` is initialised as ``f⁻¹(w)`` so the model is unchanged when the
 compander is applied, and :func:`remove_compander` bakes ``f(v)`` back into plain weights.
 
-Note: the exact compander equation of the paper could not be consulted offline when this was written;
-the function above has the two properties its abstract states (bounded growth of large weights, a
-push away from zero), and the paper's learnable-hyperparameter variant is not implemented.
+Scope: ``α`` and ``β`` are fixed for a run (set per call). The exact compander equation of the paper
+could not be consulted offline when this was written; the function above has the two properties its
+abstract states (bounded growth of large weights, a push away from zero).
 
 Built on ``torch.nn.utils.parametrize``; this module registers no adapter config.
 """
