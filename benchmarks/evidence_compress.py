@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from _evidence import common_args, heldout_perplexity, printed_table
 
 from weightsmith.compress import (
     calibration_batches,
     compress,
-    heldout_text,
     save_compressed,
 )
 from weightsmith.config import config_from_dict
-from weightsmith.evaluate import perplexity
 from weightsmith.models import load_model
 
 
@@ -56,34 +55,18 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="rtn,hqq,awq,gptq", help="names; NAME-asym for an asymmetric grid")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--groups", default="64,0", help="group sizes; 0 = per-channel")
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored (0 = all)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None)
+    common_args(ap, samples=16, seq_len=256, eval_tokens=4096)
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out; run the rest")
-    ap.add_argument("--table", type=Path, default=None, help="only print the table of a saved JSON")
     args = ap.parse_args()
-    if args.table is not None:
-        print(table(json.loads(args.table.read_text())))
+    if printed_table(args, table):
         return
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, task="causal-lm")
     dev = torch.device(args.device)
-    text = heldout_text("hamlet")
-    max_tokens = args.eval_tokens or None
-
-    def ppl(m: torch.nn.Module) -> float:
-        m.to(dev)
-        try:
-            return perplexity(m, tok, text, window=512, stride=256, max_tokens=max_tokens, device=dev)
-        finally:
-            m.to("cpu")
+    ppl = heldout_perplexity(tok, dev, args.eval_tokens)
 
     old = (
         json.loads(args.out.read_text()) if args.resume and args.out is not None and args.out.exists() else []

@@ -19,15 +19,14 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from _evidence import common_args, heldout_perplexity, printed_table
 
-from weightsmith.compress import calibration_batches, compress, heldout_text
+from weightsmith.compress import calibration_batches, compress
 from weightsmith.compress._lowrank import LowRankConfig, compress_lowrank
 from weightsmith.config import config_from_dict
-from weightsmith.evaluate import perplexity
 from weightsmith.models import load_model
 
 
@@ -65,37 +64,20 @@ def prune_configs(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--prune", default="magnitude,wanda,sparsegpt,dsnot+wanda,dsnot+magnitude")
     ap.add_argument("--sparsities", default="0.5")
     ap.add_argument("--nm", default="2:4", help="N:M patterns, comma-separated ('' for none)")
     ap.add_argument("--lowrank", default="svd,fwsvd,asvd")
     ap.add_argument("--keeps", default="0.9,0.8")
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored (0 = all)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None)
+    common_args(ap, samples=16, seq_len=256, eval_tokens=4096)
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out; run the rest")
-    ap.add_argument("--table", type=Path, default=None, help="only print the table of a saved JSON")
     args = ap.parse_args()
-    if args.table is not None:
-        print(table(json.loads(args.table.read_text())))
+    if printed_table(args, table):
         return
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, task="causal-lm")
     dev = torch.device(args.device)
-    text = heldout_text("hamlet")
-    max_tokens = args.eval_tokens or None
-
-    def ppl(m: torch.nn.Module) -> float:
-        m.to(dev)
-        try:
-            with torch.no_grad():
-                return perplexity(m, tok, text, window=512, stride=256, max_tokens=max_tokens, device=dev)
-        finally:
-            m.to("cpu")
+    ppl = heldout_perplexity(tok, dev, args.eval_tokens)
 
     old = json.loads(args.out.read_text()) if args.resume and args.out and args.out.exists() else []
     done = {(r["method"], r.get("setting")) for r in old}

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _evidence import common_args, heldout_perplexity, printed_table
 from safetensors import safe_open
 
-from weightsmith.compress import calibration_batches, compress, heldout_text, load_compressed, save_compressed
+from weightsmith.compress import calibration_batches, compress, load_compressed, save_compressed
 from weightsmith.compress._format import WEIGHTS, stack_sizes
 from weightsmith.config import config_from_dict
-from weightsmith.evaluate import perplexity
 from weightsmith.models import load_model
 
 
@@ -134,12 +134,8 @@ def qat(args: argparse.Namespace, add: Any) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--parts", default="bitstack,bcq,udfc")
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens scored (0 = all)")
+    common_args(ap, samples=4, seq_len=128, eval_tokens=1024)
     ap.add_argument("--bs-levels", type=int, default=5)
     ap.add_argument("--bs-sort-batches", type=int, default=1)
     ap.add_argument("--bs-exact-svd", action="store_true", help="exact SVDs (default: randomized)")
@@ -159,12 +155,8 @@ def main() -> None:
     ap.add_argument("--qat-ablate", action="store_true", help="also QAT without CGA (anneal_start=1)")
     ap.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate (default: ofq's)")
     ap.add_argument("--no-rtn", action="store_true", help="skip the RTN baseline rows (run them once)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--table", type=Path, default=None, help="only print the table of a saved JSON")
     args = ap.parse_args()
-    if args.table is not None:
-        print(table(json.loads(args.table.read_text())))
+    if printed_table(args, table):
         return
     torch.set_num_threads(args.threads)
     parts = [p for p in args.parts.split(",") if p]
@@ -186,18 +178,10 @@ def main() -> None:
         return
     model, tok = load_model(args.model, task="causal-lm")
     dev = torch.device(args.device)
-    text = heldout_text("hamlet")
-    max_tokens = args.eval_tokens or None
     bits_list = [int(b) for b in args.bits.split(",") if b]
     g = args.group_size
 
-    def ppl(m: torch.nn.Module) -> float:
-        m.to(dev)
-        try:
-            with torch.no_grad():
-                return perplexity(m, tok, text, window=512, stride=256, max_tokens=max_tokens, device=dev)
-        finally:
-            m.to("cpu")
+    ppl = heldout_perplexity(tok, dev, args.eval_tokens)
 
     def run(opts: dict[str, Any], calib: Any = None) -> tuple[torch.nn.Module, Any, float]:
         cfg = config_from_dict(opts, "compress")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _evidence import common_args, heldout_perplexity, printed_table
 
 from weightsmith.assets import load_dataset
 from weightsmith.compress import calibration_batches, compress, heldout_text
@@ -37,7 +38,6 @@ from weightsmith.compress.magnitude import Magnitude
 from weightsmith.compress.pst import PST
 from weightsmith.compress.sparsegpt import SparseGPT
 from weightsmith.compress.wanda import Wanda
-from weightsmith.evaluate import perplexity
 from weightsmith.models import load_model
 
 
@@ -95,40 +95,25 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", required=True, choices=("armor", "dpruner", "pst"))
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cpu")
+    common_args(ap, samples=8, seq_len=256, eval_tokens=4096)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored (0 = all)")
     ap.add_argument("--armor-iters", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
-    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--skip-dense", action="store_true", help="do not score the dense model")
-    ap.add_argument("--table", type=Path, default=None, help="only print the table of a saved JSON")
     args = ap.parse_args()
-    if args.table is not None:
-        print(table(json.loads(args.table.read_text())))
+    if printed_table(args, table):
         return
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, task="causal-lm")
     dev = torch.device(args.device)
-    max_tokens = args.eval_tokens or None
     evals = {"ppl hamlet": heldout_text("hamlet")}
     if args.part == "dpruner":
         evals["ppl speeches"] = speeches_text("test")
 
+    scorers = {k: heldout_perplexity(tok, dev, args.eval_tokens, t) for k, t in evals.items()}
+
     def ppls(m: torch.nn.Module) -> dict[str, float]:
-        m.to(dev)
-        try:
-            with torch.no_grad():
-                return {
-                    k: perplexity(m, tok, t, window=512, stride=256, max_tokens=max_tokens, device=dev)
-                    for k, t in evals.items()
-                }
-        finally:
-            m.to("cpu")
+        return {k: score(m) for k, score in scorers.items()}
 
     with tempfile.TemporaryDirectory() as tmp:
         domain_file = Path(tmp) / "speeches_train.txt"
