@@ -19,6 +19,7 @@ from weightsmith.optim.projectors import (
     RandomProjection,
     dct_basis,
     dequantize_int4,
+    orthonormal,
     quantize_int4,
 )
 from weightsmith.optim.transform import ScaleByAdam
@@ -216,3 +217,27 @@ def test_gradnormlorp_optimizer_trains():
         loss.backward()
         opt.step()
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rsvd_warm_refresh_tracks_a_drifting_gradient(side):
+    G = _low_rank_plus_noise(48, 40, 6)
+    state: dict = {}
+    RandomizedSVD().refresh(G, side, 4, state, 0)
+    drifted = G + 0.05 * _low_rank_plus_noise(48, 40, 6, seed=7)  # the next refresh's gradient
+    RandomizedSVD().refresh(drifted, side, 4, state, 1)  # warm: one power iteration
+    exact: dict = {}
+    SVD().refresh(drifted, side, 4, exact, 0)
+    assert subspace_similarity(exact["P"], state["P"], side) > 0.999
+
+
+def test_cholesky_qr2_is_orthonormal_and_spans_the_columns():
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(3, 200, 12, generator=g) @ torch.diag(torch.logspace(0, -3, 12))  # cond 1e3
+    Q = orthonormal(Y)
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(12).expand(3, 12, 12), atol=1e-5, rtol=0)
+    Qh, _ = torch.linalg.qr(Y)
+    torch.testing.assert_close(Q @ (Q.mT @ Qh), Qh, atol=1e-4, rtol=0)  # same column space
+    singular = torch.zeros(50, 3)
+    singular[:, 0] = 1.0  # rank 1: Cholesky fails, Householder QR takes over
+    assert orthonormal(singular).shape == (50, 3)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ._app import app
+from .merge import FORCE, OUT_ARGUMENT, OUT_OPTION, SHARD_SIZE, output, write
 
 HELP = """Assemble a Mixtral mixture-of-experts model from dense Llama/Mistral experts as a mergekit-moe
 CONFIG.yaml says, and write it to OUT (positional, as mergekit-moe, or --out), atomically: attention,
@@ -35,8 +36,8 @@ See docs/merging-mergekit.md.
 @app.command("merge-moe", help=HELP)
 def merge_moe_cmd(
     config: Path = typer.Argument(..., help="mergekit-moe YAML."),
-    out: Path | None = typer.Argument(None, help="Output model directory (or give it as --out)."),
-    out_option: Path | None = typer.Option(None, "--out", help="Output model directory (same as OUT)."),
+    out: Path | None = OUT_ARGUMENT,
+    out_option: Path | None = OUT_OPTION,
     device: str = typer.Option(
         "cpu", "--device", help="Where the base runs for hidden gates: cpu, cuda, cuda:N, auto."
     ),
@@ -44,25 +45,17 @@ def merge_moe_cmd(
     allow_all_same: bool = typer.Option(
         False, "--allow-all-same", help="Allow every expert to be the same model (to train afterwards)."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB or 500MB."),
+    force: bool = FORCE,
+    shard_size: str = SHARD_SIZE,
 ) -> None:
-    from ..merge import moe
-    from ..progress import log
-    from ._options import device as check_device
-    from .merge import output
-
-    target = output(out, out_option, "weightsmith merge-moe CONFIG.yaml OUT")
     import torch
 
+    from ..merge import moe
+    from ._options import device as check_device
+
+    target = output(out, out_option, "weightsmith merge-moe CONFIG.yaml OUT")
     dev = check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = moe.run(
-        config,
-        target,
-        device=dev,
-        seed=seed,
-        force=force,
-        shard_size=shard_size,
+    write(
+        moe.run, config, target, force, "MoE model", device=dev, seed=seed, shard_size=shard_size,
         allow_all_same=allow_all_same,
-    )
-    log(f"MoE model written to {result}")
+    )  # fmt: skip

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import yaml
 
 from ..config import YamlLoader, config_from_dict, registered
-from ..errors import WeightsmithError
+from ..errors import WeightsmithError, close_names
 from ..select import Selector
 from ..store import WeightStore
 from . import inputs, mergekit_plan
@@ -193,6 +193,15 @@ def load_recipe(path: str | Path, *, exact_dtype: bool = False) -> Recipe:
     if not path.is_file():
         raise WeightsmithError(f"recipe file not found: {path}")
     data, text = read_yaml(path)
+    recipe = from_data(data, path, exact_dtype=exact_dtype)
+    recipe.text = text
+    return recipe
+
+
+def from_data(data: Any, path: Path | None = None, *, exact_dtype: bool = False) -> Recipe:
+    """What a recipe file holds (its parsed mapping), ours or mergekit's, as a :class:`Recipe`: the one
+    reader behind :func:`load_recipe` and :func:`command_line_recipe`. ``path`` names the recipe in messages
+    and is where relative model paths are looked up."""
     if not isinstance(data, dict):
         raise WeightsmithError(
             f"{path}: a recipe is a YAML mapping (with 'method' or mergekit's 'merge_method'), "
@@ -204,11 +213,8 @@ def load_recipe(path: str | Path, *, exact_dtype: bool = False) -> Recipe:
             "(with 'merge_method'); our recipes compute in float32"
         )
     if exact_dtype:
-        recipe = Recipe(mergekit_plan.MergekitYAML(data, path, exact=True), [], flavour="mergekit")
-    else:
-        recipe = from_mergekit(data, path) if "merge_method" in data else from_dict(data, path)
-    recipe.text = text
-    return recipe
+        return Recipe(mergekit_plan.MergekitYAML(data, path, exact=True), [], flavour="mergekit")
+    return from_mergekit(data, path) if "merge_method" in data else from_dict(data, path)
 
 
 def _locate(spec: Any, recipe: Path | None, what: str) -> str:
@@ -638,3 +644,86 @@ def data_aware_recipe(data: Mapping[str, Any], path: Path | None = None) -> Reci
         config_from_dict(fields, "merge"), [m for m, _ in entries], base_name, weights, None, dtype,
         flavour="mergekit",
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ command line
+
+COMMAND_LINE = Path("command line")  # names a recipe built from options in messages (models are as given)
+
+
+def mergekit_names() -> list[str]:
+    """The method names a mergekit-style recipe (``merge_method:``) takes."""
+    return sorted(set(MERGEKIT_METHODS) | set(mergekit_plan.METHODS_WITH_KERNELS) | set(DATA_AWARE))
+
+
+def recipe_data(
+    method: str,
+    models: Sequence[str],
+    *,
+    base: str | None = None,
+    weights: Sequence[float] | None = None,
+    options: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    mergekit: bool = False,
+) -> dict[str, Any]:
+    """The mapping a recipe file would hold for ``method`` on ``models`` (read it with :func:`from_data`):
+    ours (``method:`` with the options beside it) for a registered merge config; mergekit's
+    (``merge_method:`` with the options under ``parameters:`` and each weight under its model's) for a name
+    only mergekit has (``linear``, ``dare_linear``) or when ``mergekit`` asks for mergekit's semantics.
+    Without ``weights``, a mergekit method that requires one gets weight 1 for every model. Our options are
+    checked here to be fields of the method's config (a recipe key such as ``base`` is not an option)."""
+    options = dict(options or {})
+    ours = registered("merge")
+    if weights is not None and len(weights) != len(models):
+        raise WeightsmithError(f"{len(weights)} weight(s) for {len(models)} model(s); give one per model")
+    if not mergekit and method in ours:
+        names = [f.name for f in dataclasses.fields(ours[method])]
+        for key in options:
+            if key not in names:
+                raise WeightsmithError(
+                    f"method '{method}' has no option '{key}'; options: {close_names(key, names) or '(none)'}"
+                )
+        items: list[Any] = (
+            list(models)
+            if weights is None
+            else [{"model": m, "weight": w} for m, w in zip(models, weights, strict=True)]
+        )
+        data: dict[str, Any] = {"method": method, **options, "models": items}
+        if base is not None:
+            data["base"] = base
+    elif method in mergekit_names():
+        if weights is None and "weight" not in options and _requires_weight(method):
+            weights = [1.0] * len(models)
+        per: list[dict[str, Any]] = [{"model": m} for m in models]
+        for item, w in zip(per, weights or [], strict=False):
+            item["parameters"] = {"weight": w}
+        data = {"merge_method": method, "models": per}
+        if base is not None:
+            data["base_model"] = base
+        if options:
+            data["parameters"] = options
+    else:
+        known = sorted(set(ours) | set(mergekit_names())) if not mergekit else mergekit_names()
+        raise WeightsmithError(
+            f"unknown {'mergekit ' if mergekit else ''}merge method '{method}'; known: {', '.join(known)}"
+        )
+    if dtype is not None:
+        data["dtype"] = dtype
+    return data
+
+
+def _requires_weight(method: str) -> bool:
+    if method in MERGEKIT_METHODS:
+        return True  # mergekit's linear / task arithmetic / TIES / DARE rows read a weight per model
+    if method not in mergekit_plan.METHODS_WITH_KERNELS:
+        return False
+    params = mergekit_plan.method(method).params
+    return any(p.name == "weight" and p.default is mergekit_plan.REQUIRED for p in params)
+
+
+def command_line_recipe(data: dict[str, Any], *, exact_dtype: bool = False) -> Recipe:
+    """The :class:`Recipe` of a mapping from :func:`recipe_data`, read exactly as a recipe file with that
+    content (its text, the equivalent YAML, is kept as the output's provenance)."""
+    recipe = from_data(data, COMMAND_LINE, exact_dtype=exact_dtype)
+    recipe.text = yaml.safe_dump(data, sort_keys=False)
+    return recipe

@@ -75,6 +75,9 @@ class SVD:
 class RandomizedSVD:
     """Top-r singular subspace by a randomized range finder with ``power_iters`` power iterations.
 
+    A warm-started refresh runs ``warm_power_iters`` (1): the previous subspace is already close, so each
+    refresh continues one subspace iteration across refreshes rather than starting over.
+
     The subspace iteration runs on the row space, ``Q <- orth(G^T G Q)`` ("Finding structure with
     randomness", Halko, Martinsson & Tropp, 2011, Alg. 4.4), started from the previous subspace (warm start)
     and seeded random columns; it ends with the eigenproblem of ``(G Q)^T (G Q) = V S^2 V^T``: the right
@@ -87,6 +90,7 @@ class RandomizedSVD:
 
     oversample: int = 8
     power_iters: int = 2
+    warm_power_iters: int = 1
     warm_start: bool = True
     name: str = "rsvd"
     row_sides: tuple[str, ...] = (LEFT, RIGHT)
@@ -103,6 +107,7 @@ class RandomizedSVD:
         m, n = where.shape
         k = min(rank + self.oversample, m, n)
         starts = []
+        warm = self.warm_start and all("P" in state for state in states)
         for G, state, seed in zip(Gs, states, seeds, strict=True):
             start = torch.randn(n, k, device=A.device, generator=_generator(seed, A.device))
             if self.warm_start and "P" in state:
@@ -110,9 +115,9 @@ class RandomizedSVD:
                 basis = prev.mT if side == RIGHT else where.reduce(G.float().mT @ prev)  # the old row space
                 start = torch.cat([basis[:, :k], start[:, basis.shape[1] :]], dim=1)
             starts.append(start)
-        Q, _ = torch.linalg.qr(where.reduce(A.mT @ (A @ torch.stack(starts))))
-        for _ in range(self.power_iters):
-            Q, _ = torch.linalg.qr(where.reduce(A.mT @ (A @ Q)))
+        Q = orthonormal(where.reduce(A.mT @ (A @ torch.stack(starts))))
+        for _ in range(self.warm_power_iters if warm else self.power_iters):
+            Q = orthonormal(where.reduce(A.mT @ (A @ Q)))
         C = (A @ Q).double()  # rows of G Q
         evals, V = torch.linalg.eigh(where.reduce(C.mT @ C))
         V, sigma = V.flip(-1)[..., :rank], evals.flip(-1)[..., :rank].clamp_min(0).sqrt()
@@ -129,6 +134,25 @@ class RandomizedSVD:
 
     def matrix(self, state: State, side: str) -> Tensor:
         return state["P"]  # type: ignore[no-any-return]
+
+
+def orthonormal(Y: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of (batched) ``Y``, by CholeskyQR2 in float64.
+
+    Two passes of ``Y <- Y chol(Y^T Y)^-T`` ("CholeskyQR2: a simple and communication-avoiding algorithm for
+    computing a tall-skinny QR factorization", Fukaya, Nakatsukasa, Yanagisawa & Yamamoto, 2014) are
+    orthonormal to working precision while ``cond(Y)`` stays below about ``1e8``; on the GPU they cost a
+    GEMM and a small batched Cholesky instead of a Householder QR per matrix (24x faster on an H200 for 22
+    matrices of 2048 x 520). A Gram matrix that is not numerically positive definite falls back to
+    Householder QR.
+    """
+    Z = Y.double()
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Z.mT @ Z)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(Y)[0]
+        Z = torch.linalg.solve_triangular(L, Z.mT, upper=False).mT
+    return Z.to(Y.dtype)
 
 
 _DCT_CACHE: dict[tuple[int, str], Tensor] = {}
