@@ -95,9 +95,18 @@ def shard(model: torch.nn.Module, blocks: Iterable[torch.nn.Module] | None = Non
     require_group()
     from torch.distributed.fsdp import fully_shard
 
-    for block in blocks or []:
+    sharded = list(blocks or [])
+    for block in sharded:
         fully_shard(block)
     fully_shard(model)
+    # Explicit prefetch: block i+1's all-gather is issued while block i computes (forward), block i-1's
+    # while block i's gradients are computed (backward), so communication hides behind compute instead of
+    # waiting in each block's pre-forward hook.
+    for i, block in enumerate(sharded):
+        if i + 1 < len(sharded):
+            block.set_modules_to_forward_prefetch([sharded[i + 1]])  # type: ignore[operator]
+        if i > 0:
+            block.set_modules_to_backward_prefetch([sharded[i - 1]])  # type: ignore[operator]
     return model
 
 
