@@ -178,6 +178,17 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def check_task(model: Any, task: TaskData, path: str | os.PathLike[str]) -> None:
+    """Refuse a zoo model (read from ``path``) whose input size or class count is not ``task``'s."""
+    in_dim = model.in_dim if isinstance(model, MLP) else model.side**model.dim
+    n_classes = model.net[-1].out_features if isinstance(model, MLP) else model.fc2.out_features
+    if (in_dim, n_classes) != (task.in_dim, task.n_classes):
+        raise WeightsmithError(
+            f"{path} takes {in_dim} inputs and {n_classes} classes, but --task {task.name} has "
+            f"{task.in_dim} inputs and {task.n_classes} classes; pass the task it was trained on"
+        )
+
+
 def reset_bn_stats(model: nn.Module, x: Tensor, batch_size: int = 256) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics on ``x`` (cumulative average), then eval mode."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -276,11 +287,9 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
             f"{p}: no 'weightsmith.zoo' metadata; it was not written by weightsmith.zoo.save"
         )
     try:
-        arch = json.loads(meta["weightsmith.zoo"])
-    except ValueError as exc:
+        model = from_arch(json.loads(meta["weightsmith.zoo"]))
+    except json.JSONDecodeError as exc:
         raise WeightsmithError(f"{p}: the 'weightsmith.zoo' metadata is not valid JSON") from exc
-    try:
-        model = from_arch(arch)
     except WeightsmithError as exc:
         raise WeightsmithError(f"{p}: {exc}") from exc
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -143,6 +143,24 @@ def test_armor_through_compress_and_its_factored_tensors(tmp_path):
     torch.testing.assert_close(W, w.dequantize(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("init", ["wanda", "sparsegpt"])
+def test_armor_starts_from_the_wanda_or_sparsegpt_core(init):
+    from weightsmith.layers import InputStats
+
+    torch.manual_seed(0)
+    W, X = torch.randn(16, 32), torch.randn(200, 32) * (torch.rand(32) * 3)
+    cfg = ARMOR(block_size=8, init=init, damp=0.05)
+    stats = InputStats("x", cfg.stats_spec())
+    stats.add(X)
+    core = cfg.base().prune(W, stats)
+    if init == "wanda":  # keep the 2 largest |W_ij| * ||X_j|| of every 4 inputs of a row
+        ref = pruned(W, nm_mask(W.abs() * X.norm(dim=0), 2, 4), 2, 4)
+    else:
+        ref = sparsegpt_prune(W, stats.hessian(), 0.5, 2, 4, damp=0.05)
+    assert torch.equal(core.mask, ref.mask) and (core.n, core.m) == (2, 4)
+    torch.testing.assert_close(core.W, ref.W)
+
+
 def test_bad_armor_options():
     with pytest.raises(WeightsmithError, match="armor options n=0, m=0"):
         ARMOR(n=0, m=0)

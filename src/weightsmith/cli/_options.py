@@ -10,11 +10,32 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from ..errors import WeightsmithError
 
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+
+# The options that ``adapt`` and ``train`` share (the training loop's, see ``train_args``, and the run
+# folder's), declared once; typer takes the default from the parameter: ``batch_size: BatchSize = 32``.
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="optimizer steps (overrides --epochs)")]
+HeadLR = Annotated[float, typer.Option("--head-lr", help="learning rate of the classification head")]
+BatchSize = Annotated[int, typer.Option("--batch-size")]
+GradAccum = Annotated[int, typer.Option("--grad-accum", help="micro-batches per optimizer step")]
+Schedule = Annotated[str, typer.Option("--schedule", help="linear, cosine or constant (after warm-up)")]
+Warmup = Annotated[float, typer.Option("--warmup", help="warm-up fraction of the steps")]
+CheckpointEvery = Annotated[
+    int | None, typer.Option("--checkpoint-every", help="also checkpoint every N steps")
+]
+Seed = Annotated[int, typer.Option("--seed")]
+TrainDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+RunDir = Annotated[Path | None, typer.Option("--out", "-o", help="output directory")]
+ReplaceRun = Annotated[
+    bool, typer.Option("--force", help="replace an existing --out (kept until the new run is complete)")
+]
+Resume = Annotated[bool, typer.Option("--resume", help="continue the unfinished run in --out")]
 
 
 def device(value: str, option: str = "--device") -> str | None:

@@ -21,6 +21,7 @@ from .. import config as cfg
 from ..errors import WeightsmithError
 from ..tasks import TASKS
 from ..train import FULL, HEAD, TrainResult, finetune
+from . import _options as shared
 from ._app import app
 from ._options import train_args
 
@@ -181,28 +182,26 @@ def adapt_cmd(
     ),
     task: str = typer.Option(None, "--task", "-t", help=f"task: {', '.join(TASKS)}"),
     epochs: int = typer.Option(1, "--epochs", help="training epochs"),
-    max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps (overrides --epochs)"),
+    max_steps: shared.MaxSteps = None,
     lr: float = typer.Option(None, "--lr", help="learning rate (default: the method's usual one)"),
-    head_lr: float = typer.Option(2e-3, "--head-lr", help="learning rate of the classification head"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
-    schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)"),
-    warmup: float = typer.Option(0.06, "--warmup", help="warm-up fraction of the steps"),
+    head_lr: shared.HeadLR = 2e-3,
+    batch_size: shared.BatchSize = 32,
+    grad_accum: shared.GradAccum = 1,
+    schedule: shared.Schedule = "linear",
+    warmup: shared.Warmup = 0.06,
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     max_examples: int = typer.Option(None, "--max-examples", help="use at most this many training examples"),
     max_len: int = typer.Option(None, "--max-len", help="max tokens per example (default 64; LM blocks 128)"),
     eval_examples: int = typer.Option(
         None, "--eval-examples", help="evaluate on at most this many examples (LM tasks: windows)"
     ),
-    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="also checkpoint every N steps"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    checkpoint_every: shared.CheckpointEvery = None,
+    seed: shared.Seed = 0,
+    device: shared.TrainDevice = "auto",
     parallel: str = typer.Option("ddp", "--parallel", help="under torchrun: ddp or fsdp2 (sharded)"),
-    out: Path = typer.Option(None, "--out", "-o", help="output directory"),
-    force: bool = typer.Option(
-        False, "--force", help="replace an existing --out (kept until the new run is complete)"
-    ),
-    resume: bool = typer.Option(False, "--resume", help="continue the unfinished run in --out"),
+    out: shared.RunDir = None,
+    force: shared.ReplaceRun = False,
+    resume: shared.Resume = False,
     fmt: str = typer.Option("native", "--format", help="adapter format: native or peft (LoRA family)"),
     list_methods: bool = typer.Option(False, "--list", help="list the adapter methods and exit"),
 ) -> None:
@@ -242,7 +241,7 @@ def adapt_cmd(
     )
 
 
-def print_result(title: str, result: TrainResult, detail: tuple[str, str], out: Path) -> None:
+def print_result(title: str, result: TrainResult, detail: tuple[str, str], out: Path | None) -> None:
     """The table that ``adapt`` and ``train`` print at the end of a run: the metric, ``detail`` (what was
     trained), steps, time, peak memory and the output directory."""
     table = Table(title=title)

@@ -220,18 +220,6 @@ def zoo_train_cmd(
     log(f"{t.name} {kind}: test accuracy {zoo.evaluate(m, t.x_test, t.y_test)[1]:.3f}; wrote {out}")
 
 
-def _fits_task(model: Any, task: Any, path: Path) -> None:
-    from .. import zoo
-
-    in_dim = model.in_dim if isinstance(model, zoo.MLP) else model.side**model.dim
-    n_classes = model.net[-1].out_features if isinstance(model, zoo.MLP) else model.fc2.out_features
-    if (in_dim, n_classes) != (task.in_dim, task.n_classes):
-        raise WeightsmithError(
-            f"{path} takes {in_dim} inputs and {n_classes} classes, but --task {task.name} has "
-            f"{task.in_dim} inputs and {task.n_classes} classes; pass the task it was trained on"
-        )
-
-
 @app.command("barrier")
 def barrier_cmd(
     a: Path = typer.Argument(..., help="Zoo model A (.safetensors from `weightsmith zoo-train` or `align`)."),
@@ -272,7 +260,7 @@ def barrier_cmd(
     if {k: v.shape for k, v in sa.items()} != {k: v.shape for k, v in sb.items()}:
         raise WeightsmithError(f"{a} and {b} have different architectures")
     t = zoo.load_task(task)
-    _fits_task(ma, t, a)
+    zoo.check_task(ma, t, a)
     opt.outputs(force, ("--out", json_out), ("--html", html))
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ma.modules())
     prepare = (lambda m: zoo.reset_bn_stats(m, t.x_train)) if has_bn else None

@@ -10,7 +10,6 @@ with the same checkpoints, ``--resume`` and progress as ``adapt``.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -21,6 +20,7 @@ from .. import config as cfg
 from ..config import parse_opts
 from ..errors import WeightsmithError
 from ..tasks import TASKS
+from . import _options as shared
 from ._app import app
 from ._options import train_args
 from .adapt import print_result
@@ -86,23 +86,23 @@ def train_cmd(
     ),
     task: str = typer.Option(None, "--task", "-t", help=f"task: {', '.join(TASKS)}"),
     epochs: int = typer.Option(1, "--epochs"),
-    max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps (overrides --epochs)"),
+    max_steps: shared.MaxSteps = None,
     lr: float = typer.Option(None, "--lr", help="learning rate (default: full fine-tuning's)"),
-    head_lr: float = typer.Option(2e-3, "--head-lr", help="learning rate of the classification head"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
-    schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warm-up)"),
-    warmup: float = typer.Option(0.06, "--warmup", help="warm-up fraction of the steps"),
+    head_lr: shared.HeadLR = 2e-3,
+    batch_size: shared.BatchSize = 32,
+    grad_accum: shared.GradAccum = 1,
+    schedule: shared.Schedule = "linear",
+    warmup: shared.Warmup = 0.06,
     weight_decay: float = typer.Option(None, "--weight-decay"),
     max_examples: int = typer.Option(None, "--max-examples"),
     max_len: int = typer.Option(None, "--max-len"),
     eval_examples: int = typer.Option(None, "--eval-examples"),
-    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="also checkpoint every N steps"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
-    out: Path = typer.Option(None, "--out", "-o", help="output directory"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
+    checkpoint_every: shared.CheckpointEvery = None,
+    seed: shared.Seed = 0,
+    device: shared.TrainDevice = "auto",
+    out: shared.RunDir = None,
+    force: shared.ReplaceRun = False,
+    resume: shared.Resume = False,
     per_layer: bool = typer.Option(
         False,
         "--layerwise",

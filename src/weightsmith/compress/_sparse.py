@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import WeightsmithError
-from ..layers import InputStats, Layer
+from ..layers import InputStats, Layer, StatsSpec
 from ._core import CompressConfig, CompressReport, _record
 
 SCOPES = ("row", "layer")
@@ -192,6 +192,40 @@ class PruneConfig(CompressConfig):
         return self.prune(W, stats)
 
 
+@dataclass(frozen=True)
+class Refiner(PruneConfig):
+    """A pruner that starts from another pruner's mask and improves on it (DSnoT, ARMOR): ``init`` names
+    the starting pruner (one of ``inits``), with this config's sparsity or N:M; ``damp`` is its Hessian
+    damping when it is SparseGPT."""
+
+    calibrated = True
+    inits: ClassVar[tuple[str, ...]] = ("wanda", "magnitude", "sparsegpt")
+    init: str = "wanda"
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init not in self.inits:
+            method = getattr(type(self), "method", type(self).__name__)
+            raise WeightsmithError(f"{method} option init={self.init!r}: use one of {', '.join(self.inits)}")
+
+    def stats_spec(self) -> StatsSpec:
+        return StatsSpec(gram=self.init == "sparsegpt", channels=True)
+
+    def base(self) -> PruneConfig:
+        """The starting pruner's config."""
+        from .magnitude import Magnitude
+        from .sparsegpt import SparseGPT
+        from .wanda import Wanda
+
+        common = dict(sparsity=self.sparsity, n=self.n, m=self.m, targets=self.targets)
+        if self.init == "sparsegpt":
+            return SparseGPT(damp=self.damp, **common)  # type: ignore[arg-type]
+        if self.init == "magnitude":
+            return Magnitude(prune_scope="row", **common)  # type: ignore[arg-type]
+        return Wanda(**common)  # type: ignore[arg-type]
+
+
 def prune_by_scores(
     config: PruneConfig, layers: Sequence[Layer], scores: dict[str, Tensor], scope: str
 ) -> CompressReport:
@@ -208,6 +242,16 @@ def prune_by_scores(
 
 
 # ------------------------------------------------------------------------ compressed-tensors sparse layouts
+
+
+def refuse_compressed_tensors(fmt: str, held: str, weightsmith: str, dense: str) -> None:
+    """Refuse ``--format compressed-tensors`` for a result it cannot hold (bit masks, sign codes), saying what
+    ``--format weightsmith`` and ``--format dense`` store instead."""
+    if fmt == "compressed-tensors":
+        raise WeightsmithError(
+            f"--format compressed-tensors cannot hold {held}; use --format weightsmith ({weightsmith}) or "
+            f"dense ({dense})"
+        )
 
 
 def pack_mask(mask: Tensor) -> Tensor:

@@ -38,13 +38,9 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ..layers import InputStats, Layer, StatsSpec
+from ..layers import InputStats, Layer
 from ._core import CompressReport
-from ._sparse import PruneConfig, SparseWeight, pruned, select_mask
-from .sparsegpt import SparseGPT
-from .wanda import wanda_score
-
-INITS = ("wanda", "sparsegpt")
+from ._sparse import Refiner, SparseWeight
 
 
 def block_left(A: Tensor, X: Tensor) -> Tensor:
@@ -226,20 +222,18 @@ def armor_fit(
 
 
 @register_config("armor", kind="compress")
-class ARMOR(PruneConfig):
+class ARMOR(Refiner):
     """ARMOR (N:M only, default 2:4; ``block_size`` of the correctors, dividing every layer's in and out
     sizes; ``iters`` of block coordinate descent; ``cg_steps`` per value update; ``swaps``: groups re-chosen
     per tile per iteration; ``init``: wanda or sparsegpt)."""
 
-    calibrated = True
+    inits = ("wanda", "sparsegpt")
     n: int = 2
     m: int = 4
     block_size: int = 64
     iters: int = 30
     cg_steps: int = 3
     swaps: int = 1
-    init: str = "wanda"
-    damp: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -248,8 +242,6 @@ class ARMOR(PruneConfig):
                 f"armor options n={self.n}, m={self.m}: ARMOR's sparse core is N:M (e.g. n=2, m=4); "
                 "unstructured sparsity is not supported"
             )
-        if self.init not in INITS:
-            raise WeightsmithError(f"armor option init={self.init!r}: use one of {', '.join(INITS)}")
         if self.block_size < 1 or self.block_size % self.m:
             raise WeightsmithError(
                 f"armor option block_size={self.block_size}: must be a positive multiple of m={self.m}"
@@ -267,9 +259,6 @@ class ARMOR(PruneConfig):
                     f"'{ly.name}' (the correctors' blocks tile both sizes)"
                 )
 
-    def stats_spec(self) -> StatsSpec:
-        return StatsSpec(gram=self.init == "sparsegpt", channels=True)
-
     def describe(self, report: CompressReport) -> str:
         ws = [w for w in report.weights.values() if isinstance(w, ArmorWeight)]
         dense = sum(w.mask.numel() for w in ws)
@@ -284,10 +273,7 @@ class ARMOR(PruneConfig):
             raise WeightsmithError(
                 f"armor option block_size={self.block_size} does not divide the shape {tuple(W.shape)}"
             )
-        if self.init == "sparsegpt":
-            init = SparseGPT(n=self.n, m=self.m, damp=self.damp).prune(W, stats)
-        else:
-            init = pruned(W, select_mask(wanda_score(W, stats.norms()), 0.0, self.n, self.m), self.n, self.m)
+        init = self.base().prune(W, stats)
         h = stats.norms().square() / stats.n
         return armor_fit(W, init, h, self.block_size, self.iters, self.cg_steps, self.swaps)
 

@@ -59,6 +59,7 @@ from ..progress import log
 from ._alloc import allocate_bits, mean_bits, per_layer
 from ._core import CompressConfig, CompressReport, PlanJob, _record
 from ._grid import check_bits, grouped
+from ._sparse import refuse_compressed_tensors
 from .gptq import inverse_hessian_factor
 
 
@@ -240,12 +241,12 @@ class BCQ(CompressConfig):
         return bool(self.avg_bits)
 
     def check_format(self, fmt: str) -> None:
-        if fmt == "compressed-tensors":
-            raise WeightsmithError(
-                "--format compressed-tensors cannot hold binary codes (their 2^bits levels are not an "
-                "integer grid); use --format weightsmith (packed codes and scales, read by "
-                "ws.load_compressed) or dense (the weights the codes stand for, loads anywhere)"
-            )
+        refuse_compressed_tensors(
+            fmt,
+            "binary codes (their 2^bits levels are not an integer grid)",
+            "packed codes and scales, read by ws.load_compressed",
+            "the weights the codes stand for, loads anywhere",
+        )
 
     def describe(self, report: CompressReport) -> str:
         ws = {n: w for n, w in report.weights.items() if isinstance(w, BCQWeight)}

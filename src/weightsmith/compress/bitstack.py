@@ -44,7 +44,7 @@ from ..linalg import rsvd, seeded_generator, truncated_svd
 from ..progress import log
 from ._alloc import per_layer
 from ._core import CompressConfig, CompressReport, LayerReport, PlanJob
-from ._sparse import pack_mask, unpack_mask
+from ._sparse import pack_mask, refuse_compressed_tensors, unpack_mask
 
 SORTS = ("perplexity", "error")
 
@@ -208,12 +208,12 @@ class BitStack(CompressConfig):
                 )
 
     def check_format(self, fmt: str) -> None:
-        if fmt == "compressed-tensors":
-            raise WeightsmithError(
-                "--format compressed-tensors cannot hold a BitStack stack (sign and low-rank blocks); use "
-                "--format weightsmith (the stack, loaded at any size by ws.load_compressed(DIR, "
-                "memory_mb=...)) or dense (all blocks, as ordinary weights)"
-            )
+        refuse_compressed_tensors(
+            fmt,
+            "a BitStack stack (sign and low-rank blocks)",
+            "the stack, loaded at any size by ws.load_compressed(DIR, memory_mb=...)",
+            "all blocks, as ordinary weights",
+        )
 
     def describe(self, report: CompressReport) -> str:
         ws = [w for w in report.weights.values() if isinstance(w, BitStackWeight)]

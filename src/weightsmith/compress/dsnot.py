@@ -21,13 +21,8 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ..layers import InputStats, StatsSpec
-from ._sparse import PruneConfig, SparseWeight
-from .magnitude import Magnitude
-from .sparsegpt import SparseGPT
-from .wanda import Wanda
-
-INITS = ("wanda", "magnitude", "sparsegpt")
+from ..layers import InputStats
+from ._sparse import Refiner, SparseWeight
 
 
 def dsnot(
@@ -77,33 +72,17 @@ def dsnot(
 
 
 @register_config("dsnot", kind="compress")
-class DSnoT(PruneConfig):
+class DSnoT(Refiner):
     """DSnoT on an ``init`` mask (wanda, magnitude, sparsegpt); ``max_cycles``, ``threshold``, ``pow_var``."""
 
-    calibrated = True
-    init: str = "wanda"
     max_cycles: int = 50
     threshold: float = 0.1
     pow_var: float = 1.0
-    damp: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init not in INITS:
-            raise WeightsmithError(f"dsnot option init={self.init!r}: use one of {', '.join(INITS)}")
         if self.max_cycles < 0 or self.threshold < 0:
             raise WeightsmithError("dsnot options max_cycles and threshold must be >= 0")
-
-    def stats_spec(self) -> StatsSpec:
-        return StatsSpec(gram=self.init == "sparsegpt", channels=True)
-
-    def base(self) -> PruneConfig:
-        common = dict(sparsity=self.sparsity, n=self.n, m=self.m, targets=self.targets)
-        if self.init == "sparsegpt":
-            return SparseGPT(damp=self.damp, **common)  # type: ignore[arg-type]
-        if self.init == "magnitude":
-            return Magnitude(prune_scope="row", **common)  # type: ignore[arg-type]
-        return Wanda(**common)  # type: ignore[arg-type]
 
     def prune(self, W: Tensor, stats: InputStats | None) -> SparseWeight:
         if stats is None:

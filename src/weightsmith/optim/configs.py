@@ -175,46 +175,46 @@ class AdamW:
         return torch.optim.AdamW([p for _, p in named], lr=lr, eps=self.eps, weight_decay=self.weight_decay)
 
 
-@register_config("galore", "optimizer")
-class GaLore(_Projected):
-    """GaLore (Zhao et al., 2024): Adam in a rank-r gradient subspace, refreshed every update_proj_gap."""
+@dataclass(frozen=True)
+class _GaLoreGroup(_Projected):
+    """GaLore's param-group options (galore-torch's ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``,
+    plus the ``projector``), shared by GaLore, Q-GaLore and GradNormLoRP."""
 
     rank: int = 128
     update_proj_gap: int = 200
     scale: float = 0.25
     proj_type: str = "std"
     projector: str = "rsvd"
+
+    def _group(self) -> dict[str, Any]:
+        """The projected group's keys, as the optimizer reads them."""
+        common = {f.name for f in fields(_Common)}
+        return {f.name: getattr(self, f.name) for f in fields(_GaLoreGroup) if f.name not in common}
+
+
+@register_config("galore", "optimizer")
+class GaLore(_GaLoreGroup):
+    """GaLore (Zhao et al., 2024): Adam in a rank-r gradient subspace, refreshed every update_proj_gap."""
+
     quantized: bool = False
     lazy_threshold: float | None = None
 
     def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
-        projector = ("q4-" if self.quantized else "") + self.projector
-        options: dict[str, Any] = {
-            "rank": self.rank,
-            "update_proj_gap": self.update_proj_gap,
-            "scale": self.scale,
-            "proj_type": self.proj_type,
-            "projector": projector,
-        }
+        options = {**self._group(), "projector": ("q4-" if self.quantized else "") + self.projector}
         if self.lazy_threshold is not None:
             options["lazy_threshold"] = self.lazy_threshold
         return self._build(GaLoreAdamW, named, lr, **options)
 
 
 @register_config("q-galore", "optimizer")
-class QGaLore(_Preset):
+class QGaLore(_Preset, _GaLoreGroup):
     """Q-GaLore (Zhang et al., 2024): GaLore with INT4 projection matrices and layer-adaptive lazy refresh."""
 
-    rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
     projector: str = "svd"
     lazy_threshold: float = 0.4
 
     def _full(self) -> GaLore:
-        return GaLore(self.rank, self.update_proj_gap, self.scale, self.proj_type, self.projector, True,
-                      self.lazy_threshold, **self._common())  # fmt: skip
+        return GaLore(**self._group(), quantized=True, lazy_threshold=self.lazy_threshold, **self._common())
 
 
 @register_config("apollo", "optimizer")
@@ -245,17 +245,8 @@ class APOLLOMini(_Preset):
 
 
 @register_config("gradnormlorp", "optimizer")
-class GradNormLoRP(_Projected):
+class GradNormLoRP(_GaLoreGroup):
     """GradNormLoRP (Huang et al., 2024): weight-normalised, low-rank projected direction, full magnitude."""
 
-    rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
-    projector: str = "rsvd"
-
     def create(self, named: Named, lr: float) -> torch.optim.Optimizer:
-        return self._build(
-            GradNormLoRPAdamW, named, lr, rank=self.rank, update_proj_gap=self.update_proj_gap,
-            scale=self.scale, proj_type=self.proj_type, projector=self.projector,
-        )  # fmt: skip
+        return self._build(GradNormLoRPAdamW, named, lr, **self._group())
