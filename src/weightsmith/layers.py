@@ -14,7 +14,8 @@
   it), and the outputs of the changed block feed block ``i + 1``. A model larger than the device therefore
   calibrates, and each block sees the inputs the compressed model will really give it.
 - Under ``torch.distributed`` every rank feeds its own share of the batches and :meth:`InputStats.all_reduce`
-  sums the statistics, so all ranks hold the statistics of the whole calibration set (data-parallel).
+  sums the statistics (and gathers the captured rows), so all ranks hold the statistics of the whole
+  calibration set (data-parallel).
 """
 
 from __future__ import annotations
@@ -216,17 +217,45 @@ class InputStats:
         return torch.cat(self.rows)
 
     def all_reduce(self) -> None:
-        """Sum the statistics over the ranks of the default process group (no-op without one)."""
+        """Sum the statistics over the ranks of the default process group (no-op without one), and gather
+        the captured rows in rank order (the first ``max_rows`` of them are kept), so that with the samples
+        split into contiguous shares by rank every rank holds what one process would have gathered."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        ref = next((t for t in (self.gram, self.abs_sum) if t is not None), None)
-        device = ref.device if ref is not None else torch.device("cpu")
-        count = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
+        count = on_group_device(torch.tensor([float(self.n)], dtype=torch.float64))
         dist.all_reduce(count)
         self.n = int(count.item())
         for t in (self.gram, self.abs_sum, self.sq_sum, self.total):
             if t is not None:
-                dist.all_reduce(t)
+                buf = on_group_device(t)
+                dist.all_reduce(buf)
+                if buf is not t:
+                    t.copy_(buf)
+        if self.spec.max_rows and self.rows:
+            mine = torch.cat(self.rows)
+            rows = _gather_rows(on_group_device(mine))[: self.spec.max_rows].to(mine.device)
+            self.rows, self.kept = [rows], rows.shape[0]
+
+
+def on_group_device(t: Tensor) -> Tensor:
+    """``t`` where the default process group's backend can work on it: NCCL takes CUDA tensors only, so a
+    CPU tensor is copied to this process's GPU; gloo takes ``t`` as it is."""
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
+def _gather_rows(mine: Tensor) -> Tensor:
+    """Every rank's ``[k_r, in]`` rows concatenated in rank order (``k_r`` may differ between ranks)."""
+    size = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.int64, device=mine.device) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor([mine.shape[0]], dtype=torch.int64, device=mine.device))
+    ks = [int(c.item()) for c in counts]
+    padded = mine.new_zeros(max(ks), mine.shape[1])
+    padded[: mine.shape[0]] = mine
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, ks, strict=True)])
 
 
 def _mask_rows(x: Tensor, mask: Tensor | None) -> Tensor:

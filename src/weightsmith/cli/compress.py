@@ -8,7 +8,6 @@ from typing import Any
 import typer
 
 from ..config import parse_opts
-from ..errors import WeightsmithError
 from ._app import app
 
 _HELP = """Compress the weights of MODEL (a packaged name such as smollm2, or a Hugging Face model directory)
@@ -42,6 +41,11 @@ Formats (default: compressed-tensors for quantisers, dense otherwise): compresse
 pack-quantized, loads in transformers with the compressed-tensors package and in vLLM), dense (the dense
 weights as a plain checkpoint; every method), weightsmith (read by ws.load_compressed; low-rank layers come
 back as two thin Linears, so the model really is smaller).
+
+Data-parallel calibration: under torchrun (torchrun --nproc_per_node N -m weightsmith compress ...) each
+process calibrates on its share of the --samples windows, the statistics are summed over the processes
+block by block, and rank 0 writes OUT (one directory, complete or not at all). A recipe step can compress
+too: see weightsmith recipe --help.
 
 Examples: weightsmith compress smollm2 --method gptq --bits 4 --group-size 64 --out runs/smollm2-gptq4;
 weightsmith compress smollm2 --method wanda --opt n=2 --opt m=4 --out runs/smollm2-wanda24
@@ -84,59 +88,21 @@ def compress_cmd(
 ) -> None:
     from rich.console import Console
 
-    from .. import compress as C
-    from ..config import config_from_dict, registered
-    from ..execute import resolve_device
+    from .. import distributed
+    from ..compress.step import CompressStep, summary
     from ..models import load_model
-    from ..progress import log
-    from ..staging import check_output
 
-    methods = registered("compress")
-    if method not in methods:
-        raise WeightsmithError(f"--method {method}: unknown; known: {', '.join(sorted(methods))}")
-    if fmt is not None and fmt not in C.FORMATS:
-        raise WeightsmithError(f"--format {fmt}: unknown; use one of {', '.join(C.FORMATS)}")
     given = {k: v for k, v in (("bits", bits), ("group_size", group_size)) if v is not None}
-    options = {"method": method, **given, **_opts(opt)}
-    try:
-        config = config_from_dict(options, "compress")
-    except TypeError as exc:
-        raise WeightsmithError(f"--opt: {exc}") from exc
-    if fmt is None:
-        fmt = config.default_format
-    config.check_format(fmt)
-    if config.needs_calibration() and (samples < 1 or seq_len < 2):
-        raise WeightsmithError(
-            f"--samples {samples} / --seq-len {seq_len}: need at least 1 window of 2 tokens"
-        )
-    if fmt == "compressed-tensors" and getattr(config, "integer_zero", True) is False:
-        raise WeightsmithError(
-            "--format compressed-tensors stores integer zero points; drop integer_zero=false "
-            "or use --format weightsmith"
-        )
-    if config.needs_calibration():
-        C._core.calibration_text(calib)  # a missing or unreadable --calib is refused before the model loads
-    dev = resolve_device(device)
-    check_output(out, force, directory=True)
-    net, tokenizer = load_model(model)
-    layers = C._core.target_layers(net, config)
-    if fmt != "dense":
-        conv = [ly.name for ly in layers if ly.kind != "linear"]
-        if conv:
-            raise WeightsmithError(
-                f"--format {fmt} stores nn.Linear layers only; '{conv[0]}' is a GPT-2 Conv1D. "
-                "Use --format dense"
-            )
-    batches = None
-    if config.needs_calibration():
-        batches = C.calibration_batches(tokenizer, calib, samples, seq_len)
-    log(f"compressing {len(layers)} layer(s) of {model} with {config}")
-    net, report = C.compress(net, config, calib=batches, device=dev)
-    path = C.save_compressed(net, report, out, tokenizer, fmt, force)
-    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    errs = [r.rel_error for r in report.layers]
-    Console().print(
-        f"{len(errs)} layers {config.verb} in {report.seconds:.1f} s; relative weight error mean "
-        f"{sum(errs) / len(errs):.4f}, max {max(errs):.4f}; {config.describe(report)}; "
-        f"{size / 1e6:.1f} MB written to {path} ({fmt})"
+    step = CompressStep.build(
+        {"method": method, **given, **_opts(opt)}, out, fmt, calib, samples, seq_len, force
     )
+    world, dev = distributed.init(device)
+    net, tokenizer = load_model(model)
+    report, path = step.execute(net, tokenizer, dev, world)
+    if world.main:
+        Console().print(summary(report, path, step.format))
+
+
+# ``weightsmith recipe`` runs compress steps; registered with this command until it has its own entry in
+# cli/__init__.py's COMMAND_MODULES (importing it twice is harmless)
+from . import recipe as _recipe  # noqa: E402, F401

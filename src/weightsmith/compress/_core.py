@@ -8,6 +8,11 @@ of the already-quantised blocks before it. A method that must see a whole block 
 into the previous operation) overrides ``compress_block``. A method that must see every layer before it
 changes any (low-rank compression with a global rank allocation) does its whole work in :meth:`plan`.
 
+Data-parallel under torchrun: each process calibrates on its share of the samples (``rank`` and
+``world_size`` of :func:`calibration_batches`), the walker sums the statistics over the processes
+(:meth:`~weightsmith.layers.InputStats.all_reduce`), every process compresses the block from the same
+statistics, and rank 0's weights are broadcast before the next block (rank 0 writes the output).
+
 The model keeps the dense weights it now stands for (``Ŵ = s (q − z)`` for a quantiser, the pruned matrix
 for a pruner, ``A B`` for a low-rank factorisation): it runs as before, with the compression error. The
 compact form (integer codes and scales, mask, factors: anything :class:`Compressed`) is returned in the
@@ -24,11 +29,21 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import assets
 from ..errors import WeightsmithError
-from ..layers import InputStats, Layer, StatsSpec, collect_stats, decoder_blocks, find_layers, walk_blocks
+from ..layers import (
+    InputStats,
+    Layer,
+    StatsSpec,
+    collect_stats,
+    decoder_blocks,
+    find_layers,
+    on_group_device,
+    walk_blocks,
+)
 from ..progress import log
 from ._grid import QuantizedWeight, check_bits
 
@@ -83,6 +98,13 @@ class CompressConfig:
 
     def stats_spec(self) -> StatsSpec:
         return StatsSpec(gram=False, channels=False)
+
+    def data_parallel(self) -> bool:
+        """Whether the calibration may be split over processes under torchrun: yes for a data-free method
+        and for one whose statistics all come from the layer walker (it does not override :meth:`plan`).
+        A :meth:`plan` of its own may make passes over the samples that the walker does not sum over the
+        processes (gradients, losses), so such a method says yes itself once its passes are reduced."""
+        return not self.needs_calibration() or type(self).plan is CompressConfig.plan
 
     def check_layers(self, layers: Sequence[Layer]) -> None:
         """Refuse, before any work, options that do not fit the selected layers (here: the group size)."""
@@ -247,6 +269,7 @@ def compress(
         log(f"block {index}: {len(mine)} layer(s)")
         originals = {ly.name: ly.weight().detach().float().clone() for ly in mine}
         done = config.compress_block(block, mine, stats)
+        _from_rank0([block])
         _record(report, mine, originals, done)
 
     if path is not None:
@@ -254,9 +277,28 @@ def compress(
     if outside:
         originals = {ly.name: ly.weight().detach().float().clone() for ly in outside}
         done = config.compress_block(None, outside, outside_stats)
+        _from_rank0([ly.module for ly in outside])
         _record(report, outside, originals, done)
     report.seconds = time.perf_counter() - t0
     return model, report
+
+
+def _from_rank0(modules: Sequence[nn.Module]) -> None:
+    """Data-parallel (under torchrun): every rank compressed the same block from the same all-reduced
+    statistics; rank 0's parameters are broadcast so that all ranks surely go on from one model (the next
+    block's inputs), whatever the arithmetic of each device. A no-op in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    seen: set[int] = set()
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                data = p.data
+                buf = on_group_device(data)
+                dist.broadcast(buf, src=0)
+                if buf is not data:
+                    data.copy_(buf)
 
 
 # ----------------------------------------------------------------------------------------- calibration
@@ -279,12 +321,27 @@ def calibration_text(calib: str) -> str:
 
 
 def calibration_batches(
-    tokenizer: Any, calib: str = "hamlet", samples: int = 32, seq_len: int = 512, batch_size: int = 8
+    tokenizer: Any,
+    calib: str = "hamlet",
+    samples: int = 32,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[dict[str, Tensor]]:
-    """``samples`` windows of ``seq_len`` tokens evenly spaced over the text, ``batch_size`` per batch."""
+    """``samples`` windows of ``seq_len`` tokens evenly spaced over the text, ``batch_size`` per batch.
+
+    Data-parallel (``world_size`` processes): process ``rank`` gets its contiguous share of the windows,
+    ``samples[rank * samples // world_size : (rank + 1) * samples // world_size]``, so the shares taken in
+    rank order are the windows one process would use."""
     if samples < 1 or seq_len < 2:
         raise WeightsmithError(
             f"--samples {samples} / --seq-len {seq_len}: need at least 1 sample of 2 tokens"
+        )
+    if samples < world_size:
+        raise WeightsmithError(
+            f"--samples {samples}: fewer calibration windows than the {world_size} processes; "
+            f"use --samples {world_size} or more (each process needs at least one)"
         )
     ids = tokenizer(calibration_text(calib), return_tensors="pt").input_ids[0]
     need = samples * seq_len
@@ -295,7 +352,8 @@ def calibration_batches(
         )
     stride = (len(ids) - seq_len) // max(samples - 1, 1)
     windows = torch.stack([ids[i * stride : i * stride + seq_len] for i in range(samples)])
-    return [{"input_ids": windows[i : i + batch_size]} for i in range(0, samples, batch_size)]
+    windows = windows[rank * samples // world_size : (rank + 1) * samples // world_size]
+    return [{"input_ids": windows[i : i + batch_size]} for i in range(0, len(windows), batch_size)]
 
 
 def heldout_text(calib: str = "hamlet") -> str:
