@@ -17,11 +17,12 @@ is ~1e-7 x lambda_max, negligible for eigenvalues far above that, and float32 cu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -72,6 +73,7 @@ def gram_eigvalsh(W: Tensor, dtype: torch.dtype = torch.float64, streams: int = 
         return (
             out.reshape(*batch, min(m, n)) if out is not None else W.new_empty(*batch, min(m, n), dtype=dtype)
         )
+    _wait_warm_up(_device_index(W.device))
     A = W.to(dtype)
     with _ieee_matmul():
         G = A @ A.mT if m <= n else A.mT @ A
@@ -104,7 +106,7 @@ def _gram_eigvalsh_cpu(W: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(ev[::-1].copy()).clamp_min(0)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _ieee_matmul() -> Iterator[None]:
     """Full float32 GEMMs (no TF32) for the duration, whatever the caller's global setting."""
     prev = torch.get_float32_matmul_precision()
@@ -115,33 +117,85 @@ def _ieee_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(prev)
 
 
-_POOL: dict[int, tuple[ThreadPoolExecutor, list[torch.cuda.Stream]]] = {}
+_POOL: dict[tuple[int, int], tuple[ThreadPoolExecutor, list[torch.cuda.Stream]]] = {}
+_POOL_LOCK = threading.Lock()
+_WARMING: dict[tuple[int, int], threading.Thread] = {}
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _solver_pool(index: int, streams: int) -> tuple[ThreadPoolExecutor, list[torch.cuda.Stream]]:
+    """The host threads and CUDA streams of ``_eigvalsh_streams`` on device ``index``, made once."""
+    with _POOL_LOCK:
+        if (index, streams) not in _POOL:
+            dev = torch.device("cuda", index)
+            # torch loads its CUDA linear-algebra library lazily, and that first call is not thread-safe
+            a = torch.eye(2, device=dev)
+            torch.linalg.eigvalsh(torch.mm(a, a))  # loads cuBLAS and cuSOLVER
+            _POOL[(index, streams)] = (
+                ThreadPoolExecutor(streams),
+                [torch.cuda.Stream(dev) for _ in range(streams)],
+            )
+        return _POOL[(index, streams)]
+
+
+def warm_up_cuda(device: torch.device | str, streams: int = 4) -> None:
+    """Start creating ``device``'s CUDA context, loading cuBLAS and cuSOLVER and making the eigensolver's
+    stream pool on a background thread, so that they overlap the caller's reading (~0.5 s of a fresh
+    process on an H200). CUDA eigensolves here wait for it; a no-op for a CPU device, when CUDA is not
+    available or when it is done. The thread is not a daemon: an exiting interpreter joins it.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return
+    index = dev.index
+    if index is None:  # asking torch for the current device would create the context here and now
+        index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    key = (index, streams)
+    with _POOL_LOCK:
+        if key in _POOL or key in _WARMING:
+            return
+        thread = threading.Thread(target=_warm, args=key, name="weightsmith-cuda-warm-up")
+        _WARMING[key] = thread
+        thread.start()  # under the lock: no one can join it before it has started
+
+
+def _warm(index: int, streams: int) -> None:
+    with contextlib.suppress(Exception):  # a failure shows again, and is reported, at the first eigensolve
+        _solver_pool(index, streams)
+
+
+def _wait_warm_up(index: int) -> None:
+    for key in [k for k in list(_WARMING) if k[0] == index]:
+        thread = _WARMING.get(key)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+            _WARMING.pop(key, None)
 
 
 def _eigvalsh_streams(G: Tensor, streams: int) -> Tensor:
     """``torch.linalg.eigvalsh`` of a (B, k, k) CUDA batch, chunks on ``streams`` streams at once."""
-    key = (G.device.index or 0) * 1000 + streams
-    if key not in _POOL:
-        # torch loads its CUDA linear-algebra library lazily, and that first call is not thread-safe
-        torch.linalg.eigvalsh(torch.eye(2, dtype=G.dtype, device=G.device))
-        _POOL[key] = (ThreadPoolExecutor(streams), [torch.cuda.Stream(G.device) for _ in range(streams)])
-    pool, pool_streams = _POOL[key]
+    pool, pool_streams = _solver_pool(_device_index(G.device), streams)
     main = torch.cuda.current_stream(G.device)
+    # allocated on the caller's stream, which waits for the solvers below: no record_stream, no cat
+    out = torch.empty(G.shape[:-1], dtype=G.dtype, device=G.device)
     ready = torch.cuda.Event()
     ready.record(main)
 
-    def work(i: int, chunk: Tensor) -> Tensor:
+    def work(i: int, chunk: Tensor, dst: Tensor) -> None:
         s = pool_streams[i]
         with torch.cuda.device(G.device), torch.cuda.stream(s):
             s.wait_event(ready)
-            return torch.linalg.eigvalsh(chunk)
+            torch.linalg.eigvalsh(chunk, out=dst)
 
-    chunks = G.chunk(streams)
-    outs = [f.result() for f in [pool.submit(work, i, c) for i, c in enumerate(chunks)]]
-    for i, out in enumerate(outs):
+    chunks = list(zip(G.chunk(streams), out.chunk(streams), strict=True))
+    for f in [pool.submit(work, i, c, d) for i, (c, d) in enumerate(chunks)]:
+        f.result()
+    for i in range(len(chunks)):
         main.wait_stream(pool_streams[i])
-        out.record_stream(main)
-    return torch.cat(outs)
+    return out
 
 
 def rsvd(

@@ -131,3 +131,69 @@ def test_version_and_out_alias(tmp_path: Path) -> None:
         )
         assert res.exit_code == 0, res.output
         assert json.loads(out.read_text())["summary"]["k"] == 2
+
+
+def test_command_table_matches_what_the_modules_register() -> None:
+    """``cli.COMMAND_OF`` (the module each command is imported from alone) is complete and right."""
+    import importlib
+
+    from weightsmith import cli
+
+    for name in cli.COMMAND_MODULES:
+        importlib.import_module(f"weightsmith.cli.{name}")
+    found = {c.name: c.callback.__module__.rsplit(".", 1)[-1] for c in app.registered_commands if c.callback}
+    found |= {
+        g.name: next(c.callback.__module__ for c in g.typer_instance.registered_commands).rsplit(".", 1)[-1]
+        for g in app.registered_groups
+        if g.typer_instance is not None
+    }
+    # (a module outside COMMAND_MODULES that another test imported registers on ``app`` too; main() never
+    # imports it)
+    assert {c: m for c, m in found.items() if m in cli.COMMAND_MODULES} == cli.COMMAND_OF
+
+
+def test_analyze_imports_no_merge_training_or_transformers(tmp_path: Path) -> None:
+    """A ``weightsmith analyze`` process imports only what analysing needs (not merge, SciPy's optimize,
+    transformers, training): those cost ~1 s of a fresh process on the GPU machine."""
+    import subprocess
+    import sys
+
+    W = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    save_file({"a.weight": W}, tmp_path / "m.safetensors")
+    code = (
+        "import sys; from weightsmith.cli import main; "
+        f"sys.argv = ['weightsmith', 'analyze', r'{tmp_path / 'm.safetensors'}', '--device', 'cpu', "
+        f"'--out', r'{tmp_path / 'o.json'}']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "bad = ('weightsmith.merge', 'weightsmith.train', 'weightsmith.compress', 'scipy.optimize', "
+        "'transformers')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(bad)))"
+    )
+    env = {"WEIGHTSMITH_PROGRESS": "0", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert json.loads((tmp_path / "o.json").read_text())["matrices"][0]["name"] == "a.weight"
+
+
+@pytest.mark.parametrize(
+    ("argv", "lone"),
+    [
+        (["analyze", "m", "--device", "cpu"], "analyze"),
+        (["--threads", "2", "compare", "a", "b"], "analyze"),
+        (["nuclear-norm", "--help"], "analyze"),
+        (["--help"], None),
+        (["--version", "analyze"], None),
+        (["no-such-command"], None),
+        ([], None),
+    ],
+)
+def test_one_command_imports_only_its_module(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], lone: str | None
+) -> None:
+    from weightsmith import cli
+
+    seen: list[str] = []
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: seen.append(name.rsplit(".", 1)[-1]))
+    cli._register(argv)
+    assert seen == ([lone] if lone else list(cli.COMMAND_MODULES))

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..merge.permute import PermutationSpec, apply_permutation, weight_matching
+if TYPE_CHECKING:  # merge (and SciPy's optimize) is imported only when a curve is aligned
+    from ..merge.permute import PermutationSpec
 
 Evaluate = Callable[[nn.Module], tuple[float, float]]  # model -> (loss, accuracy)
 
@@ -92,6 +93,8 @@ def barrier(
     """The ``naive`` curve, and with a ``spec`` also the ``aligned`` one (B weight-matched to A)."""
     curves = {"naive": barrier_curve(model, a, b, evaluate, k, prepare)}
     if spec is not None:
+        from ..merge.permute import apply_permutation, weight_matching
+
         b_aligned = apply_permutation(b, spec, weight_matching(spec, a, b, seed=seed))
         curves["aligned"] = barrier_curve(model, a, b_aligned, evaluate, k, prepare)
     return curves

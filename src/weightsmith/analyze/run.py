@@ -13,12 +13,14 @@ import torch
 
 from ..errors import WeightsmithError
 from ..execute import ReadAhead, resolve_device
+from ..linalg import warm_up_cuda
 from ..progress import track
 from ..select import Selector
 from ..store import WeightStore
 from .batches import (
     MIN_EVALS,
     candidate_matrices,
+    read_device,
     read_host,
     shape_batches,
     short_side_first,
@@ -163,9 +165,17 @@ def analyze_weights(
     fix_fingers, tpl = _fit_options(fix_fingers, fit)
     start = time.perf_counter()
     dev = resolve_device(device)
+    device_label = str(dev)
     dtype = eig_dtype(precision, dev)
     cuda = dev.type == "cuda"
     streams = streams if streams is not None else (4 if cuda else 1)
+    if cuda:
+        # an explicit index (the reader thread's current device need not be the caller's), found
+        # without creating the CUDA context here: the context and the solver libraries are loaded on
+        # a background thread while the first batch is read
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
+        warm_up_cuda(dev, streams)
     if max_batch_bytes is None:
         max_batch_bytes = (1 << 30) if cuda else (1 << 27)
     names, skipped = candidate_matrices(store, select, kernels=kernels)
@@ -176,9 +186,10 @@ def analyze_weights(
     batches = list(shape_batches(store, names, max_batch_bytes))
     pending: list[tuple[list[str], int, torch.Tensor, torch.Tensor | None]] = []
     with torch.no_grad():
-        reader = ReadAhead(
-            batches, lambda b: read_host(store, b[1], pin=cuda), budget=1 << 62, depth=2, background=cuda
-        )
+        if cuda:
+            reader = ReadAhead(batches, lambda b: read_device(store, b[1], dev), budget=1 << 62, depth=2)
+        else:
+            reader = ReadAhead(batches, lambda b: read_host(store, b[1]), background=False)
         with reader:
             for ((M, N), members), host in track(reader, "analyze", total=len(batches)):
                 rows, evals = _analyze_batch(
@@ -232,7 +243,7 @@ def analyze_weights(
     skipped.sort(key=lambda s: order.get(s["name"], 0))
     return AnalysisResult(
         model=name or store.source,
-        device=str(dev),
+        device=device_label,
         matrices=matrices,
         skipped=skipped,
         seconds=time.perf_counter() - start,

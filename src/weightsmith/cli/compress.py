@@ -101,8 +101,3 @@ def compress_cmd(
     report, path = step.execute(net, tokenizer, dev, world)
     if world.main:
         Console().print(summary(report, path, step.format))
-
-
-# ``weightsmith recipe`` runs compress steps; registered with this command until it has its own entry in
-# cli/__init__.py's COMMAND_MODULES (importing it twice is harmless)
-from . import recipe as _recipe  # noqa: E402, F401
