@@ -95,9 +95,6 @@ def analyze_cmd(
     force: bool = typer.Option(False, "--force", help="replace existing outputs"),
 ) -> None:
     """Spectral metrics (alpha, norms, ranks, MP spikes, FARMS alpha) of every 2-D weight and conv kernel."""
-    from ..analyze import add_analysis, analyze_weights
-    from ..report import Report
-
     opt.choice(precision, "--precision", PRECISIONS)
     if fix_fingers is not None:
         opt.choice(fix_fingers, "--fix-fingers", ("clip_xmax", "xmin_peak"))
@@ -105,6 +102,13 @@ def analyze_cmd(
     if fit != "PL" and fix_fingers == "clip_xmax":
         raise WeightsmithError(f"--fit {fit} --fix-fingers clip_xmax: clip_xmax refits a power law only")
     dev = opt.device(device)
+    from ..execute import resolve_device
+    from ..linalg import warm_up_cuda
+
+    warm_up_cuda(resolve_device(dev))  # CUDA start-up overlaps the imports below and opening the model
+    from ..analyze import add_analysis, analyze_weights
+    from ..report import Report
+
     store = _open(model, "MODEL")
     _selected(select, store)
     _check_outputs(json_out, html_out, force)
