@@ -89,11 +89,19 @@ def random_llama(size: str, text: str) -> tuple[Any, Any]:
 
 
 def run_ours(
-    model: Any, method: str, bits: int, group: int, calib: list[Any], dev: torch.device, tok: Any
+    model: Any,
+    method: str,
+    bits: int,
+    group: int,
+    calib: list[Any],
+    dev: torch.device,
+    tok: Any,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
     opts: dict[str, Any] = {"method": method, "bits": bits, "group_size": group}
     if method == "gptq":
         opts["act_order"] = True  # llm-compressor's GPTQModifier default: actorder "static"
+    opts.update((extra or {}).get(method, {}))
     cfg = config_from_dict(opts, "compress")
     m, _ = compress(model, cfg, calib=calib if cfg.needs_calibration() else None, device=dev)
     return m
@@ -146,7 +154,22 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens scored (0 = all)")
     ap.add_argument("--libraries", default="weightsmith,llmcompressor")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="METHOD:K=V",
+        help="an option of our method, e.g. gptq:fused=false (the eager column loop); repeatable",
+    )
     args = ap.parse_args()
+    extra: dict[str, dict[str, Any]] = {}
+    for item in args.opt:
+        name, _, kv = item.partition(":")
+        key, _, value = kv.partition("=")
+        try:
+            extra.setdefault(name, {})[key] = json.loads(value)  # numbers, true/false
+        except ValueError:
+            extra.setdefault(name, {})[key] = value
     dev = torch.device(args.device)
     full = args.text.read_text(encoding="utf-8") if args.text else None
     if args.model.startswith("random-llama-"):
@@ -192,8 +215,10 @@ def main() -> None:
                 m = copy.deepcopy(base)
                 _peak_reset(dev)
                 t0 = time.perf_counter()
-                fn = run_ours if lib == "weightsmith" else run_llmcompressor
-                m = fn(m, method, bits, args.group_size, calib, dev, tok)
+                if lib == "weightsmith":
+                    m = run_ours(m, method, bits, args.group_size, calib, dev, tok, extra)
+                else:
+                    m = run_llmcompressor(m, method, bits, args.group_size, calib, dev, tok)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 seconds = time.perf_counter() - t0
@@ -201,6 +226,8 @@ def main() -> None:
                 row = {"library": lib, "method": method, "bits": bits, "group": args.group_size,
                        "ppl": ppl(m), "logit_error": logit_error(m), "seconds": seconds,
                        "peak_mb": peak}  # fmt: skip
+                if lib == "weightsmith" and extra.get(method):
+                    row["opts"] = extra[method]
                 rows.append(row)
                 print(row, flush=True)
                 if args.out is not None:

@@ -13,17 +13,31 @@ upper Cholesky factor of the damped inverse, ``chol((H + λI)⁻¹)ᵀ`` with ``
 columns after the block once per block (Step 2). ``act_order`` quantises columns by decreasing ``diag H``;
 its group scales are then fixed up front from the unquantised weights ("static groups"), so each group
 keeps one scale in storage order and the stored format needs no permutation index.
+
+Speed. Everything above depends on ``W`` only row by row, and on ``H`` alone otherwise (the order, ``U``,
+the static grids' columns), so (1) layers with the same Hessian (q/k/v, gate/up) are quantised in one pass
+over their stacked rows, with the same codes; (2) on CUDA each block's column steps run as one Triton kernel
+(:mod:`._gptq_kernel`) instead of about ten small kernels per column, with the eager loop's arithmetic; the
+lazy update of the later columns stays a matrix product. A dynamic group's grid is computed when its first
+column comes up, so a block runs in segments that start at group starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ..layers import InputStats, StatsSpec
-from ._core import CompressConfig
+from ..layers import InputStats, Layer, StatsSpec
+from ..progress import log
+from ._core import CompressConfig, Compressed
 from ._grid import QuantizedWeight, grouped, minmax_params, qmax
 
 
@@ -39,6 +53,66 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One block of columns ``i1:i2`` (in quantisation order): its working copy ``W1`` of the weights, the
+    factor ``U1 = U[i1:i2, i1:i2]``, the grids, where codes and scaled errors go, and each column's group
+    (``gidx`` on the device, ``groups`` on the host)."""
+
+    W1: Tensor
+    U1: Tensor
+    scale: Tensor
+    zero: Tensor
+    Q1: Tensor
+    Err1: Tensor
+    gidx: Tensor
+    groups: list[int]
+
+
+Steps = Callable[[_Block, int, int, int], None]
+
+
+def _eager_steps(blk: _Block, a: int, b: int, bits: int) -> None:
+    """Columns ``a`` to ``b`` of a block, one after another (Algorithm 1, lines 5-8): the reference."""
+    W1, U1, scale, zero = blk.W1, blk.U1, blk.scale, blk.zero
+    for i in range(a, b):
+        grp = blk.groups[i]
+        w = W1[:, i]
+        q = (w / scale[:, grp] + zero[:, grp]).round().clamp(0, qmax(bits))
+        blk.Q1[:, i] = q
+        wq = (q - zero[:, grp]) * scale[:, grp]
+        err = (w - wq) / U1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+        blk.Err1[:, i] = err
+
+
+def _fused_steps(blk: _Block, a: int, b: int, bits: int) -> None:
+    """The same columns in one Triton launch (:func:`._gptq_kernel.run_block`)."""
+    from ._gptq_kernel import run_block
+
+    with torch.cuda.device(blk.W1.device) if blk.W1.is_cuda else contextlib.nullcontext():
+        run_block(blk.W1, blk.U1.contiguous(), blk.scale, blk.zero, blk.gidx, blk.Q1, blk.Err1, (a, b), bits)
+
+
+def triton_available() -> bool:
+    """Whether the fused block kernel can be imported (Triton installed)."""
+    try:
+        from . import _gptq_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _block_steps(W: Tensor, fused: bool | None) -> Steps:
+    if fused is None:
+        fused = W.is_cuda and triton_available()
+    if fused and not triton_available():
+        raise WeightsmithError("gptq option fused=true needs Triton (pip install triton)")
+    if fused and not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise WeightsmithError("gptq option fused=true: the kernel runs on CUDA (or with TRITON_INTERPRET=1)")
+    return _fused_steps if fused else _eager_steps
+
+
 def gptq_quantize(
     W: Tensor,
     H: Tensor,
@@ -48,8 +122,12 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    fused: bool | None = None,
 ) -> QuantizedWeight:
-    """GPTQ on one ``[out, in]`` weight with Hessian ``H`` [in, in]; returns codes on a group-wise grid."""
+    """GPTQ on one ``[out, in]`` weight with Hessian ``H`` [in, in]; returns codes on a group-wise grid.
+
+    ``fused``: run each block's column steps as one Triton kernel (:mod:`._gptq_kernel`, same codes) instead
+    of the eager loop; None picks it for a CUDA weight when Triton is installed."""
     W = W.float().clone()
     H = H.float().clone()
     out_f, in_f = W.shape
@@ -68,29 +146,27 @@ def gptq_quantize(
     U = inverse_hessian_factor(H, damp)
     Q = torch.empty_like(W)
     cols = perm.tolist()  # host-side once: reading perm[i] in the loop would sync the GPU every column
+    steps = _block_steps(W, fused)
+    gidx = (perm // g).to(torch.int32)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            col = cols[i1 + i]
-            grp = col // g
-            if not static and col % g == 0:  # the group's grid from the current (updated) weights
-                s, z = minmax_params(
-                    W1[:, i : i + g].unsqueeze(1)
-                    if i + g <= i2 - i1
-                    else torch.cat([W1[:, i:], W[:, i2 : i1 + i + g]], 1).unsqueeze(1),
-                    bits,
-                    symmetric,
+        # a dynamic group's grid comes from the current (updated) weights at its first column: the block's
+        # columns run in segments that start there
+        starts = [] if static else [i for i in range(i2 - i1) if cols[i1 + i] % g == 0]
+        bounds = sorted({0, *starts, i2 - i1})
+        groups = [c // g for c in cols[i1:i2]]
+        blk = _Block(W1, U1, scale, zero, Q[:, i1:i2], Err1, gidx[i1:i2], groups)
+        for a, b in pairwise(bounds):
+            if a in starts:
+                window = (
+                    W1[:, a : a + g] if a + g <= i2 - i1 else torch.cat([W1[:, a:], W[:, i2 : i1 + a + g]], 1)
                 )
+                s, z = minmax_params(window.unsqueeze(1), bits, symmetric)
+                grp = cols[i1 + a] // g
                 scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
-            w = W1[:, i]
-            q = (w / scale[:, grp] + zero[:, grp]).round().clamp(0, qmax(bits))
-            Q[:, i1 + i] = q
-            wq = (q - zero[:, grp]) * scale[:, grp]
-            err = (w - wq) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            steps(blk, a, b, bits)
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     Q = Q[:, torch.argsort(perm)]
     return QuantizedWeight(Q.to(torch.uint8), scale, zero, bits, group_size, symmetric)
@@ -98,12 +174,19 @@ def gptq_quantize(
 
 @register_config("gptq", kind="compress")
 class GPTQ(CompressConfig):
-    """GPTQ (``damp``: Hessian dampening as a fraction of mean diag H; ``block_size``; ``act_order``)."""
+    """GPTQ (``damp``: Hessian dampening as a fraction of mean diag H; ``block_size``; ``act_order``;
+    ``fused``: on CUDA with Triton installed, each block's column steps in one kernel; false: the eager loop).
+
+    The layers of a block that read the same input (q/k/v, gate/up) have the same Hessian; GPTQ treats every
+    row alike given ``H`` (the column order of ``act_order`` and ``U`` depend on ``H`` alone), so their rows
+    are stacked and quantised in one pass: the same codes as layer by layer, with a third fewer passes on a
+    Llama block."""
 
     calibrated = True
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    fused: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,5 +203,54 @@ class GPTQ(CompressConfig):
             raise WeightsmithError("gptq needs calibration statistics")
         H = stats.hessian().to(W.device)
         return gptq_quantize(
-            W, H, self.bits, self.group_size, self.symmetric, self.damp, self.block_size, self.act_order
-        )
+            W, H, self.bits, self.group_size, self.symmetric, self.damp, self.block_size, self.act_order,
+            fused=None if self.fused else False,
+        )  # fmt: skip
+
+    def compress_block(
+        self, block: nn.Module | None, layers: Sequence[Layer], stats: dict[str, InputStats] | None
+    ) -> dict[str, Compressed]:
+        """Quantise each set of layers with one Hessian in one pass over their stacked rows."""
+        if stats is None:
+            raise WeightsmithError("gptq needs calibration statistics")
+        out: dict[str, Compressed] = {}
+        groups = shared_hessian_groups(layers, stats)
+        log(f"  gptq: {len(layers)} layer(s) in {len(groups)} pass(es) (layers with one Hessian stacked)")
+        for group in groups:
+            Ws = [ly.weight().detach().float() for ly in group]
+            qw = self.quantize(torch.cat(Ws), stats[group[0].name])
+            for ly, part in zip(group, split_rows(qw, [W.shape[0] for W in Ws]), strict=True):
+                ly.write(part.dequantize())
+                out[ly.name] = part
+        return out
+
+
+def _same_inputs(a: InputStats, b: InputStats) -> bool:
+    return (
+        a.n == b.n
+        and a.gram is not None
+        and b.gram is not None
+        and (a.gram is b.gram or (a.gram.shape == b.gram.shape and bool(torch.equal(a.gram, b.gram))))
+    )
+
+
+def shared_hessian_groups(layers: Sequence[Layer], stats: dict[str, InputStats]) -> list[list[Layer]]:
+    """The layers in sets whose input statistics give the same Hessian (the same ``n`` and Gram matrix, as
+    for q/k/v reading one normalised input), in the order of their first member."""
+    groups: list[list[Layer]] = []
+    for ly in layers:
+        home = next((gr for gr in groups if _same_inputs(stats[gr[0].name], stats[ly.name])), None)
+        if home is None:
+            groups.append([ly])
+        else:
+            home.append(ly)
+    return groups
+
+
+def split_rows(qw: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeight]:
+    """A quantised weight of stacked rows back into one per layer (rows ``sizes[0]``, ``sizes[1]``, ...)."""
+    parts = zip(qw.q.split(list(sizes)), qw.scale.split(list(sizes)), qw.zero.split(list(sizes)), strict=True)
+    return [
+        QuantizedWeight(q.clone(), s.clone(), z.clone(), qw.bits, qw.group_size, qw.symmetric)
+        for q, s, z in parts
+    ]
