@@ -2,20 +2,32 @@
 
 A random-weight Llama (``--size 1b``: TinyLlama-1.1B's shape, hidden 2048, 22 layers, intermediate 5632,
 32 heads, 4 KV heads; ``--size tiny`` for a CPU smoke run) in fp16/bf16, every ``nn.Linear`` of the decoder
-blocks (not ``lm_head``) in three forms:
+blocks (not ``lm_head``) in these forms (``--variants``):
 
 - ``dense``: as built;
-- ``sparse-2:4``: magnitude 2:4 masks (``weightsmith.compress._sparse.nm_mask``), the weights then packed by
-  ``torch.sparse.to_sparse_semi_structured`` so ``F.linear`` runs PyTorch's semi-structured sparse kernels
-  (cuSPARSELt or CUTLASS; CUDA with fp16/bf16 only: skipped elsewhere, with a message). The logits are
-  checked against the same masked weights run densely;
+- ``sparse-2:4``: magnitude 2:4 masks (``weightsmith.compress._sparse.nm_mask``, computed on the device in
+  the weight's dtype), each weight then packed once by ``torch.sparse.to_sparse_semi_structured`` so
+  ``F.linear`` runs PyTorch's semi-structured sparse kernels: cuSPARSELt (``--sparse-backend cusparselt``)
+  or CUTLASS (``cutlass``), CUDA with fp16/bf16 only. The logits are checked against the same masked
+  weights run densely. On the CPU (no semi-structured kernels) the row is ``sparse-2:4-masked``: the same
+  masks run by the dense kernel, so the smoke run exercises pruning, the check and the timing, but its
+  speed is the dense one by construction;
 - ``lowrank-50%``: every Linear as two thin Linears (``weightsmith.compress.thin_linears``) at the uniform
   rank that keeps 50 % of its parameters, ``r = ⌊0.5 · out · in / (out + in)⌋``: two GEMMs per layer.
 
-Prefill: tokens/s of one forward pass over ``--prefill-batch × --prefill-len`` tokens. Decode: tokens/s of
+Every variant is a copy of one model built once (no re-initialisation); each phase (build, prune, pack,
+check, prefill, decode) prints its wall time as it ends, and the JSON keeps them (``phases_s``). Prefill:
+tokens/s of one forward pass over ``--prefill-batch × --prefill-len`` tokens. Decode: tokens/s of
 ``--new-tokens`` greedy steps with the KV cache after a ``--prompt-len`` prompt, for each batch size in
 ``--decode-batches``. Only the last position's logits are computed (``logits_to_keep=1``), as a server
 does. Each number is the median of ``--repeats`` timed runs after a warm-up run.
+
+Why the first version did not finish a 2:4 row in minutes on the GPU (read from the code; the GPU run will
+confirm it with the phase times): masking and packing the 154 weights are a few hundred milliseconds of
+device work, but every semi-structured ``F.linear`` goes through the tensor subclass' Python dispatch and
+one cuSPARSELt call that sets up its matmul plan each time, 154 of them per decoded token, and the old
+defaults decoded 3,072 tokens per variant (4 batch sizes × 6 runs × 128 tokens) after re-initialising a
+1.1B model for every variant. The defaults now decode 2 batch sizes × 4 runs × 32 tokens from one model.
 
     .venv/bin/python benchmarks/bench_compress_speed.py --device cuda --size 1b \\
         --out benchmarks/results/compress_speed_1b_h200.json
@@ -46,11 +58,28 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
 }  # fmt: skip
-DEFAULTS = {  # prefill batch, prefill length, prompt length, new tokens, repeats
-    "1b": (4, 1024, 128, 128, 5),
-    "tiny": (2, 64, 16, 8, 2),
+DEFAULTS = {  # prefill batch, prefill length, prompt length, new tokens, repeats, decode batch sizes
+    "1b": (4, 1024, 128, 32, 3, "1,16"),
+    "tiny": (2, 64, 16, 8, 2, "1,4"),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VARIANTS = ("dense", "sparse-2:4", "lowrank-50%")
+BACKENDS = ("cusparselt", "cutlass")
+
+
+class Phases:
+    """Wall seconds of named phases, printed as each one ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds, self.t0 = device, {}, time.perf_counter()
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        sync(self.device)
+        self.seconds[name] = round(time.perf_counter() - t, 3)
+        print(f"  [{time.perf_counter() - self.t0:7.1f} s] {name}: {self.seconds[name]:.2f} s", flush=True)
+        return out
 
 
 def build(size: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -128,34 +157,39 @@ def linear_params(model: nn.Module) -> int:
     return total
 
 
-def mask_24(model: nn.Module) -> None:
-    """Magnitude 2:4 masks applied in place to every Linear of the decoder blocks (still dense)."""
-    with torch.no_grad():
-        for ly in find_layers(model):
-            W = ly.module.weight
-            W.mul_(nm_mask(W.abs().float(), 2, 4).to(W.dtype))
+@torch.no_grad()
+def mask_24(model: nn.Module) -> int:
+    """Magnitude 2:4 masks applied in place to every Linear of the decoder blocks, on the weights' own
+    device and dtype (still dense); returns the number of weights masked."""
+    layers = find_layers(model)
+    for ly in layers:
+        W = ly.module.weight
+        W.mul_(nm_mask(W.abs(), 2, 4).to(W.dtype))
+    return len(layers)
 
 
-def pack_24(model: nn.Module) -> None:
-    """The (already 2:4) weights packed as semi-structured sparse tensors."""
-    from torch.sparse import to_sparse_semi_structured
+def pack_24(model: nn.Module, backend: str) -> None:
+    """The (already 2:4) weights packed once each as semi-structured sparse tensors (CUDA only)."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
     for ly in find_layers(model):
         lin = ly.module
         lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.detach()), requires_grad=False)
 
 
+@torch.no_grad()
 def lowrank_50(model: nn.Module) -> None:
-    """Every Linear of the blocks as two thin Linears at the uniform rank keeping 50 % of its parameters."""
+    """Every Linear of the blocks as two thin Linears at the uniform rank keeping 50 % of its parameters
+    (random factors drawn on the device)."""
     layers = find_layers(model)
     ranks = uniform_ranks({ly.name: ly.shape for ly in layers}, 0.5)
     thin_linears(model, dict(ranks))
-    g = torch.Generator(device="cpu").manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".down.weight" in name or ".up.weight" in name:
-                init = torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5
-                p.copy_(init.to(p.device, p.dtype))
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(1)
+    for name, p in model.named_parameters():
+        if ".down.weight" in name or ".up.weight" in name:
+            p.copy_(torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32) / p.shape[1] ** 0.5)
 
 
 @torch.inference_mode()
@@ -163,15 +197,50 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def measure(model: nn.Module, name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def measure(
+    model: nn.Module, name: str, args: argparse.Namespace, device: torch.device, phases: Phases
+) -> dict[str, Any]:
     row: dict[str, Any] = {"variant": name, "linear_params": linear_params(model)}
-    row["prefill_tok_s"] = prefill_tps(model, args.prefill_batch, args.prefill_len, device, args.repeats)
+    row["prefill_tok_s"] = phases(
+        f"{name} prefill",
+        lambda: prefill_tps(model, args.prefill_batch, args.prefill_len, device, args.repeats),
+    )
     for b in args.decode_batches:
-        row[f"decode_b{b}_tok_s"] = decode_tps(
-            model, b, args.prompt_len, args.new_tokens, device, args.repeats
+        row[f"decode_b{b}_tok_s"] = phases(
+            f"{name} decode b={b}",
+            lambda b=b: decode_tps(model, b, args.prompt_len, args.new_tokens, device, args.repeats),
         )
     print(f"{name}: {row}", flush=True)
     return row
+
+
+def sparse_row(
+    base: nn.Module, args: argparse.Namespace, device: torch.device, phases: Phases, notes: list[str]
+) -> dict[str, Any]:
+    """The 2:4 variant: masks, the masked-dense reference logits, the packing (CUDA, fp16/bf16) and the
+    check of the packed logits against the reference; a masked-dense row elsewhere."""
+    import copy
+
+    model = phases("copy model for 2:4", lambda: copy.deepcopy(base))
+    n = phases("2:4 prune (magnitude masks, on the device)", lambda: mask_24(model))
+    probe = torch.randint(0, model.config.vocab_size, (1, 128 if args.size == "1b" else 16), device=device)
+    ref = phases("2:4 reference logits (masked, dense kernel)", lambda: logits(model, probe))
+    kernels = device.type == "cuda" and next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    if not kernels:
+        notes.append(
+            f"sparse-2:4-masked: the {n} masked weights run by the dense kernel, because semi-structured "
+            f"sparse kernels need CUDA and fp16/bf16 (here {device.type}, {next(model.parameters()).dtype}): "
+            "its speed is the dense one by construction"
+        )
+        return measure(model, "sparse-2:4-masked", args, device, phases)
+    phases(f"2:4 pack {n} weights ({args.sparse_backend})", lambda: pack_24(model, args.sparse_backend))
+    got = phases("2:4 packed logits", lambda: logits(model, probe))
+    err = float((got - ref).norm() / ref.norm())
+    notes.append(
+        f"2:4 semi-structured ({args.sparse_backend}) logits vs the same masks run densely: {err:.2e}"
+    )
+    name = f"sparse-2:4-{args.sparse_backend}"
+    return {**measure(model, name, args, device, phases), "logit_rel_err_vs_masked_dense": err}
 
 
 def table(rows: list[dict[str, Any]], batches: list[int]) -> str:
@@ -189,75 +258,83 @@ def table(rows: list[dict[str, Any]], batches: list[int]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", choices=sorted(SIZES), default="1b")
     ap.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU"
     )
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma separated, of {', '.join(VARIANTS)}"
+    )
+    ap.add_argument("--sparse-backend", choices=BACKENDS, default="cusparselt")
     ap.add_argument("--prefill-batch", type=int, default=None)
     ap.add_argument("--prefill-len", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--decode-batches", default="1,2,4,8")
+    ap.add_argument("--decode-batches", default=None, help="comma separated batch sizes")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    for key, value in zip(
-        ("prefill_batch", "prefill_len", "prompt_len", "new_tokens", "repeats"),
-        DEFAULTS[args.size],
-        strict=True,
-    ):
+    args = ap.parse_args(argv)
+    keys = ("prefill_batch", "prefill_len", "prompt_len", "new_tokens", "repeats", "decode_batches")
+    for key, value in zip(keys, DEFAULTS[args.size], strict=True):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.size} Llama, {dtype}, {device} ({gpu})")
+    args.decode_batches = [int(b) for b in str(args.decode_batches).split(",") if b]
+    args.variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants:
+        ap.error(f"--variants: unknown {', '.join(bad) or '(none given)'}; use {', '.join(VARIANTS)}")
+    return args
 
-    rows = [measure(build(args.size, dtype, device), "dense", args, device)]
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every requested variant measured; returns ``{"meta", "rows", "table"}`` (also written to --out)."""
+    import copy
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.size} Llama, {dtype}, {device} ({gpu}); variants {', '.join(args.variants)}", flush=True)
+    phases = Phases(device)
+    base = phases("build (random init, once)", lambda: build(args.size, dtype, device))
+    rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        model = build(args.size, dtype, device)
-        mask_24(model)
-        probe = torch.randint(0, model.config.vocab_size, (1, 128), device=device)
-        ref = logits(model, probe)
-        pack_24(model)
-        err = float((logits(model, probe) - ref).norm() / ref.norm())
-        notes.append(f"2:4 semi-structured logits vs the same masks run densely: relative error {err:.2e}")
-        rows.append({**measure(model, "sparse-2:4", args, device), "logit_rel_err_vs_masked_dense": err})
+    if "dense" in args.variants:
+        rows.append(measure(base, "dense", args, device, phases))
+    if "sparse-2:4" in args.variants:
+        rows.append(sparse_row(base, args, device, phases, notes))
+    if "lowrank-50%" in args.variants:
+        model = phases("copy model for low-rank", lambda: copy.deepcopy(base))
+        phases("low-rank: two thin Linears per layer", lambda: lowrank_50(model))
+        rows.append(measure(model, "lowrank-50%", args, device, phases))
         del model
-    else:
-        notes.append(
-            "sparse-2:4 skipped: torch.sparse.to_sparse_semi_structured needs CUDA and fp16/bf16 weights "
-            f"(here {device.type}, {dtype})"
-        )
-    model = build(args.size, dtype, device)
-    lowrank_50(model)
-    rows.append(measure(model, "lowrank-50%", args, device))
     for n in notes:
         print(n)
     md = table(rows, args.decode_batches)
     print(md)
+    meta = {
+        "size": args.size,
+        "config": SIZES[args.size],
+        "dtype": str(dtype),
+        "device": gpu,
+        "torch": torch.__version__,
+        "prefill": [args.prefill_batch, args.prefill_len],
+        "decode": {"prompt": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.decode_batches},
+        "repeats": args.repeats,
+        "sparse_backend": args.sparse_backend,
+        "notes": notes,
+        "phases_s": phases.seconds,
+    }
+    result = {"meta": meta, "rows": rows, "table": md}
     if args.out is not None:
-        meta = {
-            "size": args.size,
-            "config": SIZES[args.size],
-            "dtype": str(dtype),
-            "device": gpu,
-            "torch": torch.__version__,
-            "prefill": [args.prefill_batch, args.prefill_len],
-            "decode": {
-                "prompt": args.prompt_len,
-                "new_tokens": args.new_tokens,
-                "batches": args.decode_batches,
-            },
-            "repeats": args.repeats,
-            "notes": notes,
-        }
-        write_text(args.out, json.dumps({"meta": meta, "rows": rows, "table": md}, indent=2) + "\n")
+        write_text(args.out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main() -> None:
+    run(parse_args())
 
 
 if __name__ == "__main__":

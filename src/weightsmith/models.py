@@ -1,9 +1,15 @@
 """Resolve and load models: packaged asset names, local Hugging Face directories, safetensors files,
-and hub ids (downloaded by plain transformers when the network allows)."""
+and hub ids (downloaded by plain transformers when the network allows).
+
+A directory written by ``weightsmith compress --format weightsmith`` (its ``compression.json`` names that
+format) loads through :func:`weightsmith.compress.load_compressed`, so low-rank layers come back as two
+thin Linears and every task (``adapt``, ``train``, evaluation) sees the compressed model as written.
+"""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 from pathlib import Path
@@ -115,12 +121,55 @@ def load_model(
         raise WeightsmithError(
             f"{path}: loading a model needs a directory with config.json (got weights only)"
         )
+    from transformers import AutoTokenizer
+
+    if compressed_format(path) == "weightsmith":
+        model = _load_compressed(path, task, dtype)
+    else:
+        model = _load_hf(path, task, num_labels, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def compressed_format(path: Path) -> str | None:
+    """The ``--format`` a ``weightsmith compress`` output directory was written in, or None for any other
+    directory."""
+    info = path / "compression.json"
+    if not info.is_file():
+        return None
+    try:
+        return str(json.loads(info.read_text())["format"])
+    except (ValueError, KeyError) as exc:
+        raise WeightsmithError(f"{info}: not a weightsmith compression record ({exc})") from exc
+
+
+def _load_compressed(path: Path, task: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A ``--format weightsmith`` directory as the module :func:`load_compressed` builds, checked against
+    ``task`` (a causal LM for "causal-lm", an encoder for "encoder"; no classifier head is stored)."""
+    from .compress import load_compressed
+
+    if task == "classification":
+        raise WeightsmithError(
+            f"{path}: a compressed directory holds no classification head; load it as an encoder "
+            "(task='encoder') and put a head on it"
+        )
+    if task not in ("auto", "causal-lm", "encoder"):
+        raise WeightsmithError(f"unknown task '{task}'; use auto, causal-lm, encoder or classification")
+    model = load_compressed(path, dtype=dtype)
+    causal = type(model).__name__.endswith("CausalLM")
+    if (task == "causal-lm" and not causal) or (task == "encoder" and causal):
+        raise WeightsmithError(f"{path}: holds a {type(model).__name__}, not a model for task '{task}'")
+    return model
+
+
+def _load_hf(path: Path, task: str, num_labels: int | None, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import (
         AutoConfig,
         AutoModel,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
-        AutoTokenizer,
     )
 
     config = AutoConfig.from_pretrained(path)
@@ -138,7 +187,4 @@ def load_model(
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     else:
         raise WeightsmithError(f"unknown task '{task}'; use auto, causal-lm, encoder or classification")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model  # type: ignore[no-any-return]

@@ -6,18 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from weightsmith.compress import compress
-from weightsmith.compress._format import _state
+from weightsmith.compress import compress, load_compressed, save_compressed
 from weightsmith.compress._lowrank import Weighting, weighted_svd
-from weightsmith.compress.masa import (
-    MASA,
-    AtomLinear,
-    atom_linears,
-    learn_dictionary,
-    masa_layout,
-    masa_params,
-    masa_tensors,
-)
+from weightsmith.compress.masa import MASA, AtomLinear, atom_linears, learn_dictionary, masa_params
 from weightsmith.errors import WeightsmithError
 
 torch.set_num_threads(1)
@@ -43,7 +34,7 @@ def test_dictionary_by_hand_and_eckart_young():
     assert err == pytest.approx(float(torch.linalg.svdvals(X)[2:].square().sum()), rel=1e-4)
 
 
-def test_masa_on_attention_drops_parameters_and_reloads():
+def test_masa_on_attention_drops_parameters_and_reloads(tmp_path):
     m = _llama()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     m, report = compress(m, MASA(atoms=2))
@@ -60,15 +51,14 @@ def test_masa_on_attention_drops_parameters_and_reloads():
     assert n_dense - sum(p.numel() for p in m.parameters()) == dense - masa_params(report.weights)
     with torch.no_grad():
         torch.testing.assert_close(m(ids).logits, want, atol=1e-5, rtol=1e-5)
-    # the weightsmith layout: the deduplicated state dict holds each dictionary once, under its owner
-    state = _state(m)
-    paths = {n: n[: -len(".weight")] for n in report.weights}
-    mine = masa_tensors(report.weights, paths)
-    assert {k for k in state if k.endswith((".atoms", ".coef"))} == set(mine)
-    fresh = atom_linears(_llama(seed=5), masa_layout(report.weights))
-    fresh.load_state_dict(state, strict=False)
+    # --format weightsmith: each dictionary stored once, reloaded as shared AtomLinears (test_factored_format)
+    dense_model, report = compress(_llama(), MASA(atoms=2))
+    save_compressed(dense_model, report, tmp_path / "w", format="weightsmith")
+    back = load_compressed(tmp_path / "w")
+    assert back.model.layers[5].self_attn.q_proj.atoms is back.model.layers[0].self_attn.q_proj.atoms
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in m.parameters())
     with torch.no_grad():
-        torch.testing.assert_close(fresh(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(back(ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
 def test_shared_structure_beats_per_layer_svd_at_equal_parameters():
@@ -95,5 +85,6 @@ def test_bad_masa_options():
         compress(_llama(), MASA(atoms=6))
     with pytest.raises(WeightsmithError, match="no attention projections"):
         MASA().shared_layers([])
-    with pytest.raises(WeightsmithError, match="--format weightsmith"):
-        MASA().check_format("weightsmith")
+    MASA().check_format("weightsmith")  # the atoms and coefficients as such
+    with pytest.raises(WeightsmithError, match="no layout for shared atoms; use --format weightsmith"):
+        MASA().check_format("compressed-tensors")

@@ -53,5 +53,5 @@ def test_bad_monarch_options():
         compress(tiny_llama(), MonarchCompress(nblocks=5))
     with pytest.raises(WeightsmithError, match="block_rank=9 exceeds"):
         compress(tiny_llama(), MonarchCompress(nblocks=4, block_rank=9))
-    with pytest.raises(WeightsmithError, match="--format weightsmith"):
-        MonarchCompress().check_format("weightsmith")
+    with pytest.raises(WeightsmithError, match="no layout for Monarch factors; use --format weightsmith"):
+        MonarchCompress().check_format("compressed-tensors")

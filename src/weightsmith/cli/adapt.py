@@ -28,6 +28,7 @@ from ._options import train_args
 BUILTIN = {
     FULL: "full fine-tuning: every weight trainable",
     HEAD: "frozen backbone, train the task head only",
+    "lrc": "WeLore LRC fine-tuning: only the low-rank factors of a --format weightsmith compress output",
 }
 
 
@@ -221,6 +222,18 @@ def adapt_cmd(
         raise WeightsmithError("--resume and --force exclude each other")
     adapter = build_adapter(method, rank, alpha, opt)
     args = train_args(locals())
+    if method == "lrc":
+        from ..compress.welore import finetune_lrc
+
+        if targets is not None or fmt != "native":
+            raise WeightsmithError("--method lrc takes no --targets/--format: it trains every LRC of MODEL")
+        lrc = finetune_lrc(
+            model, task, out, force=force, resume=resume, max_examples=max_examples, max_len=max_len,
+            eval_examples=eval_examples, args=args,
+        )  # fmt: skip
+        n = f"{lrc.trainable_params:,} ({100 * lrc.trainable_params / lrc.total_params:.3f} %)"
+        print_result(f"LRC fine-tuning on {lrc.task} ({model})", lrc, ("trainable LRC parameters", n), out)
+        return
     result = finetune(
         model,
         task,

@@ -15,6 +15,13 @@
   Low-rank weights: the state dict of :func:`~._lowrank.thin_linears` (``P.down.weight`` [r, in],
   ``P.up.weight`` [out, r], the bias as ``P.up.bias``), with every layer's rank in ``compression.json``;
   :func:`load_compressed` rebuilds the two thin Linears, so the loaded model has fewer parameters.
+  Shared atoms (MASA): every layer's coefficients ``P.coef`` [S] and each group's dictionary once, as
+  ``P.atoms`` [S, out, in] of its first layer (``compression.json``'s ``masa``: weight name -> [owner,
+  S]); the loaded layers are :class:`~.masa.AtomLinear` modules sharing one atoms parameter per group.
+  Monarch: ``P.R`` [k, b l, p] and ``P.L`` [l, s, k b] (the permutations are fixed by the layout;
+  ``monarch``: weight name -> [nblocks, b]), loaded as :class:`~.monarch_compress.MonarchLinear`. A
+  factored weight tied to another tensor (``lm_head`` and the embeddings) is refused: its factors cannot
+  keep the tie.
   Binary codes (BCQ): ``P.bcq_codes`` (the ``b``-bit codes, bit ``i`` for ``b_i``, packed as above),
   ``P.bcq_alpha`` [out, groups, b] (float16) and ``P.bcq_shape`` (out, in, b, group size); ``b`` may differ
   from layer to layer (mixed bits). BitStack: ``P.bitstack_scale`` [in] and per block ``i``
@@ -48,6 +55,8 @@ from ._sparse import SparseWeight, bitmask_tensors, dense_from_bitmask
 from .armor import ArmorWeight, armor_tensors, densify_armor
 from .bcq import BCQWeight
 from .bitstack import BitStackWeight
+from .masa import MASAWeight, atom_linears, masa_layout, masa_tensors
+from .monarch_compress import MonarchWeight, monarch_linears, monarch_tensors
 
 FORMATS = ("compressed-tensors", "dense", "weightsmith")
 WEIGHTS = "model.safetensors"
@@ -161,9 +170,14 @@ def _quantized_tensors(
 
 
 def _weightsmith_tensors(
-    name: str, path: str, w: Any, state: dict[str, Tensor], dtype: torch.dtype
+    name: str, path: str, w: Any, state: dict[str, Tensor], dtype: torch.dtype, masa: dict[str, list[Any]]
 ) -> dict[str, Tensor]:
-    """One compressed weight ``name`` (module ``path``) in the weightsmith format (module docstring)."""
+    """One compressed weight ``name`` (module ``path``) in the weightsmith format (module docstring);
+    ``masa``: :func:`~.masa.masa_layout` of the report (which layer stores each dictionary)."""
+    if isinstance(w, MASAWeight):
+        return masa_tensors(path, w, masa[name][0] == name, dtype)
+    if isinstance(w, MonarchWeight):
+        return monarch_tensors(path, w, dtype)
     if isinstance(w, QuantizedWeight):
         return _quantized_tensors(path, w, dtype, True)
     if isinstance(w, SparseWeight):
@@ -253,8 +267,16 @@ def save_compressed(
     if ranks:
         info["ranks"] = ranks
     stacks = {layers[n].path: w for n, w in report.weights.items() if isinstance(w, BitStackWeight)}
-    if stacks and format == "weightsmith":
-        info["stack"] = _stack_info(stacks)
+    masa = masa_layout(report.weights)
+    if format == "weightsmith":
+        _check_untied(model, report)
+        if stacks:
+            info["stack"] = _stack_info(stacks)
+        if masa:
+            info["masa"] = masa
+        monarch = {n: w.layout for n, w in report.weights.items() if isinstance(w, MonarchWeight)}
+        if monarch:
+            info["monarch"] = monarch
     if format == "compressed-tensors" and not report.config.symmetric:
         log(
             "note: asymmetric compressed-tensors checkpoints load in vLLM and ws.load_compressed, "
@@ -272,7 +294,7 @@ def save_compressed(
                 state.pop(name, None)
                 path = layers[name].path
                 if format == "weightsmith":
-                    state.update(_weightsmith_tensors(name, path, w, state, dtype))
+                    state.update(_weightsmith_tensors(name, path, w, state, dtype, masa))
                 else:
                     assert isinstance(w, QuantizedWeight)  # report.quantized, checked above
                     state.update(_quantized_tensors(path, w, dtype, False))
@@ -291,6 +313,24 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
     return Path(out)
+
+
+def _check_untied(model: nn.Module, report: CompressReport) -> None:
+    """Refuse a factored weight (low-rank, shared atoms, Monarch) that is tied to another tensor."""
+    factored = (LowRankWeight, MASAWeight, MonarchWeight)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names: dict[int, list[str]] = {}
+    for n, p in params.items():
+        names.setdefault(p.untyped_storage().data_ptr(), []).append(n)
+    for name, w in report.weights.items():
+        if not isinstance(w, factored) or name not in params:
+            continue
+        ties = [n for n in names[params[name].untyped_storage().data_ptr()] if n != name]
+        if ties:
+            raise WeightsmithError(
+                f"--format weightsmith cannot store '{name}' as {type(w).__name__} factors: it is tied to "
+                f"'{ties[0]}', which must stay a dense matrix; leave it out of targets or use --format dense"
+            )
 
 
 def _dequantize_state(state: dict[str, Tensor], bits: int, group_size: int | None, symmetric: bool) -> None:
@@ -446,6 +486,8 @@ def load_compressed(
     model = model.to(dtype)
     if info.get("ranks"):
         thin_linears(model, {name: int(r) for name, r in info["ranks"].items()})
+    atom_linears(model, info.get("masa", {}))
+    monarch_linears(model, info.get("monarch", {}))
     levels = _stack_budget(path, info, memory_mb) if "stack" in info else {}
     with safe_open(str(path / WEIGHTS), "pt") as fh:
         keys = [k for k in fh.keys() if (sk := _stack_key(k)) is None or sk[1] < levels.get(sk[0], 0)]  # noqa: SIM118

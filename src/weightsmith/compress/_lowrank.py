@@ -17,7 +17,7 @@ order of gain per parameter until the budget is spent is optimal for this separa
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -129,13 +129,52 @@ def uniform_ranks(shapes: dict[str, tuple[int, int]], keep: float, rank: int = 0
     return {n: min(max_rank(s), max(1, int(keep * s[0] * s[1] / (s[0] + s[1])))) for n, s in shapes.items()}
 
 
+def check_at_least(method: str, low: int, note: str = "", **options: int) -> None:
+    """Refuse any integer option below ``low``, naming it (``note``: what the lowest value means)."""
+    for key, value in options.items():
+        if value < low:
+            raise WeightsmithError(f"{method} option {key}={value}: must be >= {low}{note}")
+
+
 def check_keep(keep: float, method: str) -> None:
     if not 0.0 < float(keep) <= 1.0:
         raise WeightsmithError(f"{method} option keep={keep}: the kept parameter fraction must be in (0, 1]")
 
 
 @dataclass(frozen=True)
-class LowRankConfig(CompressConfig):
+class FactoredConfig(CompressConfig):
+    """Output rules every factored compressor shares (low-rank, shared atoms, Monarch): the weights keep
+    their dtype and ``--format weightsmith`` stores the factors themselves (:mod:`._format`), so the loaded
+    model has fewer parameters; ``--format dense`` stores their products. ``held`` names the factors in
+    messages, ``stored_as`` says what ``--format weightsmith`` rebuilds and ``dense_as`` what ``dense``
+    holds. ``bits``/``group_size`` are inherited and unused."""
+
+    default_format: ClassVar[str] = "dense"
+    held: ClassVar[str] = "factors"
+    stored_as: ClassVar[str] = "two thin Linears per layer"
+    dense_as: ClassVar[str] = "the product A B"
+    group_size: int = 0
+
+    def stored_params(self, weights: dict[str, Any]) -> int:
+        """Numbers the factors store (every weight with a ``params`` count)."""
+        return sum(int(w.params) for w in weights.values() if hasattr(w, "params"))
+
+    def describe(self, report: CompressReport) -> str:
+        """The factors' parameters as a fraction of the factored layers' dense parameters."""
+        dense = sum(r.shape[0] * r.shape[1] for r in report.layers)
+        kept = 100 * self.stored_params(report.weights) / max(dense, 1)
+        return f"{self.held} hold {kept:.1f} % of the layers' parameters"
+
+    def check_format(self, fmt: str) -> None:
+        if fmt == "compressed-tensors":
+            raise WeightsmithError(
+                f"--format compressed-tensors has no layout for {self.held}; use --format weightsmith "
+                f"({self.stored_as}, read by ws.load_compressed) or --format dense ({self.dense_as})"
+            )
+
+
+@dataclass(frozen=True)
+class LowRankConfig(FactoredConfig):
     """Options every low-rank compressor shares.
 
     ``keep``: fraction of the targeted layers' parameters kept by the factors; ``allocation``: "global"
@@ -143,12 +182,11 @@ class LowRankConfig(CompressConfig):
     a fixed rank for every layer (overrides ``keep``). ``bits``/``group_size`` are inherited and unused.
     """
 
-    default_format: ClassVar[str] = "dense"
     verb: ClassVar[str] = "factored"
+    held: ClassVar[str] = "low-rank factors"
     keep: float = 0.5
     allocation: str = "global"
     rank: int = 0
-    group_size: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,8 +196,7 @@ class LowRankConfig(CompressConfig):
             raise WeightsmithError(
                 f"{method} option allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}"
             )
-        if self.rank < 0:
-            raise WeightsmithError(f"{method} option rank={self.rank}: must be >= 0 (0: use keep)")
+        check_at_least(method, 0, " (0: use keep)", rank=self.rank)
 
     def stats_spec(self) -> StatsSpec:
         return StatsSpec(gram=False, channels=False)
@@ -179,20 +216,6 @@ class LowRankConfig(CompressConfig):
         if self.rank:
             for ly in layers:
                 check_rank(self.rank, ly.shape, f"'{ly.name}'")
-
-    def describe(self, report: CompressReport) -> str:
-        """The factors' parameters as a fraction of the factored layers' dense parameters."""
-        ws = [w for w in report.weights.values() if isinstance(w, LowRankWeight)]
-        dense = sum(r.shape[0] * r.shape[1] for r in report.layers)
-        kept = 100 * sum(w.params for w in ws) / max(dense, 1)
-        return f"factors hold {kept:.1f} % of the layers' parameters"
-
-    def check_format(self, fmt: str) -> None:
-        if fmt == "compressed-tensors":
-            raise WeightsmithError(
-                "--format compressed-tensors has no layout for low-rank factors; use --format weightsmith "
-                "(two thin Linears per layer, read by ws.load_compressed) or --format dense (the product A B)"
-            )
 
     def plan(self, job: PlanJob) -> CompressReport:
         """Global rank allocation must see every layer first: the whole job runs here."""
@@ -306,27 +329,37 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))  # type: ignore[no-any-return]
 
 
+def swap_linears(
+    model: nn.Module, spec: dict[str, Any], make: Callable[[str, nn.Linear, Any], nn.Module], what: str
+) -> nn.Module:
+    """Replace every ``nn.Linear`` named (by weight name) in ``spec`` by ``make(name, linear, spec[name])``,
+    in place; ``what`` completes the refusal ``only nn.Linear layers can ...`` for any other module."""
+    modules = dict(model.named_modules())
+    for name, value in spec.items():
+        path = name[: -len(".weight")]
+        lin = modules.get(path)
+        if not isinstance(lin, nn.Linear):
+            raise WeightsmithError(f"'{name}': only nn.Linear layers can {what}")
+        parent_path, _, child = path.rpartition(".")
+        setattr(modules[parent_path] if parent_path else model, child, make(name, lin, value))
+    return model
+
+
 def thin_linears(model: nn.Module, factors: dict[str, LowRankWeight | int]) -> nn.Module:
     """Swap every factored ``nn.Linear`` (by weight name) for a :class:`LowRankLinear`, in place.
 
     A factor gives the thin layers their weights; a bare rank makes zero-filled ones of that rank (to load
     a saved state dict into: the state dict of a thinned model names ``P.down.weight`` and ``P.up.weight``).
     """
-    modules = dict(model.named_modules())
-    for name, f in factors.items():
-        path = name[: -len(".weight")]
-        lin = modules.get(path)
-        if not isinstance(lin, nn.Linear):
-            raise WeightsmithError(f"'{name}': only nn.Linear layers can become two thin Linears")
-        parent_path, _, child = path.rpartition(".")
-        parent = modules[parent_path] if parent_path else model
+
+    def make(name: str, lin: nn.Linear, f: LowRankWeight | int) -> nn.Module:
         dtype, device = lin.weight.dtype, lin.weight.device
-        bias = None if lin.bias is None else lin.bias.detach()
         if isinstance(f, int):
             check_rank(f, lin.weight.shape, f"'{name}'")
             A = torch.zeros(lin.out_features, f, dtype=dtype, device=device)
             B = torch.zeros(f, lin.in_features, dtype=dtype, device=device)
         else:
             A, B = f.A.to(device, dtype), f.B.to(device, dtype)
-        setattr(parent, child, LowRankLinear(A, B, bias))
-    return model
+        return LowRankLinear(A, B, None if lin.bias is None else lin.bias.detach())
+
+    return swap_linears(model, factors, make, "become two thin Linears")

@@ -35,8 +35,8 @@ from ..errors import WeightsmithError
 from ..layers import Layer
 from ..linalg import svd
 from ..progress import log
-from ._core import CompressConfig, CompressReport, LayerReport, PlanJob
-from ._lowrank import check_keep
+from ._core import CompressReport, LayerReport, PlanJob
+from ._lowrank import FactoredConfig, check_at_least, check_keep, swap_linears
 
 ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*\.")
 BLOCK_INDEX = re.compile(r"\.\d+\.")
@@ -71,22 +71,22 @@ def group_layers(layers: Sequence[Layer]) -> dict[str, list[Layer]]:
 
 
 @register_config("masa", kind="compress")
-class MASA(CompressConfig):
+class MASA(FactoredConfig):
     """Matrix atoms shared across layers (``keep``: atoms per group as a fraction of its layers,
     ``atoms``: a fixed number of atoms per group, overrides ``keep``). Default targets: the attention
     projections. Data-free."""
 
-    default_format: ClassVar[str] = "dense"
     verb: ClassVar[str] = "shared"
+    held: ClassVar[str] = "shared atoms"
+    stored_as: ClassVar[str] = "each group's atoms once and every layer's coefficients"
+    dense_as: ClassVar[str] = "the dense sums"
     keep: float = 0.33
     atoms: int = 0
-    group_size: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_keep(self.keep, "masa")
-        if self.atoms < 0:
-            raise WeightsmithError(f"masa option atoms={self.atoms}: must be >= 0 (0: use keep)")
+        check_at_least("masa", 0, " (0: use keep)", atoms=self.atoms)
 
     def n_atoms(self, layers_in_group: int) -> int:
         return min(layers_in_group, self.atoms or max(1, round(self.keep * layers_in_group)))
@@ -125,16 +125,8 @@ class MASA(CompressConfig):
                 report.weights[ly.name] = w
         return report
 
-    def describe(self, report: CompressReport) -> str:
-        dense = sum(r.shape[0] * r.shape[1] for r in report.layers)
-        kept = 100 * masa_params(report.weights) / max(dense, 1)
-        return f"shared atoms hold {kept:.1f} % of the parameters"
-
-    def check_format(self, fmt: str) -> None:
-        if fmt != "dense":
-            raise WeightsmithError(
-                f"--format {fmt} has no layout for shared atoms yet; use --format dense (the dense sums)"
-            )
+    def stored_params(self, weights: dict[str, Any]) -> int:
+        return masa_params(weights)
 
 
 def masa_params(weights: dict[str, Any]) -> int:
@@ -173,16 +165,12 @@ def atom_linears(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """Swap every shared ``nn.Linear`` (by weight name) for an :class:`AtomLinear`, in place.
 
     ``spec``: :class:`MASAWeight` values (from a report: the real atoms), or :func:`masa_layout`'s lists
-    (zero-filled atoms of that size, to load a saved state dict into; the atoms load under the owner's
+    (zero-filled atoms of that size, to load a saved state dict into: the atoms load under the owner's
     ``P.atoms``, the other layers share that parameter). Modules sharing a dictionary share one parameter.
     """
-    modules = dict(model.named_modules())
     shared: dict[Any, nn.Parameter] = {}
-    for name, w in spec.items():
-        path = name[: -len(".weight")]
-        lin = modules.get(path)
-        if not isinstance(lin, nn.Linear):
-            raise WeightsmithError(f"'{name}': only nn.Linear layers can share matrix atoms")
+
+    def make(name: str, lin: nn.Linear, w: Any) -> nn.Module:
         dtype, device = lin.weight.dtype, lin.weight.device
         if isinstance(w, MASAWeight):
             key: Any = id(w.atoms)
@@ -193,20 +181,18 @@ def atom_linears(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
             coef = torch.zeros(n, dtype=dtype, device=device)
         if key not in shared:
             shared[key] = nn.Parameter(atoms.to(device, dtype).clone())
-        parent_path, _, child = path.rpartition(".")
-        parent = modules[parent_path] if parent_path else model
+        if shared[key].shape[1:] != lin.weight.shape:
+            raise WeightsmithError(f"'{name}' {tuple(lin.weight.shape)}: its atoms have another shape")
         bias = None if lin.bias is None else lin.bias.detach()
-        setattr(parent, child, AtomLinear(shared[key], coef.to(device, dtype), bias))
-    return model
+        return AtomLinear(shared[key], coef.to(device, dtype), bias)
+
+    return swap_linears(model, spec, make, "share matrix atoms")
 
 
-def masa_tensors(weights: dict[str, Any], paths: dict[str, str]) -> dict[str, Tensor]:
-    """The weightsmith-format tensors: ``P.coef`` [S] for every layer and each dictionary once, as
-    ``P.atoms`` [S, out, in] of its owner (``paths``: weight name -> module path)."""
-    out: dict[str, Tensor] = {}
-    for name, (owner, _) in masa_layout(weights).items():
-        w = weights[name]
-        out[f"{paths[name]}.coef"] = w.coef.cpu().contiguous()
-        if owner == name:
-            out[f"{paths[name]}.atoms"] = w.atoms.cpu().contiguous()
+def masa_tensors(path: str, w: MASAWeight, owner: bool, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The weightsmith-format tensors of one shared layer (module ``path``): ``P.coef`` [S], and the
+    group's dictionary ``P.atoms`` [S, out, in] when this layer is its owner (:func:`masa_layout`)."""
+    out = {f"{path}.coef": w.coef.cpu().to(dtype).contiguous()}
+    if owner:
+        out[f"{path}.atoms"] = w.atoms.cpu().to(dtype).contiguous()
     return out

@@ -12,21 +12,27 @@ of size ``[out / nblocks, in / nblocks]`` and keeps the best rank-``block_rank``
 (the projection lives in :func:`weightsmith.adapters.monarch.monarch_project`; b = 1 is the paper's
 Monarch). The factors hold ``b · nblocks · (out + in)`` numbers, as many as a rank ``b · nblocks``
 truncated SVD, but the product can have rank up to ``b · nblocks²``.
+
+``--format weightsmith`` stores the two block-diagonal factors of every layer as ``P.R`` [k, b l, p] and
+``P.L`` [l, s, k b] (the permutations ``P_1``, ``P_2`` are fixed by this layout and not stored), with
+each layer's ``[nblocks, block_rank]`` in ``compression.json``; :func:`monarch_linears` rebuilds a
+:class:`MonarchLinear` per layer, which multiplies by the factors and never forms ``M``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from ..adapters.monarch import monarch_dense, monarch_project
+from ..adapters.monarch import monarch_dense, monarch_multiply, monarch_project
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, Layer
-from ._core import CompressConfig, CompressReport
+from ._lowrank import FactoredConfig, check_at_least, swap_linears
 
 
 @dataclass
@@ -43,6 +49,12 @@ class MonarchWeight:
     def params(self) -> int:
         return self.R.numel() + self.L.numel()
 
+    @property
+    def layout(self) -> list[int]:
+        """``[nblocks, block_rank]``: what :func:`monarch_linears` needs to rebuild the layer."""
+        nb = int(self.R.shape[0])
+        return [nb, int(self.R.shape[1]) // nb]
+
 
 def monarch_params(shape: tuple[int, int], nblocks: int, block_rank: int) -> int:
     """Numbers stored by the Monarch factors of an ``[out, in]`` weight: ``b · nblocks · (out + in)``."""
@@ -50,22 +62,20 @@ def monarch_params(shape: tuple[int, int], nblocks: int, block_rank: int) -> int
 
 
 @register_config("monarch", kind="compress")
-class MonarchCompress(CompressConfig):
+class MonarchCompress(FactoredConfig):
     """Nearest Monarch matrix (``nblocks`` blocks per factor, dividing both sides of every weight;
     ``block_rank`` b, the rank of each of the ``nblocks²`` blocks). Data-free."""
 
-    default_format: ClassVar[str] = "dense"
     verb: ClassVar[str] = "projected"
+    held: ClassVar[str] = "Monarch factors"
+    stored_as: ClassVar[str] = "the two block-diagonal factors of every layer"
+    dense_as: ClassVar[str] = "the projected dense weights"
     nblocks: int = 4
     block_rank: int = 1
-    group_size: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.nblocks < 1:
-            raise WeightsmithError(f"monarch option nblocks={self.nblocks}: must be >= 1")
-        if self.block_rank < 1:
-            raise WeightsmithError(f"monarch option block_rank={self.block_rank}: must be >= 1")
+        check_at_least("monarch", 1, nblocks=self.nblocks, block_rank=self.block_rank)
 
     def check_layers(self, layers: Sequence[Layer]) -> None:
         """Refuse an ``nblocks`` that does not divide a weight, or a ``block_rank`` above the block size."""
@@ -86,16 +96,43 @@ class MonarchCompress(CompressConfig):
         R, L = monarch_project(W, self.nblocks, self.block_rank)
         return MonarchWeight(R, L)
 
-    def describe(self, report: CompressReport) -> str:
-        ws = [w for w in report.weights.values() if isinstance(w, MonarchWeight)]
-        dense = sum(r.shape[0] * r.shape[1] for r in report.layers)
-        return (
-            f"Monarch factors hold {100 * sum(w.params for w in ws) / max(dense, 1):.1f} % of the parameters"
-        )
 
-    def check_format(self, fmt: str) -> None:
-        if fmt != "dense":
-            raise WeightsmithError(
-                f"--format {fmt} has no layout for Monarch factors yet; use --format dense (the projected "
-                "dense weights)"
-            )
+class MonarchLinear(nn.Module):
+    """``y = x Mᵀ + bias`` with ``M = P_2 L P_1 R`` applied factor by factor (``monarch_multiply``)."""
+
+    def __init__(self, R: Tensor, L: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.R = nn.Parameter(R.detach().clone())
+        self.L = nn.Parameter(L.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = monarch_multiply(x, self.R.to(x.dtype), self.L.to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def monarch_linears(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Swap every projected ``nn.Linear`` (by weight name) for a :class:`MonarchLinear`, in place.
+
+    ``spec``: :class:`MonarchWeight` values (the real factors) or ``[nblocks, block_rank]`` lists
+    (zero-filled factors of that layout, to load a saved state dict into: ``P.R``, ``P.L``, ``P.bias``)."""
+
+    def make(name: str, lin: nn.Linear, w: Any) -> nn.Module:
+        dtype, device = lin.weight.dtype, lin.weight.device
+        if isinstance(w, MonarchWeight):
+            R, L = w.R, w.L
+        else:
+            nb, b = (int(v) for v in w)
+            out_f, in_f = lin.weight.shape
+            if nb < 1 or b < 1 or out_f % nb or in_f % nb:
+                raise WeightsmithError(f"'{name}' {(out_f, in_f)}: no Monarch layout nblocks={nb}, b={b}")
+            R = torch.zeros(nb, b * nb, in_f // nb)
+            L = torch.zeros(nb, out_f // nb, nb * b)
+        return MonarchLinear(R.to(device, dtype), L.to(device, dtype), None if lin.bias is None else lin.bias)
+
+    return swap_linears(model, spec, make, "hold Monarch factors")
+
+
+def monarch_tensors(path: str, w: MonarchWeight, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The weightsmith-format tensors of one projected layer (module ``path``): ``P.R`` and ``P.L``."""
+    return {f"{path}.R": w.R.cpu().to(dtype).contiguous(), f"{path}.L": w.L.cpu().to(dtype).contiguous()}

@@ -18,15 +18,19 @@ grows, so a search over the normalised singular values finds it exactly).
 ``finetune`` loop: :func:`lrc_task` gives a :class:`~weightsmith.tasks.Task` that builds the model from a
 ``--format weightsmith`` directory (two thin Linears per LRC, :func:`~weightsmith.compress.load_compressed`)
 and names the thin LRC layers as the task's trainable part, so ``finetune(task=lrc_task(dir, "hamlet"),
-adapter="head", lr=...)`` trains exactly the LRCs (and a classifier's head) and writes them to
-``head.safetensors``.
+adapter="head", lr=...)`` trains exactly the LRCs (and a classifier's head). :func:`finetune_lrc` does
+that and writes the result as a compressed directory again (what ``weightsmith adapt DIR --method lrc``
+runs), which ``load_compressed`` reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +41,9 @@ from ..progress import log
 from ..tasks import SentenceClassifier, Task, get_task
 from ._core import CompressReport, LayerReport
 from ._lowrank import LowRankConfig, LowRankLinear, LowRankWeight
+
+if TYPE_CHECKING:
+    from ..train import TrainArgs, TrainResult
 
 
 def normalised_spectrum(S: Tensor) -> Tensor:
@@ -149,23 +156,21 @@ class WeLore(LowRankConfig):
 
 # ----------------------------------------------------------------------------------- LRC fine-tuning
 
+LRC = "lrc"  # the adapt method name of LRC fine-tuning
+LRC_LR = 1e-4  # its default learning rate (LRCs and a classifier's head alike)
+
 
 @dataclass
 class LRCTask(Task):
-    """A task whose model is a ``--format weightsmith`` low-rank directory (``model_spec``) and whose
-    trainable part is its LRCs (every :class:`LowRankLinear`) plus a classifier's head."""
+    """A task whose model is a ``--format weightsmith`` low-rank directory (``model_spec``, loaded by
+    :func:`weightsmith.models.load_model` as thin Linears) and whose trainable part is its LRCs (every
+    :class:`LowRankLinear`) plus a classifier's head. ``built`` keeps the last model built."""
+
+    built: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     def build(self) -> tuple[nn.Module, Any]:
-        from transformers import AutoTokenizer
-
-        from ._format import load_compressed
-
-        net = load_compressed(self.model_spec)
-        tok = AutoTokenizer.from_pretrained(self.model_spec)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        if self.kind == "classification":
-            return SentenceClassifier(net, len(self.dataset.classes)), tok
+        net, tok = super().build()
+        self.built = net
         return net, tok
 
     def head(self, model: nn.Module) -> nn.Module:
@@ -190,3 +195,82 @@ def lrc_task(compressed: str, task: str = "hamlet", **options: Any) -> LRCTask:
 def lrc_parameters(model: nn.Module) -> int:
     """Number of parameters in the LRC factors of a thinned model."""
     return sum(p.numel() for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters())
+
+
+def _lrc_source(src: Path, compressed: str) -> dict[str, Any]:
+    """``compression.json`` of a directory holding low-rank factors in the weightsmith format, or refuse."""
+    info_file = src / "compression.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if info.get("format") != "weightsmith" or not info.get("ranks"):
+        raise WeightsmithError(
+            f"--method {LRC}: {compressed} holds no low-rank components; write it with weightsmith compress "
+            "MODEL --method welore (or svd, fwsvd, asvd) --format weightsmith"
+        )
+    return info  # type: ignore[no-any-return]
+
+
+def finetune_lrc(
+    compressed: str,
+    task: str,
+    out: str | Path,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    max_examples: int | None = None,
+    max_len: int | None = None,
+    eval_examples: int | None = None,
+    args: TrainArgs | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """WeLore's LRC fine-tuning (Sec. 4 of the paper): train only the low-rank factors of the
+    ``--format weightsmith`` directory ``compressed`` (N-LRCs and everything else frozen; a classifier's
+    head trains too) on ``task``, and write ``out`` as a compressed directory of the same layout, which
+    :func:`~weightsmith.compress.load_compressed` (and ``load_model``, so ``adapt``/``train`` again) reads.
+    ``out`` also holds ``run.json`` (settings and result) and, for classification, ``head.safetensors``.
+    ``args``/``overrides``: :class:`~weightsmith.train.TrainArgs` (``lr`` defaults to ``LRC_LR``). Returns
+    the :class:`~weightsmith.train.TrainResult`. The run is written once, at the end: no ``resume``."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from ..models import resolve
+    from ..staging import check_output, staged_dir
+    from ..train import HEAD, finetune, train_args
+    from ._format import INFO, WEIGHTS, _state
+
+    if resume:
+        raise WeightsmithError(
+            f"--resume: --method {LRC} writes its directory once, at the end; start again (with --force)"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise WeightsmithError(f"--method {LRC} runs in one process (not under torchrun)")
+    args = train_args(args, **overrides)
+    if args.checkpoint_every:
+        raise WeightsmithError(f"--checkpoint-every: --method {LRC} writes no checkpoints")
+    if args.lr is None:
+        args = dataclasses.replace(args, lr=LRC_LR)
+    src = resolve(compressed)
+    info = _lrc_source(src, compressed)
+    check_output(out, force, directory=True)
+    t = lrc_task(compressed, task, max_examples=max_examples, max_len=max_len, eval_examples=eval_examples)
+    result = finetune(task=t, adapter=HEAD, args=args)
+    result.method = LRC
+    net = t.built
+    assert net is not None  # finetune built it
+    backbone = t.backbone(net).cpu().eval()
+    record = {**info, "lrc_finetune": {"task": t.name, "source": str(compressed), "lr": args.lr}}
+    run = {"model": str(compressed), "task": t.name, "method": LRC, "args": dataclasses.asdict(args)}
+    with staged_dir(out, force) as tmp:
+        save_file(_state(backbone), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / WEIGHTS).chmod(0o644)
+        for name in ("config.json", "generation_config.json"):
+            if (src / name).is_file():
+                (tmp / name).write_bytes((src / name).read_bytes())
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        (tmp / INFO).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "run.json").write_text(json.dumps({**run, "result": result.to_dict()}, indent=2) + "\n")
+        head = net.head if isinstance(net, SentenceClassifier) else None
+        if head is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+            save_file(state, str(tmp / "head.safetensors"))
+    result.out = str(out)
+    return result
