@@ -87,8 +87,8 @@ def test_adapt_method_lrc_from_the_cli(welore_dir, tmp_path):
 
     src, lrcs, _ = welore_dir
     out = tmp_path / "cli"
-    args = ["adapt", str(src), "--method", "lrc", "--task", "hamlet", "--out", str(out), "--max-steps", "1",
-            "--max-examples", "8", "--max-len", "32", "--eval-examples", "2", "--batch-size", "4"]  # fmt: skip
+    args = ["adapt", str(src), "--method", "lrc", "--task", "hamlet", "--out", str(out), "--max-steps",
+            "1", "--max-examples", "8", "--max-len", "32", "--eval-examples", "2", "--batch-size", "4"]  # fmt: skip
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     thin = [m for m in load_compressed(out).modules() if isinstance(m, LowRankLinear)]
@@ -97,3 +97,12 @@ def test_adapt_method_lrc_from_the_cli(welore_dir, tmp_path):
     assert isinstance(bad.exception, WeightsmithError)  # main() turns it into exit 2
     assert "--method lrc takes no --targets" in str(bad.exception)
     assert not (tmp_path / "bad").exists()
+
+
+def test_full_finetuning_of_a_factored_directory_is_refused(welore_dir, tmp_path):
+    from weightsmith.train import finetune
+
+    src, _, _ = welore_dir
+    with pytest.raises(WeightsmithError, match="use --method lrc"):
+        finetune(str(src), "hamlet", "full", out=tmp_path / "full", max_steps=1)
+    assert not (tmp_path / "full").exists()

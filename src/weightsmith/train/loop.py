@@ -340,6 +340,18 @@ def _check_model(spec: str) -> None:
         raise WeightsmithError(f"model {spec}: {path} is not a model directory (no config.json)")
 
 
+def _check_full_saveable(spec: str) -> None:
+    """Full fine-tuning saves a Hugging Face checkpoint, which has no place for a ``--format weightsmith``
+    model's factors: refuse before training rather than write a model that does not reload."""
+    from .. import models
+
+    if models.compressed_format(models.resolve(spec)) == "weightsmith":
+        raise WeightsmithError(
+            f"model {spec}: a --format weightsmith compress output cannot be fully fine-tuned into a Hugging "
+            "Face checkpoint; use --method lrc (its low-rank factors) or an adapter method"
+        )
+
+
 def _adapter_config(adapter: Any) -> Any:
     if isinstance(adapter, str) and adapter not in (FULL, HEAD):
         from .. import adapters  # noqa: F401  (registers the methods)
@@ -382,6 +394,8 @@ def finetune(
     _check_model(t.model_spec)
     adapter = _adapter_config(adapter)
     method = method_name(adapter)
+    if method == FULL:
+        _check_full_saveable(t.model_spec)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(method) or adapter.default_lr
     meta_run = {
         "model": t.model_spec,
