@@ -87,13 +87,14 @@ def test_adapt_method_lrc_from_the_cli(welore_dir, tmp_path):
 
     src, lrcs, _ = welore_dir
     out = tmp_path / "cli"
-    args = ["adapt", str(src), "--method", "lrc", "--task", "hamlet", "--out", str(out), "--max-steps",
-            "1", "--max-examples", "8", "--max-len", "32", "--eval-examples", "2", "--batch-size", "4"]  # fmt: skip
+    args = ["adapt", str(src), "--method", "lrc", "--task", "hamlet", "--out", str(out)]
+    args += ["--max-steps", "1", "--max-examples", "8", "--max-len", "32", "--eval-examples", "2"]
+    args += ["--batch-size", "4"]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     thin = [m for m in load_compressed(out).modules() if isinstance(m, LowRankLinear)]
     assert len(thin) == len(lrcs)
-    bad = CliRunner().invoke(app, [*args[:-10], "--out", str(tmp_path / "bad"), "--targets", "q_proj"])
+    bad = CliRunner().invoke(app, [*args[:6], "--out", str(tmp_path / "bad"), "--targets", "q_proj"])
     assert isinstance(bad.exception, WeightsmithError)  # main() turns it into exit 2
     assert "--method lrc takes no --targets" in str(bad.exception)
     assert not (tmp_path / "bad").exists()
