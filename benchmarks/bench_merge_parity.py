@@ -99,19 +99,11 @@ def worker(tool: str, method: str, root: Path, device: str, size: str, dtype: st
     cfg = configs(root, size, dtype)[method]
     out = root / f"out-{tool}-{method}"
     if tool == "mergekit":  # imports before the clock: the times are merge work, not start-up
+        from bench_merge import mergekit_options
         from mergekit.config import MergeConfiguration
         from mergekit.merge import run_merge
-        from mergekit.options import MergeOptions
 
-        gpu = dict(cuda=True, read_to_gpu=True) if device == "cuda" else dict(num_threads=1)
-        opts = MergeOptions(
-            quiet=True,
-            copy_tokenizer=False,
-            write_model_card=False,
-            out_shard_size=2 * 10**9,
-            random_seed=0,
-            **gpu,
-        )
+        opts = mergekit_options(device)
 
         def once() -> None:
             run_merge(MergeConfiguration.model_validate(cfg), str(out), opts)

@@ -34,7 +34,7 @@ from .store import ShardWriter, WeightStore
 
 T = TypeVar("T")
 R = TypeVar("R")
-PREFETCH_BYTES = 1 << 30  # default read-ahead budget of a merge
+PREFETCH_BYTES = 1 << 28  # default read-ahead budget of a merge
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -185,7 +185,8 @@ class ReadAhead(Generic[T, R]):
 
 class WriteBehind:
     """``put(name, tensor, dtype)`` returns at once; a background thread copies the tensor to the host,
-    casts floating tensors to ``dtype`` (when given) and calls ``add(name, tensor)``. ``finish()`` waits for
+    casts floating tensors to ``dtype`` (when given; a tensor on an accelerator is cast there, before the
+    copy) and calls ``add(name, tensor)``. ``finish()`` waits for
     the queue and re-raises the first error; ``close()`` (every error path) drops what is queued and joins.
     """
 
@@ -213,6 +214,8 @@ class WriteBehind:
     def put(self, name: str, tensor: Tensor, dtype: torch.dtype | None = None) -> None:
         if self.error is not None:
             raise self.error
+        if dtype is not None and tensor.device.type != "cpu" and tensor.is_floating_point():
+            tensor = tensor.to(dtype)  # cast on the device (queued, not waited for): fewer bytes to copy
         self._q.put((name, tensor, dtype))
 
     def finish(self) -> None:

@@ -122,8 +122,8 @@ def method_options(
 ) -> dict[str, Any]:
     """The method's options from ``--opt KEY=VALUE`` (values read as YAML) and the data flags, which only a
     method with data options (regmean, fisher, adamerging) takes."""
-    from ..compress._core import PACKAGED_TEXTS
     from ..config import parse_opts, registered
+    from ..merge._dataaware import check_source
     from ..merge.recipe import DATA_AWARE
     from ..tasks import CLASSIFICATION_TASKS
 
@@ -150,11 +150,10 @@ def method_options(
             "packaged text such as hamlet, or a text file; once for all models or once per model)"
         )
     for source in calib:
-        if source not in CLASSIFICATION_TASKS + PACKAGED_TEXTS and not Path(source).expanduser().is_file():
-            raise WeightsmithError(
-                f"--calib {source}: not a packaged data set ({', '.join(CLASSIFICATION_TASKS)}), "
-                f"a packaged text ({', '.join(PACKAGED_TEXTS)}) or a text file"
-            )
+        try:
+            check_source(source)
+        except WeightsmithError as exc:
+            raise WeightsmithError(f"--calib {source}: {exc}") from None
     return options
 
 

@@ -70,6 +70,15 @@ class DataOptions:
         return list(self.data) * n_models if len(self.data) == 1 else list(self.data)
 
 
+def check_source(source: str) -> None:
+    """``source`` is a packaged data set, a packaged text or an existing text file."""
+    if source not in CLASSIFICATION_TASKS + PACKAGED_TEXTS and not Path(source).expanduser().is_file():
+        raise WeightsmithError(
+            f"data source '{source}' is not a packaged data set ({', '.join(CLASSIFICATION_TASKS)}), "
+            f"a packaged text ({', '.join(PACKAGED_TEXTS)}) or a text file"
+        )
+
+
 def load_batches(
     tokenizer: Any, source: str, opts: DataOptions, *, split: str | None = None, single: bool = False
 ) -> list[Batch]:
@@ -92,11 +101,7 @@ def load_batches(
             )
             out.append({**dict(enc), "labels": labels[i : i + size]})
         return out
-    if source not in PACKAGED_TEXTS and not Path(source).expanduser().is_file():
-        raise WeightsmithError(
-            f"data source '{source}' is not a packaged data set ({', '.join(CLASSIFICATION_TASKS)}), "
-            f"a packaged text ({', '.join(PACKAGED_TEXTS)}) or a text file"
-        )
+    check_source(source)
     windows = calibration_batches(tokenizer, source, opts.samples, opts.seq_len, size)
     return [{**b, "attention_mask": torch.ones_like(b["input_ids"])} for b in windows]
 
@@ -168,7 +173,12 @@ def load_architecture(config_dir: Path | None, method: str) -> tuple[nn.Module, 
         from transformers import AutoConfig
 
         num_labels = int(AutoConfig.from_pretrained(config_dir).num_labels)
-    model, tok = models.load_model(config_dir, task=kind, num_labels=num_labels)
+    try:
+        model, tok = models.load_model(config_dir, task=kind, num_labels=num_labels)
+    except (OSError, ValueError) as exc:
+        raise WeightsmithError(
+            f"{config_dir}: a data-aware merge runs the models, so it needs a tokenizer ({exc})"
+        ) from None
     return model, tok
 
 

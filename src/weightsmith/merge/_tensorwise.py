@@ -13,7 +13,7 @@ breadcrumbs and SCE: the L1 rescale of a sparsified task vector and the TIES sig
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,9 +28,43 @@ Weights = Sequence[float] | None  # one weight per model; None: 1.0 each
 Gen = torch.Generator | None  # the random source of ``random`` methods
 
 
+CPU_PIECE = (
+    1 << 17
+)  # elements per piece of the piecewise kernels on CPU: their float32 scratch stays in cache
+
+
 def work_dtype(t: Tensor) -> torch.dtype:
     """The arithmetic dtype of the kernels: float64 stays float64, everything else runs in float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def blocks(rows: int, cols: int, device: torch.device) -> Iterator[tuple[slice, slice]]:
+    """(row slice, column slice) pieces of a [rows, cols] view, in memory order, of at most ``CPU_PIECE``
+    elements on CPU (so float32 work copies of a piece stay in cache instead of streaming whole-tensor
+    temporaries through memory); one piece on other devices, where each kernel launch costs more."""
+    step = CPU_PIECE if device.type == "cpu" else max(rows * cols, 1)
+    if cols >= step:
+        for r in range(rows):
+            for c in range(0, cols, step):
+                yield slice(r, r + 1), slice(c, min(c + step, cols))
+    else:
+        per = max(1, step // max(cols, 1))
+        for r in range(0, rows, per):
+            yield slice(r, min(r + per, rows)), slice(None)
+
+
+def scratch(like: Tensor, dtype: torch.dtype, count: int = 1) -> Tensor:
+    """An uninitialised buffer for ``count`` work copies of the largest piece :func:`blocks` gives for
+    ``like`` (a 2-D view)."""
+    n = like.numel() if like.device.type != "cpu" else min(like.numel(), CPU_PIECE)
+    return torch.empty(count * max(n, 1), dtype=dtype, device=like.device)
+
+
+def as_work(src: Tensor, buf: Tensor) -> Tensor:
+    """``src`` in ``buf``'s dtype: ``src`` itself when it already is, else a copy in the front of ``buf``."""
+    if src.dtype == buf.dtype:
+        return src
+    return buf[: src.numel()].view(src.shape).copy_(src)
 
 
 class TensorwiseMethod(ABC):
@@ -144,11 +178,16 @@ class OnBaseMethod(CheckedMethod):
 def l1_rescale(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
     """``delta * mask`` rescaled to the L1 norm of ``delta`` (mergekit's ``rescale: true``); left
     unscaled when either norm is below ``eps``."""
-    kept = delta * mask
-    before, after = delta.abs().sum(), kept.abs().sum()
+    return match_l1(delta * mask, delta.abs().sum(), eps)
+
+
+def match_l1(kept: Tensor, before: Tensor, eps: float = 1e-7) -> Tensor:
+    """``kept`` (a sparsified task vector, scaled in place) times ``before / |kept|_1``: the L1 rescale
+    of :func:`l1_rescale` given the L1 norm ``before`` of the unsparsified vector."""
+    after = kept.abs().sum()
     if before < eps or after < eps:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
 def sign_agreement(deltas: Tensor) -> Tensor:
@@ -169,28 +208,40 @@ def combine(
 ) -> Tensor:
     """theta_0 + lambda * sum_i w_i m_i delta_i / D: ``deltas`` stacks the (sparsified) task vectors;
     ``elect`` applies the TIES sign mask m_i to the weighted deltas; with ``normalize`` D is the sum of
-    the weights that contribute at each entry (all of them without election; 1 where that sum is 0)."""
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
-    w = w.reshape(-1, *([1] * (deltas.dim() - 1)))
-    weighted = deltas * w
-    if elect:
-        mask = sign_agreement(weighted).to(deltas.dtype)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    if normalize:
-        mixed = mixed / divisor
-    if scaling != 1:
-        mixed = mixed * scaling
-    return base + mixed
+    the weights that contribute at each entry (all of them without election; 1 where that sum is 0).
+
+    Evaluated over pieces of the tensor (:func:`blocks`): every step is elementwise or a sum over the
+    task axis, so each piece's temporaries stay in cache and the result is the same as in one piece."""
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).reshape(-1, 1, 1)
+    if not elect:
+        total = w.reshape(-1).sum(dim=0)
+        divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+    n = deltas.shape[0]
+    flat_d, flat_b = deltas.reshape(n, 1, -1), base.reshape(1, -1)
+    out = torch.empty(flat_b.shape, dtype=torch.result_type(base, deltas), device=base.device)
+    for _, cs in blocks(1, flat_b.shape[1], base.device):
+        weighted = flat_d[:, :, cs] * w
+        if elect:
+            mask = sign_agreement(weighted).to(deltas.dtype)
+            mixed = (weighted * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        else:
+            mixed = weighted.sum(dim=0)
+        if normalize:
+            mixed = mixed / divisor
+        if scaling != 1:
+            mixed = mixed * scaling
+        torch.add(flat_b[:, cs], mixed, out=out[:, cs])
+    return out.reshape(base.shape)
 
 
 def stack_deltas(base: Tensor, thetas: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """(base, stacked task vectors theta_i - theta_0), in the kernels' arithmetic dtype."""
+    """(base, stacked task vectors theta_i - theta_0), in the kernels' arithmetic dtype (each filled in
+    place: no whole-tensor temporaries besides the stack)."""
     dt = work_dtype(base)
     b = base.to(dt)
-    return b, torch.stack([t.to(dt) - b for t in thetas]) if thetas else b.new_empty((0, *b.shape))
+    out = torch.empty((len(thetas), *b.shape), dtype=dt, device=b.device)
+    for i, t in enumerate(thetas):
+        out[i].copy_(t).sub_(b)
+    return b, out

@@ -15,6 +15,7 @@ election m_i for ``della`` and none for ``della_linear``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,30 +24,44 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import Gen, OnBaseMethod, combine, l1_rescale, stack_deltas
+from ._tensorwise import Gen, OnBaseMethod, combine, match_l1, stack_deltas
+
+PRUNE_BLOCK = 1 << 20  # elements per block of MagPrune on CPU
 
 
 def magprune(
     delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None = None
 ) -> Tensor:
-    """DELLA's magnitude-ranked random drop of one task vector (rows of a matrix; a vector is one row).
-    The mask is one ``torch.bernoulli`` draw over the keep probabilities, from ``generator``."""
+    """DELLA's magnitude-ranked random drop of one task vector (rows of a matrix; a vector is one row),
+    **in place**: ``delta`` is overwritten with the pruned (and rescaled) vector and returned, so a merge
+    holds no second copy of its task vectors (pass a copy to keep one). The mask is drawn from
+    ``generator`` as one ``torch.bernoulli`` draw over the keep probabilities would draw it."""
     if density >= 1:
         return delta
     if density <= 0:
-        return torch.zeros_like(delta)
-    shape = delta.shape
+        return delta.zero_()
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-    # rank of each entry within its row (0 = smallest |x|): the inverse of the sorting permutation,
-    # scattered in O(n) rather than a second argsort; min-max normalised to [0, 1]
-    order = rows.abs().argsort(dim=1)
-    steps = torch.arange(rows.shape[1], device=rows.device, dtype=delta.dtype).expand_as(rows)
-    ranks = torch.empty_like(rows).scatter_(1, order, steps)
-    r = (ranks / (rows.shape[1] - 1)).clamp(0, 1) if rows.shape[1] > 1 else torch.zeros_like(rows)
-    keep = (density - epsilon) + r * 2 * epsilon
-    mask = torch.bernoulli(keep, generator=generator).to(delta.dtype)
-    out = l1_rescale(rows, mask) if rescale else rows * mask
-    return out.reshape(shape)
+    before = rows.abs().sum() if rescale else None  # the L1 norm the survivors are rescaled to
+    # rank of each entry within its row (0 = smallest |x|), min-max normalised to [0, 1]: the keep
+    # probability of rank k is computed once per row length and scattered through the sorting
+    # permutation (its inverse, in O(n), rather than a second argsort)
+    n = rows.shape[1]
+    steps = torch.arange(n, device=rows.device, dtype=delta.dtype)
+    r = (steps / (n - 1)).clamp(0, 1) if n > 1 else torch.zeros_like(steps)
+    by_rank = ((density - epsilon) + r * 2 * epsilon).reshape(1, n, *([1] * (rows.dim() - 2)))
+    # blocks of rows in memory order: the sort's int64 indices, the probabilities and the mask are the
+    # size of a block, and one generator draws the block masks in the order of one whole-tensor draw
+    row = math.prod(rows.shape[1:])
+    per = rows.shape[0] if rows.device.type != "cpu" else max(1, PRUNE_BLOCK // max(1, row))
+    for i in range(0, rows.shape[0], per):
+        block = rows[i : i + per]
+        order = block.abs().argsort(dim=1)
+        keep = torch.empty_like(block).scatter_(1, order, by_rank.expand_as(block))
+        del order
+        block.mul_(torch.bernoulli(keep, generator=generator).to(delta.dtype))
+    if before is not None:
+        match_l1(rows, before)
+    return delta
 
 
 def check_della(density: float, epsilon: float, where: str = "della") -> None:
@@ -75,10 +90,9 @@ def della(
     b, deltas = stack_deltas(base, thetas)
     if len(thetas) == 0:
         return b
-    pruned = torch.stack(
-        [magprune(d, p, e, rescale, generator) for d, p, e in zip(deltas, densities, epsilons, strict=True)]
-    )
-    return combine(b, pruned, weights, elect=elect, normalize=normalize, scaling=scaling)
+    for d, p, e in zip(deltas, densities, epsilons, strict=True):
+        magprune(d, p, e, rescale, generator)  # in place: the stack becomes the pruned task vectors
+    return combine(b, deltas, weights, elect=elect, normalize=normalize, scaling=scaling)
 
 
 @dataclass(frozen=True)

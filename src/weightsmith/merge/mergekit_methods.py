@@ -143,8 +143,9 @@ def _gta(elect: bool, how: str | None) -> Kernel:
         b, deltas = stack_deltas(base, thetas)
         if not thetas:
             return b
-        kept = torch.stack([_prune(d, p, how, s["rescale"], gen) for d, p in zip(deltas, per, strict=True)])
-        return combine(b, kept, weights(per), elect=elect, normalize=s["normalize"], scaling=s["lambda"])
+        for i, (d, p) in enumerate(zip(deltas, per, strict=True)):  # pruned in place: no second stack
+            deltas[i] = _prune(d, p, how, s["rescale"], gen)
+        return combine(b, deltas, weights(per), elect=elect, normalize=s["normalize"], scaling=s["lambda"])
 
     return run
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
-from ..execute import ReadAhead, WriteBehind, resolve_device
+from ..execute import ReadAhead, WriteBehind, is_finite, resolve_device
 from ..progress import track
 from ..store import ShardWriter, WeightStore
 from . import _core, mergekit_exact, tokenizer
@@ -374,7 +374,7 @@ def run(
                     result = kernel(base, thetas, shared, per, gen)
                 except (RuntimeError, ValueError) as exc:
                     raise WeightsmithError(f"merging tensor '{job.out}' failed: {exc}") from exc
-                if not bool(torch.isfinite(result).all()):
+                if not is_finite(result):
                     raise WeightsmithError(f"merging tensor '{job.out}' gave NaN or Inf")
                 behind.put(job.out, result, target)
         behind.finish()

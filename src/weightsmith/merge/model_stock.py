@@ -18,32 +18,48 @@ import torch
 from torch import Tensor
 
 from ..config import register_config
-from ._tensorwise import Gen, OnBaseMethod, work_dtype
+from ._tensorwise import Gen, OnBaseMethod, as_work, blocks, scratch, work_dtype
 
 
 def model_stock(base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
-    """Model Stock interpolation of one tensor between the base and the mean of ``thetas``."""
+    """Model Stock interpolation of one tensor between the base and the mean of ``thetas``.
+
+    Two passes over pieces (:func:`~._tensorwise.blocks`) of the tensor as rows (one row, or with
+    ``filter_wise`` one per output row): the first folds the Gram matrix of the float32 offsets
+    w_i - w_0 of each row (each piece's product added in float64), the second writes
+    t * mean_i(w_i) + (1 - t) * w_0. Only the float32 result is as large as the tensor."""
     dt = work_dtype(base)
-    shape = base.shape
-    if filter_wise:
-        w0 = base.to(dt) if base.dim() > 1 else base.to(dt).unsqueeze(0)
-        ws = [t.to(dt).reshape(w0.shape) for t in thetas]
-    else:
-        w0 = base.to(dt).reshape(-1)
-        ws = [t.to(dt).reshape(-1) for t in thetas]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1 :]:
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
+    n = len(thetas)
+    cols = base.shape[-1] if filter_wise and base.dim() > 0 else max(base.numel(), 1)
+    w0 = base.reshape(-1, cols)
+    ws = [t.reshape(w0.shape) for t in thetas]
+    parts = list(blocks(w0.shape[0], cols, w0.device))
+    buf = scratch(w0, dt, n + 1)
+    size = buf.numel() // (n + 1)
+    gram = torch.zeros(w0.shape[0], n, n, dtype=torch.float64, device=w0.device)
+    for rows, cs in parts:
+        b = as_work(w0[rows, cs], buf[:size])
+        offsets = buf[size : size * (1 + n)].view(n, -1)[:, : b.numel()].view(n, *b.shape)
+        for i, w in enumerate(ws):
+            torch.sub(w[rows, cs], b, out=offsets[i])  # in float32: the input is widened exactly
+        gram[rows] += torch.einsum("nrc,mrc->rnm", offsets, offsets).double()
+    norms = torch.diagonal(gram, dim1=1, dim2=2).sqrt()
+    i, j = torch.triu_indices(n, n, 1, device=w0.device)
+    cosines = (gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1)
+    cos = cosines.mean(dim=1, keepdim=True).to(dt)
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denom))
-    mean = torch.stack(ws).sum(dim=0) / n
-    return (t * mean + (1 - t) * w0).reshape(shape)
+    out = torch.empty(w0.shape, dtype=dt, device=w0.device)
+    for rows, cs in parts:
+        b = w0[rows, cs]
+        mean = buf[: b.numel()].view(b.shape).copy_(ws[0][rows, cs])
+        for w in ws[1:]:
+            mean.add_(w[rows, cs])
+        mean.div_(n)
+        tr = t[rows]
+        torch.mul(mean, tr, out=out[rows, cs]).addcmul_(b, 1 - tr)  # b widened exactly, as above
+    return out.reshape(base.shape)
 
 
 @register_config("model_stock", kind="merge")

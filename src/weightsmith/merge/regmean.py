@@ -71,11 +71,13 @@ class RegMean(DataOptions):
         for store, source in zip(stores, self.sources(len(stores)), strict=True):
             load_weights(model, store, str(store.source))
             acc.add(model, load_batches(tok, source, self, single=True), device=device)
+        del model  # the write needs only the sums (a float32 copy of the model is as large as 2 bf16 ones)
         return write_merged(recipe, stores, acc.merge_one, out, "regmean", dict(kw))
 
 
 class RegMeanStats:
-    """The running sums ``A = Σ_i G~_i`` and ``B = Σ_i G~_i W_i^T`` of every walked linear layer."""
+    """The running sums ``A = Σ_i G~_i`` and ``B = Σ_i G~_i W_i^T`` of every walked linear layer. Solving a
+    layer frees its ``B``, and the last layer of a group its ``A``: memory falls as the merge is written."""
 
     def __init__(self, config: RegMean = RegMean()) -> None:
         self.config = config
@@ -84,6 +86,7 @@ class RegMeanStats:
         self.B: dict[str, Tensor] = {}
         self.transposed: set[str] = set()  # GPT-2 Conv1D: stored [in, out]
         self._last: tuple[str, Tensor, float] | None = None
+        self._left: dict[str, int] | None = None  # layers of each group not solved yet
 
     def reduced(self, gram: Tensor) -> Tensor:
         """``G~ = alpha G + (1 - alpha) diag(G)`` (RegMean §3.3)."""
@@ -133,14 +136,24 @@ class RegMeanStats:
     def solve(self, name: str, mean_weight: Tensor) -> Tensor:
         """``W*`` ([out, in]) of one layer; ``mean_weight`` (the average of the models' weights, [out, in])
         is where the damping pulls."""
-        L, lam = self._factor(self.group[name])
-        rhs = self.B[name].double() + lam * mean_weight.T.to(L)
+        key = self.group[name]
+        if name not in self.B:
+            raise WeightsmithError(f"regmean: layer '{name}' was solved already")
+        if self._left is None:
+            self._left = {}
+            for k in self.group.values():
+                self._left[k] = self._left.get(k, 0) + 1
+        L, lam = self._factor(key)
+        rhs = self.B.pop(name).double() + lam * mean_weight.T.to(L)
+        self._left[key] -= 1
+        if self._left[key] == 0:
+            del self.A[key]
         return torch.cholesky_solve(rhs, L).T.float()
 
     def merge_one(self, name: str, tensors: list[Tensor]) -> Tensor:
         """Tensor ``name`` merged from the models' ``tensors``: RegMean for a walked layer, else the mean."""
         mean = mean_of(tensors)
-        if name not in self.B:
+        if name not in self.group:
             return mean
         if name in self.transposed:  # Conv1D stores [in, out]
             return self.solve(name, mean.T).T.to(mean.device)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,25 +24,40 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import CheckedMethod, Gen, OnBaseMethod, work_dtype
+from ._tensorwise import CheckedMethod, Gen, OnBaseMethod, as_work, blocks, scratch, work_dtype
 
 
 def slerp(v0: Tensor, v1: Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
     """SLERP of two whole tensors from ``v0`` (t = 0) to ``v1`` (t = 1), computed in float32 (float64
-    for float64 inputs). Norms at or below ``eps`` count as 1 when normalising for the angle."""
+    for float64 inputs). Norms at or below ``eps`` count as 1 when normalising for the angle.
+
+    Two passes over pieces (:func:`~._tensorwise.blocks`): the first sums |v0|^2, |v1|^2 and <v0, v1>
+    (each piece's float32 dot products added in float64), giving cos Omega = <v0, v1> / (|v0| |v1|); the
+    second writes c0 v0 + c1 v1. Only the float32 result is as large as the tensor."""
     dt = work_dtype(v0)
-    a, b = v0.reshape(-1).to(dt), v1.reshape(-1).to(dt)
-    if a.numel() == 0:
-        return ((1 - t) * a + t * b).reshape(v0.shape)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = torch.where(na > eps, na, torch.ones_like(na))
-    nb = torch.where(nb > eps, nb, torch.ones_like(nb))
-    cos = ((a / na) * (b / nb)).sum().clamp(-1, 1)
-    if cos.abs() > dot_threshold:
-        return ((1 - t) * a + t * b).reshape(v0.shape)
-    omega = torch.acos(cos)
-    s = torch.sin(omega)
-    return (torch.sin((1 - t) * omega) / s * a + torch.sin(t * omega) / s * b).reshape(v0.shape)
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    parts = list(blocks(1, a.shape[1], a.device))
+    buf = scratch(a, dt, 2)
+    half = buf.numel() // 2
+    sums = torch.zeros(3, dtype=torch.float64, device=a.device)
+    for piece in parts:
+        x, y = as_work(a[piece], buf[:half]).reshape(-1), as_work(b[piece], buf[half:]).reshape(-1)
+        sums += torch.stack([torch.dot(x, x), torch.dot(y, y), torch.dot(x, y)])
+    aa, bb, ab = sums.tolist()  # one device sync per tensor
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    cos = min(1.0, max(-1.0, ab / na / nb))
+    if abs(cos) > dot_threshold or a.numel() == 0:
+        c0, c1 = 1 - t, t
+    else:
+        omega = math.acos(cos)
+        s = math.sin(omega)
+        c0, c1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
+    out = torch.empty(a.shape, dtype=dt, device=a.device)
+    for piece in parts:
+        x, y = as_work(a[piece], buf[:half]), as_work(b[piece], buf[half:])
+        torch.mul(x, c0, out=out[piece]).add_(y, alpha=c1)
+    return out.reshape(v0.shape)
 
 
 def check_t(t: float, what: str = "slerp option t") -> None:
