@@ -9,9 +9,11 @@ registered type, so the CLI, a YAML recipe and Python build the very same object
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import pkgutil
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, dataclass_transform
 
@@ -137,3 +139,11 @@ def load_config(path: str | Path, kind: str) -> Any:
     if not isinstance(data, dict):
         raise WeightsmithError(f"{path}: expected a mapping with a 'method' key")
     return config_from_dict(data, kind)
+
+
+def import_methods(package: str, path: Iterable[str]) -> None:
+    """Import every module of ``package`` (its ``__path__``) whose name has no leading underscore, so that
+    the methods it holds register their configs: a new method is a new file, and no list names it."""
+    for info in pkgutil.iter_modules(path):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

@@ -7,9 +7,7 @@ is all it takes to add a method.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from ..config import import_methods
 from ._attach import (
     AdaptedLayer,
     adapt,
@@ -67,10 +65,4 @@ def registered_adapters() -> dict[str, type]:
     return registered("adapter")
 
 
-def _import_methods() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_import_methods()
+import_methods(__name__, __path__)

@@ -7,9 +7,7 @@ Every non-underscore module of this package is imported here, so each method fil
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from ..config import import_methods
 from ._core import (
     CompressConfig,
     Compressed,
@@ -43,9 +41,7 @@ from .udfc import UDFC
 from .wanda import Wanda
 from .welore import WeLore, lrc_task
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_methods(__name__, __path__)
 
 __all__ = [
     "ARMOR", "ASVD", "AWQ", "BCQ", "BitStack", "CompressConfig", "CompressReport", "Compressed", "DPruner",

@@ -6,9 +6,7 @@ its configs (``weightsmith.config.registered("merge")``) just by being in the pa
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from ..config import import_methods
 from ._core import TaskVector, check_inputs, write_model
 from .adamerging import AdaMerging
 from .arcee_fusion import ArceeFusion
@@ -38,9 +36,7 @@ from .task_arithmetic import (
     merge_tensors,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_methods(__name__, __path__)
 
 __all__ = [
     "DARE", "DARETIES", "GTA", "OPCM", "TIES", "Average", "LoRAMerge", "TaskArithmetic", "TaskVector",
