@@ -28,9 +28,15 @@ Weights = Sequence[float] | None  # one weight per model; None: 1.0 each
 Gen = torch.Generator | None  # the random source of ``random`` methods
 
 
-CPU_PIECE = (
-    1 << 17
-)  # elements per piece of the piecewise kernels on CPU: their float32 scratch stays in cache
+CPU_PIECE = 1 << 17  # elements per piece on CPU: the kernels' float32 scratch stays in cache
+GPU_PIECE = (
+    1 << 24
+)  # on a GPU: few launches, and scratch bounded (64 MiB of float32) for a 128k-vocab embedding
+
+
+def piece_size(device: torch.device) -> int:
+    """Elements per piece of the piecewise kernels on ``device``."""
+    return CPU_PIECE if device.type == "cpu" else GPU_PIECE
 
 
 def work_dtype(t: Tensor) -> torch.dtype:
@@ -41,8 +47,9 @@ def work_dtype(t: Tensor) -> torch.dtype:
 def blocks(rows: int, cols: int, device: torch.device) -> Iterator[tuple[slice, slice]]:
     """(row slice, column slice) pieces of a [rows, cols] view, in memory order, of at most ``CPU_PIECE``
     elements on CPU (so float32 work copies of a piece stay in cache instead of streaming whole-tensor
-    temporaries through memory); one piece on other devices, where each kernel launch costs more."""
-    step = CPU_PIECE if device.type == "cpu" else max(rows * cols, 1)
+    temporaries through memory); ``GPU_PIECE`` on other devices, where each kernel launch costs more but
+    whole-tensor float32 temporaries would cost GPU memory."""
+    step = piece_size(device)
     if cols >= step:
         for r in range(rows):
             for c in range(0, cols, step):
@@ -56,7 +63,7 @@ def blocks(rows: int, cols: int, device: torch.device) -> Iterator[tuple[slice, 
 def scratch(like: Tensor, dtype: torch.dtype, count: int = 1) -> Tensor:
     """An uninitialised buffer for ``count`` work copies of the largest piece :func:`blocks` gives for
     ``like`` (a 2-D view)."""
-    n = like.numel() if like.device.type != "cpu" else min(like.numel(), CPU_PIECE)
+    n = min(like.numel(), piece_size(like.device))
     return torch.empty(count * max(n, 1), dtype=dtype, device=like.device)
 
 
