@@ -11,8 +11,9 @@ examples of the class), retain-set accuracy, test accuracy on the other classes,
 forgotten class, and the average absolute gap to Retrain over those four (lower = closer to retraining).
 
 compander: the same zoo MLP trained with and without the weight compander on every Linear weight
-(equal epochs / lr, plus plain training at 2.5x the lr as a step-size control), test accuracy and the
-per-layer power-law alpha of the trained weights.
+(equal epochs / lr, plus plain training at 2.5x the lr as a step-size control), with alpha, beta fixed
+and learned per layer (apply_compander(learn=True), started at the fixed values), test accuracy, the
+per-layer power-law alpha of the trained weights and the learned compander alpha, beta.
 
 growth: two width-64 zoo MLPs (trained --epochs) grown into one of width --width (128) by MixtureGrowth
 (new blocks = convex combinations of the learned layers), by random or zero new blocks, against a fresh
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from weightsmith import zoo
-from weightsmith.adapters.compander import apply_compander, remove_compander
+from weightsmith.adapters.compander import apply_compander, compander_values, remove_compander
 from weightsmith.adapters.mixturegrowth import NEW_BLOCKS, grow
 from weightsmith.adapters.salun import saliency_masks, unlearn
 from weightsmith.analyze import esd, fit_power_law
@@ -114,32 +115,37 @@ def layer_alphas(model: nn.Module) -> list[float]:
 
 def compander_rows(args: argparse.Namespace, dev: torch.device) -> None:
     full = on(zoo.load_task("digits"), dev)
-    print("| train examples | seed | model | test acc | mean |w| | alpha per hidden layer | s |")
-    print("|---|---|---|---|---|---|---|")
+    cols = "test acc | mean |w| | alpha per hidden layer | learned α, β per layer | s"
+    print(f"| train examples | seed | model | {cols} |")
+    print("|---|---|---|---|---|---|---|---|")
     summary: dict[tuple[int, str], list[float]] = {}
     for n_train in (200, len(full.y_train)):
         task = subset(full, torch.arange(n_train, device=dev), torch.ones_like(full.y_test, dtype=torch.bool))
         for seed in range(args.seeds):
-            for name, ab, lr in (
-                ("plain", None, 1e-3),
-                ("plain, lr x2.5", None, 2.5e-3),  # control: f'(v) ~ 2.5 at typical |v| for a=0.5
-                ("compander a=0.5", (0.5, 0.01), 1e-3),
-                ("compander a=0.75", (0.75, 0.01), 1e-3),
+            for name, ab, learn, lr in (
+                ("plain", None, False, 1e-3),
+                ("plain, lr x2.5", None, False, 2.5e-3),  # control: f'(v) ~ 2.5 at typical |v| for a=0.5
+                ("compander a=0.5", (0.5, 0.01), False, 1e-3),
+                ("compander a=0.75", (0.75, 0.01), False, 1e-3),
+                ("compander a=0.5, learned", (0.5, 0.01), True, 1e-3),  # alpha, beta start at these values
+                ("compander a=0.75, learned", (0.75, 0.01), True, 1e-3),
             ):
                 torch.manual_seed(seed)
                 model = zoo.make_model("mlp", task, args.width, depth=2).to(dev)
                 if ab is not None:
-                    apply_compander(model, *ab)
+                    apply_compander(model, ab[0], ab[1], learn=learn)
                 t0 = time.perf_counter()
                 zoo.train(model, task, epochs=args.epochs, lr=lr, seed=seed)
                 secs = time.perf_counter() - t0
+                values = compander_values(model) if learn else {}
+                learned = "; ".join(f"{a:.3f}, {b:.4f}" for a, b in values.values()) or "-"
                 remove_compander(model)
                 a = acc(model, task.x_test, task.y_test)
                 summary.setdefault((n_train, name), []).append(a)
                 weights = [p.detach().abs().flatten() for n, p in model.named_parameters() if "weight" in n]
                 mean_w = float(torch.cat(weights).mean())
                 alphas = ", ".join(f"{x:.2f}" for x in layer_alphas(model))
-                cells = f"{100 * a:.1f} | {mean_w:.4f} | {alphas} | {secs:.1f}"
+                cells = f"{100 * a:.1f} | {mean_w:.4f} | {alphas} | {learned} | {secs:.1f}"
                 print(f"| {n_train} | {seed} | {name} | {cells} |", flush=True)
     print()
     for (n_train, name), accs in summary.items():

@@ -1,4 +1,4 @@
-"""Weight compander: train every weight through a fixed non-linear reparameterisation ``w = f(v)``.
+"""Weight compander: train every weight through a non-linear reparameterisation ``w = f(v)``.
 
 Cakaj, Mehnert & Yang, "Weight Compander: A Simple Weight Reparameterization for Regularization",
 IJCNN 2023, arXiv:2306.16993. The network's weight is ``w = f(v)`` with ``f`` odd, monotone and
@@ -13,15 +13,29 @@ We use the power compander with an offset (the function of the paper's family we
 ``α = 1`` is the identity. ``v`` is initialised as ``f⁻¹(w)`` so the model is unchanged when the
 compander is applied, and :func:`remove_compander` bakes ``f(v)`` back into plain weights.
 
-Scope: ``α`` and ``β`` are fixed for a run (set per call). The exact compander equation of the paper
-could not be consulted offline when this was written; the function above has the two properties its
-abstract states (bounded growth of large weights, a push away from zero).
+By default ``α`` and ``β`` are fixed for a run (set per call). The paper also learns the compander's
+hyperparameters with the network ("We extend our method to learn the hyperparameters", abstract);
+``apply_compander(..., learn=True)`` gives every companded layer its own trainable scalar pair,
+kept in range by a smooth reparameterisation of two unconstrained parameters ``a, b``:
+
+    α = α_min + (1 − α_min) · sigmoid(a),   β = β_min + softplus(b)       (α ∈ [α_min, 1], β ≥ β_min)
+    ∂f/∂α = sign(v) ((|v| + β)^α ln(|v| + β) − β^α ln β)
+    ∂f/∂β = sign(v) α ((|v| + β)^{α−1} − β^{α−1})
+
+``a, b`` start where ``α, β`` equal the values given, and the small floors ``α_min, β_min`` keep the
+range strict even when a huge step saturates the sigmoid or softplus in floating point. Per layer
+(one pair per weight) is our choice: the granularity the paper uses could not be checked offline.
+
+The exact compander equation of the paper could not be consulted offline when this was written; the
+function above has the two properties its abstract states (bounded growth of large weights, a push
+away from zero).
 
 Built on ``torch.nn.utils.parametrize``; this module registers no adapter config.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -31,6 +45,8 @@ from torch.nn.utils import parametrize
 from ..errors import WeightsmithError
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+ALPHA_MIN = 1e-2  # floors of the learnable form: alpha in [ALPHA_MIN, 1], beta >= BETA_MIN
+BETA_MIN = 1e-6
 
 
 def _check(alpha: float, beta: float) -> None:
@@ -40,17 +56,17 @@ def _check(alpha: float, beta: float) -> None:
         raise WeightsmithError(f"compander beta must be > 0, got {beta}")
 
 
-def compand(v: Tensor, alpha: float, beta: float) -> Tensor:
+def compand(v: Tensor, alpha: float | Tensor, beta: float | Tensor) -> Tensor:
     """``f(v) = sign(v) ((|v| + β)^α − β^α)``."""
     return torch.sign(v) * ((v.abs() + beta) ** alpha - beta**alpha)
 
 
-def expand(w: Tensor, alpha: float, beta: float) -> Tensor:
+def expand(w: Tensor, alpha: float | Tensor, beta: float | Tensor) -> Tensor:
     """``f⁻¹(w) = sign(w) ((|w| + β^α)^{1/α} − β)``."""
     return torch.sign(w) * ((w.abs() + beta**alpha) ** (1.0 / alpha) - beta)
 
 
-def compand_derivative(v: Tensor, alpha: float, beta: float) -> Tensor:
+def compand_derivative(v: Tensor, alpha: float | Tensor, beta: float | Tensor) -> Tensor:
     """``f'(v) = α (|v| + β)^{α−1}``."""
     return alpha * (v.abs() + beta) ** (alpha - 1.0)
 
@@ -70,24 +86,92 @@ class Compander(nn.Module):
         return expand(w, self.alpha, self.beta)
 
 
+class LearnableCompander(nn.Module):
+    """``v -> f(v; α, β)`` with ``α = α_min + (1 − α_min) sigmoid(a)``, ``β = β_min + softplus(b)`` and
+    ``a, b`` trainable scalars (state-dict keys ``…parametrizations.weight.0.a`` / ``.b``), initialised so
+    that ``α, β`` equal the given values. ``right_inverse`` uses the current ``α, β`` (detached)."""
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        beta: float = 0.01,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        _check(alpha, beta)
+        if not ALPHA_MIN < alpha < 1.0:
+            raise WeightsmithError(
+                f"compander alpha must be in ({ALPHA_MIN}, 1) with learn=True, got {alpha}"
+            )
+        if not beta > BETA_MIN:
+            raise WeightsmithError(f"compander beta must be > {BETA_MIN} with learn=True, got {beta}")
+        s = (alpha - ALPHA_MIN) / (1.0 - ALPHA_MIN)
+        a0 = math.log(s / (1.0 - s))  # logit
+        b0 = math.log(math.expm1(beta - BETA_MIN))  # softplus inverse
+        self.a = nn.Parameter(torch.tensor(a0, dtype=dtype, device=device))
+        self.b = nn.Parameter(torch.tensor(b0, dtype=dtype, device=device))
+
+    @property
+    def alpha(self) -> Tensor:
+        # = α_min + (1 − α_min) sigmoid(a), written so that a saturated sigmoid gives α = 1 exactly
+        return 1.0 - (1.0 - ALPHA_MIN) * torch.sigmoid(-self.a)
+
+    @property
+    def beta(self) -> Tensor:
+        return BETA_MIN + nn.functional.softplus(self.b)
+
+    def forward(self, v: Tensor) -> Tensor:
+        return compand(v, self.alpha, self.beta)
+
+    def right_inverse(self, w: Tensor) -> Tensor:
+        return expand(w, self.alpha.detach(), self.beta.detach())
+
+
+COMPANDERS = (Compander, LearnableCompander)
+
+
+def compander_values(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """``{module name: (α, β)}`` of every companded weight of ``model`` (learned or fixed)."""
+    out = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations["weight"]:
+                if isinstance(p, COMPANDERS):
+                    with torch.no_grad():
+                        out[name] = (float(p.alpha), float(p.beta))
+    return out
+
+
 def apply_compander(
     model: nn.Module,
     alpha: float = 0.5,
     beta: float = 0.01,
     types: Iterable[type[nn.Module]] = DEFAULT_TYPES,
+    learn: bool = False,
 ) -> list[str]:
     """Reparameterise the ``weight`` of every module of ``types`` as ``f(v)``; returns their names.
 
     The trainable tensor becomes ``<module>.parametrizations.weight.original`` (= ``v``); biases are
-    left as they are. A module already companded raises."""
+    left as they are. A module already companded raises. ``learn=True`` makes ``α, β`` trainable per
+    layer (:class:`LearnableCompander`, in ``model.parameters()``; exclude them from weight decay, which
+    would pull ``a, b`` towards 0, i.e. ``α ≈ ½, β ≈ ln 2``)."""
     _check(alpha, beta)
     kinds = tuple(types)
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, kinds) and isinstance(getattr(module, "weight", None), Tensor):
+        weight = getattr(module, "weight", None)
+        if isinstance(module, kinds) and isinstance(weight, Tensor):
             if parametrize.is_parametrized(module, "weight"):
                 raise WeightsmithError(f"compander: '{name}.weight' is already parametrized")
-            parametrize.register_parametrization(module, "weight", Compander(alpha, beta))
+            comp = (
+                LearnableCompander(
+                    alpha, beta, torch.promote_types(weight.dtype, torch.float32), weight.device
+                )
+                if learn
+                else Compander(alpha, beta)
+            )
+            parametrize.register_parametrization(module, "weight", comp)
             names.append(name)
     if not names:
         raise WeightsmithError(f"compander: no module of types {[k.__name__ for k in kinds]} in the model")
@@ -99,7 +183,7 @@ def remove_compander(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight") and any(
-            isinstance(p, Compander) for p in module.parametrizations["weight"]
+            isinstance(p, COMPANDERS) for p in module.parametrizations["weight"]
         ):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
             names.append(name)
