@@ -22,7 +22,7 @@ from weightsmith.config import registered
 from weightsmith.errors import WeightsmithError
 
 ALL = [
-    "armor", "asvd", "awq", "bcq", "bitstack", "dpruner", "dsnot", "fwsvd", "gptq", "hqq", "magnitude",
+    "armor", "asvd", "awq", "bcq", "bitstack", "cur", "dpruner", "dsnot", "fwsvd", "gptq", "hqq", "magnitude",
     "masa", "monarch", "pst", "rtn", "sparsegpt", "svd", "udfc", "wanda", "welore",
 ]  # fmt: skip
 

@@ -12,6 +12,8 @@ bases (each layer keeps its own coefficients); the authors draw a fresh seed per
 costs memory but no file space. Initialisation: ``α = 0`` (so ``ΔW = 0``) and ``β ~ N(0, 1/in)``,
 which gives ``B`` the variance of LoRA's Kaiming-uniform down-projection; the authors' GPT-2 code
 reaches the same start with zero coefficients plus a frozen Kaiming offset added to ``B``.
+``basis="orthogonal"`` makes the k bases ``A_i`` (and the l ``B_j``) orthonormal as vectors of
+``R^{out·r}`` (``R^{r·in}``), scaled to the same entry variance (``_bases``; a tight frame when k > out·r).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
+from ._bases import check_basis, draw_basis
 from ._core import Adapter, AdapterConfig, AdapterContext, check_rank, shared_cast
 from .lora import lora_forward
 
@@ -80,7 +83,8 @@ class NOLAAdapter(Adapter):
 
 @register_config("nola", kind="adapter")
 class NOLA(AdapterConfig):
-    """``rank`` r of the LoRA factors; ``num_basis_A`` k and ``num_basis_B`` l; scaling ``alpha / rank``."""
+    """``rank`` r of the LoRA factors; ``num_basis_A`` k and ``num_basis_B`` l; scaling ``alpha / rank``;
+    ``basis``: "random" (the paper's uniform draw) or "orthogonal" (``_bases``)."""
 
     default_lr: ClassVar[float] = 5e-3
     example_opts: ClassVar[dict[str, Any]] = dict(rank=4, num_basis_A=16, num_basis_B=12, alpha=4.0)
@@ -89,7 +93,11 @@ class NOLA(AdapterConfig):
     num_basis_A: int = 1024
     num_basis_B: int = 1024
     alpha: float = 8.0
+    basis: str = "random"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_basis(self.basis, "nola")
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> NOLAAdapter:
         out_f, in_f = W0.shape
@@ -98,7 +106,8 @@ class NOLA(AdapterConfig):
         if self.num_basis_A < 1 or self.num_basis_B < 1:
             raise ctx.error("NOLA needs num_basis_A >= 1 and num_basis_B >= 1")
         k, l = self.num_basis_A, self.num_basis_B
-        A_basis = ctx.shared.get("nola.A", (k, out_f, r), nola_basis(k, out_f, r))
-        B_basis = ctx.shared.get("nola.B", (l, r, in_f), nola_basis(l, r, in_f))
+        sh, bs = ctx.shared, self.basis  # U(-1, 1) / sqrt(n) has variance 1 / (3 n)
+        A_basis = draw_basis(sh, "nola.A", bs, (k, out_f, r), 1 / (3 * k), nola_basis(k, out_f, r))
+        B_basis = draw_basis(sh, "nola.B", bs, (l, r, in_f), 1 / (3 * l), nola_basis(l, r, in_f))
         beta = torch.randn(l, generator=ctx.generator()) / math.sqrt(in_f)
         return NOLAAdapter(A_basis, B_basis, beta.to(W0.device), self.alpha / r)

@@ -16,7 +16,10 @@ layer, where PEFT 0.21 writes the bases again for every layer. The fast path is 
 ``Af`` [n r, d] and ``Bf`` [D, n r] (a LoRA of rank n r), the frozen bases cast once per dtype for all
 layers, and a hand-written backward that reduces ``∂Af`` straight to ``∂λ``, ``∂γ`` (two batched
 products) and keeps only the activation on the input side. PEFT's sparse (ternary) bases are not
-offered (PEFT notes they bring no speed or memory gain yet).
+offered (PEFT notes they bring no speed or memory gain yet). ``basis="orthogonal"`` draws ``A`` with
+orthonormal rows and ``B`` as one [D_max, n_max r] matrix with orthonormal columns (so the n r columns of
+``Bf`` are orthonormal and the sum of the n rank-r terms is exactly full rank), at unit entry variance
+(``_bases``); the PEFT export, written as LoRA factors, is exact with either basis.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
+from ._bases import check_basis, draw_basis, refuse_unsaved_projection
 from ._core import (
     Adapter,
     AdapterConfig,
@@ -196,7 +200,8 @@ class RandLoRAAdapter(Adapter):
 
 @register_config("randlora", kind="adapter")
 class RandLoRA(AdapterConfig):
-    """``rank`` r of each random basis (PEFT default 32); scaling ``alpha / rank`` (PEFT's alpha: 640)."""
+    """``rank`` r of each random basis (PEFT default 32); scaling ``alpha / rank`` (PEFT's alpha: 640);
+    ``basis``: "random" (unit-variance uniform, PEFT's) or "orthogonal" (``_bases``)."""
 
     default_lr: ClassVar[float] = 5e-4
     example_opts: ClassVar[dict[str, Any]] = dict(rank=8, alpha=16.0)
@@ -204,15 +209,15 @@ class RandLoRA(AdapterConfig):
 
     rank: int = 32
     alpha: float = 640.0
+    basis: str = "random"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_basis(self.basis, "randlora")
 
     @classmethod
     def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> RandLoRA:
-        if peft_config.get("save_projection") is False:
-            raise WeightsmithError(
-                "RandLoRA saved with save_projection=false: its random bases are not in the file; "
-                "save it again with save_projection=true"
-            )
+        refuse_unsaved_projection(peft_config, "RandLoRA")
         r = int(peft_config["r"])
         return cls(rank=r, alpha=float(peft_config.get("randlora_alpha", 20 * r)))
 
@@ -224,7 +229,9 @@ class RandLoRA(AdapterConfig):
         d_max = max(min(s) for s in shapes)
         D_max = max(max(s) for s in shapes)
         n_max = max(math.ceil(min(s) / r) for s in shapes)
-        A = ctx.shared.get("randlora.A", (r, d_max), unit_uniform((r, d_max)))
-        B = ctx.shared.get("randlora.B", (D_max, n_max, r), unit_uniform((D_max, n_max, r)))
+        A = draw_basis(ctx.shared, "randlora.A", self.basis, (r, d_max), 1.0, unit_uniform((r, d_max)))
+        B = draw_basis(
+            ctx.shared, "randlora.B", self.basis, (D_max, n_max, r), 1.0, unit_uniform((D_max, n_max, r))
+        )
         n = math.ceil(min(out_f, in_f) / r)
         return RandLoRAAdapter(A, B, out_f, in_f, r, n, self.alpha / r)

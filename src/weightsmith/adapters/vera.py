@@ -9,7 +9,10 @@ As in PEFT, ``A`` and ``B`` are drawn once at the largest in/out size among the 
 (Kaiming-uniform) and each layer uses the top-left slice ``A[:, :in]``, ``B[:out, :]``. They come
 from ``ctx.shared`` (seeded by the config's seed) and are never saved; PEFT saves them by default
 (``save_projection=True``) and draws them from ``projection_prng_key`` with its own RNG sequence, so
-bases agree with PEFT only when copied over, not when seeded alike.
+bases agree with PEFT only when copied over, not when seeded alike. ``basis="orthogonal"`` draws
+``A`` and ``B`` as scaled Haar-orthogonal matrices of the same entry variance instead (``_bases``); a
+PEFT export (VeRA has no native one here: it is written as the LoRA ``low_rank()`` factors) is exact
+with either basis.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ..errors import WeightsmithError
+from ._bases import check_basis, draw_basis, refuse_unsaved_projection
 from ._core import Adapter, AdapterConfig, AdapterContext, amp_dtype, copy_peft, shared_cast
 
 
@@ -79,7 +82,8 @@ class VeRAAdapter(Adapter):
 
 @register_config("vera", kind="adapter")
 class VeRA(AdapterConfig):
-    """``rank`` r of the shared random matrices (PEFT default 256); ``d_initial`` starts every entry of d."""
+    """``rank`` r of the shared random matrices (PEFT default 256); ``d_initial`` starts every entry of d;
+    ``basis``: "random" (Kaiming-uniform, PEFT's) or "orthogonal" (``_bases``)."""
 
     default_lr: ClassVar[float] = 5e-3
     example_opts: ClassVar[dict[str, Any]] = dict(rank=16)
@@ -87,15 +91,15 @@ class VeRA(AdapterConfig):
 
     rank: int = 256
     d_initial: float = 0.1
+    basis: str = "random"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_basis(self.basis, "vera")
 
     @classmethod
     def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> VeRA:
-        if peft_config.get("save_projection") is False:
-            raise WeightsmithError(
-                "VeRA saved with save_projection=false: its random bases are not in the file (PEFT "
-                "regenerates them with its own generator); save it again with save_projection=true"
-            )
+        refuse_unsaved_projection(peft_config, "VeRA", " (PEFT regenerates them with its own generator)")
         return cls(rank=int(peft_config["r"]), d_initial=float(peft_config.get("d_initial", 0.1)))
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> VeRAAdapter:
@@ -106,6 +110,7 @@ class VeRA(AdapterConfig):
         max_out = max(max(s[0] for s in shapes), out_f)
         max_in = max(max(s[1] for s in shapes), in_f)
         r = self.rank
-        A = ctx.shared.get("vera.A", (r, max_in), lambda g: kaiming_uniform((r, max_in), g))
-        B = ctx.shared.get("vera.B", (max_out, r), lambda g: kaiming_uniform((max_out, r), g))
+        sh, bs = ctx.shared, self.basis  # Kaiming-uniform entries have variance 2 / fan_in
+        A = draw_basis(sh, "vera.A", bs, (r, max_in), 2 / max_in, lambda g: kaiming_uniform((r, max_in), g))
+        B = draw_basis(sh, "vera.B", bs, (max_out, r), 2 / r, lambda g: kaiming_uniform((max_out, r), g))
         return VeRAAdapter(A, B, out_f, in_f, r, self.d_initial)

@@ -226,6 +226,10 @@ class LowRankConfig(FactoredConfig):
         """The ``L``, ``R`` of the weighted error this method minimises (identity: plain SVD)."""
         return Weighting()
 
+    def factor(self, W: Tensor, weighting: Weighting, rank: int, index: int) -> LowRankWeight:
+        """Rank-``rank`` factors of layer number ``index``'s ``W`` (default: the weighted truncated SVD)."""
+        return weighted_svd(W, weighting, rank)
+
     def needs_spectra(self) -> bool:
         """Whether :meth:`choose_ranks` reads every layer's (weighted) singular values."""
         return self.allocation == "global" and not self.rank
@@ -249,7 +253,7 @@ class LowRankConfig(FactoredConfig):
         for global allocation)."""
         r = uniform_ranks({"w": (int(W.shape[0]), int(W.shape[1]))}, self.keep, self.rank)["w"]
         check_rank(r, W.shape, "")
-        return weighted_svd(W, self.weighting(W, stats), r)
+        return self.factor(W, self.weighting(W, stats), r, 0)
 
 
 def check_rank(rank: int, shape: Any, name: str) -> None:
@@ -299,11 +303,11 @@ def _compress_layers(
             spectra[ly.name] = svdvals(wt.apply(W)).cpu()
     ranks = config.choose_ranks(spectra, shapes)
     report = config.new_report(ranks, shapes)
-    for ly in layers:
+    for i, ly in enumerate(layers):
         if ly.name not in ranks:
             continue
         W, wt = weighting(ly)
-        f = weighted_svd(W, wt, ranks[ly.name])
+        f = config.factor(W, wt, ranks[ly.name], i)
         ly.write(f.dequantize())
         err = float((W - f.dequantize()).norm() / W.norm().clamp_min(1e-30))
         report.layers.append(LayerReport(ly.name, ly.shape, err))
