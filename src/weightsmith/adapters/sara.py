@@ -1,5 +1,5 @@
 """SaRA: train the smallest-magnitude ("temporarily ineffective") weights as a sparse update, kept
-low-rank by a nuclear-norm penalty.
+low-rank by a nuclear-norm penalty, with progressive re-selection of that support.
 
 Hu, Zhang, Yi, Huang, Wang & Ma, "SaRA: High-Efficient Diffusion Model Fine-tuning with Progressive
 Sparse Low-Rank Adaptation", ICLR 2025, arXiv:2409.06633.
@@ -11,24 +11,40 @@ Sparse Low-Rank Adaptation", ICLR 2025, arXiv:2409.06633.
 The paper finds that the smallest 10-20 % of a pre-trained model's weights by magnitude barely affect
 its output, so re-training exactly those entries adds task knowledge while the effective weights (and
 the model's prior) stay untouched. ``rank_budget`` sizes the support like a LoRA of that rank
-(``r (out + in)`` entries), for comparisons at equal trainable parameters. The support is a function
-of ``W0`` (ties broken by position), so a saved adapter holds only ``V`` and is rebuilt on load.
+(``r (out + in)`` entries), for comparisons at equal trainable parameters. Without re-selection the
+support is a function of ``W0`` (ties broken by position), so a saved adapter holds only ``V`` and is
+rebuilt on load.
 
-Not implemented: the paper's progressive re-selection (entries that become effective during training
-are frozen and new ineffective ones are selected); its result depends on the training trajectory, so
-it could not be rebuilt from ``W0`` and would need the support saved beside ``V``.
+Progressive re-selection (``reselect_every`` = T > 0; the paper's progressive parameter adjustment):
+after every T-th optimizer step within the first ``reselect_until`` fraction of training, with
+``W = W0 + ΔW`` the current weight and ``ΔW = F + scatter_I(V)`` (``F``: learned and frozen),
+
+    I'       = the k entries of smallest |W|
+    released = I \\ I'   their learned ΔW moves into F and stays (no longer trained)
+    entering = I' \\ I   trained from their current ΔW (F's entry, usually 0), with fresh optimizer moments
+    kept     = I ∩ I'   keep their slot in V, hence their value and optimizer state
+
+so k (the trainable-parameter budget) is fixed and ``ΔW`` (the layer's function) is unchanged exactly.
+The optimizer is not visible to an adapter, so the entering slots are queued and a torch optimizer
+step pre-hook zeroes their element-wise state (Adam's moments, SGD's momentum) in whichever optimizer
+holds ``V``, just before its next step. The support then depends on the training trajectory, so with
+re-selection on, ``I`` and ``F`` (dense, ``out × in``) are saved beside ``V``.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from ..config import register_config
+from ..errors import WeightsmithError
 from ._core import Adapter, AdapterConfig, AdapterContext
 
 
@@ -38,26 +54,79 @@ def ineffective_support(W0: Tensor, k: int) -> Tensor:
     return order[:k].sort().values
 
 
+def reset_moments(optimizer: torch.optim.Optimizer, param: Tensor, slots: Tensor) -> bool:
+    """Zero ``optimizer``'s element-wise state of ``param`` (every state tensor of ``param``'s shape:
+    Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``) at ``slots``; False when ``optimizer``
+    does not hold ``param``. Scalar state (Adam's step count) is shared by all entries and left as is."""
+    if not any(p is param for g in optimizer.param_groups for p in g["params"]):
+        return False
+    for t in optimizer.state.get(param, {}).values():
+        if isinstance(t, Tensor) and t.shape == param.shape:
+            t[slots.to(t.device)] = 0
+    return True
+
+
+# Adapters whose re-selected slots still need fresh moments, and the global hook that gives them.
+_PENDING: weakref.WeakKeyDictionary[SaRAAdapter, Tensor] = weakref.WeakKeyDictionary()
+_HOOK: list[RemovableHandle] = []
+
+
+def _fresh_moments(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for adapter, slots in list(_PENDING.items()):
+        if reset_moments(optimizer, adapter.values, slots):
+            del _PENDING[adapter]
+    if not _PENDING and _HOOK:
+        _HOOK.pop().remove()
+
+
+def _queue_fresh(adapter: SaRAAdapter, slots: Tensor) -> None:
+    prev = _PENDING.get(adapter)
+    _PENDING[adapter] = slots if prev is None else torch.cat([prev, slots]).unique()
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_pre_hook(_fresh_moments))
+
+
 class SaRAAdapter(Adapter):
-    """Trainable ``values`` [k] on the frozen support ``flat`` [k] of the ``[out, in]`` weight."""
+    """Trainable ``values`` [k] on the support ``flat`` [k] of the ``[out, in]`` weight; with re-selection,
+    ``fixed`` [out, in] holds the learned update of released entries (zero on the support)."""
 
     flat: Tensor
+    fixed: Tensor | None
 
-    def __init__(self, flat: Tensor, shape: tuple[int, int], nuclear: float) -> None:
+    def __init__(
+        self,
+        flat: Tensor,
+        shape: tuple[int, int],
+        nuclear: float,
+        reselect_every: int = 0,
+        reselect_until: float = 0.5,
+    ) -> None:
         super().__init__()
         self.shape = shape
         self.values = nn.Parameter(torch.zeros(flat.numel(), device=flat.device))
-        self.hold(flat=flat)
         self.nuclear = nuclear
+        self.reselect_every = reselect_every
+        self.reselect_until = reselect_until
+        if reselect_every:  # trajectory-dependent: saved beside the values
+            self.register_buffer("flat", flat)
+            self.register_buffer("fixed", torch.zeros(shape, device=flat.device))
+        else:
+            self.hold(flat=flat)
+            self.fixed = None
 
     def _dense(self, dtype: torch.dtype) -> Tensor:
-        dW = torch.zeros(self.shape[0] * self.shape[1], dtype=dtype, device=self.values.device)
+        if self.fixed is None:
+            dW = torch.zeros(self.shape[0] * self.shape[1], dtype=dtype, device=self.values.device)
+        else:
+            dW = self.fixed.to(dtype).flatten()  # index_put below is out of place: fixed is not written
         return dW.index_put((self.flat,), self.values.to(dtype)).view(self.shape)
 
     def delta(self, W0: Tensor) -> Tensor:
         return self._dense(self.values.dtype)
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+        if self.reselect_every and self.training:
+            self.__dict__["_w0"] = W0.detach()  # a reference (no copy) for on_train_step's re-selection
         return base_out + F.linear(x, self._dense(x.dtype))
 
     def regularizer(self) -> Tensor | None:
@@ -65,11 +134,52 @@ class SaRAAdapter(Adapter):
             return None
         return self.nuclear * torch.linalg.svdvals(self._dense(torch.float32)).sum()
 
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        done = step + 1
+        if not self.reselect_every or done % self.reselect_every or done >= total_steps:
+            return
+        if done > self.reselect_until * total_steps:
+            return
+        W0: Tensor | None = self.__dict__.get("_w0")
+        if W0 is None:  # no training forward seen yet
+            return
+        if W0.untyped_storage().size() == 0:
+            raise WeightsmithError(
+                "SaRA reselect_every: the base weight was freed after forward (FSDP2 sharding); "
+                "train without re-selection or without --parallel fsdp2"
+            )
+        self.reselect(W0)
+
+    @torch.no_grad()
+    def reselect(self, W0: Tensor) -> Tensor:
+        """Move the support to the ``k`` entries of smallest ``|W0 + ΔW|`` without changing ``ΔW``.
+
+        Released entries keep their learned update in ``fixed``; entering ones take slots of released
+        ones (kept entries keep theirs). Returns those slots; their optimizer moments are zeroed before
+        the optimizer's next step. Call it between optimizer steps (not between backward and step)."""
+        if self.fixed is None:
+            raise WeightsmithError("SaRA reselect() needs the adapter created with reselect_every > 0")
+        dW = self._dense(torch.float32).flatten()
+        new = ineffective_support(W0.detach().float().flatten().to(dW.device) + dW, self.flat.numel())
+        slots = (~torch.isin(self.flat, new)).nonzero().flatten()
+        flat = self.flat.clone()
+        flat[slots] = new[~torch.isin(new, self.flat)]
+        fixed = dW.clone()
+        fixed[flat] = 0
+        self.flat.copy_(flat)
+        self.fixed.copy_(fixed.view(self.shape))
+        self.values.copy_(dW[flat])
+        if slots.numel():
+            _queue_fresh(self, slots)
+        return slots
+
 
 @register_config("sara", kind="adapter")
 class SaRA(AdapterConfig):
     """``density``: fraction of each matrix trained (the smallest |W0|); ``rank_budget`` > 0 instead trains
-    ``r (out + in)`` entries (a LoRA of rank r's count); ``nuclear``: λ of the nuclear-norm penalty."""
+    ``r (out + in)`` entries (a LoRA of rank r's count); ``nuclear``: λ of the nuclear-norm penalty;
+    ``reselect_every`` > 0: re-select the support every that many optimizer steps during the first
+    ``reselect_until`` fraction of training (0: never, the support stays the smallest |W0|)."""
 
     default_lr: ClassVar[float] = 1e-3
     example_opts: ClassVar[dict[str, Any]] = dict(density=0.1, nuclear=1e-3)
@@ -77,6 +187,8 @@ class SaRA(AdapterConfig):
     density: float = 0.1
     rank_budget: int = 0
     nuclear: float = 1e-4
+    reselect_every: int = 0
+    reselect_until: float = 0.5
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> SaRAAdapter:
         out_f, in_f = W0.shape
@@ -86,10 +198,15 @@ class SaRA(AdapterConfig):
             raise ctx.error(f"SaRA density must be in (0, 1], got {self.density}")
         if self.nuclear < 0:
             raise ctx.error(f"SaRA nuclear (λ) must be >= 0, got {self.nuclear}")
+        if self.reselect_every < 0:
+            raise ctx.error(f"SaRA reselect_every must be >= 0 (0: off), got {self.reselect_every}")
+        if not 0.0 < self.reselect_until <= 1.0:
+            raise ctx.error(f"SaRA reselect_until must be in (0, 1], got {self.reselect_until}")
         numel = out_f * in_f
         k = self.rank_budget * (out_f + in_f) if self.rank_budget else math.ceil(self.density * numel)
         if k > numel:
             raise ctx.error(
                 f"SaRA rank_budget {self.rank_budget} asks for {k} entries of {numel}", (out_f, in_f)
             )
-        return SaRAAdapter(ineffective_support(W0, k).to(W0.device), (out_f, in_f), self.nuclear)
+        flat = ineffective_support(W0, k).to(W0.device)
+        return SaRAAdapter(flat, (out_f, in_f), self.nuclear, self.reselect_every, self.reselect_until)
