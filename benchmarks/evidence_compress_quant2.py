@@ -8,6 +8,8 @@ the first 90 %.
   perplexity sort on the calibration windows), saved with ``--format weightsmith``, then loaded at a range of
   memory budgets (``load_compressed(DIR, memory_mb=...)``): perplexity against stored bits per weight of
   the linear layers, and at the sizes of RTN's 2/3/4-bit group-64 checkpoints.
+- ``bitstack-sort``: the paper's perplexity sort against the ``error`` proxy on the same decomposition,
+  loaded at the same memory budgets (level boundaries and ``--bs-fractions`` of the way through each level).
 - ``bcq``: binary-coding quantisation at 2/3/4 bits against RTN (symmetric and asymmetric) at the same code
   bits, group 64; and ShiftAddLLM's sensitivity-based mix at ``--avg-bits`` against uniform bits.
 - ``udfc``: RTN and structured (output-channel) magnitude pruning with and without UDFC's data-free
@@ -23,6 +25,9 @@ the first 90 %.
     .venv/bin/python benchmarks/evidence_compress_quant2.py --device cuda --samples 32 --seq-len 512 \\
         --eval-tokens 0 --bs-levels 10 --bcq-iters 15 \\
         --out benchmarks/results/compress_quant2_smollm2_gpu.json
+    .venv/bin/python benchmarks/evidence_compress_quant2.py --device cpu --parts bitstack-sort --samples 2 \\
+        --seq-len 64 --bs-levels 3 --bs-fractions 0.5 --bs-targets 're:model\\.layers\\.[0-3]\\.' \\
+        --threads 2 --out benchmarks/results/bitstack_sort_smollm2_cpu.json
 
 Writes a JSON list of rows and prints a Markdown table (also with ``--table JSON`` from a saved run).
 """
@@ -62,6 +67,56 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def stack_bpw(out: Path, rep: Any) -> tuple[list[float], list[float]]:
+    """A saved BitStack directory's loadable sizes (MB, ``stack_sizes``) and, for each, the stored bits per
+    weight of its linear layers (8 × bytes of signs, float16 factors and scales / their weights)."""
+    numel = sum(r.shape[0] * r.shape[1] for r in rep.layers)
+    with safe_open(str(out / WEIGHTS), "pt") as fh:
+        other = sum(
+            fh.get_tensor(k).numel() * fh.get_tensor(k).element_size()
+            for k in fh.keys()  # noqa: SIM118
+            if "bitstack" not in k
+        )
+    sizes = stack_sizes(out)
+    return sizes, [8 * (s * 1e6 - other) / numel for s in sizes]
+
+
+def bitstack_sorts(args: argparse.Namespace, add: Any, model: Any, tok: Any, run: Any, ppl: Any) -> None:
+    """The same decomposition stacked by each of ``--bs-sorts`` (the paper's perplexity sort, the error
+    proxy), loaded at the same memory budgets: every level boundary (where both stacks hold the same
+    blocks) and ``--bs-fractions`` of the way through each level (where only the order within the level
+    differs). The perplexity sort's cost is the difference of the two compress times."""
+    if args.bs_levels < 2:
+        raise SystemExit("--bs-levels must be >= 2 for bitstack-sort (level 1 is never sorted)")
+    calib = calibration_batches(tok, "hamlet", args.samples, args.seq_len)
+    fractions = [float(f) for f in args.bs_fractions.split(",") if f]
+    budgets: list[float] | None = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for sort in [s for s in args.bs_sorts.split(",") if s]:
+            opts = {"method": "bitstack", "levels": args.bs_levels, "rank": args.bs_rank, "sort": sort,
+                    "sort_batches": args.bs_sort_batches, "randomized": not args.bs_exact_svd,
+                    "targets": args.bs_targets}  # fmt: skip
+            _, rep, sec = run(opts, calib)
+            out = save_compressed(copy.deepcopy(model), rep, Path(tmp) / sort, tok, format="weightsmith")
+            sizes, bpw = stack_bpw(out, rep)
+            if budgets is None:  # level boundaries are the same MB for every sort
+                per_level = (len(sizes) - 1) // (args.bs_levels - 1)
+                ends = [sizes[lv * per_level] for lv in range(args.bs_levels)]
+                inside = {a + f * (b - a) for a, b in zip(ends, ends[1:], strict=False) for f in fractions}
+                budgets = sorted(set(ends) | inside)
+            setting = f"levels {args.bs_levels}, rank {args.bs_rank}, sort {sort}"
+            if args.bs_targets:
+                setting += f", {len(rep.layers)} layers {args.bs_targets}"
+            for mb in budgets:
+                i = max(j for j, x in enumerate(sizes) if x <= mb + 1e-9)
+                add({"part": "bitstack-sort", "method": f"bitstack ({sort} sort)",
+                     "setting": f"{setting}; budget {mb:.3f} MB, prefix {i}", "sort": sort, "budget_mb": mb,
+                     "prefix": i, "bpw": bpw[i], "ppl": ppl(load_compressed(out, memory_mb=mb)),
+                     "seconds": sec, "sort_passes": len(sizes) - 1 if sort == "perplexity" else 0,
+                     "calib": f"{args.samples} x {args.seq_len} tokens, sort_batches {args.bs_sort_batches}",
+                     "threads": args.threads})  # fmt: skip
+
+
 def udfc_minilm(args: argparse.Namespace, add: Any) -> None:
     """MiniLM (true fp32 weights): relative error of the encoder's output on Rotten Tomatoes sentences after
     RTN or channel pruning, without and with UDFC's compensation."""
@@ -72,7 +127,7 @@ def udfc_minilm(args: argparse.Namespace, add: Any) -> None:
     batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
     with torch.no_grad():
         ref = enc(**batch).last_hidden_state
-    settings = [{"bits": b, "group_size": 0} for b in (2, 3, 4)]
+    settings: list[dict[str, Any]] = [{"bits": b, "group_size": 0} for b in (2, 3, 4)]
     settings += [{"prune_only": True, "sparsity": s} for s in (0.1, 0.25)]
     for opts in settings:
         for variant in [v for v in args.udfc_variants.split(",") if v]:
@@ -141,6 +196,9 @@ def main() -> None:
     ap.add_argument("--bs-exact-svd", action="store_true", help="exact SVDs (default: randomized)")
     ap.add_argument("--bs-rank", type=int, default=8)
     ap.add_argument("--bs-sort", default="perplexity")
+    ap.add_argument("--bs-sorts", default="error,perplexity", help="bitstack-sort: the sorts compared")
+    ap.add_argument("--bs-targets", default=None, help="bitstack-sort: selector of the layers decomposed")
+    ap.add_argument("--bs-fractions", default="0.25,0.5,0.75", help="bitstack-sort: budgets within a level")
     ap.add_argument("--bs-points", type=int, default=8, help="stack sizes evaluated along the curve")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--group-size", type=int, default=64)
@@ -193,12 +251,10 @@ def main() -> None:
     if not any(r["method"] == "fp32" for r in rows):
         add({"part": "", "method": "fp32", "ppl": ppl(model)})
     calib = calibration_batches(tok, "hamlet", args.samples, args.seq_len)
-    numel = None
     if ("bcq" in parts or "bitstack" in parts) and not args.no_rtn:
         for b in bits_list:
             for sym in (True, False):
                 m, rep, sec = run({"method": "rtn", "bits": b, "group_size": g, "symmetric": sym})
-                numel = sum(r.shape[0] * r.shape[1] for r in rep.layers)
                 add({"part": "bcq", "method": "rtn" if sym else "rtn-asym", "setting": f"g{g}", "bits": b,
                      "bpw": rep.bits_per_weight, "ppl": ppl(m), "seconds": sec})  # fmt: skip
     if "bcq" in parts:
@@ -213,36 +269,34 @@ def main() -> None:
         add({"part": "bcq", "method": "bcq-mixed", "setting": f"g{g}, bits {sorted(mix)} by sensitivity",
              "bits": args.avg_bits, "bpw": float(rep.config.describe(rep).split()[0]), "ppl": ppl(m),
              "seconds": sec})  # fmt: skip
+    if "bitstack-sort" in parts:
+        bitstack_sorts(args, add, model, tok, run, ppl)
     if "bitstack" in parts:
         opts = {"method": "bitstack", "levels": args.bs_levels, "rank": args.bs_rank, "sort": args.bs_sort,
                 "sort_batches": args.bs_sort_batches, "randomized": not args.bs_exact_svd}  # fmt: skip
         _, rep, sec = run(opts, calib)
-        numel = sum(r.shape[0] * r.shape[1] for r in rep.layers)
         with tempfile.TemporaryDirectory() as tmp:
             out = save_compressed(copy.deepcopy(model), rep, Path(tmp) / "bs", tok, format="weightsmith")
-            with safe_open(str(out / WEIGHTS), "pt") as fh:
-                other = sum(
-                    fh.get_tensor(k).numel() * fh.get_tensor(k).element_size()
-                    for k in fh.keys()  # noqa: SIM118
-                    if "bitstack" not in k
-                )
-            sizes = stack_sizes(out)
-            bpw = [8 * (s * 1e6 - other) / numel for s in sizes]
+            sizes, stack_bits = stack_bpw(out, rep)
             picks = sorted(
                 {round(i * (len(sizes) - 1) / (args.bs_points - 1)) for i in range(args.bs_points)}
             )
             setting = f"levels {args.bs_levels}, rank {args.bs_rank}, sort {args.bs_sort}"
             for i in picks:
                 add({"part": "bitstack", "method": "bitstack", "setting": f"{setting}; stack prefix {i}",
-                     "bpw": bpw[i], "ppl": ppl(load_compressed(out, memory_mb=sizes[i])),
+                     "bpw": stack_bits[i], "ppl": ppl(load_compressed(out, memory_mb=sizes[i])),
                      "seconds": sec})  # fmt: skip
             for b in bits_list:  # the largest prefix no bigger than RTN's symmetric group-g checkpoint
                 target = b + 16 / g
-                i = max(j for j, x in enumerate(bpw) if x <= target + 1e-9) if bpw[0] <= target else None
+                i = (
+                    max(j for j, x in enumerate(stack_bits) if x <= target + 1e-9)
+                    if stack_bits[0] <= target
+                    else None
+                )
                 if i is None:
                     continue
                 add({"part": "bitstack", "method": "bitstack@rtn-size", "setting": f"{setting}; prefix {i}",
-                     "bits": b, "bpw": bpw[i], "ppl": ppl(load_compressed(out, memory_mb=sizes[i])),
+                     "bits": b, "bpw": stack_bits[i], "ppl": ppl(load_compressed(out, memory_mb=sizes[i])),
                      "seconds": sec})  # fmt: skip
     if "udfc" in parts:
         for b in bits_list:
