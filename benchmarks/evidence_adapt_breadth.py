@@ -36,6 +36,7 @@ from weightsmith.adapters.compander import apply_compander, compander_values, re
 from weightsmith.adapters.mixturegrowth import NEW_BLOCKS, grow
 from weightsmith.adapters.salun import saliency_masks, unlearn
 from weightsmith.analyze import esd, fit_power_law
+from weightsmith.tasks import SentenceClassifier
 
 
 def acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -185,9 +186,215 @@ def growth_rows(args: argparse.Namespace, dev: torch.device) -> None:
         print(f"{name}, {e} more epochs: mean test acc {100 * sum(accs) / len(accs):.2f} %")
 
 
+# ---------------------------------------------------------------- MiniLM / Rotten Tomatoes (issue 15)
+RT_BATCH = 32
+RT_RETAIN_EVAL = 300  # retain accuracy on the first 300 retain examples (CPU time)
+RT_SPECTRA = tuple(
+    f"encoder.layer.{i}.{w}"
+    for i in (0, 5)
+    for w in ("attention.self.query", "intermediate.dense", "output.dense")
+)
+
+
+class Packed(nn.Module):
+    """A ``SentenceClassifier`` fed one tensor ``x`` (``x[:, 0]`` token ids, ``x[:, 1]`` attention mask),
+    the ``model(x)`` form ``salun.unlearn`` / ``saliency_masks`` call; right padding trimmed per batch."""
+
+    def __init__(self, clf: SentenceClassifier) -> None:
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = max(1, int(x[:, 1].sum(1).max()))
+        return self.clf(x[:, 0, :width], x[:, 1, :width])
+
+
+def rt_tensors(
+    tok: Any, texts: Any, labels: Any, max_len: int, dev: torch.device
+) -> tuple[torch.Tensor, ...]:
+    import numpy as np
+
+    enc = tok(list(texts), truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+    x = torch.stack([enc["input_ids"], enc["attention_mask"]], 1)
+    return x.to(dev), torch.as_tensor(np.asarray(labels), dtype=torch.long, device=dev)
+
+
+@torch.no_grad()
+def rt_acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    if not len(y):
+        return float("nan")
+    model.eval()
+    hits = sum(int((model(x[i : i + 128]).argmax(-1) == y[i : i + 128]).sum()) for i in range(0, len(y), 128))
+    return hits / len(y)
+
+
+def rt_train(
+    model: Packed, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, lr: float, seed: int
+) -> float:
+    """AdamW (no weight decay, constant ``lr``; the head at ``--head-lr``), batch 32, ``--epochs`` passes
+    in a seeded order; returns the wall seconds."""
+    head = set(map(id, model.clf.head.parameters()))
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+    opt = torch.optim.AdamW(
+        [{"params": body, "lr": lr}, {"params": list(model.clf.head.parameters()), "lr": args.head_lr}],
+        weight_decay=0.0,
+    )
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(args.epochs):
+        order = torch.randperm(len(y), generator=g).to(y.device)
+        for i in range(0, len(y), RT_BATCH):
+            idx = order[i : i + RT_BATCH]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    return time.perf_counter() - t0
+
+
+def rt_setup(args: argparse.Namespace, dev: torch.device) -> tuple[Any, Any, tuple[torch.Tensor, ...]]:
+    """The ``rotten_tomatoes`` task (packaged MiniLM) and its first ``--max-examples`` training / first
+    ``--eval-examples`` test sentences as packed tensors."""
+    from weightsmith.tasks import get_task
+
+    task = get_task("rotten_tomatoes", None, args.max_examples, args.max_len, args.eval_examples)
+    _, tok = task.build()
+    ds = task.dataset
+    n_test = len(ds.test.y) if args.eval_examples is None else args.eval_examples
+    train = rt_tensors(
+        tok, ds.train.x[: args.max_examples], ds.train.y[: args.max_examples], args.max_len, dev
+    )
+    test = rt_tensors(tok, ds.test.x[:n_test], ds.test.y[:n_test], args.max_len, dev)
+    return task, tok, (*train, *test)
+
+
+def rt_model(task: Any, seed: int, dev: torch.device) -> Packed:
+    torch.manual_seed(seed)  # the head's initialisation
+    clf = task.build()[0]
+    assert isinstance(clf, SentenceClassifier)
+    return Packed(clf).to(dev)
+
+
+def rt_alphas(model: Packed) -> dict[str, float]:
+    """Power-law alpha (weightsmith.analyze) of the ESD of the ``RT_SPECTRA`` encoder weights."""
+    mods = dict(model.clf.encoder.named_modules())
+    return {n: float(fit_power_law(esd(mods[n].weight.detach().double().cpu())).alpha) for n in RT_SPECTRA}
+
+
+def compander_minilm_rows(args: argparse.Namespace, dev: torch.device) -> list[dict[str, Any]]:
+    task, _, (x, y, xt, yt) = rt_setup(args, dev)
+    short = ", ".join(n.replace("encoder.layer.", "L").replace("attention.self.", "") for n in RT_SPECTRA)
+    print(f"| seed | model | test acc | mean abs dW | alpha ({short}) | s |")
+    print("|---|---|---|---|---|---|")
+    rows: list[dict[str, Any]] = []
+    pre = rt_alphas(rt_model(task, 0, dev))
+    print(f"| - | pretrained | - | - | {', '.join(f'{a:.2f}' for a in pre.values())} | - |", flush=True)
+    rows.append({"model": "pretrained", "alphas": pre})
+    for seed in range(args.seeds):
+        for name, a, mult in (
+            ("plain", None, 1.0),
+            ("plain, lr x2.5", None, 2.5),  # step-size control, as on digits
+            (f"compander a={args.compander_alpha}", args.compander_alpha, 1.0),
+        ):
+            model = rt_model(task, seed, dev)
+            w0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
+            if a is not None:
+                apply_compander(model.clf.encoder, a, 0.01)
+            secs = rt_train(model, x, y, args, args.ft_lr * mult, seed)
+            remove_compander(model)
+            dw = [(p.detach() - w0[n]).abs().flatten() for n, p in model.named_parameters() if n in w0]
+            row: dict[str, Any] = {
+                "seed": seed,
+                "model": name,
+                "test_acc": rt_acc(model, xt, yt),
+                "mean_abs_dW": float(torch.cat(dw).mean()),
+                "alphas": rt_alphas(model),
+                "s": round(secs, 1),
+            }
+            rows.append(row)
+            al = ", ".join(f"{v:.2f}" for v in row["alphas"].values())
+            print(
+                f"| {seed} | {name} | {100 * row['test_acc']:.1f} | {row['mean_abs_dW']:.2e} | {al} "
+                f"| {secs:.0f} |"
+            )
+    return rows
+
+
+def salun_rt_rows(args: argparse.Namespace, dev: torch.device) -> list[dict[str, Any]]:
+    """Original / Retrain / RL (full) / SalUn on MiniLM + Rotten Tomatoes, for each ``--forget`` framing
+    (``class``: every training example of label 0 or 1; ``random``: a random 10 %)."""
+    task, _, (x, y, xt, yt) = rt_setup(args, dev)
+    metrics = ("forget acc", "retain acc", "test acc (others)", "test acc (class)")
+    print(f"| seed | forget set | model | {' | '.join(metrics)} | avg gap to Retrain | s |")
+    print("|---|---|---|" + "---|" * (len(metrics) + 2))
+    rows: list[dict[str, Any]] = []
+    for seed in range(args.seeds):
+        t0 = time.perf_counter()
+        original = rt_model(task, seed, dev)
+        original.clf.encoder.pooler.requires_grad_(False)  # unused by the mean pooling: no gradient
+        t_orig = rt_train(original, x, y, args, args.ft_lr, seed)
+        for framing in args.framings.split(","):
+            if framing == "class":
+                c = seed % 2
+                label = f"label {c} ({task.dataset.classes[c]})"
+                f, te = y == c, yt == c
+            else:
+                label = "10 % random"
+                g = torch.Generator().manual_seed(100 + seed)
+                f = (torch.rand(len(y), generator=g) < 0.1).to(dev)
+                te = torch.zeros_like(yt, dtype=torch.bool)
+            forget, retain = (x[f], y[f]), (x[~f], y[~f])
+            retain_eval = (retain[0][:RT_RETAIN_EVAL], retain[1][:RT_RETAIN_EVAL])
+            sets = [forget, retain_eval, (xt[~te], yt[~te]), (xt[te], yt[te])]
+            results = {"Original": ([rt_acc(original, *s) for s in sets], t_orig)}
+            retrained = rt_model(task, seed, dev)
+            secs = rt_train(retrained, *retain, args, args.ft_lr, seed)
+            results["Retrain"] = ([rt_acc(retrained, *s) for s in sets], secs)
+            del retrained
+            for name, frac in (("RL (full)", None), ("SalUn", args.fraction)):
+                m = copy.deepcopy(original)
+                t0 = time.perf_counter()
+                chunks = [
+                    (forget[0][i : i + RT_BATCH], forget[1][i : i + RT_BATCH])
+                    for i in range(0, len(forget[1]), RT_BATCH)
+                ]
+                masks = None if frac is None else saliency_masks(m, chunks, fraction=frac)
+                unlearn(
+                    m,
+                    forget,
+                    retain,
+                    masks=masks,
+                    epochs=args.unlearn_epochs,
+                    lr=args.lr,
+                    batch_size=RT_BATCH,
+                    seed=seed,
+                )
+                results[name] = ([rt_acc(m, *s) for s in sets], time.perf_counter() - t0)
+                del m
+            gold = results["Retrain"][0]
+            for name, (vals, secs) in results.items():
+                pairs = [(a, b) for a, b in zip(vals, gold, strict=True) if b == b]  # skip NaN columns
+                gap = sum(abs(a - b) for a, b in pairs) / len(pairs)
+                rows.append(
+                    {
+                        "seed": seed,
+                        "forget": label,
+                        "model": name,
+                        **dict(zip(metrics, vals, strict=True)),
+                        "gap": gap,
+                        "s": round(secs, 1),
+                    }
+                )
+                cells = " | ".join(f"{100 * v:.1f}" for v in vals)
+                print(f"| {seed} | {label} | {name} | {cells} | {100 * gap:.2f} | {secs:.0f} |", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("salun", "compander", "growth"))
+    ap.add_argument("what", choices=("salun", "compander", "growth", "compander-minilm", "salun-rt"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=30)
@@ -196,10 +403,27 @@ def main() -> None:
     ap.add_argument("--forget", choices=("class", "random"), default="class")
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
+    # compander-minilm / salun-rt only (MiniLM on Rotten Tomatoes)
+    ap.add_argument("--max-examples", type=int, default=1000)
+    ap.add_argument("--eval-examples", type=int, default=None)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--ft-lr", type=float, default=5e-5)
+    ap.add_argument("--head-lr", type=float, default=2e-3)
+    ap.add_argument("--compander-alpha", type=float, default=0.5)
+    ap.add_argument("--framings", default="class,random")
+    ap.add_argument("--out", default=None, help="write the rows as JSON (compander-minilm / salun-rt)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dev = torch.device(args.device)
-    if args.what == "salun":
+    if args.what in ("compander-minilm", "salun-rt"):
+        rt_rows = (compander_minilm_rows if args.what == "compander-minilm" else salun_rt_rows)(args, dev)
+        if args.out:
+            import json
+
+            from weightsmith.staging import write_text
+
+            write_text(args.out, json.dumps({"args": vars(args), "rows": rt_rows}, indent=2) + "\n")
+    elif args.what == "salun":
         salun_rows(args, dev)
     elif args.what == "compander":
         compander_rows(args, dev)

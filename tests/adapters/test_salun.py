@@ -83,3 +83,21 @@ def test_bad_options_name_the_option():
         unlearn(net, (x, y), (x, y), lr=-1.0)
     with pytest.raises(WeightsmithError, match="unknown parameter"):
         unlearn(net, (x, y), (x, y), masks={"nope": torch.ones(1, dtype=torch.bool)})
+
+
+def test_saliency_ignores_weights_the_loss_does_not_read():
+    from weightsmith.adapters.salun import saliency_masks
+
+    class WithUnused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(4, 3), torch.nn.Linear(4, 4)  # unused: gradient None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    masks = saliency_masks(model, [(x, y)], fraction=0.2)  # fewer than the used weights
+    assert not masks["unused.weight"].any() and masks["used.weight"].any()

@@ -68,8 +68,10 @@ def saliency_masks(
     try:
         for x, y in batches:
             loss = loss_fn(model(x), y) * (len(y) / total)  # batch means -> the mean over D_f
-            for g, gi in zip(grads, torch.autograd.grad(loss, [p for _, p in named]), strict=True):
-                g += gi
+            parts = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+            for g, gi in zip(grads, parts, strict=True):
+                if gi is not None:  # a weight the loss never reads (e.g. an unused pooler) is never salient
+                    g += gi
     finally:
         model.train(was_training)
     flat = torch.cat([g.abs().flatten() for g in grads])
