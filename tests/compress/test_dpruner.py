@@ -140,3 +140,20 @@ def test_bad_dpruner_options():
         dpruner_compress(model, DPruner(), general, [])
     with pytest.raises(WeightsmithError, match="M=4 does not divide the input size 6"):
         dpruner_compress(Reg(6, 2), DPruner(n=2, m=4), general, general)
+
+
+def test_gradient_scores_on_a_frozen_model():
+    """A loaded fine-tune has frozen weights: the gradient hooks still fire and the flags come back."""
+    from compress_fixtures import tiny_llama
+
+    from weightsmith.compress._core import target_layers
+    from weightsmith.compress._sparse import layer_gradients
+
+    model = tiny_llama()
+    model.requires_grad_(False)
+    layers = target_layers(model, Magnitude())
+    seen: list[str] = []
+    ids = torch.randint(0, 64, (2, 8))
+    layer_gradients(model, layers, [{"input_ids": ids}], lambda ly, g: seen.append(ly.name))
+    assert sorted(seen) == sorted(ly.name for ly in layers)
+    assert not any(p.requires_grad for p in model.parameters())

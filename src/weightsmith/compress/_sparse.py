@@ -105,12 +105,20 @@ def layer_gradients(
 
         return hook
 
-    handles = [ly.module.weight.register_post_accumulate_grad_hook(hook_for(ly)) for ly in layers]  # type: ignore[union-attr, operator]
+    weights: list[Tensor] = [ly.module.weight for ly in layers]  # type: ignore[misc]
+    flags = [bool(w.requires_grad) for w in weights]
+    for w in weights:  # a hook needs a tensor that requires grad (a frozen, loaded model's do not)
+        w.requires_grad_(True)
+    handles = [
+        w.register_post_accumulate_grad_hook(hook_for(ly)) for w, ly in zip(weights, layers, strict=True)
+    ]
     try:
         row_fisher(model, layers, batches)
     finally:
         for h in handles:
             h.remove()
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
 
 
 @dataclass

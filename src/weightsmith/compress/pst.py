@@ -9,19 +9,21 @@ row and a column vector:
 
     S = |W| + (A B + R 1ᵀ + 1 Cᵀ),    A [out, r], B [r, in], R [out], C [in];    M = Top_v(S)
 
-so only ``(out + in)(r + 1)`` importance parameters exist per matrix (in the paper they are learned during
+so only ``(out + in)(r + 1)`` importance parameters exist per matrix. In the paper they are learned during
 fine-tuning, with straight-through gradients through the Top-v mask, next to a LoRA-style low-rank weight
-update).
+update: that is the ``pst`` **adapter** (``weightsmith.adapters.pst_adapter``; run it with
+``weightsmith adapt ... --method pst --opt sparsity=0.5``, then ``weightsmith export RUN --format merged``
+writes the pruned model, the LoRA update merged before pruning).
 
-What is implemented here (one-shot, no training): the data-driven score ``Z = −Σ_b g_b ⊙ W`` is gathered over
-the calibration batches (gradients as FWSVD gathers them; ``labels = input_ids`` for a causal LM, or the
-batches' own ``labels`` for a classifier), and the factors are its least-squares fit: ``C`` the column means,
-``R`` the row means less the grand mean, ``A B`` the rank-``rank`` truncated SVD of the double-centred rest.
-Each part is scaled to mean absolute value 1 per layer before the sum (``alpha`` weighs the data-driven
-part, ``structured=false`` drops ``R`` and ``C``). The factors are not learned and the weights are not
-fine-tuned: this is PST's importance and mask at the start of its fine-tuning, not after it. On SmolLM2 the
-one-shot mask is destructive at any ``alpha`` tried (the movement score is spiky and its low-rank fit spreads
-the spikes over whole rows and columns; docs/compress-pruning-2.md), so use it with care.
+What is implemented here (the one-shot importance, no training): the data-driven score ``Z = −Σ_b g_b ⊙ W`` is
+gathered over the calibration batches (gradients as FWSVD gathers them; ``labels = input_ids`` for a causal
+LM, or the batches' own ``labels`` for a classifier), and the factors are its least-squares fit: ``C`` the
+column means, ``R`` the row means less the grand mean, ``A B`` the rank-``rank`` truncated SVD of the
+double-centred rest. Each part is scaled to mean absolute value 1 per layer before the sum (``alpha`` weighs
+the data-driven part, ``structured=false`` drops ``R`` and ``C``). The factors are not learned and the weights
+are not fine-tuned: this is PST's importance and mask without its fine-tuning (the adapter learns them). On
+SmolLM2 the one-shot mask is destructive at any ``alpha`` tried (the movement score is spiky and its low-rank
+fit spreads the spikes over whole rows and columns; docs/compress-pruning-2.md), so use it with care.
 """
 
 from __future__ import annotations

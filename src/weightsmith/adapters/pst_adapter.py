@@ -1,0 +1,182 @@
+"""PST: a sparsity mask learned during fine-tuning from data-free and low-rank + structured data-driven
+importance, next to a LoRA update; merging writes the pruned weight.
+
+Li, Luo, Tan, Wang, Huang, Li & Bai, "Parameter-Efficient Sparsity for Large Language Models Fine-Tuning",
+IJCAI 2022. The layer computes with
+
+    W' = M ⊙ (W0 + s · B A),           B [out, r], A [r, in]      (the LoRA update, s = alpha / r)
+    S  = |W0 + s B A| / mean|W0| + (B_s A_s + R 1ᵀ + 1 Cᵀ),   B_s [out, k], A_s [k, in], R [out], C [in]
+    M  = Top_v(S)                      (the v = numel − ⌊sparsity · numel⌋ highest scores kept)
+
+The data-free part is the magnitude of the current weight (detached: it follows the weights, it is not
+learned; scaled to mean 1 per matrix, as in ``compress/pst.py``). The data-driven part replaces the
+``out · in`` movement scores of movement pruning by a rank-``k`` product and a row and a column vector, so
+only ``(out + in)(k + 1)`` importance parameters exist per matrix. The hard Top-v mask has no gradient;
+PST passes it straight through, ``∂L/∂S := ∂L/∂M = ∂L/∂W' ⊙ (W0 + s B A)``, hence
+
+    ∂L/∂B_s = (∂L/∂S) A_sᵀ,   ∂L/∂A_s = B_sᵀ (∂L/∂S),   ∂L/∂R = (∂L/∂S) 1,   ∂L/∂C = (∂L/∂S)ᵀ 1,
+
+(``M + S − detach(S)``: forward value ``M`` exactly, gradient one). ``A`` and ``A_s`` are
+Kaiming-uniform, ``B``, ``B_s``, ``R``, ``C`` zero, so at the start ``S`` is the magnitude score.
+``data_driven=False`` is the paper's ablation without the data-driven part: gradual magnitude pruning of
+``W0 + s B A`` next to the LoRA update (nothing is learned for the mask).
+
+Sparsity follows the paper's cubic schedule (from movement pruning): after optimisation step ``t`` of ``T``
+the level is ``sparsity · (1 − (1 − min(1, (t + 1) / (ramp · T)))³)``, so it reaches ``sparsity`` when a
+``ramp`` fraction of the run is done and stays there. With ``ramp > 0`` the adapted model equals the base
+model at the start (no pruning, ``B = 0``); with ``ramp = 0`` it is pruned from the first step. **Merging
+always uses the final ``sparsity``** (the mask is fixed from the learned scores and ``W0 + s B A`` is pruned),
+so merging a run that stopped before its ramp ended gives a sparser model than its last forward; a
+restored adapter (``load_adapters``, ``export``) computes at the final sparsity too. Unmerging restores
+``W0`` from a copy kept at merge time. Sparsity is per matrix (``prune_scope="layer"``) or per output row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..compress._sparse import check_scope, check_sparsity, unstructured_mask
+from ..config import register_config
+from ..errors import WeightsmithError
+from ..linalg import seeded_generator
+from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
+from .lora import lora_init, lora_scaling
+
+
+def cubic_level(sparsity: float, step: int, total: int, ramp: float) -> float:
+    """The cubic sparsity schedule: ``sparsity · (1 − (1 − min(1, (step + 1) / (ramp · total)))³)``."""
+    if ramp <= 0 or total <= 0:
+        return sparsity
+    done = min(1.0, (step + 1) / (ramp * total))
+    return sparsity * (1.0 - (1.0 - done) ** 3)
+
+
+def straight_through(mask: Tensor, score: Tensor) -> Tensor:
+    """``mask`` in value, with gradient one to ``score`` (the straight-through estimator)."""
+    return mask.to(score.dtype) + (score - score.detach())
+
+
+class PSTAdapter(Adapter):
+    """LoRA factors ``A`` [r, in], ``B`` [out, r]; importance factors ``score_A`` [k, in], ``score_B``
+    [out, k], ``score_R`` [out], ``score_C`` [in]; the current sparsity ``level`` (not saved)."""
+
+    needs_base_out: ClassVar[bool] = False
+    score_A: Tensor
+    score_B: Tensor
+    score_R: Tensor
+    score_C: Tensor
+
+    def __init__(self, A: Tensor, B: Tensor, score_A: Tensor, scaling: float, cfg: PST, level: float) -> None:
+        super().__init__()
+        out_f, in_f = B.shape[0], A.shape[1]
+        dev = A.device
+        self.A, self.B = nn.Parameter(A), nn.Parameter(B)
+        scores = dict(
+            score_A=score_A,
+            score_B=torch.zeros(out_f, score_A.shape[0], device=dev),
+            score_R=torch.zeros(out_f, device=dev),
+            score_C=torch.zeros(in_f, device=dev),
+        )
+        if cfg.data_driven:
+            for name, t in scores.items():
+                setattr(self, name, nn.Parameter(t))
+        else:  # the ablation: magnitude of W0 + s B A alone decides, nothing is learned for the mask
+            self.hold(**scores)
+        self.scaling, self.level = scaling, level
+        self.sparsity, self.scope, self.ramp = cfg.sparsity, cfg.prune_scope, cfg.ramp
+        self._premerge: Tensor | None = None
+
+    def updated(self, W0: Tensor) -> Tensor:
+        """``W0 + s B A`` in float32."""
+        return W0.float() + self.scaling * (self.B.float() @ self.A.float())
+
+    def importance(self, W: Tensor, W0: Tensor) -> Tensor:
+        """``S = |W| / mean|W0| + (B_s A_s + R 1ᵀ + 1 Cᵀ)``, the magnitude term detached."""
+        free = W.detach().abs() / W0.detach().float().abs().mean().clamp_min(1e-30)
+        driven = self.score_B.float() @ self.score_A.float()
+        return free + driven + self.score_R.float().unsqueeze(1) + self.score_C.float().unsqueeze(0)
+
+    def pruned(self, W0: Tensor, sparsity: float) -> Tensor:
+        """``M ⊙ (W0 + s B A)`` at ``sparsity`` with the straight-through gradient to the scores."""
+        W = self.updated(W0)
+        if sparsity <= 0:
+            return W
+        S = self.importance(W, W0)
+        keep = unstructured_mask(S.detach(), sparsity, self.scope)
+        return straight_through(keep, S) * W
+
+    def delta(self, W0: Tensor) -> Tensor:
+        return self.pruned(W0, self.level) - W0.float()
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:  # type: ignore[override]
+        return F.linear(x, self.pruned(W0, self.level).to(x.dtype))
+
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        self.level = cubic_level(self.sparsity, step, total_steps, self.ramp)
+
+    def merge(self, W0: Tensor) -> Tensor:
+        self._premerge = W0.clone()
+        return self.pruned(W0, self.sparsity).detach()
+
+    def unmerge(self, W_merged: Tensor) -> Tensor:
+        if self._premerge is None:
+            raise WeightsmithError(
+                "pst: unmerge without a merge in this session (the pruned weights are lost)"
+            )
+        W0, self._premerge = self._premerge, None
+        return W0
+
+
+@register_config("pst", kind="adapter")
+class PST(AdapterConfig):
+    """``sparsity`` (final, per matrix or per row: ``prune_scope``), ``rank``/``alpha`` of the LoRA update,
+    ``score_rank`` k of the importance factors, ``ramp``: fraction of the run over which the sparsity rises
+    (cubic; 0: pruned from the start); ``data_driven=False``: no learned importance (the mask is the magnitude
+    of ``W0 + s B A``: gradual magnitude pruning with LoRA, the paper's ablation)."""
+
+    default_lr: ClassVar[float] = 5e-4
+    example_opts: ClassVar[dict[str, Any]] = dict(sparsity=0.5, rank=4, alpha=8.0, score_rank=2, ramp=0.0)
+
+    sparsity: float = 0.5
+    rank: int = 8
+    alpha: float = 16.0
+    score_rank: int = 8
+    ramp: float = 0.5
+    prune_scope: str = "layer"
+    data_driven: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity, "pst")
+        check_scope(self.prune_scope, "pst")
+        if not 0.0 <= self.ramp <= 1.0:
+            raise WeightsmithError(f"pst option ramp={self.ramp}: must be in [0, 1]")
+        if self.score_rank < 0:
+            raise WeightsmithError(f"pst option score_rank={self.score_rank}: must be >= 0")
+
+    @property
+    def identity_at_init(self) -> bool:
+        """The adapted model is the base model at the start only when the sparsity ramps up from 0."""
+        return self.ramp > 0 or self.sparsity == 0
+
+    def create(self, W0: Tensor, ctx: AdapterContext) -> PSTAdapter:
+        check_rank(self.rank, W0, ctx, "PST")
+        if self.score_rank > min(W0.shape):
+            raise ctx.error(
+                f"PST score_rank {self.score_rank} is larger than the matrix allows", tuple(W0.shape)
+            )
+        A, B = lora_init(W0, self.rank, ctx)
+        score_A = torch.zeros(self.score_rank if self.data_driven else 0, W0.shape[1])
+        if score_A.numel():
+            g = seeded_generator(ctx.shared.key_seed(f"pst-score:{ctx.name}"))
+            nn.init.kaiming_uniform_(score_A, a=math.sqrt(5), generator=g)
+        # a restored adapter is the end of a run: it computes at the final sparsity
+        level = self.sparsity if (ctx.restoring or self.ramp == 0) else 0.0
+        return PSTAdapter(
+            A, B, score_A.to(W0.device), lora_scaling(self.alpha, self.rank, False), self, level
+        )
