@@ -31,7 +31,13 @@ def _one_process(tiny_dir, config, samples: int, seq_len: int) -> dict[str, torc
     4-window batches by ~3 % relative on this random tiny model's MLP weights, from near-ties in AWQ's clip
     search and GPTQ's error feedback, so that is no reference for a data-parallel run.)"""
     net, tok = load_model(tiny_dir)
-    compress(net, config, calib=calibration_batches(tok, "hamlet", samples, seq_len, batch_size=samples // 2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process (another test may have changed it in this process)
+    try:
+        calib = calibration_batches(tok, "hamlet", samples, seq_len, batch_size=samples // 2)
+        compress(net, config, calib=calib)
+    finally:
+        torch.set_num_threads(threads)
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
