@@ -53,3 +53,20 @@ def heldout_perplexity(
             m.to("cpu")
 
     return ppl
+
+
+def load_for(args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
+    """``(model, tokenizer, device)`` for a run: ``--threads`` set, ``--model`` loaded as a causal LM."""
+    from weightsmith.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, task="causal-lm")
+    return model, tok, torch.device(args.device)
+
+
+def save_rows(rows: list[dict[str, Any]], out: Path | None) -> None:
+    """Print the newest row and rewrite ``--out`` with every row so far (a stopped run keeps its rows)."""
+    print(rows[-1], flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from _evidence import common_args, heldout_perplexity, printed_table
+from _evidence import common_args, heldout_perplexity, load_for, printed_table, save_rows
 
 from weightsmith.compress import (
     calibration_batches,
@@ -31,7 +31,6 @@ from weightsmith.compress import (
     save_compressed,
 )
 from weightsmith.config import config_from_dict
-from weightsmith.models import load_model
 
 
 def table(rows: list[dict]) -> str:
@@ -63,9 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     if printed_table(args, table):
         return
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, task="causal-lm")
-    dev = torch.device(args.device)
+    model, tok, dev = load_for(args)
     ppl = heldout_perplexity(tok, dev, args.eval_tokens)
 
     old = (
@@ -111,10 +108,7 @@ def main() -> None:
                         "symmetric": cfg.symmetric,
                     }
                 )
-                print(rows[-1], flush=True)
-                if args.out is not None:
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(rows, indent=1))
+                save_rows(rows, args.out)
                 del m
     print(table([r for r in rows if not math.isnan(r["ppl"])]))
 

@@ -22,12 +22,11 @@ import time
 from typing import Any
 
 import torch
-from _evidence import common_args, heldout_perplexity, printed_table
+from _evidence import common_args, heldout_perplexity, load_for, printed_table, save_rows
 
 from weightsmith.compress import calibration_batches, compress
 from weightsmith.compress._lowrank import LowRankConfig, compress_lowrank
 from weightsmith.config import config_from_dict
-from weightsmith.models import load_model
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -74,9 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     if printed_table(args, table):
         return
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, task="causal-lm")
-    dev = torch.device(args.device)
+    model, tok, dev = load_for(args)
     ppl = heldout_perplexity(tok, dev, args.eval_tokens)
 
     old = json.loads(args.out.read_text()) if args.resume and args.out and args.out.exists() else []
@@ -114,10 +111,7 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         rows.append({"method": label, "setting": setting, "ppl": ppl(m), "size": size, "seconds": seconds})
-        print(rows[-1], flush=True)
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(rows, indent=1))
+        save_rows(rows, args.out)
         del m
     print(table(rows))
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _evidence import common_args, heldout_perplexity, printed_table
+from _evidence import common_args, heldout_perplexity, printed_table, save_rows
 from safetensors import safe_open
 
 from weightsmith.compress import calibration_batches, compress, load_compressed, save_compressed
@@ -222,10 +222,7 @@ def main() -> None:
 
     def add(row: dict[str, Any]) -> None:
         rows.append(row)
-        print(row, flush=True)
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(rows, indent=1))
+        save_rows(rows, args.out)
 
     if "udfc-minilm" in parts:
         udfc_minilm(args, add)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _evidence import common_args, heldout_perplexity, printed_table
+from _evidence import common_args, heldout_perplexity, load_for, printed_table, save_rows
 
 from weightsmith.assets import load_dataset
 from weightsmith.compress import calibration_batches, compress, heldout_text
@@ -38,7 +37,6 @@ from weightsmith.compress.magnitude import Magnitude
 from weightsmith.compress.pst import PST
 from weightsmith.compress.sparsegpt import SparseGPT
 from weightsmith.compress.wanda import Wanda
-from weightsmith.models import load_model
 
 
 def speeches_text(split: str) -> str:
@@ -103,9 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     if printed_table(args, table):
         return
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, task="causal-lm")
-    dev = torch.device(args.device)
+    model, tok, dev = load_for(args)
     evals = {"ppl hamlet": heldout_text("hamlet")}
     if args.part == "dpruner":
         evals["ppl speeches"] = speeches_text("test")
@@ -147,10 +143,7 @@ def main() -> None:
             rows.append(
                 {"method": label, **ppls(m), "sparsity": sparsity, "extra": extra, "seconds": seconds}
             )
-            print(rows[-1], flush=True)
-            if args.out is not None:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(rows, indent=1))
+            save_rows(rows, args.out)
             del m
     print(table(rows))
 
