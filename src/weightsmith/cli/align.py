@@ -142,8 +142,10 @@ def _spec(kind: str, state: dict, path: Path, residual: bool) -> Any:
 
 @app.command("align")
 def align_cmd(
-    a: str = typer.Argument(..., help="Reference model A (model dir, .safetensors or packaged asset)."),
-    b: str = typer.Argument(..., help="Model B, to be permuted onto A."),
+    a: str = typer.Argument(
+        ..., metavar="A", help="Reference model A (model dir, .safetensors or packaged asset)."
+    ),
+    b: str = typer.Argument(..., metavar="B", help="Model B, to be permuted onto A."),
     out: Path = typer.Option(..., "--out", help="Output: a .safetensors file or a model directory."),
     spec: str = typer.Option("auto", "--spec", help=f"Permutation spec: {', '.join(SPECS)}."),
     residual: bool = typer.Option(
@@ -222,8 +224,10 @@ def zoo_train_cmd(
 
 @app.command("barrier")
 def barrier_cmd(
-    a: Path = typer.Argument(..., help="Zoo model A (.safetensors from `weightsmith zoo-train` or `align`)."),
-    b: Path = typer.Argument(..., help="Zoo model B."),
+    a: Path = typer.Argument(
+        ..., metavar="A", help="Zoo model A (.safetensors from `weightsmith zoo-train` or `align`)."
+    ),
+    b: Path = typer.Argument(..., metavar="B", help="Zoo model B."),
     task: str = typer.Option("digits", "--task", help="digits or mnist1d (the test split is used)."),
     align: bool = typer.Option(False, "--align", help="Also weight-match B to A and measure again."),
     points: int = typer.Option(
@@ -326,8 +330,8 @@ def _strength(strength: float) -> None:
 
 @sig_app.command("extract")
 def sig_extract(
-    robust: str = typer.Argument(..., help="Robust fine-tune (model dir or .safetensors)."),
-    clean: str = typer.Argument(..., help="Clean fine-tune of the same model."),
+    robust: str = typer.Argument(..., metavar="ROBUST", help="Robust fine-tune (model dir or .safetensors)."),
+    clean: str = typer.Argument(..., metavar="CLEAN", help="Clean fine-tune of the same model."),
     out: Path = typer.Option(..., "--out", help="Signature directory to write."),
     layers: int = typer.Option(1, "--layers", help="Number of shallow layers (with their norms), >= 1."),
     rank: int = typer.Option(8, "--rank", help="Singular directions kept per matrix, >= 1."),
@@ -357,8 +361,8 @@ def sig_extract(
 
 @sig_app.command("apply")
 def sig_apply(
-    model: str = typer.Argument(..., help="Model to patch (model dir or .safetensors)."),
-    signature: Path = typer.Argument(..., help="Signature directory."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Model to patch (model dir or .safetensors)."),
+    signature: Path = typer.Argument(..., metavar="SIGNATURE", help="Signature directory."),
     out: Path = typer.Option(..., "--out", help="Patched model: a .safetensors file or a directory."),
     strength: float = typer.Option(
         1.0, "--strength", help="alpha: W + alpha * signature (finite, non-zero)."
@@ -388,8 +392,10 @@ def sig_apply(
 
 @sig_app.command("remove")
 def sig_remove(
-    model: str = typer.Argument(..., help="A model patched by `signature apply`."),
-    signature: Path = typer.Argument(..., help="The signature directory used to patch it."),
+    model: str = typer.Argument(..., metavar="MODEL", help="A model patched by `signature apply`."),
+    signature: Path = typer.Argument(
+        ..., metavar="SIGNATURE", help="The signature directory used to patch it."
+    ),
     out: Path = typer.Option(..., "--out", help="Restored model: a .safetensors file or a directory."),
     strength: float | None = typer.Option(None, "--strength", help="Needed only without an undo record."),
     force: bool = typer.Option(False, "--force"),

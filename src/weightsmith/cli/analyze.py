@@ -68,7 +68,9 @@ def _selected(select: str | None, *stores: Any) -> None:
 
 @app.command("analyze")
 def analyze_cmd(
-    model: str = typer.Argument(..., help="asset name, model directory, .safetensors file or hub id"),
+    model: str = typer.Argument(
+        ..., metavar="MODEL", help="asset name, model directory, .safetensors file or hub id"
+    ),
     json_out: Path | None = typer.Option(None, "--out", "--json", help=OUT_HELP.format("metrics")),
     html_out: Path | None = typer.Option(None, "--html", help=HTML_HELP),
     select: str | None = typer.Option(None, "--select", help=SELECT_HELP),
@@ -140,8 +142,8 @@ def analyze_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    base: str = typer.Argument(..., help="the base (pre-trained) model"),
-    other: str = typer.Argument(..., help="the fine-tuned model"),
+    base: str = typer.Argument(..., metavar="BASE", help="the base (pre-trained) model"),
+    other: str = typer.Argument(..., metavar="OTHER", help="the fine-tuned model"),
     json_out: Path | None = typer.Option(None, "--out", "--json", help=OUT_HELP.format("comparison")),
     html_out: Path | None = typer.Option(None, "--html", help=HTML_HELP),
     k: int = typer.Option(10, "--k", help="top singular vectors of OTHER examined (>= 1)"),
@@ -200,7 +202,9 @@ def _read_text(text: str) -> str:
 
 @app.command("nuclear-norm")
 def nuclear_norm_cmd(
-    model: str = typer.Argument(..., help="a causal LM: asset name, model directory or hub id"),
+    model: str = typer.Argument(
+        ..., metavar="MODEL", help="a causal LM: asset name, model directory or hub id"
+    ),
     text: str = typer.Option("hamlet", "--text", help="'hamlet' (packaged) or a path to a UTF-8 text file"),
     max_tokens: int = typer.Option(512, "--max-tokens", help="tokens per window (one forward pass), >= 2"),
     windows: int = typer.Option(8, "--windows", help="at most this many windows from the start, >= 1"),

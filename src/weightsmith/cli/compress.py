@@ -60,7 +60,9 @@ def _opts(items: list[str]) -> dict[str, Any]:
 
 @app.command("compress", help=HELP)
 def compress_cmd(
-    model: str = typer.Argument(..., help="packaged model name or Hugging Face model directory"),
+    model: str = typer.Argument(
+        ..., metavar="MODEL", help="packaged model name or Hugging Face model directory"
+    ),
     method: str = typer.Option(
         ...,
         "--method",

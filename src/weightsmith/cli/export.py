@@ -18,7 +18,9 @@ FORMATS = ("merged", "peft")
 @app.command("export")
 def export_cmd(
     source: Path = typer.Argument(
-        ..., help="an output directory of weightsmith adapt, or a PEFT adapter folder (then pass --base)"
+        ...,
+        metavar="SOURCE",
+        help="an output directory of weightsmith adapt, or a PEFT adapter folder (then pass --base)",
     ),
     out: Path = typer.Option(None, "--out", "-o", help="write the export here (see --format)"),
     fmt: str = typer.Option(

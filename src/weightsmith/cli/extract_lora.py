@@ -19,8 +19,10 @@ BASE and TUNED may be model directories, .safetensors files, packaged model name
 
 @app.command("extract-lora", help=HELP)
 def extract_lora_cmd(
-    base: str = typer.Argument(..., help="Base model (directory, .safetensors, packaged name)."),
-    tuned: str = typer.Argument(..., help="Fine-tuned model of the same architecture."),
+    base: str = typer.Argument(
+        ..., metavar="BASE", help="Base model (directory, .safetensors, packaged name)."
+    ),
+    tuned: str = typer.Argument(..., metavar="TUNED", help="Fine-tuned model of the same architecture."),
     rank: int = typer.Option(..., "--rank", "-r", help="LoRA rank (largest rank with --sv-epsilon)."),
     out: Path = typer.Option(..., "--out", help="Output PEFT adapter directory."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),

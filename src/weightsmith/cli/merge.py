@@ -69,7 +69,7 @@ tokenizer: block and chat_template build the output tokenizer and its embedding 
 
 
 # the options `merge` and `merge-moe` share, declared once
-OUT_ARGUMENT = typer.Argument(None, help="Output model directory (or give it as --out).")
+OUT_ARGUMENT = typer.Argument(None, metavar="[OUT]", help="Output model directory (or give it as --out).")
 OUT_OPTION = typer.Option(None, "--out", help="Output model directory (same as OUT).")
 FORCE = typer.Option(False, "--force", help="Replace OUT if it exists.")
 SHARD_SIZE = typer.Option("2GB", "--shard-size", help="Largest output shard, e.g. 2GB or 500MB.")

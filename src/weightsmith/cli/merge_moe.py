@@ -35,7 +35,7 @@ See docs/merging-mergekit.md.
 
 @app.command("merge-moe", help=HELP)
 def merge_moe_cmd(
-    config: Path = typer.Argument(..., help="mergekit-moe YAML."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="mergekit-moe YAML."),
     out: Path | None = OUT_ARGUMENT,
     out_option: Path | None = OUT_OPTION,
     device: str = typer.Option(

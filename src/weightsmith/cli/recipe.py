@@ -21,7 +21,7 @@ HELP = (
 
 @app.command("recipe", help=HELP)
 def recipe_cmd(
-    file: Path = typer.Argument(..., help="recipe YAML file"),
+    file: Path = typer.Argument(..., metavar="FILE", help="recipe YAML file"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
     force: bool = typer.Option(False, "--force", help="replace the steps' outputs if they exist"),
 ) -> None:

@@ -72,7 +72,9 @@ def _list() -> None:
 
 @app.command("train")
 def train_cmd(
-    model: str = typer.Argument(None, help="model: packaged asset (minilm, smollm2) or a local HF directory"),
+    model: str = typer.Argument(
+        None, metavar="MODEL", help="model: packaged asset (minilm, smollm2) or a local HF directory"
+    ),
     optimizer: str = typer.Option(
         "galore", "--optimizer", help="galore, q-galore, apollo, apollo-mini, adamw"
     ),
