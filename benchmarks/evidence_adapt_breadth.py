@@ -3,6 +3,8 @@
     python benchmarks/evidence_adapt_breadth.py salun [--forget class|random] [--lr 0.01] [--fraction 0.5]
     python benchmarks/evidence_adapt_breadth.py compander [--seeds 3] [--device cpu]
     python benchmarks/evidence_adapt_breadth.py growth [--seeds 3] [--device cpu]
+    python benchmarks/evidence_adapt_breadth.py growth-bank [--seeds 3] [--templates 2,4] [--coef-scale 1]
+        [--banks shared,separate] [--train-examples N] [--out FILE.json]
 
 salun: forget one class of digits. Original = zoo MLP trained on all classes; Retrain = trained from the
 same seed without the class (the gold standard); RL = full-weight random labelling; SalUn = random
@@ -12,12 +14,21 @@ forgotten class, and the average absolute gap to Retrain over those four (lower 
 
 compander: the same zoo MLP trained with and without the weight compander on every Linear weight
 (equal epochs / lr, plus plain training at 2.5x the lr as a step-size control), with alpha, beta fixed
-and learned per layer (apply_compander(learn=True), started at the fixed values), test accuracy, the
-per-layer power-law alpha of the trained weights and the learned compander alpha, beta.
+and learned per layer (apply_compander(learn=True), started at the fixed values) or per output channel
+(per_channel=True), test accuracy, the per-layer power-law alpha of the trained weights and the learned
+compander alpha, beta (per-channel: the mean over the layer's rows).
 
 growth: two width-64 zoo MLPs (trained --epochs) grown into one of width --width (128) by MixtureGrowth
 (new blocks = convex combinations of the learned layers), by random or zero new blocks, against a fresh
 width-128 MLP and the small MLP itself; test accuracy at growth and after 2 / 10 further Adam epochs.
+
+growth-bank: MixtureGrowth with explicit template banks (adapters/mixturegrowth_bank.py): two width-64
+MLPs sharing K templates per layer (--templates, one run per K) with their own coefficients, trained
+jointly --epochs, grown to width 128 by new coefficient vectors (orthogonal to the learned ones when
+K > 2, a convex combination of them, or zero) and trained further in the bank parameterisation; against
+random new blocks and the one-hot simplification (grow) from the same small networks baked to plain
+MLPs, and from two independently trained plain MLPs (the growth protocol). --banks separate: each small
+network has its own K templates and is trained alone (the paper's code); growth concatenates the banks.
 """
 
 from __future__ import annotations
@@ -34,6 +45,13 @@ from torch import nn
 from weightsmith import zoo
 from weightsmith.adapters.compander import apply_compander, compander_values, remove_compander
 from weightsmith.adapters.mixturegrowth import NEW_BLOCKS, grow
+from weightsmith.adapters.mixturegrowth_bank import (
+    COEF_INITS,
+    bank_networks,
+    grow_bank,
+    to_mlp,
+    train_jointly,
+)
 from weightsmith.adapters.salun import saliency_masks, unlearn
 from weightsmith.analyze import esd, fit_power_law
 from weightsmith.tasks import SentenceClassifier
@@ -130,11 +148,13 @@ def compander_rows(args: argparse.Namespace, dev: torch.device) -> None:
                 ("compander a=0.75", (0.75, 0.01), False, 1e-3),
                 ("compander a=0.5, learned", (0.5, 0.01), True, 1e-3),  # alpha, beta start at these values
                 ("compander a=0.75, learned", (0.75, 0.01), True, 1e-3),
+                ("compander a=0.5, learned per channel", (0.5, 0.01), "channel", 1e-3),  # one α, β per row
+                ("compander a=0.75, learned per channel", (0.75, 0.01), "channel", 1e-3),
             ):
                 torch.manual_seed(seed)
                 model = zoo.make_model("mlp", task, args.width, depth=2).to(dev)
                 if ab is not None:
-                    apply_compander(model, ab[0], ab[1], learn=learn)
+                    apply_compander(model, ab[0], ab[1], learn=bool(learn), per_channel=learn == "channel")
                 t0 = time.perf_counter()
                 zoo.train(model, task, epochs=args.epochs, lr=lr, seed=seed)
                 secs = time.perf_counter() - t0
@@ -184,6 +204,93 @@ def growth_rows(args: argparse.Namespace, dev: torch.device) -> None:
     print()
     for (name, e), accs in summary.items():
         print(f"{name}, {e} more epochs: mean test acc {100 * sum(accs) / len(accs):.2f} %")
+
+
+def growth_bank_rows(args: argparse.Namespace, dev: torch.device) -> list[dict[str, Any]]:
+    """Template-bank MixtureGrowth: two width-64 bank MLPs sharing K templates per layer, trained jointly
+    (--epochs), grown to width 128 by new coefficient vectors on the learned templates, against random
+    new blocks and the one-hot simplification (``grow``) on the same small networks baked to plain MLPs,
+    and both of those on independently trained plain MLPs (the ``growth`` protocol)."""
+    task = on(zoo.load_task("digits"), dev)
+    if args.train_examples is not None:
+        everything = torch.ones_like(task.y_test, dtype=torch.bool)
+        task = subset(task, torch.arange(args.train_examples, device=dev), everything)
+    small_w = args.width // 2
+    budgets = (2, 10)
+    cols = " | ".join(f"+{e} epochs" for e in budgets)
+    print(f"| seed | small networks | grown by | params | small acc | at growth | {cols} |")
+    print("|---|---|---|---|---|---|" + "---|" * len(budgets))
+    rows: list[dict[str, Any]] = []
+    for seed in range(args.seeds):
+        groups: list[tuple[str, list[nn.Module], dict[str, nn.Module]]] = []
+        for K, form in [(K, form) for form in args.banks for K in args.templates]:
+            smalls = bank_networks(
+                task.in_dim, (small_w, small_w), task.n_classes, 2, K, seed=2 * seed, shared=form == "shared"
+            )
+            for net in smalls:
+                net.to(dev)
+            if form == "shared":
+                train_jointly(smalls, task.x_train, task.y_train, epochs=args.epochs, seed=2 * seed)
+            else:  # the paper's code: one template set per network, trained one after the other
+                for k, net in enumerate(smalls):
+                    train_jointly([net], task.x_train, task.y_train, epochs=args.epochs, seed=2 * seed + k)
+            plain = [to_mlp(m) for m in smalls]
+            starts: dict[str, nn.Module] = {}
+            for init in COEF_INITS:
+                if init == "orthogonal" and K <= 2 and form == "shared":
+                    continue  # two learned coefficient vectors span R^2: no orthogonal direction
+                starts[f"bank, {init} coefficients"] = grow_bank(smalls, init, args.coef_scale, seed)
+            starts["random new blocks"] = grow(plain, "random", seed).to(dev)
+            starts["one-hot mixture (grow)"] = grow(plain, "mixture", seed).to(dev)
+            groups.append(
+                (f"bank K={K}, {'joint' if form == 'shared' else 'separate'}", list(smalls), starts)
+            )
+        plain_smalls: list[zoo.MLP] = []
+        for k in (2 * seed, 2 * seed + 1):
+            torch.manual_seed(k)
+            m = zoo.MLP(task.in_dim, (small_w, small_w), task.n_classes).to(dev)
+            zoo.train(m, task, epochs=args.epochs, seed=k)
+            plain_smalls.append(m)
+        groups.append(
+            (
+                "plain, separate",
+                list(plain_smalls),
+                {
+                    "random new blocks": grow(plain_smalls, "random", seed).to(dev),
+                    "one-hot mixture (grow)": grow(plain_smalls, "mixture", seed).to(dev),
+                },
+            )
+        )
+        for group, smalls_, starts in groups:
+            small_acc = [acc(m, task.x_test, task.y_test) for m in smalls_]
+            for name, start in starts.items():
+                cells = [acc(start, task.x_test, task.y_test)]
+                for e in budgets:
+                    more = zoo.train(copy.deepcopy(start), task, epochs=e, seed=1000 + seed)
+                    cells.append(acc(more, task.x_test, task.y_test))
+                params = sum(p.numel() for p in start.parameters())
+                rows.append(
+                    {"seed": seed, "small": group, "grown by": name, "params": params,
+                     "small acc": small_acc, "at growth": cells[0],
+                     **{f"+{e}": c for e, c in zip(budgets, cells[1:], strict=True)}}
+                )  # fmt: skip
+                sa = ", ".join(f"{100 * a:.1f}" for a in small_acc)
+                print(
+                    f"| {seed} | {group} | {name} | {params} | {sa} | "
+                    + " | ".join(f"{100 * c:.1f}" for c in cells)
+                    + " |",
+                    flush=True,
+                )
+    print()
+    keys = sorted({(r["small"], r["grown by"]) for r in rows}, key=str)
+    for key in keys:
+        sel = [r for r in rows if (r["small"], r["grown by"]) == key]
+        means = ", ".join(
+            f"{c} {100 * sum(r[c] for r in sel) / len(sel):.2f}"
+            for c in ("at growth", *[f"+{e}" for e in budgets])
+        )
+        print(f"{key[0]} / {key[1]}: mean test acc over {len(sel)} seeds: {means}")
+    return rows
 
 
 # ---------------------------------------------------------------- MiniLM / Rotten Tomatoes (issue 15)
@@ -394,7 +501,9 @@ def salun_rt_rows(args: argparse.Namespace, dev: torch.device) -> list[dict[str,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("salun", "compander", "growth", "compander-minilm", "salun-rt"))
+    ap.add_argument(
+        "what", choices=("salun", "compander", "growth", "growth-bank", "compander-minilm", "salun-rt")
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=30)
@@ -403,6 +512,11 @@ def main() -> None:
     ap.add_argument("--forget", choices=("class", "random"), default="class")
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
+    # growth-bank only
+    ap.add_argument("--templates", type=lambda s: [int(k) for k in s.split(",")], default=[2, 4])
+    ap.add_argument("--banks", type=lambda s: s.split(","), default=["shared"], help="shared,separate")
+    ap.add_argument("--coef-scale", type=float, default=1.0, help="new coefficients' norm / learned norm")
+    ap.add_argument("--train-examples", type=int, default=None, help="the first N training examples only")
     # compander-minilm / salun-rt only (MiniLM on Rotten Tomatoes)
     ap.add_argument("--max-examples", type=int, default=1000)
     ap.add_argument("--eval-examples", type=int, default=None)
@@ -411,12 +525,19 @@ def main() -> None:
     ap.add_argument("--head-lr", type=float, default=2e-3)
     ap.add_argument("--compander-alpha", type=float, default=0.5)
     ap.add_argument("--framings", default="class,random")
-    ap.add_argument("--out", default=None, help="write the rows as JSON (compander-minilm / salun-rt)")
+    ap.add_argument(
+        "--out", default=None, help="write the rows as JSON (growth-bank, compander-minilm, salun-rt)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     dev = torch.device(args.device)
-    if args.what in ("compander-minilm", "salun-rt"):
-        rt_rows = (compander_minilm_rows if args.what == "compander-minilm" else salun_rt_rows)(args, dev)
+    if args.what in ("compander-minilm", "salun-rt", "growth-bank"):
+        runner = {
+            "compander-minilm": compander_minilm_rows,
+            "salun-rt": salun_rt_rows,
+            "growth-bank": growth_bank_rows,
+        }[args.what]
+        rt_rows = runner(args, dev)
         if args.out:
             import json
 

@@ -23,8 +23,13 @@ kept in range by a smooth reparameterisation of two unconstrained parameters ``a
     ∂f/∂β = sign(v) α ((|v| + β)^{α−1} − β^{α−1})
 
 ``a, b`` start where ``α, β`` equal the values given, and the small floors ``α_min, β_min`` keep the
-range strict even when a huge step saturates the sigmoid or softplus in floating point. Per layer
-(one pair per weight) is our choice: the granularity the paper uses could not be checked offline.
+range strict even when a huge step saturates the sigmoid or softplus in floating point. By default one
+pair per weight (per layer); ``per_channel=True`` gives every output channel (row of a Linear weight,
+filter of a convolution) its own pair ``α_r, β_r``, applied to that row's entries:
+
+    w_rj = sign(v_rj) ((|v_rj| + β_r)^{α_r} − β_r^{α_r})
+
+The granularity the paper uses could not be checked offline; both are offered.
 
 The exact compander equation of the paper could not be consulted offline when this was written; the
 function above has the two properties its abstract states (bounded growth of large weights, a push
@@ -89,7 +94,9 @@ class Compander(nn.Module):
 class LearnableCompander(nn.Module):
     """``v -> f(v; α, β)`` with ``α = α_min + (1 − α_min) sigmoid(a)``, ``β = β_min + softplus(b)`` and
     ``a, b`` trainable scalars (state-dict keys ``…parametrizations.weight.0.a`` / ``.b``), initialised so
-    that ``α, β`` equal the given values. ``right_inverse`` uses the current ``α, β`` (detached)."""
+    that ``α, β`` equal the given values. ``right_inverse`` uses the current ``α, β`` (detached).
+    ``shape`` is the shape of ``a, b``: ``()`` for one pair per weight, ``(out, 1, …)`` for one pair per
+    output channel (broadcast over the rest of the weight)."""
 
     def __init__(
         self,
@@ -97,6 +104,7 @@ class LearnableCompander(nn.Module):
         beta: float = 0.01,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        shape: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         _check(alpha, beta)
@@ -109,8 +117,8 @@ class LearnableCompander(nn.Module):
         s = (alpha - ALPHA_MIN) / (1.0 - ALPHA_MIN)
         a0 = math.log(s / (1.0 - s))  # logit
         b0 = math.log(math.expm1(beta - BETA_MIN))  # softplus inverse
-        self.a = nn.Parameter(torch.tensor(a0, dtype=dtype, device=device))
-        self.b = nn.Parameter(torch.tensor(b0, dtype=dtype, device=device))
+        self.a = nn.Parameter(torch.full(shape, a0, dtype=dtype, device=device))
+        self.b = nn.Parameter(torch.full(shape, b0, dtype=dtype, device=device))
 
     @property
     def alpha(self) -> Tensor:
@@ -131,15 +139,20 @@ class LearnableCompander(nn.Module):
 COMPANDERS = (Compander, LearnableCompander)
 
 
+def _mean(value: float | Tensor) -> float:
+    return float(value.mean()) if isinstance(value, Tensor) else float(value)
+
+
 def compander_values(model: nn.Module) -> dict[str, tuple[float, float]]:
-    """``{module name: (α, β)}`` of every companded weight of ``model`` (learned or fixed)."""
+    """``{module name: (α, β)}`` of every companded weight of ``model`` (learned or fixed; the means over
+    the channels of a per-channel compander, whose values are its ``alpha`` / ``beta`` tensors)."""
     out = {}
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
             for p in module.parametrizations["weight"]:
                 if isinstance(p, COMPANDERS):
                     with torch.no_grad():
-                        out[name] = (float(p.alpha), float(p.beta))
+                        out[name] = (_mean(p.alpha), _mean(p.beta))
     return out
 
 
@@ -149,14 +162,18 @@ def apply_compander(
     beta: float = 0.01,
     types: Iterable[type[nn.Module]] = DEFAULT_TYPES,
     learn: bool = False,
+    per_channel: bool = False,
 ) -> list[str]:
     """Reparameterise the ``weight`` of every module of ``types`` as ``f(v)``; returns their names.
 
     The trainable tensor becomes ``<module>.parametrizations.weight.original`` (= ``v``); biases are
     left as they are. A module already companded raises. ``learn=True`` makes ``α, β`` trainable per
     layer (:class:`LearnableCompander`, in ``model.parameters()``; exclude them from weight decay, which
-    would pull ``a, b`` towards 0, i.e. ``α ≈ ½, β ≈ ln 2``)."""
+    would pull ``a, b`` towards 0, i.e. ``α ≈ ½, β ≈ ln 2``). ``per_channel=True`` (with ``learn``)
+    gives each output channel (dimension 0 of the weight) its own trainable ``α, β``."""
     _check(alpha, beta)
+    if per_channel and not learn:
+        raise WeightsmithError("compander per_channel=True needs learn=True (fixed α, β are one pair)")
     kinds = tuple(types)
     names = []
     for name, module in model.named_modules():
@@ -166,7 +183,11 @@ def apply_compander(
                 raise WeightsmithError(f"compander: '{name}.weight' is already parametrized")
             comp = (
                 LearnableCompander(
-                    alpha, beta, torch.promote_types(weight.dtype, torch.float32), weight.device
+                    alpha,
+                    beta,
+                    torch.promote_types(weight.dtype, torch.float32),
+                    weight.device,
+                    (weight.shape[0],) + (1,) * (weight.dim() - 1) if per_channel else (),
                 )
                 if learn
                 else Compander(alpha, beta)

@@ -11,7 +11,8 @@ own layers, and every new (off-diagonal) block is a new combination of the learn
 Here the templates of a layer are the ``n`` trained small networks' weights of that layer (a template
 bank in which each small network's coefficients are one-hot), and ``c_ij`` is drawn uniformly from the
 probability simplex (seeded), so a new block has the scale of a trained one. This is a simplification:
-the paper trains explicit template banks with learned coefficients before and after growth. The first
+the paper trains explicit template banks with learned coefficients before and after growth, which
+:mod:`weightsmith.adapters.mixturegrowth_bank` implements. The first
 layer stacks the networks' rows (every input is shared), the last layer averages their outputs
 (``W_out = [T_1 … T_n] / n``), so with ``new="zero"`` the grown network computes exactly the mean of the
 small networks' logits. ``new="random"`` initialises the new blocks like ``nn.Linear`` of the grown width
