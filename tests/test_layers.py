@@ -134,6 +134,23 @@ def test_walk_blocks_feeds_changed_block_outputs_forward():
     assert all(p.device.type == "cpu" for p in m.parameters())
 
 
+def _fork_model() -> nn.Module:
+    from test_layers_shared import _Fork
+
+    torch.manual_seed(0)
+    m = _Fork()
+    m.twice = False
+    return m
+
+
+def _fork_batches() -> list[torch.Tensor]:
+    """Two batches: b reads a's input in the first, not in the second (sharing differs between ranks)."""
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(5, 4, generator=g), torch.randn(6, 4, generator=g)
+    x1[0, 0], x2[0, 0] = 1.0, -1.0
+    return [x1, x2]
+
+
 def _dp_worker(rank: int, world: int, port: int, q) -> None:
     import torch.distributed as dist
 
@@ -141,16 +158,25 @@ def _dp_worker(rank: int, world: int, port: int, q) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     m = tiny_llama()
     batches = calib(n=4)[rank::world]
-    s = collect_stats(m, find_layers(m, select="layers.0.mlp.down_proj"), batches)
-    st = next(iter(s.values()))
-    q.put((rank, st.n, st.hessian().numpy(), st.mean_abs().numpy()))  # numpy: outlives the process
+    s = collect_stats(m, find_layers(m, select="layers.0"), batches)  # q/k/v and gate/up share statistics
+    fork = _fork_model()
+    fs = collect_stats(fork, find_layers(fork), _fork_batches()[rank::world])
+    q.put(  # numpy: outlives the process
+        (
+            rank,
+            {k: (st.n, st.hessian().numpy(), st.mean_abs().numpy()) for k, st in s.items()},
+            {k: st.gram.numpy() for k, st in fs.items()},
+            fs["a.weight"] is fs["b.weight"],
+        )
+    )
     dist.barrier()  # no rank tears down gloo while its peer still uses the connection
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_statistics_all_reduce_under_gloo():
-    """Two gloo ranks with half the batches each hold the statistics of all of them (~35 s: spawns)."""
+    """Two gloo ranks with half the batches each hold the statistics of all of them (~35 s: spawns), with
+    shared statistics (q/k/v, gate/up), and where the ranks' layers share differently (all run unshared)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -167,11 +193,18 @@ def test_statistics_all_reduce_under_gloo():
     for p in procs:
         p.join(timeout=60)
     m = tiny_llama()
-    full = next(iter(collect_stats(m, find_layers(m, select="layers.0.mlp.down_proj"), calib(n=4)).values()))
-    for _rank, n, H, a in results:
-        assert n == full.n
-        torch.testing.assert_close(torch.from_numpy(H), full.hessian(), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(torch.from_numpy(a), full.mean_abs(), rtol=1e-4, atol=1e-6)
+    full = collect_stats(m, find_layers(m, select="layers.0"), calib(n=4))
+    fork = _fork_model()
+    ffull = collect_stats(fork, find_layers(fork), _fork_batches())
+    for _rank, stats, grams, shared in results:
+        assert stats.keys() == full.keys() and len(stats) == 7
+        for k, (n, H, a) in stats.items():
+            assert n == full[k].n
+            torch.testing.assert_close(torch.from_numpy(H), full[k].hessian(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(torch.from_numpy(a), full[k].mean_abs(), rtol=1e-4, atol=1e-6)
+        assert not shared
+        for k, G in grams.items():
+            torch.testing.assert_close(torch.from_numpy(G), ffull[k].gram, rtol=1e-5, atol=1e-6)
 
 
 def test_no_blocks_is_an_error():

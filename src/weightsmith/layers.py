@@ -7,7 +7,9 @@
   Hessian of the layer-wise squared error ``H = 2 XᵀX / n`` (GPTQ, "GPTQ: Accurate Post-Training
   Quantization for Generative Pre-trained Transformers", Frantar et al., 2023, eq. 1-2), the per-channel
   mean ``|x|`` (AWQ, Lin et al., 2024, s_X), the per-channel norm ``‖X_j‖₂`` (Wanda, Sun et al., 2024,
-  S_ij = |W_ij| ‖X_j‖₂) and, optionally, up to ``max_rows`` captured rows (EVA, AWQ's search).
+  S_ij = |W_ij| ‖X_j‖₂) and, optionally, up to ``max_rows`` captured rows (EVA, AWQ's search). Layers whose
+  forward gets the very same input tensor (q/k/v, gate/up) share one :class:`InputStats` (one Gram matrix
+  accumulated, one ``addmm_`` a batch), checked batch by batch.
 - :func:`collect_stats` runs batches through a whole model with hooks; :func:`walk_blocks` does it block by
   block with only one decoder block on the device at a time (sequential onloading): the calibration batch
   runs through block ``i``, the statistics are handed to a callback that may change block ``i`` (quantise
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,15 +167,11 @@ class InputStats:
     def add(self, x: Tensor) -> None:
         """Add a batch of input rows ``x`` [..., in]."""
         x = x.detach().reshape(-1, x.shape[-1])
-        if not bool(torch.isfinite(x).all()):
-            raise WeightsmithError(
-                f"non-finite (NaN/inf) activations reach layer '{self.name}'; the model or the calibration "
-                "data is broken (check the weights, or use float32)"
-            )
-        xf = x.to(self.spec.dtype)
-        if self.spec.gram:
-            g = xf.T @ xf
-            self.gram = g if self.gram is None else self.gram.add_(g)
+        if not (self.spec.gram or self.spec.channels) and not bool(torch.isfinite(x).all()):
+            self._broken()  # else the sums carry it to finite(): no sync a batch
+        xf = x.to(self.spec.dtype)  # bf16/fp16 inputs upcast once
+        if self.spec.gram:  # one GEMM a batch, accumulating in place (beta = 1)
+            self.gram = xf.T @ xf if self.gram is None else self.gram.addmm_(xf.T, xf)
         if self.spec.channels:
             a, s, t = xf.abs().sum(0), xf.square().sum(0), xf.sum(0)
             self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
@@ -183,6 +182,20 @@ class InputStats:
             self.rows.append(take)
             self.kept += take.shape[0]
         self.n += x.shape[0]
+
+    def _broken(self) -> None:
+        raise WeightsmithError(
+            f"non-finite (NaN/inf) activations reach layer '{self.name}'; the model or the calibration "
+            "data is broken (check the weights, or use float32)"
+        )
+
+    def finite(self) -> Tensor | None:
+        """Whether no NaN/inf input reached the sums (a 0-d bool tensor on the statistics' device, so that
+        a caller checks many with one host sync): ``diag(XᵀX) = Σ x²`` (or the channels' Σx²) is non-finite
+        exactly when some input was (or a square overflowed the accumulation dtype). None without either
+        sum: then :meth:`add` checked each batch itself."""
+        probe = self.gram.diagonal() if self.gram is not None else self.sq_sum
+        return None if probe is None else torch.isfinite(probe).all()
 
     def _need(self, what: Tensor | None, option: str) -> Tensor:
         if what is None or self.n == 0:
@@ -264,13 +277,44 @@ def _mask_rows(x: Tensor, mask: Tensor | None) -> Tensor:
     return x
 
 
-class _Hooks:
-    """Forward pre-hooks that feed each layer's input into its :class:`InputStats`."""
+class _Unshare(Exception):
+    """Raised when layers that read one input tensor in the first batch read different ones later (the pass
+    is then run again with one :class:`InputStats` per layer)."""
 
-    def __init__(self, layers: Sequence[Layer], spec: StatsSpec, root: nn.Module | None = None) -> None:
+
+@dataclass(eq=False)
+class _Seen:
+    """One input tensor of the current batch: a weak reference (an id may be reused once it is freed), a
+    serial number, and how many times each :class:`InputStats` has added it."""
+
+    ref: weakref.ref[Tensor]
+    token: int
+    added: dict[InputStats, int] = field(default_factory=dict)
+
+
+class _Hooks:
+    """Forward pre-hooks that feed each layer's input into its :class:`InputStats`.
+
+    With ``share`` (the default), layers whose forward gets the very same input tensor (q/k/v reading one
+    normalised hidden state; gate/up) share one :class:`InputStats`: it is decided in the first batch (a
+    layer whose first input another layer has already added joins that layer's statistics) and checked at
+    the end of every batch (each layer of a shared set must have read exactly the tensors the set added, as
+    many times). Where the check fails, :class:`_Unshare` is raised and the caller runs the pass again with
+    ``share=False``. ``stats`` still maps every layer name to its statistics (the same object for a set).
+    """
+
+    def __init__(
+        self, layers: Sequence[Layer], spec: StatsSpec, root: nn.Module | None = None, share: bool = True
+    ) -> None:
         self.stats = {ly.name: InputStats(ly.name, spec) for ly in layers}
+        self.share = share
         self.mask: Tensor | None = None
         self.outputs: dict[int, tuple[str, Tensor]] = {}
+        self._seen: dict[int, _Seen] = {}  # this batch's live inputs, by id (an id is reused once freed)
+        self._entries: list[_Seen] = []  # all of this batch's inputs, freed ones too
+        self._read: dict[str, dict[int, int]] = {}  # this batch: per layer, times it read each token
+        self._first = True
+        self._tokens = 0
         self.handles = [ly.module.register_forward_pre_hook(self._hook(ly.name)) for ly in layers]
         if spec.feeders and root is not None:
             for path, m in root.named_modules():
@@ -285,9 +329,26 @@ class _Hooks:
 
         return hook
 
+    def _entry(self, x: Tensor) -> _Seen:
+        seen = self._seen.get(id(x))
+        if seen is None or seen.ref() is not x:
+            self._tokens += 1
+            seen = self._seen[id(x)] = _Seen(weakref.ref(x), self._tokens)
+            self._entries.append(seen)
+        return seen
+
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
             x, st = args[0], self.stats[name]
+            if self.share:
+                seen = self._entry(x)
+                read = self._read.setdefault(name, {})
+                if self._first and st.n == 0 and not read and seen.added:
+                    st = self.stats[name] = next(iter(seen.added))  # another layer's input: share its stats
+                k = read[seen.token] = read.get(seen.token, 0) + 1
+                if k <= seen.added.get(st, 0):
+                    return  # a layer of this set has added this tensor already
+                seen.added[st] = k
             if st.n == 0 and st.spec.feeders:
                 hit = self.outputs.get(id(x))
                 st.feeder = hit[0] if hit is not None and hit[1] is x else None
@@ -295,16 +356,84 @@ class _Hooks:
 
         return hook
 
-    def close(self) -> dict[str, InputStats]:
+    def end_batch(self) -> None:
+        """After each batch: check that the layers of each shared set read the same tensors (else raise
+        :class:`_Unshare`) and forget the batch's tensors."""
+        self.outputs.clear()
+        if self.share:
+            owners: dict[InputStats, list[str]] = {}
+            for name, st in self.stats.items():
+                owners.setdefault(st, []).append(name)
+            for st, names in owners.items():
+                if len(names) > 1:
+                    added = {s.token: s.added[st] for s in self._entries if st in s.added}
+                    if any(self._read.get(n, {}) != added for n in names):
+                        raise _Unshare
+            self._seen.clear()
+            self._entries.clear()
+            self._read.clear()
+        self._first = False
+
+    def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.outputs.clear()
+        self._seen.clear()
+        self._entries.clear()
+
+    def close(self) -> dict[str, InputStats]:
+        self.remove()
         missing = [n for n, s in self.stats.items() if s.n == 0]
         if missing:
             raise WeightsmithError(f"calibration batches never reached layer '{missing[0]}' (no inputs)")
-        for s in self.stats.values():
+        unique = list(dict.fromkeys(self.stats.values()))  # each shared statistics once
+        for s in unique:
             s.all_reduce()
+        probed = [(s, f) for s in unique if (f := s.finite()) is not None]
+        if probed:
+            dev = probed[0][1].device
+            flags = torch.stack([f.to(dev) for _, f in probed]).tolist()  # one host sync for the block
+            for (s, _), ok in zip(probed, flags, strict=True):
+                if not ok:
+                    s._broken()
         return self.stats
+
+
+def _stats_pass(
+    layers: Sequence[Layer], spec: StatsSpec, root: nn.Module, run: Callable[[_Hooks], None]
+) -> dict[str, InputStats]:
+    """Hooks on ``layers``, ``run(hooks)`` (which calls ``hooks.end_batch()`` after each batch), the
+    statistics; run once more without sharing where the layers' inputs did not stay shared (on any rank:
+    the ranks must all-reduce the same statistics objects)."""
+    for share in (True, False):
+        hooks = _Hooks(layers, spec, root, share)
+        try:
+            run(hooks)
+            broke = False
+        except _Unshare:
+            broke = True
+        except BaseException:
+            hooks.remove()
+            raise
+        if share and not _same_sharing(hooks, broke):
+            hooks.remove()
+            continue
+        return hooks.close()
+    raise AssertionError("unreachable: the unshared pass never raises _Unshare")
+
+
+def _same_sharing(hooks: _Hooks, broke: bool) -> bool:
+    """Whether the shared statistics can be kept: this process's sharing held, and under
+    ``torch.distributed`` every rank's held and grouped the layers alike (one collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return not broke
+    first: dict[InputStats, int] = {}
+    groups = [first.setdefault(st, i) for i, st in enumerate(hooks.stats.values())]
+    mine = torch.tensor([int(broke), *groups], dtype=torch.int64)
+    both = on_group_device(torch.cat([mine, -mine]))  # max of x and max of -x: the max and the min
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    hi, lo = both.cpu().split(len(mine))
+    return int(hi[0]) == 0 and bool(torch.equal(hi[1:], -lo[1:]))
 
 
 def _call(module: nn.Module, batch: Any) -> Any:
@@ -333,17 +462,15 @@ def collect_stats(
 
     For dict batches with an ``attention_mask``, padding positions are left out.
     """
-    hooks = _Hooks(layers, spec, model)
-    try:
+    batches = list(batches)  # a second pass may be needed (inputs not shared as in the first batch)
+
+    def run(hooks: _Hooks) -> None:
         for batch in batches:
             hooks.mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             _call(model, batch)
-            hooks.outputs.clear()
-    except BaseException:
-        for h in hooks.handles:
-            h.remove()
-        raise
-    return hooks.close()
+            hooks.end_batch()
+
+    return _stats_pass(layers, spec, model, run)
 
 
 # ----------------------------------------------------------------------------------------- block walking
@@ -383,6 +510,45 @@ def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device)
 
 BlockFn = Callable[[int, str, nn.Module, dict[str, InputStats]], None]
 
+OVERLAP_TRANSFERS = True  # False: each block moves at once on the main stream (to measure what overlap saves)
+
+
+class _Mover:
+    """Moves blocks between their home and the device for :func:`walk_blocks`.
+
+    On a CUDA device with the model on the host, the copies run on a side stream while the device works
+    on the main stream: the next block is fetched while the current block's outputs are computed, and a
+    finished block goes home (:meth:`done`, then :meth:`flush`) while the next block's statistics pass
+    runs, so at most two blocks are on the device. Each copy is synchronous for the host (it returns with
+    the data in place), and a block goes home only after an event on the main stream says its last pass
+    is over, so the main stream never sees a half-moved block. Elsewhere every move happens at once."""
+
+    def __init__(self, device: torch.device, home: torch.device) -> None:
+        self.device, self.home = device, home
+        on_gpu = device.type == "cuda" and home.type == "cpu" and OVERLAP_TRANSFERS
+        self.stream = torch.cuda.Stream(device) if on_gpu else None
+        self.pending: list[tuple[nn.Module, Any]] = []
+
+    def fetch(self, block: nn.Module) -> None:
+        with contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream):
+            block.to(self.device)
+
+    def done(self, block: nn.Module) -> None:
+        if self.stream is None:
+            block.to(self.home)
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.pending.append((block, event))
+
+    def flush(self) -> None:
+        for block, event in self.pending:
+            assert self.stream is not None  # pending only with a side stream
+            self.stream.wait_event(event)
+            with torch.cuda.stream(self.stream):
+                block.to(self.home)
+        self.pending.clear()
+
 
 @torch.no_grad()
 def walk_blocks(
@@ -397,8 +563,9 @@ def walk_blocks(
 
     ``on_block(index, prefix, block, stats)`` gets the statistics of the selected layers of that block
     (named as in the model, e.g. ``model.layers.3.mlp.down_proj.weight``) and may change the block in
-    place; the block's outputs are then recomputed and feed the next block. Layers outside the blocks are
-    not walked. The model's parameters end where they started (the blocks back on their own device).
+    place; the block's outputs are then recomputed and feed the next block (a block runs once for its
+    statistics and, unless it is the last, once for its changed outputs). Layers outside the blocks are not
+    walked. The model's parameters end where they started (the blocks back on their own device).
     """
     device = torch.device(device)
     path, blocks = decoder_blocks(model)
@@ -426,30 +593,35 @@ def walk_blocks(
     rest = [(tuple(a[1:]) if a else (), k) for a, k in captured]
     # padding positions are left out of the statistics, as in collect_stats
     masks = [b.get("attention_mask") if isinstance(b, Mapping) else None for b in batches]
+    mover = _Mover(device, home)
     try:
         for i, block in enumerate(blocks):
-            block.to(device)
+            mover.fetch(block)  # (already there when it was fetched while the previous block ran)
             prefix = f"{path}.{i}." if path else f"{i}."
             layers = find_layers(block, prefix=prefix)
             if select is not None:
                 layers = find_layers(block, select=select, prefix=prefix)
             if layers:
-                hooks = _Hooks(layers, spec, block)
-                try:
+
+                def run(hooks: _Hooks, block: nn.Module = block, hidden: list[Tensor] = hidden) -> None:
                     for h, (args, kwargs), mask in zip(hidden, rest, masks, strict=True):
                         hooks.mask = mask
                         block(h, *args, **kwargs)
-                        hooks.outputs.clear()
-                except BaseException:
-                    for hd in hooks.handles:
-                        hd.remove()
-                    raise
-                on_block(i, prefix, block, hooks.close())
-            hidden = [
-                _first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, rest, strict=True)
-            ]
-            block.to(home)
+                        hooks.end_batch()
+                    mover.flush()  # the previous block goes home while the device runs this pass
+
+                on_block(i, prefix, block, _stats_pass(layers, spec, block, run))
+            last = i + 1 == len(blocks)
+            if not last:  # the changed block's outputs feed the next one (the last feeds none)
+                hidden = [
+                    _first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, rest, strict=True)
+                ]
+            mover.flush()
+            if not last:
+                mover.fetch(blocks[i + 1])  # the next block comes while the device computes these outputs
+            mover.done(block)
     finally:
+        mover.flush()
         _move_outside(model, blocks, home)
         blocks.to(home)
 

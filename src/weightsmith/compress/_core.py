@@ -45,6 +45,7 @@ from ..layers import (
     walk_blocks,
 )
 from ..progress import log
+from ._datafree import compress_data_free
 from ._grid import QuantizedWeight, check_bits
 
 PACKAGED_TEXTS = ("hamlet",)
@@ -213,12 +214,20 @@ def _record(
     originals: dict[str, Tensor],
     done: dict[str, Compressed],
 ) -> None:
+    errs: list[Tensor] = []
     for ly in layers:
         W = originals[ly.name]
-        err = float((W - done[ly.name].dequantize().to(W.device)).norm() / W.norm().clamp_min(1e-30))
-        report.layers.append(LayerReport(ly.name, ly.shape, err))
-        report.weights[ly.name] = done[ly.name]
-        log(f"  {ly.name} {ly.shape[0]}x{ly.shape[1]}: relative error {err:.4f}")
+        errs.append((W - done[ly.name].dequantize().to(W.device)).norm() / W.norm().clamp_min(1e-30))
+    dev = errs[0].device if errs else None
+    values = torch.stack([e.to(dev) for e in errs]).tolist() if errs else []  # one host sync, not one a layer
+    for ly, err in zip(layers, values, strict=True):
+        _record_one(report, ly, err, done[ly.name])
+
+
+def _record_one(report: CompressReport, ly: Layer, err: float, compressed: Compressed) -> None:
+    report.layers.append(LayerReport(ly.name, ly.shape, err))
+    report.weights[ly.name] = compressed
+    log(f"  {ly.name} {ly.shape[0]}x{ly.shape[1]}: relative error {err:.4f}")
 
 
 def compress(
@@ -243,11 +252,8 @@ def compress(
     report = CompressReport(config)
     method = type(config).method  # type: ignore[attr-defined]
     if not config.needs_calibration():
-        for ly in layers:
-            W = ly.weight().detach().to(dev, torch.float32, copy=True)
-            qw = config.quantize(W, None)
-            ly.write(qw.dequantize())
-            _record(report, [ly], {ly.name: W}, {ly.name: qw})
+        for r in compress_data_free(layers, lambda W: config.quantize(W, None), dev):
+            _record_one(report, r.layer, r.rel_error, r.compressed)
         report.seconds = time.perf_counter() - t0
         return model, report
     if not calib:

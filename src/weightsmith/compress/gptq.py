@@ -15,11 +15,12 @@ its group scales are then fixed up front from the unquantised weights ("static g
 keeps one scale in storage order and the stored format needs no permutation index.
 
 Speed. Everything above depends on ``W`` only row by row, and on ``H`` alone otherwise (the order, ``U``,
-the static grids' columns), so (1) layers with the same Hessian (q/k/v, gate/up) are quantised in one pass
-over their stacked rows, with the same codes; (2) on CUDA each block's column steps run as one Triton kernel
-(:mod:`._gptq_kernel`) instead of about ten small kernels per column, with the eager loop's arithmetic; the
-lazy update of the later columns stays a matrix product. A dynamic group's grid is computed when its first
-column comes up, so a block runs in segments that start at group starts.
+the static grids' columns), so (1) layers with the same Hessian (q/k/v, gate/up: the layer walker gives
+layers that read one input tensor one statistics object, one Gram accumulation for the set) are quantised
+in one pass over their stacked rows, with the same codes; (2) on CUDA each block's column steps run as one
+Triton kernel (:mod:`._gptq_kernel`) instead of about ten small kernels per column, with the eager loop's
+arithmetic; the lazy update of the later columns stays a matrix product. A dynamic group's grid is computed
+when its first column comes up, so a block runs in segments that start at group starts.
 """
 
 from __future__ import annotations
@@ -132,9 +133,9 @@ def gptq_quantize(
     H = H.float().clone()
     out_f, in_f = W.shape
     g = group_size or in_f
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    dead = H.diagonal() == 0  # masked fills, not boolean indexing: no host sync on a GPU
+    H.diagonal().masked_fill_(dead, 1.0)
+    W.masked_fill_(dead, 0.0)
     n_groups = in_f // g
     scale = torch.empty(out_f, n_groups, device=W.device)
     zero = torch.empty_like(scale)
@@ -225,26 +226,14 @@ class GPTQ(CompressConfig):
         return out
 
 
-def _same_inputs(a: InputStats, b: InputStats) -> bool:
-    return (
-        a.n == b.n
-        and a.gram is not None
-        and b.gram is not None
-        and (a.gram is b.gram or (a.gram.shape == b.gram.shape and bool(torch.equal(a.gram, b.gram))))
-    )
-
-
 def shared_hessian_groups(layers: Sequence[Layer], stats: dict[str, InputStats]) -> list[list[Layer]]:
-    """The layers in sets whose input statistics give the same Hessian (the same ``n`` and Gram matrix, as
-    for q/k/v reading one normalised input), in the order of their first member."""
-    groups: list[list[Layer]] = []
+    """The layers in sets with one Hessian, in the order of their first member: the layer walker gives the
+    layers that read one input tensor (q/k/v reading one normalised hidden state, gate/up) one
+    :class:`~weightsmith.layers.InputStats` object, so a set is the layers that share that object."""
+    groups: dict[InputStats, list[Layer]] = {}
     for ly in layers:
-        home = next((gr for gr in groups if _same_inputs(stats[gr[0].name], stats[ly.name])), None)
-        if home is None:
-            groups.append([ly])
-        else:
-            home.append(ly)
-    return groups
+        groups.setdefault(stats[ly.name], []).append(ly)
+    return list(groups.values())
 
 
 def split_rows(qw: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeight]:
