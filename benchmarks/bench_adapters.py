@@ -8,10 +8,14 @@ for the methods it has.
 
 The floor (``torch floor``) is the same step with every weight frozen: the frozen model's forward and the
 backward through its activations (what any adapter step must pay). ``--libs weightsmith-compile`` (and
-``peft-compile``) run the step with the adapted model under ``torch.compile``.
+``peft-compile``) run the step with the adapted model under ``torch.compile``; ``weightsmith-graph``,
+``torch-graph`` (floor and full fine-tuning) and ``peft-graph`` replay the whole step (forward, backward,
+AdamW with ``capturable=True``) as one CUDA graph (``weightsmith.train.cuda_graph.GraphedStep``).
 
     PYTHONPATH=src python3 benchmarks/bench_adapters.py --out results.jsonl          # GPU
     PYTHONPATH=src python3 benchmarks/bench_adapters.py --tiny --steps 2 --warmup 1  # CPU smoke run
+    PYTHONPATH=src python3 benchmarks/bench_adapters.py --methods lora,dora --steps 6 --warmup 3 \
+        --libs torch,torch-graph,weightsmith,weightsmith-graph                       # GPU, CUDA graphs
     python3 benchmarks/bench_adapters.py --report results.jsonl > benchmarks/results/adapters-speed.md
 """
 
@@ -44,6 +48,7 @@ OURS: dict[str, dict[str, Any]] = {
     "hra": {"rank": 8},
 }
 COMPILE_MODE: str | None = None  # --compile-mode (e.g. "reduce-overhead": CUDA graphs)
+GRAPH_LAST: set[str] = set()  # methods whose capture may fail run last (none now)
 SKIP = {"eva": "data-driven init (one SVD of calibration activations per layer); its adapter is LoRA's"}
 
 
@@ -101,7 +106,11 @@ def run(
     t0 = time.perf_counter()
     hook: Callable[[int], None] = lambda step: None  # noqa: E731
     compiled = lib.endswith("-compile")
-    lib = lib.removesuffix("-compile")
+    graphed = lib.endswith("-graph")
+    if graphed and device != "cuda":
+        raise RuntimeError("CUDA graphs need a GPU")
+    suffix = lib[lib.find("-") :] if "-" in lib else ""
+    lib = lib.removesuffix("-compile").removesuffix("-graph")
     if method == "full":
         net = model
     elif method == "floor":
@@ -124,7 +133,8 @@ def run(
     init_s = time.perf_counter() - t0
     params = [p for p in net.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-5)
+    # capturable: the step count lives on the GPU, so the optimizer step can be part of a CUDA graph
+    opt = torch.optim.AdamW(params, lr=1e-5, capturable=graphed) if params else None
     if compiled:
         # many adapted layers call one function with inputs that differ in requires_grad: allow the variants
         torch._dynamo.config.recompile_limit = 64
@@ -133,14 +143,34 @@ def run(
         torch.cuda.reset_peak_memory_stats()
     times = []
 
-    def one(step: int) -> torch.Tensor:
-        loss = fwd(input_ids=ids, labels=ids).loss
+    def loss_of(_m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        loss = fwd(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
         if lib == "weightsmith" and method != "full":
             loss = loss + adapters.adapter_regularization(net)
+        return loss  # type: ignore[no-any-return]
+
+    if graphed:
+        from weightsmith.train.cuda_graph import GraphedStep, unpacked_sequences
+
+        def graph_loss(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+            with unpacked_sequences():  # no host read of the position ids; SDPA keeps its causal kernels
+                return loss_of(m, batch)
+
+        gstep = GraphedStep(net, opt, graph_loss, {"input_ids": ids})
+        warmup = max(warmup, gstep.warmup + 2)  # eager warm-up calls and the capture are not timed
+
+    def one(step: int) -> torch.Tensor:
+        if graphed:
+            loss = gstep({"input_ids": ids})
+            hook(step)  # eager, between replays (AdaLoRA's budget); the graph zeroes the gradients
+            return loss  # type: ignore[return-value]
+        loss = loss_of(net, {"input_ids": ids})
         loss.backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
         hook(step)
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         return loss
 
     for step in range(warmup + steps):
@@ -166,11 +196,13 @@ def run(
         )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     out = {
-        "lib": lib + ("-compile" if compiled else ""), "method": method,
+        "lib": lib + suffix, "method": method,
         "step_ms": 1000 * statistics.median(times), "peak_gib": peak,
         "trainable": n_train, "init_s": init_s, "loss": float(loss.detach()),
         "finite": bool(torch.isfinite(loss)),
     }  # fmt: skip
+    if graphed:
+        out["graphs"] = gstep.captured
     return out  # the model and optimizer go with this frame; main() collects them
 
 
@@ -190,15 +222,17 @@ def report(path: Path, device_name: str | None = None) -> str:
         "peak = max allocated GPU memory "
         "(model included). Produced by `benchmarks/bench_adapters.py`.",
         "",
-        "| method | weightsmith ms | compiled ms | PEFT ms | PEFT compiled ms | PEFT / ws (speed-up) "
-        "| ws / floor | ws / our LoRA | ws GiB | PEFT GiB | trainable (ws) | trainable (PEFT) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | weightsmith ms | compiled ms | CUDA graph ms | PEFT ms | PEFT compiled ms "
+        "| PEFT / ws (speed-up) | ws / floor | ws / our LoRA | ws GiB | PEFT GiB | trainable (ws) "
+        "| trainable (PEFT) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    floor = res.get(("torch", "floor"))
 
     def best(lib: str, m: str) -> dict[str, Any] | None:
-        runs = [r for r in (res.get((lib, m)), res.get((lib + "-compile", m))) if r is not None]
+        runs = [r for s in ("", "-compile", "-graph") if (r := res.get((lib + s, m))) is not None]
         return min(runs, key=lambda r: r["step_ms"]) if runs else None
+
+    floor = best("torch", "floor")
 
     def f(r: dict[str, Any] | None, key: str, fmt: str = "{:.1f}") -> str:
         return fmt.format(r[key]) if r is not None and key in r else "-"
@@ -207,10 +241,11 @@ def report(path: Path, device_name: str | None = None) -> str:
     methods = sorted({m for _, m in res}, key=lambda m: (m not in ("floor", "full"), m != "lora", m))
     for m in methods:
         if m in ("floor", "full"):
-            t = res.get(("torch", m))
+            t, g = res.get(("torch", m)), res.get(("torch-graph", m))
             name = "frozen floor" if m == "floor" else "full fine-tuning"
             lines.append(
-                f"| {name} | {f(t, 'step_ms')} | - | - | - | - | - | - | {f(t, 'peak_gib')} | - | - | - |"
+                f"| {name} | {f(t, 'step_ms')} | - | {f(g, 'step_ms')} | - | - | - | - | - "
+                f"| {f(best('torch', m), 'peak_gib')} | - | - | - |"
             )
             continue
         w, p = best("weightsmith", m), best("peft", m)
@@ -219,13 +254,17 @@ def report(path: Path, device_name: str | None = None) -> str:
         over = f"{w['step_ms'] / floor['step_ms']:.2f}" if w and floor else "-"
         lines.append(
             f"| {m} | {f(res.get(('weightsmith', m)), 'step_ms')} "
-            f"| {f(res.get(('weightsmith-compile', m)), 'step_ms')} | {f(res.get(('peft', m)), 'step_ms')} "
+            f"| {f(res.get(('weightsmith-compile', m)), 'step_ms')} "
+            f"| {f(res.get(('weightsmith-graph', m)), 'step_ms')} | {f(res.get(('peft', m)), 'step_ms')} "
             f"| {f(res.get(('peft-compile', m)), 'step_ms')} | {speed} | {over} | {rel} "
             f"| {f(w, 'peak_gib')} | {f(p, 'peak_gib')} "
             f"| {f(w, 'trainable', '{:,}')} | {f(p, 'trainable', '{:,}')} |"
         )
     lines.append("")
-    lines.append("Ratios use each library's faster of eager and compiled.")
+    lines.append(
+        "Ratios use each library's fastest of eager, compiled and CUDA graph (the floor too); "
+        "the floor row's peak memory is that of its fastest run."
+    )
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines += ["", "Not run:"] + [f"- {r['lib']} {r['skipped']}: {r['why']}" for r in skipped]
@@ -272,17 +311,19 @@ def main() -> None:
     wanted = set(filter(None, args.methods.split(",")))
     plan: list[tuple[str, str]] = []
     libs = args.libs.split(",")
-    if "torch" in libs:
-        plan += [("torch", "floor"), ("torch", "full")]
     for lib in libs:
+        if lib.split("-")[0] == "torch":
+            plan += [(lib, "floor"), (lib, "full")]
         if lib.startswith("peft"):
             plan += [(lib, m) for m in peft_configs()]
         if lib.startswith("weightsmith"):
-            plan += [(lib, m) for m in sorted(adapters.registered_adapters())]
+            # a failed capture (BOFT: torch.linalg.solve syncs) goes last, after every graph that can work
+            last = GRAPH_LAST if lib.endswith("-graph") else set()
+            plan += [(lib, m) for m in sorted(adapters.registered_adapters(), key=lambda m: (m in last, m))]
     with args.out.open("a") as fh:
         fh.write(json.dumps(meta) + "\n")
         for lib, method in plan:
-            if wanted and method not in wanted and lib != "torch":
+            if wanted and method not in wanted and not lib.startswith("torch"):
                 continue
             if lib.startswith("weightsmith") and method in SKIP:
                 fh.write(json.dumps({"lib": lib, "skipped": method, "why": SKIP[method]}) + "\n")

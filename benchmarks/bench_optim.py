@@ -22,18 +22,33 @@ FSDP2's sharded parameters, so leave it out there):
     torchrun --nproc_per_node 2 benchmarks/bench_optim.py --device cuda --size 1b --parallel fsdp2 \
         --only adamw,weightsmith-galore-rsvd,weightsmith-galore-dct --out benchmarks/results/optim-fsdp2.json
 
-On this CPU, a smoke run of the same code path: ``--size small --device cpu``.
+FSDP2 speed (issue 11): ``adamw-fused`` (torch's fused AdamW: one DTensor dispatch a step) and
+``weightsmith-adamw`` (AdamW through the transform core, on the local shards) beside torch's default AdamW;
+``--reshard-after-forward no`` keeps each layer's gathered weights for its backward; each row also has the
+median forward + backward and optimizer-step times (the step is timed with a device sync between them).
+``--profile DIR`` writes, from rank 0, torch.profiler tables of one steady step (step 2) and one refresh
+step (step ``--gap``): top ops by self CUDA and by self CPU time, and the count of collective kernels:
+
+    torchrun --nproc_per_node 2 benchmarks/bench_optim.py --device cuda --size 1b --parallel fsdp2 \
+        --only adamw,weightsmith-adamw,weightsmith-galore-rsvd --gap 10 --steps 12 \
+        --profile benchmarks/results/profile-fsdp2
+
+On this CPU, a smoke run of the same code path: ``--size small --device cpu`` (with ``--layers 22
+--batch 1 --seq 16`` the model has the 1.1B model's 201 weight tensors at a size where the optimizer's
+per-tensor overhead shows).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,10 +57,11 @@ from weightsmith import distributed, staging
 from weightsmith.optim import GaLoreAdamW, state_bytes
 from weightsmith.optim.apollo import APOLLOAdamW
 
+COLLECTIVES = ("nccl", "gloo", "c10d::", "all_reduce", "all_gather", "reduce_scatter")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_model(small: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(small: bool, device: str, dtype: torch.dtype, layers: int | None = None) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if small:
@@ -54,6 +70,8 @@ def build_model(small: bool, device: str, dtype: torch.dtype) -> torch.nn.Module
     else:  # TinyLlama-1.1B's shape
         shape = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                      num_attention_heads=32, num_key_value_heads=4)  # fmt: skip
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
     config = LlamaConfig(**shape, max_position_embeddings=2048)
     torch.manual_seed(0)
     with torch.device(device):
@@ -86,6 +104,10 @@ def optimizers(rank: int, gap: int) -> dict[str, Callable[[torch.nn.Module], tor
 
     return {
         "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
+        "adamw-fused": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+        # GaLoreAdamW without a projected group: AdamW through the transform core (under FSDP2: on the
+        # local shards with multi-tensor kernels)
+        "weightsmith-adamw": lambda model: GaLoreAdamW(model.parameters(), lr=1e-3),
         "galore-torch": galore_torch,
         "weightsmith-galore-svd": ours("svd"),
         "weightsmith-galore-rsvd": ours("rsvd"),
@@ -104,11 +126,13 @@ def bench(
     name: str, make: Callable[[torch.nn.Module], torch.optim.Optimizer], args: argparse.Namespace
 ) -> dict:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = build_model(args.small, args.device, dtype)
+    model = build_model(args.small, args.device, dtype, args.layers)
     vocab = model.config.vocab_size
     trained = model
     if args.parallel == "fsdp2":  # under torchrun: each decoder layer, then the whole model, sharded
-        trained = distributed.shard(model, model.model.layers)
+        trained = distributed.shard(
+            model, model.model.layers, reshard_after_forward=args.reshard_after_forward == "yes"
+        )
     elif args.world.size > 1:
         trained = distributed.wrap(model, args.world, torch.device(args.device))
     opt = make(model)
@@ -117,33 +141,46 @@ def bench(
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times: list[tuple[int, float]] = []
+    parts: list[tuple[int, float, float]] = []  # (step, forward + backward, optimizer step) in seconds
+    steady = 2 if args.gap > 2 else 1  # a step that does not refresh, past the first ones
     for step in range(args.steps):
-        sync(args.device)
-        t0 = time.perf_counter()
-        loss = trained(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(args.device)
-        times.append((step, time.perf_counter() - t0))
+        profiled = bool(args.profile) and step in (steady, args.gap)
+        with profiling(profiled, args, name, "refresh" if step == args.gap else "steady"):
+            sync(args.device)
+            t0 = time.perf_counter()
+            loss = trained(input_ids=ids, labels=ids).loss
+            loss.backward()
+            sync(args.device)
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(args.device)
+            t2 = time.perf_counter()
+        if not profiled:
+            times.append((step, t2 - t0))
+            parts.append((step, t1 - t0, t2 - t1))
     refresh_steps = [t for s, t in times if s % args.gap == 0 and s > 0]
     plain = [t for s, t in times if s % args.gap != 0 and s > 1]
     step_ms = 1000 * statistics.median(plain)
+    split = [(fb, o) for st, fb, o in parts if st % args.gap != 0 and st > 1]
     refresh_s = (statistics.median(refresh_steps) - statistics.median(plain)) if refresh_steps else 0.0
-    if name == "adamw":
+    if name in ("adamw", "adamw-fused", "weightsmith-adamw"):  # nothing to refresh
         refresh_s = 0.0
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     out = {
         "optimizer": name,
         "step_ms": step_ms,
+        "forward_backward_ms": 1000 * statistics.median(fb for fb, _ in split),
+        "optimizer_step_ms": 1000 * statistics.median(o for _, o in split),
         "refresh_s": refresh_s,
         "amortised_step_ms_at_gap_200": step_ms + 1000 * refresh_s / 200,
         "peak_gib": peak,
         "state_gib": state_bytes(_state(opt)) / 2**30,
-        "first_step_s": times[0][1],
+        "first_step_s": times[0][1] if times[0][0] == 0 else float("nan"),
         "loss": float(loss.detach()),
         "processes": args.world.size,
         "parallel": args.parallel if args.world.size > 1 else "none",
+        "reshard_after_forward": args.reshard_after_forward if args.parallel == "fsdp2" else None,
         "tokens_per_s": args.world.size * args.batch * args.seq / (step_ms / 1000),
     }
     del model, trained, opt, loss
@@ -151,6 +188,40 @@ def bench(
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
+
+
+@contextlib.contextmanager
+def profiling(on: bool, args: argparse.Namespace, name: str, kind: str) -> Iterator[None]:
+    """With ``on``: profile the step inside (every process runs the profiler, so collectives stay in step;
+    rank 0 writes ``PROFILE_DIR/NAME-KIND.txt``: the top ops by self CUDA time (on a GPU) and by self CPU
+    time, and the count and time of the collective kernels and calls, NCCL or gloo)."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        yield
+    if not args.world.main:
+        return
+    table = prof.key_averages()
+    sections = [f"{name}, {kind} step, rank 0 of {args.world.size} ({args.parallel})"]
+    if args.device.startswith("cuda"):
+        sections += [
+            "== top ops by self CUDA time ==",
+            table.table(sort_by="self_cuda_time_total", row_limit=25),
+        ]
+    sections += ["== top ops by self CPU time ==", table.table(sort_by="self_cpu_time_total", row_limit=25)]
+    sections += ["== collectives (name: count, self CPU ms, self device ms) =="]
+    for e in table:
+        if any(k in e.key.lower() for k in COLLECTIVES):
+            device_us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+            sections.append(f"{e.key}: {e.count}, {e.self_cpu_time_total / 1e3:.2f}, {device_us / 1e3:.2f}")
+    path = Path(args.profile) / f"{name}-{kind}.txt"
+    staging.write_text(path, "\n".join(sections) + "\n")
 
 
 def _state(opt: torch.optim.Optimizer) -> Any:
@@ -173,6 +244,7 @@ def main() -> None:
         help="1b: TinyLlama's shape, 4x1024 tokens; small: 4 layers, d=256, 2x128 tokens (CPU)",
     )
     ap.add_argument("--small", action="store_true", help="the same as --size small")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 22, or 4 with small)")
     ap.add_argument("--rank", type=int, default=None, help="default 512 (1.1B) or 32 (--small)")
     ap.add_argument("--gap", type=int, default=10, help="steps between refreshes in this benchmark")
     ap.add_argument("--steps", type=int, default=None, help="default 2 * gap + 1")
@@ -183,6 +255,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
                     help="under torchrun: DDP or FSDP2 (peak memory and state are per process)")  # fmt: skip
+    ap.add_argument("--reshard-after-forward", choices=["yes", "no"], default="yes",
+                    help="FSDP2: free each layer's gathered weights after its forward (yes) or keep "
+                         "them for the backward (no: one all-gather a step, not two)")  # fmt: skip
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="write profiler tables of one steady and one refresh step (rank 0)")  # fmt: skip
     args = ap.parse_args()
     args.world, dev = distributed.init(args.device)
     args.device = str(dev)
@@ -213,13 +290,14 @@ def print_ratios(rows: list[dict]) -> None:
     the issue's goals: refresh <= 1 s, amortised step <= 1.10x AdamW, peak <= galore-torch."""
     by = {r["optimizer"]: r for r in rows}
     adamw, galore = by.get("adamw"), by.get("galore-torch")
-    print(f"{'optimizer':28} {'step ms':>8} {'refresh s':>9} {'x AdamW':>8} {'amortised x AdamW':>18} "
-          f"{'peak GiB':>9} {'x galore-torch peak':>20}")  # fmt: skip
+    print(f"{'optimizer':28} {'step ms':>8} {'fwd+bwd':>8} {'opt ms':>7} {'refresh s':>9} {'x AdamW':>8} "
+          f"{'amortised x AdamW':>18} {'peak GiB':>9} {'x galore-torch peak':>20}")  # fmt: skip
     for r in rows:
         step = r["step_ms"] / adamw["step_ms"] if adamw else float("nan")
         amort = r["amortised_step_ms_at_gap_200"] / adamw["step_ms"] if adamw else float("nan")
         peak = r["peak_gib"] / galore["peak_gib"] if galore else float("nan")
-        print(f"{r['optimizer']:28} {r['step_ms']:8.1f} {r['refresh_s']:9.3f} {step:8.3f} {amort:18.3f} "
+        print(f"{r['optimizer']:28} {r['step_ms']:8.1f} {r['forward_backward_ms']:8.1f} "
+              f"{r['optimizer_step_ms']:7.1f} {r['refresh_s']:9.3f} {step:8.3f} {amort:18.3f} "
               f"{r['peak_gib']:9.2f} {peak:20.3f}")  # fmt: skip
 
 

@@ -88,17 +88,32 @@ def require_group(what: str = "FSDP2 (fully_shard)") -> None:
         )
 
 
-def shard(model: torch.nn.Module, blocks: Iterable[torch.nn.Module] | None = None) -> torch.nn.Module:
+def shard(
+    model: torch.nn.Module,
+    blocks: Iterable[torch.nn.Module] | None = None,
+    *,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """FSDP2: ``fully_shard`` each of ``blocks`` (e.g. the transformer layers), then the whole model, so that
     parameters, gradients and element-wise optimizer state are split by rows across the processes
-    (:mod:`weightsmith.optim` computes its projections from the row shards)."""
-    require_group()
-    from torch.distributed.fsdp import fully_shard
+    (:mod:`weightsmith.optim` computes its projections from the row shards).
 
+    Each block frees its gathered parameters after its forward and gathers them again for its backward
+    (ZeRO-3), except the last block, whose backward comes right after its forward, and the rest of the
+    model (embeddings, head: FSDP2's default for the root); ``reshard_after_forward=False`` keeps every
+    block's gathered parameters until its backward (one all-gather a step instead of two; ZeRO-2's memory).
+    ``param_dtype`` / ``reduce_dtype`` are FSDP2's ``MixedPrecisionPolicy`` (compute in ``param_dtype``,
+    gradients reduced in ``reduce_dtype``); None keeps the parameters' own dtype for both."""
+    require_group()
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     sharded = list(blocks or [])
-    for block in sharded:
-        fully_shard(block)
-    fully_shard(model)
+    for i, block in enumerate(sharded):
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(sharded) - 1, mp_policy=mp)
+    fully_shard(model, reshard_after_forward=None if reshard_after_forward else False, mp_policy=mp)
     # Explicit prefetch: block i+1's all-gather is issued while block i computes (forward), block i-1's
     # while block i's gradients are computed (backward), so communication hides behind compute instead of
     # waiting in each block's pre-forward hook.
@@ -108,6 +123,56 @@ def shard(model: torch.nn.Module, blocks: Iterable[torch.nn.Module] | None = Non
         if i > 0:
             block.set_modules_to_backward_prefetch([sharded[i - 1]])  # type: ignore[operator]
     return model
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` in place so that their global 2-norm is at most ``max_norm`` and
+    return the norm before scaling, a float32 tensor on the gradients' device (as
+    ``torch.nn.utils.clip_grad_norm_`` with ``norm_type=2``: ``g <- g * min(1, max_norm / (||g|| + 1e-6))``).
+
+    Under FSDP2 the squared norms of the local shards are summed and all-reduced once (``||g||^2 = sum over
+    processes of ||g_i||^2``; gradients that are not sharded are the same in every process and are added
+    after the sum) and the scaling runs on the local shards, instead of DTensor's dispatch per gradient and
+    op. No host synchronisation."""
+    shards: list[torch.Tensor] = []
+    whole: list[torch.Tensor] = []
+    group = None
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if not is_dtensor(g):
+            whole.append(g)
+            continue
+        if g.device_mesh.ndim != 1 or not g.placements[0].is_shard():
+            raise WeightsmithError(
+                f"clip_grad_norm: a gradient of shape {tuple(g.shape)} is laid out as {g.placements} on a "
+                f"{g.device_mesh.ndim}-D mesh; only FSDP2's gradients sharded on a 1-D mesh are supported"
+            )
+        group = g.device_mesh.get_group()
+        shards.append(g.to_local())
+    grads = shards + whole
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+
+    def squares(ts: list[torch.Tensor]) -> torch.Tensor:
+        if not ts:
+            return torch.zeros((), device=device)
+        norms = torch._foreach_norm(ts, 2.0, dtype=torch.float32)
+        return torch.stack([n.to(device) for n in norms]).square().sum()
+
+    total = squares(shards)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    norm = (total + squares(whole)).sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for dev, gs in by_device.items():
+        torch._foreach_mul_(gs, coef.to(dev))
+    return norm
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

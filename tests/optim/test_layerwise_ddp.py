@@ -120,6 +120,32 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert got["refused"], "per-layer updates must refuse a multi-process group"
 
 
+class _Count:
+    """Counts the all-reduces and the gathers of whole DTensors while it is entered."""
+
+    def __enter__(self) -> _Count:
+        from torch.distributed.tensor import DTensor
+
+        self.reduces, self.gathers = 0, 0
+        self._saved = dist.all_reduce, DTensor.full_tensor
+
+        def all_reduce(*args, **kwargs):
+            self.reduces += 1
+            return self._saved[0](*args, **kwargs)
+
+        def full_tensor(t, *args, **kwargs):
+            self.gathers += 1
+            return self._saved[1](t, *args, **kwargs)
+
+        dist.all_reduce, DTensor.full_tensor = all_reduce, full_tensor  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from torch.distributed.tensor import DTensor
+
+        dist.all_reduce, DTensor.full_tensor = self._saved  # type: ignore[method-assign]
+
+
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     from weightsmith import distributed
 
@@ -132,19 +158,59 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             model = _model()
             distributed.shard(model, [model[0], model[2]])
             opt = config.create(list(model.named_parameters()), 1e-2)
+            counts = []
             for x in _batches(4):
                 model(x.chunk(world)[rank]).square().mean().backward()
-                opt.step()
+                with _Count() as count:
+                    opt.step()
+                counts.append([count.reduces, count.gathers])
                 opt.zero_grad(set_to_none=True)
             results[label] = [p.full_tensor().detach() for p in model.parameters()]
+            results[f"{label}/collectives"] = torch.tensor(counts)
             if label in _ROW_SHARDED:  # computed on the row shards: no gathered gradient, sharded moments
                 inner = opt.state[model[0].weight]["inner"]
                 results[f"{label}/sharded"] = torch.tensor(type(inner["mu"]).__name__ == "DTensor")
+        # several weights of one shape: their left projections share one all-reduce a step, and a refresh
+        # sums each stage of the range finder once per shape, not once per weight
+        model = _Branches()
+        distributed.shard(model, [*model.left, *model.right])
+        opt = _BRANCHES.create(list(model.named_parameters()), 1e-2)
+        counts = []
+        for x in _batches(4):
+            model(x.chunk(world)[rank]).square().mean().backward()
+            with _Count() as count:
+                opt.step()
+            counts.append([count.reduces, count.gathers])
+            opt.zero_grad(set_to_none=True)
+        results["branches"] = [p.full_tensor().detach() for p in model.parameters()]
+        results["branches/collectives"] = torch.tensor(counts)
+        # clipping from the local shards and one all-reduce: the norm of the whole-batch gradient
+        model = _model()
+        distributed.shard(model, [model[0], model[2]])
+        model(_batches(1)[0].chunk(world)[rank]).square().mean().backward()
+        with _Count() as count:
+            norm = distributed.clip_grad_norm(model.parameters(), 0.05)
+        results["clip/norm"] = norm
+        results["clip/grads"] = [p.grad.full_tensor() for p in model.parameters()]
+        results["clip/collectives"] = torch.tensor([count.reduces, count.gathers])
         if rank == 0:
             torch.save(results, out)
     finally:
         dist.barrier()  # no rank tears down gloo while its peer still uses the connection
         dist.destroy_process_group()
+
+
+class _Branches(torch.nn.Module):
+    """Three 4 x 16 weights (left-projected) and two 40 x 16 ones (right-projected) side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.left = torch.nn.ModuleList(torch.nn.Linear(16, 4) for _ in range(3))
+        self.right = torch.nn.ModuleList(torch.nn.Linear(16, 40) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in [*self.left, *self.right]], dim=1)
 
 
 def _fsdp_configs() -> dict:
@@ -162,6 +228,15 @@ def _fsdp_configs() -> dict:
 
 
 _FSDP_CONFIGS = _fsdp_configs()
+
+
+def _branches_config():
+    from weightsmith.optim import configs
+
+    return configs.GaLore(rank=3, update_proj_gap=2, projector="rsvd", targets=("re:^(left|right)\\.",))
+
+
+_BRANCHES = _branches_config()
 _ROW_SHARDED = ("galore-rsvd", "galore-rsvd-lazy", "galore-random", "galore-dct")
 
 
@@ -179,8 +254,36 @@ def test_fsdp2_two_processes_equal_one(tmp_path):
             opt.zero_grad(set_to_none=True)
         for p, q in zip(single.parameters(), got[label], strict=True):
             torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-5, msg=label)
+        reduces, gathers = got[f"{label}/collectives"].T.tolist()
         if label in _ROW_SHARDED:
             assert bool(got[f"{label}/sharded"]), label
+            assert gathers == [0, 0, 0, 0], label  # no gradient or weight is gathered
+    # the left-projected weight (4 x 24) sums its projection over the row shards: one all-reduce a step;
+    # a refresh (steps 0 and 2) sums each stage of the batched range finder once for both weights
+    rsvd = got["galore-rsvd/collectives"][:, 0].tolist()
+    assert rsvd[1] == rsvd[3] == 1 and max(rsvd) <= 12, rsvd
+    assert got["galore-random/collectives"][:, 0].tolist() == [1, 1, 1, 1]
+    # Q-GaLore and APOLLO gather the gradient and the weight of both projected matrices every step
+    assert got["q-galore/collectives"][:, 1].tolist() == [4, 4, 4, 4]
+    single = _Branches()
+    opt = _BRANCHES.create(list(single.named_parameters()), 1e-2)
+    for x in _batches(4):
+        single(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for p, q in zip(single.parameters(), got["branches"], strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-5, msg="branches")
+    # one all-reduce a plain step (3 left weights); a cold refresh: 2 shapes x 4 stages + the step's one; a
+    # warm one: 2 shapes x 3 stages + the warm start's left products + the step's one (one per weight: 23, 21)
+    assert got["branches/collectives"].tolist() == [[9, 0], [1, 0], [8, 0], [1, 0]]
+    # clipping: the norm of the whole-batch gradient (FSDP2 averages the halves), one all-reduce, no gather
+    single = _model()
+    single(_batches(1)[0]).square().mean().backward()
+    norm = torch.nn.utils.clip_grad_norm_(single.parameters(), 0.05)
+    torch.testing.assert_close(got["clip/norm"], norm, rtol=1e-5, atol=0)
+    assert float(norm) > 0.05 and got["clip/collectives"].tolist() == [1, 0]
+    for p, g in zip(single.parameters(), got["clip/grads"], strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
 def test_fsdp2_without_process_group_is_refused():
@@ -188,3 +291,17 @@ def test_fsdp2_without_process_group_is_refused():
 
     with pytest.raises(WeightsmithError, match="FSDP2 .* needs a process group"):
         distributed.shard(_model())
+
+
+def test_clip_grad_norm_one_process_equals_torch():
+    from weightsmith import distributed
+
+    for max_norm in (0.05, 1e3):  # clipped, and left alone
+        ours, ref = _model(), _model()
+        for m in (ours, ref):
+            m(_batches(1)[0]).square().mean().backward()
+        norm = distributed.clip_grad_norm(ours.parameters(), max_norm)
+        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)

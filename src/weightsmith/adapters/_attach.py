@@ -74,7 +74,11 @@ class AdaptedLayer(nn.Module):
         bias: Tensor | None = getattr(self.base, "bias", None)
         if bias is None:
             return y
-        scales = [s for a in active if (s := a.bias_scale()) is not None]
+        scales = []  # a plain loop: a walrus comprehension breaks torch.compile's graph at every biased layer
+        for a in active:
+            s = a.bias_scale()
+            if s is not None:
+                scales.append(s)
         if not scales:
             return y + bias
         # each adapter's own output carries s_a ⊙ b; several add their changes: b + Σ (s_a ⊙ b - b)

@@ -64,6 +64,11 @@ class DoRAAdapter(Adapter):
         self.hold(merge_norm=torch.zeros(0))
 
     def _base_row_sq(self, W0: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # the cache key (data pointer, version) would break the compiled graph at every layer, and each
+            # break recompiles per weight shape until dynamo's recompile limit; traced, it is one fused
+            # reduction over W0
+            return W0.float().square().sum(1)
         key = (W0.data_ptr(), W0._version, W0.dtype)
         if self._w0_sq is None or self._w0_sq[0] != key:
             self._w0_sq = (key, W0.float().square().sum(1))

@@ -48,7 +48,8 @@ def cayley(Q: Tensor) -> Tensor:
     dt = Q.dtype if Q.dtype in (torch.float32, torch.float64) else torch.float32
     Q = Q.to(dt)
     eye = torch.eye(Q.shape[-1], device=Q.device, dtype=dt).expand_as(Q)
-    return torch.linalg.solve(eye + Q, eye - Q, left=False)
+    # solve_ex: I + Q is invertible for any skew-symmetric Q; `solve` checks on the host (breaks CUDA graphs)
+    return torch.linalg.solve_ex(eye + Q, eye - Q, left=False).result
 
 
 def cayley_neumann(Q: Tensor, terms: int) -> Tensor:

@@ -200,6 +200,11 @@ def adapt_cmd(
     seed: shared.Seed = 0,
     device: shared.TrainDevice = "auto",
     parallel: str = typer.Option("ddp", "--parallel", help="under torchrun: ddp or fsdp2 (sharded)"),
+    cuda_graphs: bool = typer.Option(
+        False,
+        "--cuda-graphs",
+        help="replay each batch's forward and backward as one CUDA graph (GPU, LM tasks)",
+    ),
     out: shared.RunDir = None,
     force: shared.ReplaceRun = False,
     resume: shared.Resume = False,

@@ -12,8 +12,11 @@ update. ``decay_after_update=True`` applies the decay to the updated weight inst
 Under FSDP2 (``fully_shard``) parameters and gradients are DTensors sharded by rows. Element-wise transforms
 (``elementwise = True``: Adam, identity) run on the local shard, so their state is sharded too. A projected
 transform that can work on rows (``shards_rows(shape)``: GaLore's ``LowRank`` with the randomized SVD,
-random projections, or DCT on the right side) runs on the local rows, its projector computed from
-all-reduced small products (:mod:`weightsmith.optim.sharded`); no full gradient exists. The others (the
+random projections, or DCT) runs on the local rows, its projector computed from all-reduced small products
+(:mod:`weightsmith.optim.sharded`); no full gradient exists. Transforms with ``update_many`` (Adam, and
+``LowRank`` around it) step all such parameters of a group at once on their ``.to_local()`` shards
+(multi-tensor kernels, the small all-reduces of a step or a refresh batched), so no arithmetic goes through
+DTensor's per-tensor dispatch; their state tensors stay row-sharded DTensors. The others (the
 exact SVD, INT4 projectors, APOLLO, GradNormLoRP) gather the parameter's full gradient, one parameter at a
 time, compute the update identically on every process (per-layer seeds do not depend on the process) and
 keep their low-rank state replicated; each process then takes its own rows of the update.
@@ -34,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .sharded import rows_of, use
+from .sharded import local, rows_of, use
 from .transform import State, Transform
 
 
@@ -106,37 +109,48 @@ class TransformOptimizer(torch.optim.Optimizer):
                     self._update(p, p.grad, group, transform)
         return loss
 
+    def _on_rows(self, t: Transform, grad: Tensor) -> bool:
+        """Whether a sharded (DTensor) gradient can be updated by ``t`` on its local rows: an element-wise
+        transform, or a projected one that computes its projector from sums over rows (FSDP2's layout)."""
+        if getattr(t, "elementwise", False):
+            return True
+        return _shards_rows(t, tuple(grad.shape)) and rows_of(grad) is not None
+
     def _update_batched(self, group: dict[str, Any], t: Transform) -> bool:
         """Update every parameter of ``group`` through the transform's ``update_many`` (multi-tensor kernels)
-        when it has one and every gradient is whole and dense; False when it does not apply."""
+        when it has one and every gradient is dense and whole or updatable on its rows; False when it does
+        not apply. Sharded (FSDP2) parameters are updated through their local shards: one kernel launch per
+        multi-tensor op instead of DTensor's dispatch per tensor and op."""
         update_many = getattr(t, "update_many", None)
         if update_many is None:
             return False
         params = [p for p in group["params"] if p.grad is not None]
         if not params:  # nothing to update (e.g. the gradients were consumed inside backward)
             return True
-        if any(p.grad.is_sparse or isinstance(p.grad, DTensor) for p in params):  # type: ignore[union-attr]
-            return False
+        for p in params:
+            g = p.grad
+            if g.is_sparse or (isinstance(g, DTensor) and not self._on_rows(t, g)):  # type: ignore[union-attr]
+                return False
         for p in params:
             if not self.state[p]:
                 self.state[p].update(t.init(p, self.param_name(p)))
         updates = update_many([(p.grad, self.state[p], p) for p in params])
         if updates is None:
             return False
-        for p, update in zip(params, updates, strict=True):
-            self._apply(p, update, group)
+        self._apply_many(params, updates, group)
         return True
 
     def _refresh_batched(self, group: dict[str, Any], t: Transform) -> None:
         """Let a projected transform refresh the subspaces that are due, same-shaped gradients batched
-        (``refresh_many``), before the per-parameter updates (whole, dense gradients only)."""
+        (``refresh_many``), before the per-parameter updates (dense gradients, whole or updatable on their
+        rows: a batch of row shards then sums its small products with one all-reduce per stage)."""
         refresh_many = getattr(t, "refresh_many", None)
         if refresh_many is None:
             return
         items = []
         for p in group["params"]:
             g = p.grad
-            if g is None or g.is_sparse or isinstance(g, DTensor):
+            if g is None or g.is_sparse or (isinstance(g, DTensor) and not self._on_rows(t, g)):
                 continue
             st = self.state[p]
             if not st:
@@ -177,13 +191,20 @@ class TransformOptimizer(torch.optim.Optimizer):
         self._apply(p, update, group)
 
     def _apply(self, p: Tensor, update: Tensor, group: dict[str, Any]) -> None:
-        """``p <- p - lr * update`` with decoupled weight decay (before or after: see the module doc)."""
+        """``p <- p - lr * update`` with decoupled weight decay (before or after: see the module doc), on
+        this process's shard of a sharded parameter."""
+        self._apply_many([p], [update], group)
+
+    def _apply_many(self, params: list[Tensor], updates: list[Tensor], group: dict[str, Any]) -> None:
+        """:meth:`_apply` of several parameters with multi-tensor kernels, on local shards."""
         lr, wd = group["lr"], group["weight_decay"]
+        ps = [local(p) for p in params]
+        us = [local(u).to(p.dtype) for p, u in zip(ps, updates, strict=True)]
         if wd and not self.decay_after_update:
-            p.mul_(1.0 - lr * wd)
-        p.add_(update.to(p.dtype), alpha=-lr)
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        torch._foreach_add_(ps, us, alpha=-lr)
         if wd and self.decay_after_update:
-            p.add_(p, alpha=-lr * wd)
+            torch._foreach_add_(ps, ps, alpha=-lr * wd)
 
     def _transform_update(self, p: Tensor, grad: Tensor, st: State, t: Transform, name: str) -> Tensor:
         if not st:

@@ -15,20 +15,22 @@ in a queue of the last ``lazy_window`` refreshes; when their mean reaches ``lazy
 is multiplied by ``lazy_growth`` (its subspace has stopped moving, so SVDs are skipped).
 
 Under FSDP2 a weight whose one projected side the projector computes from sums over rows (``row_sides``:
-the randomized SVD, random projections, DCT on the right) is updated on its row shard without gathering the
+the randomized SVD, random projections, the DCT) is updated on its row shard without gathering the
 gradient (:mod:`weightsmith.optim.sharded`); the others gather it, one weight at a time.
 """
 
 from __future__ import annotations
 
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from .projectors import LEFT, RIGHT, SVD, Projector
-from .sharded import Rows, local, rows
+from .sharded import Rows, local, reduce_many, rows, rows_of, use
 from .transform import ScaleByAdam, State, Transform
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -110,19 +112,24 @@ class LowRank:
     def refresh_many(self, items: list[tuple[Tensor, State]], batch_bytes: int = 2**29) -> None:
         """Refresh, before their updates, the subspaces of the weights that are due, with same-shaped
         gradients batched (``projector.refresh_batch``, in groups of at most ``batch_bytes`` of float32
-        gradient); their updates then find the subspace fresh. Without a batched projector it does nothing
-        (each update refreshes its own)."""
+        gradient); their updates then find the subspace fresh. Row-sharded (FSDP2) gradients are refreshed
+        from their local rows, a batch's sums over rows taking one all-reduce per stage for the whole batch.
+        Without a batched projector it does nothing (each update refreshes its own)."""
         if getattr(self.projector, "refresh_batch", None) is None:
             return
         groups: dict[tuple[Any, ...], list[tuple[Tensor, State]]] = {}
         for G, state in items:
             if self.due(state):
-                groups.setdefault((tuple(G.shape), G.dtype, G.device), []).append((G, state))
-        for (shape, _, _), group in groups.items():
+                where = rows_of(G) if isinstance(G, DTensor) else None
+                # keyed by the whole shape, the same on every process (so are the chunks below)
+                key = (tuple(G.shape), G.dtype, G.device, where)
+                groups.setdefault(key, []).append((local(G), state))
+        for (shape, _, _, where), group in groups.items():
             size = max(1, batch_bytes // (4 * shape[0] * shape[1]))
             for i in range(0, len(group), size):
                 chunk = group[i : i + size]
-                self._refresh_all([G for G, _ in chunk], [st for _, st in chunk])
+                with use(where) if where is not None else nullcontext():
+                    self._refresh_all([G for G, _ in chunk], [st for _, st in chunk])
 
     def _refresh(self, G: Tensor, state: State) -> None:
         self._refresh_all([G], [state])
@@ -153,13 +160,30 @@ class LowRank:
                 state["queue"] = []
             state["next"] = state["count"] + state["gap"]
 
-    def project(self, G: Tensor, state: State) -> Tensor:
+    def project(
+        self,
+        G: Tensor,
+        state: State,
+        pending: list[tuple[Tensor, Rows]] | None = None,
+        wrap: bool = True,
+    ) -> Tensor:
         """``P^T G`` (left) or ``G P^T`` (right). On row shards a left product is summed over the processes
-        and a right one stays split by rows (a row-sharded DTensor, so the inner optimiser's state is too)."""
+        and a right one stays split by rows (a row-sharded DTensor, so the inner optimiser's state is too;
+        ``wrap=False`` returns the local rows, for an inner optimiser whose sharded state exists already).
+        With ``pending``, a one-sided left product on row shards is returned unsummed and listed there, for
+        the caller to sum many at once (:func:`~weightsmith.optim.sharded.reduce_many`)."""
         where = rows(G)
-        for side in sides(self.proj_type, where.shape):
+        chosen = sides(self.proj_type, where.shape)
+        for side in chosen:
             P = local(self.projector.matrix(state["proj"][side], side)).to(G.dtype)
-            G = where.reduce(P.mT @ G) if side == LEFT else where.wrap(G @ P.mT)
+            if side == RIGHT:
+                G = G @ P.mT
+                G = where.wrap(G) if wrap else G
+            elif pending is not None and where.split and len(chosen) == 1:
+                G = P.mT @ G
+                pending.append((G, where))
+            else:
+                G = where.reduce(P.mT @ G)
         return G
 
     def project_back(self, R: Tensor, state: State, like: Tensor) -> Tensor:
@@ -173,22 +197,36 @@ class LowRank:
     def update_many(self, items: list[tuple[Tensor, State, Tensor]]) -> list[Tensor] | None:
         """:meth:`update` of several weights (``(grad, state, param)``), Adam's moment updates done by
         multi-tensor (foreach) kernels over all of them: the same arithmetic as :class:`ScaleByAdam`, op for
-        op, in a handful of kernel launches instead of several per weight. None when the inner optimiser is
-        not Adam (the caller then updates one weight at a time)."""
+        op, in a handful of kernel launches instead of several per weight. Row-sharded (FSDP2) gradients are
+        updated on their local rows, the left projections of all of them summed by one all-reduce; the
+        updates returned are then local rows. None when the inner optimiser is not Adam or a sharded
+        gradient cannot be updated on its rows (the caller then updates one weight at a time)."""
         adam = self.inner
         if not isinstance(adam, ScaleByAdam) or not items:
             return None
+        wheres = []
+        for grad, _, _ in items:
+            where = rows_of(grad) if isinstance(grad, DTensor) else rows(grad)
+            if where is None or (where.split and not self.shards_rows(tuple(grad.shape))):
+                return None
+            wheres.append(where)
         lows = []
-        for grad, state, param in items:
-            if self.due(state):
-                self._refresh(grad, state)
-            lows.append((self.project(grad, state), state["inner"], param))
+        pending: list[tuple[Tensor, Rows]] = []
+        for (grad, state, param), where in zip(items, wheres, strict=True):
+            with use(where):
+                if self.due(state):
+                    self._refresh(local(grad), state)
+                # Adam's moments are created (row-sharded, from a DTensor) on its first update only
+                low = self.project(local(grad), state, pending, wrap="mu" not in state["inner"])
+                lows.append((low, state["inner"], param))
             state["count"] += 1
+        reduce_many(pending)
         us = adam.update_many(lows)
-        return [
-            self.project_back(u, state, grad) * self.scale
-            for u, (grad, state, _) in zip(us, items, strict=True)
-        ]
+        out = []
+        for u, (grad, state, _), where in zip(us, items, wheres, strict=True):
+            with use(where):
+                out.append(self.project_back(u, state, local(grad)) * self.scale)
+        return out
 
     def update(self, grad: Tensor, state: State, param: Tensor) -> tuple[Tensor, State]:
         if self.due(state):

@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .sharded import local, rows
+from .sharded import current, local, reduce_many, rows
 from .transform import State
 
 LEFT, RIGHT = "left", "right"
@@ -108,11 +108,15 @@ class RandomizedSVD:
         k = min(rank + self.oversample, m, n)
         starts = []
         warm = self.warm_start and all("P" in state for state in states)
-        for G, state, seed in zip(Gs, states, seeds, strict=True):
+        bases: list[Tensor | None] = []  # the old row spaces; a left one's sums over rows in one all-reduce
+        for G, state in zip(Gs, states, strict=True):
+            prev = local(state["P"]).float() if self.warm_start and "P" in state else None
+            bases.append(None if prev is None else prev.mT if side == RIGHT else G.float().mT @ prev)
+        if side == LEFT:
+            reduce_many([(b, where) for b in bases if b is not None])
+        for basis, seed in zip(bases, seeds, strict=True):
             start = torch.randn(n, k, device=A.device, generator=_generator(seed, A.device))
-            if self.warm_start and "P" in state:
-                prev = local(state["P"]).float()
-                basis = prev.mT if side == RIGHT else where.reduce(G.float().mT @ prev)  # the old row space
+            if basis is not None:
                 start = torch.cat([basis[:, :k], start[:, basis.shape[1] :]], dim=1)
             starts.append(start)
         Q = orthonormal(where.reduce(A.mT @ (A @ torch.stack(starts))))
@@ -178,21 +182,30 @@ class DCT:
     """The r DCT-II basis vectors with the most gradient energy; the state is their indices (``idx``)."""
 
     name: str = "dct"
-    row_sides: tuple[str, ...] = (RIGHT,)  # column energies are sums over rows: one all-reduce of n values
+    # on row shards: right, the column energies are sums over rows (an all-reduce of n values); left,
+    # ``D^T G = sum_i D_i^T G_i`` (an all-reduce of m x n at a refresh only), the basis then split by rows
+    row_sides: tuple[str, ...] = (LEFT, RIGHT)
 
     def refresh(self, G: Tensor, side: str, rank: int, state: State, seed: int) -> None:
-        A = G.float() if side == LEFT else G.float().mT
-        D = dct_basis(A.shape[0], A.device)
-        energy = (D.mT @ A).square().sum(dim=1)
-        if side == RIGHT:
-            energy = rows(G).reduce(energy)
+        where = rows(G)
+        dim = where.shape[0] if side == LEFT else where.shape[1]
+        D = dct_basis(dim, G.device)
+        if side == LEFT:
+            energy = where.reduce(where.take(D).mT @ G.float()).square().sum(dim=1)
+        else:
+            energy = where.reduce((D.mT @ G.float().mT).square().sum(dim=1))
         state["idx"] = torch.topk(energy, min(rank, energy.numel())).indices
-        state["dim"] = int(A.shape[0])
+        state["dim"] = int(dim)
 
     def matrix(self, state: State, side: str) -> Tensor:
+        """Left: the selected columns (this process's rows of them inside a row-shard context); right:
+        their transpose."""
         idx = state["idx"]
         cols = dct_basis(int(state["dim"]), idx.device)[:, idx]
-        return cols if side == LEFT else cols.mT.contiguous()
+        if side == LEFT:
+            where = current()
+            return where.take(cols) if where is not None else cols
+        return cols.mT.contiguous()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -85,11 +86,45 @@ def rows_of(grad: Tensor) -> Rows | None:
         return None
     if tuple(grad.placements) != (Shard(0),):
         return None
+    return _row_shard(tuple(int(s) for s in grad.shape), grad.device_mesh)
+
+
+@lru_cache(maxsize=1024)
+def _row_shard(shape: tuple[int, ...], mesh: Any) -> Rows:
+    """This process's rows of a ``shape`` tensor sharded by rows on ``mesh`` (cached: computing it costs
+    tens of microseconds, and the optimizer asks for every weight at every step)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(grad.shape, grad.device_mesh, grad.placements)
-    m, n = grad.shape
-    return Rows((int(m), int(n)), int(offset[0]), int(shape[0]), grad.device_mesh)
+    local_shape, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, [Shard(0)])
+    return Rows((shape[0], shape[1]), int(offset[0]), int(local_shape[0]), mesh)
+
+
+def current() -> Rows | None:
+    """The rows set by :func:`use` (None outside it)."""
+    return _CURRENT.get()
+
+
+def reduce_many(parts: list[tuple[Tensor, Rows]]) -> None:
+    """Sum each tensor over the processes of its :class:`Rows`' mesh, in place, with one all-reduce per
+    process group and dtype: the tensors are flattened into one buffer (many small all-reduces cost a
+    launch and a latency each; the sum of each element is the same). Tensors of one process are left as
+    they are."""
+    buckets: dict[tuple[int, torch.dtype], tuple[Any, list[Tensor]]] = {}
+    for x, where in parts:
+        if where.mesh is None:
+            continue
+        group = where.mesh.get_group()
+        buckets.setdefault((id(group), x.dtype), (group, []))[1].append(x)
+    for group, xs in buckets.values():
+        if len(xs) == 1:
+            dist.all_reduce(xs[0], group=group)
+            continue
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        dist.all_reduce(flat, group=group)
+        start = 0
+        for x in xs:
+            x.copy_(flat[start : start + x.numel()].view_as(x))
+            start += x.numel()
 
 
 @contextmanager

@@ -24,9 +24,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from ..select import Selector
+from .sharded import local
 
 State = dict[str, Any]
 # A mask: weight names (a Selector, or its string form) or a predicate on (name, parameter).
@@ -154,7 +154,9 @@ class ScaleByAdam:
 
     def update_many(self, items: list[tuple[Tensor, State, Tensor]]) -> list[Tensor]:
         """:meth:`update` of several ``(grad, state, param)`` at once with multi-tensor (foreach) kernels:
-        the same arithmetic, op for op, in a few kernel launches instead of several per tensor."""
+        the same arithmetic, op for op, in a few kernel launches instead of several per tensor. Sharded
+        (DTensor) gradients get sharded moments, but the arithmetic runs on the local shards (one dispatch
+        per kernel instead of DTensor's per-tensor one) and the directions returned are local."""
         if not items:
             return []
         grads = []
@@ -164,8 +166,8 @@ class ScaleByAdam:
                 state["mu"] = torch.zeros_like(grad, dtype=dtype)
                 state["nu"] = torch.zeros_like(grad, dtype=dtype)
             state["count"] += 1
-            grads.append(grad.to(state["mu"].dtype))
-        mus, nus = [st["mu"] for _, st, _ in items], [st["nu"] for _, st, _ in items]
+            grads.append(local(grad).to(state["mu"].dtype))
+        mus, nus = [local(st["mu"]) for _, st, _ in items], [local(st["nu"]) for _, st, _ in items]
         torch._foreach_mul_(mus, self.b1)
         torch._foreach_add_(mus, grads, alpha=1.0 - self.b1)
         torch._foreach_mul_(nus, self.b2)
@@ -204,8 +206,8 @@ class ClipByNorm:
 def state_bytes(state: Any) -> int:
     """Bytes held by the tensors in a (nested) optimizer state, in this process (a DTensor: its shard)."""
     if isinstance(state, Tensor):
-        local = state.to_local() if isinstance(state, DTensor) else state
-        return local.numel() * local.element_size()
+        shard = local(state)
+        return shard.numel() * shard.element_size()
     if isinstance(state, dict):
         return sum(state_bytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):

@@ -64,6 +64,7 @@ from ..progress import bar as progress_bar
 from ..progress import log
 from ..tasks import Task, get_task
 from .checkpoint import CHECKPOINT, RunDir, load_checkpoint, read_meta, snapshot
+from .cuda_graph import TrainerGraph, check_trainer_option
 from .optimizer import OptimizerFactory, adamw_factory, describe, separate_head, updates_in_backward
 from .runs import FULL, HEAD, write_outputs
 
@@ -97,6 +98,8 @@ class TrainArgs:
     # How a multi-process (torchrun) run spreads the model: "ddp" (a copy in every process, gradients
     # all-reduced) or "fsdp2" (parameters, gradients and element-wise optimizer state sharded by rows).
     parallel: str = "ddp"
+    # Replay each batch's forward and backward as one CUDA graph (train/cuda_graph.py; CUDA only).
+    cuda_graphs: bool = False
 
 
 # Default micro-batch on the CPU: a causal LM keeps ~50 kB of activations per token per layer for the
@@ -148,6 +151,7 @@ def check_args(args: TrainArgs) -> None:
     )
     need(isinstance(args.bf16, bool), "bf16", "True or False", args.bf16)
     check_device(args.device)
+    check_trainer_option(args)
 
 
 def check_device(device: Any) -> None:
@@ -440,8 +444,9 @@ def _plain(x: Any) -> Any:
 
 def _comparable(run: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed run must share with the first: not the optimizer (checked apart) nor the
-    parallelism (a checkpoint holds full tensors, so DDP and FSDP2 runs resume each other)."""
-    args = {k: v for k, v in run.get("args", {}).items() if k != "parallel"}
+    parallelism (a checkpoint holds full tensors, so DDP and FSDP2 runs resume each other) nor
+    ``cuda_graphs`` (a graphed step computes what the eager one does)."""
+    args = {k: v for k, v in run.get("args", {}).items() if k not in ("parallel", "cuda_graphs")}
     return {**{k: v for k, v in run.items() if k != "optimizer"}, "args": args}
 
 
@@ -529,6 +534,12 @@ def _train(
         micro_tokens = CPU_MICRO_TOKENS
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    graphed = (  # --cuda-graphs: each batch's forward and backward as one CUDA graph
+        TrainerGraph(net, functools.partial(t.loss, trained), lambda: _regularization(net, method), t.kind,
+                     use_bf16, world.size, in_backward,
+                     lambda v: _diverged(run_dir, step, epoch, f"loss is {v}"))
+        if args.cuda_graphs else None
+    )  # fmt: skip
     start = time.perf_counter() - float(state["elapsed"])
     step, epoch = int(state["step"]), int(state["epoch"])
     net.train()
@@ -560,8 +571,8 @@ def _train(
                 if i % world.size != world.rank:
                     continue
                 ends_step = (micro + 1) % args.grad_accum == 0 or i + world.size >= n_batches
-                pieces = t.split(batch, micro_tokens)
-                loss_sum = 0.0
+                pieces = t.split(batch, micro_tokens) if graphed is None else []
+                loss_sum = 0.0 if graphed is None else graphed.backward(batch)
                 for j, (piece, weight) in enumerate(pieces):
                     piece = {k: v.to(device) for k, v in piece.items()}
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -583,7 +594,9 @@ def _train(
                 if not ends_step:
                     continue
                 if not in_backward:
-                    norm = nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm or float("inf"))
+                    # under FSDP2: the norm from the local shards and one all-reduce (no DTensor dispatch)
+                    clip = distributed.clip_grad_norm if sharded else nn.utils.clip_grad_norm_
+                    norm = clip(list(params.values()), args.max_grad_norm or float("inf"))
                     if not torch.isfinite(norm):
                         _diverged(run_dir, step, epoch, f"gradient norm is {float(distributed.local(norm))}")
                 # updates inside backward have consumed every gradient: step() finds none and does nothing,

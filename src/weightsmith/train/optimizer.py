@@ -26,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..distributed import is_dtensor
+
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]], float], torch.optim.Optimizer]
 """``factory(named_trainable_parameters, lr) -> optimizer``."""
 
@@ -34,8 +36,16 @@ def adamw_factory(
     params: list[tuple[str, nn.Parameter]], lr: float, *, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
     """The default :data:`OptimizerFactory`: AdamW over every trainable parameter in one group
-    (``functools.partial(adamw_factory, weight_decay=0.01)`` sets the decay)."""
-    return torch.optim.AdamW([{"params": [p for _, p in params], "lr": lr}], lr=lr, weight_decay=weight_decay)
+    (``functools.partial(adamw_factory, weight_decay=0.01)`` sets the decay). Under FSDP2 (sharded, DTensor
+    parameters) it is torch's fused AdamW: one DTensor dispatch for the whole step, where the default
+    multi-tensor (foreach) implementation dispatches each of its dozen list operations through DTensor."""
+    sharded = bool(params) and all(is_dtensor(p) for _, p in params)
+    return torch.optim.AdamW(
+        [{"params": [p for _, p in params], "lr": lr}],
+        lr=lr,
+        weight_decay=weight_decay,
+        fused=True if sharded else None,
+    )
 
 
 @runtime_checkable
