@@ -1,4 +1,5 @@
-"""Side by side with llm-compressor: RTN, GPTQ and AWQ on the same model, calibration data and evaluator.
+"""Side by side with llm-compressor: RTN, GPTQ, AWQ, SparseGPT and Wanda on the same model, calibration data
+and evaluator.
 
 For each method and bit width both libraries quantise a fresh copy of the model on the same calibration
 windows (``weightsmith.compress.calibration_batches``: --samples windows of --seq-len tokens of Hamlet's
@@ -9,6 +10,12 @@ logits on 4 x 256 held-out tokens. Our GPTQ runs with ``act_order`` on, as llm-c
 (``actorder: static``) does; on a 2-layer random Llama (3 bits, group 16) the two then agree to 4 digits in
 logit error (0.1761 both) and RTN's logits agree exactly.
 
+Pruners (``--methods sparsegpt,wanda``) run at each ``--prune`` setting (``0.5``: 50 % unstructured; ``2:4``:
+keep 2 of every 4 input weights) against llm-compressor's ``SparseGPTModifier`` / ``WandaPruningModifier``
+with the same sparsity or ``mask_structure``, damping 0.01 and block 128 (both libraries' defaults); the
+rows report ``sparsity`` (the setting) instead of bits. Our Wanda compares weights within each output row
+(the paper's group), as llm-compressor's does.
+
 llm-compressor (``llmcompressor``) is imported only here; without it the script runs weightsmith alone.
 llmcompressor 0.14 pins transformers <= 5.17 and compressed-tensors 0.19; install it with ``--no-deps``
 (``pip install --no-deps llmcompressor==0.14.0.1``) so the environment keeps its versions (it imports and
@@ -18,6 +25,11 @@ runs with transformers 5.24 and compressed-tensors 0.20.1). Its AWQ needs an acc
         --out benchmarks/results/compress_vs_llmcompressor_smollm2.json
     .venv/bin/python benchmarks/bench_compress.py --device cuda --model DIR_OF_A_1B_LLAMA --group-size 128 \
         --out benchmarks/results/compress_vs_llmcompressor_1b.json
+    .venv/bin/python benchmarks/bench_compress.py --device cuda --model random-llama-1b \
+        --methods sparsegpt,wanda --prune 0.5,2:4 --samples 128 --seq-len 512 --eval-tokens 4096 \
+        --out benchmarks/results/prune_vs_llmcompressor_1b.json
+    .venv/bin/python benchmarks/bench_compress.py --model random-llama-tiny --methods sparsegpt,wanda \
+        --samples 8 --seq-len 64 --eval-tokens 512      # a CPU smoke run (seconds)
 
 Where no trained model can travel (the GPU machine reaches no hub and carries at most 64 MiB), ``--model
 random-llama-1b`` builds a random-init Llama-shaped 1.1B model (hidden 2048, 22 layers, intermediate 5632,
@@ -44,8 +56,18 @@ from weightsmith.compress import calibration_batches, compress, heldout_text
 from weightsmith.config import config_from_dict
 from weightsmith.evaluate import perplexity
 from weightsmith.models import load_model
+from weightsmith.staging import write_text
 
 LLMC_MODIFIER = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier", "awq": "AWQModifier"}
+PRUNERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
+
+
+def prune_setting(spec: str) -> dict[str, Any]:
+    """``"0.5"`` -> ``{"sparsity": 0.5}``; ``"2:4"`` -> ``{"n": 2, "m": 4}``."""
+    if ":" in spec:
+        n, m = spec.split(":")
+        return {"n": int(n), "m": int(m)}
+    return {"sparsity": float(spec)}
 
 
 def _peak_reset(dev: torch.device) -> None:
@@ -88,6 +110,16 @@ def random_llama(size: str, text: str) -> tuple[Any, Any]:
     return model.cpu().eval(), tok
 
 
+def zero_fraction(model: Any) -> float:
+    """The fraction of exact zeros over the weights of the decoder's Linear layers (lm_head left out)."""
+    ws = [
+        mod.weight
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name
+    ]
+    return sum(int((w == 0).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
+
+
 def run_ours(
     model: Any,
     method: str,
@@ -97,8 +129,11 @@ def run_ours(
     dev: torch.device,
     tok: Any,
     extra: dict[str, Any] | None = None,
+    prune: dict[str, Any] | None = None,
 ) -> Any:
     opts: dict[str, Any] = {"method": method, "bits": bits, "group_size": group}
+    if method in PRUNERS:
+        opts = {"method": method, **(prune or {})}
     if method == "gptq":
         opts["act_order"] = True  # llm-compressor's GPTQModifier default: actorder "static"
     opts.update((extra or {}).get(method, {}))
@@ -108,12 +143,19 @@ def run_ours(
 
 
 def run_llmcompressor(
-    model: Any, method: str, bits: int, group: int, calib: list[Any], dev: torch.device, tok: Any
+    model: Any,
+    method: str,
+    bits: int,
+    group: int,
+    calib: list[Any],
+    dev: torch.device,
+    tok: Any,
+    prune: dict[str, Any] | None = None,
 ) -> Any:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers import awq, quantization
+    from llmcompressor.modifiers import awq, pruning, quantization
 
     args = QuantizationArgs(
         num_bits=bits,
@@ -123,8 +165,15 @@ def run_llmcompressor(
         group_size=group or None,
     )
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
-    mod = awq.AWQModifier if method == "awq" else getattr(quantization, LLMC_MODIFIER[method])
-    recipe = mod(config_groups=groups, ignore=["lm_head"])
+    if method in PRUNERS:
+        p = prune or {}
+        structure = f"{p['n']}:{p['m']}" if p.get("m") else "0:0"
+        recipe = getattr(pruning, PRUNERS[method])(
+            sparsity=p.get("sparsity", 0.5), mask_structure=structure, ignore=["re:.*lm_head"]
+        )  # its pruners name a matched Linear "lm_head." (trailing dot): a plain "lm_head" would not match
+    else:
+        mod = awq.AWQModifier if method == "awq" else getattr(quantization, LLMC_MODIFIER[method])
+        recipe = mod(config_groups=groups, ignore=["lm_head"])
     ids = torch.cat([b["input_ids"] for b in calib])
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model.to(dev)
@@ -148,6 +197,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--prune", default="0.5,2:4", help="pruners' settings: sparsities and N:M, e.g. 0.5,2:4")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -209,33 +259,45 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = [{"library": "-", "method": "fp", "ppl": ppl(copy.deepcopy(base))}]
     print(rows[-1], flush=True)
-    for bits in [int(b) for b in args.bits.split(",")]:
-        for method in args.methods.split(","):
-            for lib in libs:
-                m = copy.deepcopy(base)
-                _peak_reset(dev)
-                t0 = time.perf_counter()
-                if lib == "weightsmith":
-                    m = run_ours(m, method, bits, args.group_size, calib, dev, tok, extra)
-                else:
-                    m = run_llmcompressor(m, method, bits, args.group_size, calib, dev, tok)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                seconds = time.perf_counter() - t0
-                peak = _peak_mb(dev)
-                row = {"library": lib, "method": method, "bits": bits, "group": args.group_size,
-                       "ppl": ppl(m), "logit_error": logit_error(m), "seconds": seconds,
-                       "peak_mb": peak}  # fmt: skip
-                if lib == "weightsmith" and extra.get(method):
-                    row["opts"] = extra[method]
-                rows.append(row)
-                print(row, flush=True)
-                if args.out is not None:
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(rows, indent=1))
-                del m
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+    methods = args.methods.split(",")
+    jobs: list[tuple[str, int, dict[str, Any] | None]] = [
+        (method, int(b), None) for b in args.bits.split(",") for method in methods if method not in PRUNERS
+    ]
+    jobs += [
+        (method, 0, prune_setting(p))
+        for p in args.prune.split(",")
+        for method in methods
+        if method in PRUNERS
+    ]
+    for method, bits, prune in jobs:
+        for lib in libs:
+            m = copy.deepcopy(base)
+            _peak_reset(dev)
+            t0 = time.perf_counter()
+            if lib == "weightsmith":
+                m = run_ours(m, method, bits, args.group_size, calib, dev, tok, extra, prune)
+            else:
+                m = run_llmcompressor(m, method, bits, args.group_size, calib, dev, tok, prune)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            seconds = time.perf_counter() - t0
+            peak = _peak_mb(dev)
+            row: dict[str, Any] = {"library": lib, "method": method}
+            if prune is None:
+                row |= {"bits": bits, "group": args.group_size}
+            else:
+                row |= {"sparsity": f"{prune['n']}:{prune['m']}" if "m" in prune else prune["sparsity"],
+                        "zeros": zero_fraction(m)}  # fmt: skip
+            row |= {"ppl": ppl(m), "logit_error": logit_error(m), "seconds": seconds, "peak_mb": peak}
+            if lib == "weightsmith" and extra.get(method):
+                row["opts"] = extra[method]
+            rows.append(row)
+            print(row, flush=True)
+            if args.out is not None:
+                write_text(args.out, json.dumps(rows, indent=1))
+            del m
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

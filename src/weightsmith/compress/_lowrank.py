@@ -330,6 +330,8 @@ class LowRankLinear(nn.Module):
                 self.up.bias.copy_(bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        # two plain GEMMs (nn.Linear: F.linear on contiguous weights); called as modules so that hooks and
+        # adapters attached to ``down`` / ``up`` see them
         return self.up(self.down(x))  # type: ignore[no-any-return]
 
 
