@@ -3,14 +3,19 @@
     python benchmarks/bench_merge.py all DIR [--size 1b|mid|small] [--device cpu|cuda] [--json OUT.json]
                                              [--methods ties,task_arithmetic,slerp,model_stock,della,regmean]
                                              [--repeat N] [--tools mergekit,weightsmith] [--floors 1|0]
+                                             [--read-floor]
 
 ``all`` generates a random Llama-shaped base and 4 "fine-tunes" (base + small Gaussian noise, bf16,
 sharded safetensors with an index; tensors are drawn directly, no model is built) under DIR, then runs
 each method over the checkpoints with mergekit and with weightsmith (reading the very same mergekit
-YAML), each in its own subprocess so that peak RSS (ru_maxrss) is per run, plus a read-only pass over the
-inputs (the IO floor). Both write 2 GB shards; the time of a run is the fastest of ``--repeat`` runs in
-that process (the machine may be shared), imports excluded; ``cpu_s`` is the least CPU time (all threads)
-of those runs, steadier than wall time on a shared machine, and ``all_seconds`` / ``all_cpu_s`` list each.
+YAML), each in its own subprocess so that peak RSS (ru_maxrss) is per run, plus the IO floors: ``read``
+(every tensor of the 5 checkpoints through ``execute.Reader``, the executor's parallel positioned reads,
+pinned staging on a GPU), ``read-serial`` (one tensor at a time into a fresh buffer, then ``.to(device)``:
+the reading before issue 12) and ``read+write`` (``read`` and one model written), each with ``gb_per_s``;
+``--read-floor`` runs the floors only. Both write 2 GB shards; the time of a run is the fastest of
+``--repeat`` runs in that process (the machine may be shared), imports excluded; ``cpu_s`` is the least
+CPU time (all threads) of those runs, steadier than wall time on a shared machine, and ``all_seconds`` /
+``all_cpu_s`` list each.
 
 - TIES (density 0.2) and task arithmetic over the 4 checkpoints, as the YAML of ``recipe``;
 - SLERP (two models, per-layer t gradients), Model Stock (4 models) and DELLA (density 0.5, epsilon 0.1),
@@ -185,10 +190,38 @@ def recipe(root: Path, method: str, tool: str = "weightsmith") -> Path:
     return path
 
 
+CHECKPOINTS = ["base"] + [f"ft{j}" for j in range(1, N_MODELS + 1)]
+
+
 def _load(store: object, name: str, device: str) -> torch.Tensor:
-    """Read one tensor for real: safetensors may hand back a lazily memory-mapped tensor on CPU."""
+    """One tensor as weightsmith read it before the parallel reader: a positioned read into a fresh host
+    buffer, then (on a GPU) a copy from that pageable buffer."""
     t = store[name]  # type: ignore[index]
-    return t.to(device) if device != "cpu" else t.clone()
+    return t.to(device)
+
+
+def input_bytes(root: Path) -> int:
+    from weightsmith.store import open_store
+
+    total = 0
+    for d in CHECKPOINTS:
+        s = open_store(root / d)
+        total += sum(s.meta(n).nbytes for n in s)
+    return total
+
+
+def read_floor(root: Path, device: str, threads: int | None = None) -> dict[str, float]:
+    """Read every tensor of the 5 checkpoints as a merge reads them (``execute.Reader``: each name's
+    tensors of every checkpoint at once, in chunks, by parallel positioned reads; on a GPU through pinned
+    staging slots), dropping each name's tensors before the next. Returns the bytes read and copied."""
+    from weightsmith.execute import Reader
+    from weightsmith.store import open_store
+
+    stores = [open_store(root / d) for d in CHECKPOINTS]
+    with Reader(device, threads=threads) as rd:
+        for name in stores[0]:
+            rd.read([(s, name) for s in stores])
+    return {"bytes": float(rd.bytes_read), "bytes_staged": float(rd.bytes_copied), "threads": rd.threads}
 
 
 def mergekit_options(device: str) -> object:
@@ -264,22 +297,27 @@ def worker(tool: str, method: str, root: Path, device: str, repeat: int = 1) -> 
         extra["note"] = "mergekit has no RegMean: this row is mergekit's linear merge of the same 4 models"
 
     def once() -> dict[str, float]:
-        if tool == "read":
+        if tool == "read-serial":  # the reading before issue 12's reader: one tensor at a time
             from weightsmith.store import open_store
 
             total = 0
-            for d in ["base"] + [f"ft{j}" for j in range(1, N_MODELS + 1)]:
+            for d in CHECKPOINTS:
                 s = open_store(root / d)
                 for name in s:
                     total += _load(s, name, device).numel()
-        elif tool == "read+write":  # the IO floor of any merge: read every input, write one model
+            return {"bytes": float(input_bytes(root))}
+        if tool == "read":  # the executor's reader: every name's 5 tensors, chunks read in parallel
+            return read_floor(root, device)
+        if tool == "read+write":  # the IO floor of any merge: read every input, write one model
+            from weightsmith.execute import Reader
             from weightsmith.store import ShardWriter, open_store
 
-            stores = [open_store(root / d) for d in ["base"] + [f"ft{j}" for j in range(1, N_MODELS + 1)]]
-            with ShardWriter(out, max_shard_bytes=2 * 10**9) as w:
+            stores = [open_store(root / d) for d in CHECKPOINTS]
+            with Reader(device) as rd, ShardWriter(out, max_shard_bytes=2 * 10**9) as w:
                 for name in stores[0]:
-                    ts = [_load(s, name, device) for s in stores]
+                    ts = rd.read([(s, name) for s in stores])
                     w.add(name, ts[0])
+            return {"bytes": float(input_bytes(root))}
         elif tool == "mergekit":
             from mergekit.config import MergeConfiguration
             from mergekit.merge import run_merge
@@ -313,6 +351,8 @@ def worker(tool: str, method: str, root: Path, device: str, repeat: int = 1) -> 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
     row = {"tool": tool, "method": method, "seconds": min(times), "all_seconds": times}
+    if "bytes" in extra:
+        extra["gb_per_s"] = extra["bytes"] / min(times) / 1e9  # type: ignore[operator]
     print(json.dumps({**row, "peak_rss_mb": peak, "gpu_peak_mb": gpu_peak, **extra}))
 
 
@@ -391,7 +431,9 @@ def main() -> None:
     if mode == "worker":
         worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
         return
-    args = dict(zip(sys.argv[3::2], sys.argv[4::2], strict=False))
+    floors_only = "--read-floor" in sys.argv  # a flag: the read floors and nothing else
+    argv = [a for a in sys.argv if a != "--read-floor"]
+    args = dict(zip(argv[3::2], argv[4::2], strict=False))
     device = args.get("--device", "cpu")
     if mode == "opcm":
         if device == "cpu":
@@ -412,10 +454,12 @@ def main() -> None:
     methods = args.get("--methods", ",".join(METHODS)).split(",")
     if "regmean" in methods:
         add_tokenizer(root)
-    if args.get("--floors", "1") == "1":
-        for floor in ("read", "read+write"):
+    if args.get("--floors", "1") == "1" or floors_only:
+        for floor in ("read-serial", "read", "read+write"):
             results["runs"].append(spawn(floor, "inputs", root, device, repeat))
             print(json.dumps(results["runs"][-1]), flush=True)
+    if floors_only:
+        methods = []
     tools = args.get("--tools", "mergekit,weightsmith").split(",")
     for method in methods:
         for tool in tools:

@@ -3,9 +3,14 @@
 Every job that walks checkpoints tensor by tensor (merge, OPCM, analyze, and the coming compress job) runs
 through here:
 
+- :class:`Reader` reads the tensors of one item with a pool of positioned-read threads (``os.preadv``
+  releases the GIL): on the CPU each byte is read once, from the page cache straight into the tensor; on a
+  GPU once into a reused pinned staging slot and from there by one asynchronous copy on a side stream.
 - :class:`ReadAhead` reads the next items on a background thread while the caller works on the current one,
-  holding at most a byte budget of read-but-unfinished inputs (an item larger than the budget is read only
-  when nothing else is held).
+  holding at most a byte budget (a :class:`ByteBudget`, which the write-behind shares) of read-but-unfinished
+  inputs and unwritten results (an item larger than the budget is read only when nothing else is held). On a
+  GPU the budget is :func:`device_budget`: the largest item's footprint (its inputs and its result, what
+  mergekit holds at a time), and at most a fraction of the free device memory.
 - :class:`WriteBehind` feeds a :class:`~weightsmith.store.ShardWriter` from a background thread, so the
   device-to-host copy, the dtype cast and serialisation overlap the next tensor's work.
 - :func:`stream` combines the two over same-named tensors of several stores, with device placement, an
@@ -18,9 +23,12 @@ without an active exception" (exit 134).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -30,11 +38,23 @@ from torch import Tensor
 from .errors import ShapeMismatchError, WeightsmithError
 from .progress import track
 from .select import Selector
-from .store import ShardWriter, WeightStore
+from .store import SafetensorsStore, ShardWriter, WeightStore
 
 T = TypeVar("T")
 R = TypeVar("R")
-PREFETCH_BYTES = 1 << 28  # default read-ahead budget of a merge
+PREFETCH_BYTES = 1 << 28  # default read-ahead budget of a merge on the CPU
+DEVICE_FRACTION = 0.5  # at most this fraction of the free GPU memory is held by read-ahead and write-behind
+READ_CHUNK = 8 << 20  # bytes per positioned read, and per pinned staging slot
+
+
+def read_threads() -> int:
+    """Reader threads: ``$WEIGHTSMITH_READ_THREADS`` when set, else min(8, CPU count)."""
+    raw = os.environ.get("WEIGHTSMITH_READ_THREADS", "").strip()
+    if not raw:
+        return min(8, os.cpu_count() or 1)
+    if not raw.isdigit() or int(raw) < 1:
+        raise WeightsmithError(f"WEIGHTSMITH_READ_THREADS={raw!r}: give a positive whole number of threads")
+    return int(raw)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -77,6 +97,171 @@ def is_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
+class Reader:
+    """Read the same-named tensors of several stores onto ``device``, chunks of all of them at once.
+
+    Each tensor of a :class:`~weightsmith.store.SafetensorsStore` is cut into ``chunk``-byte ranges that a
+    pool of ``threads`` workers reads with positioned reads (``os.preadv`` releases the GIL, so the reads
+    of the 5 inputs of a merge run in parallel). Every byte is copied once by the kernel, from the page
+    cache straight into the destination tensor on the CPU; for a GPU (``staged``) into one of
+    ``2 * threads`` reused pinned host slots and from there by one asynchronous host-to-device copy on a
+    side stream (a slot is refilled once its copy is done), so the host holds no second copy of the
+    checkpoint and no page of a fresh buffer is faulted in. ``staged=True`` on the CPU runs the same slot
+    logic with plain host slots (for tests). Other stores are read with ``store[name].to(device)``.
+    ``bytes_read`` / ``bytes_copied`` count the bytes read from files and copied out of staging slots.
+    Use it in a ``with`` block (the pool's threads are joined on the way out). ``threads`` defaults to
+    ``$WEIGHTSMITH_READ_THREADS``, else min(8, CPU count)."""
+
+    def __init__(
+        self,
+        device: str | torch.device | None = "cpu",
+        *,
+        threads: int | None = None,
+        chunk: int = READ_CHUNK,
+        staged: bool | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.cuda = self.device.type == "cuda"
+        self.staged = self.device.type != "cpu" if staged is None else staged
+        self.threads, self.chunk = max(1, threads or read_threads()), max(1, chunk)
+        self.bytes_read = self.bytes_copied = 0
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots: queue.Queue[tuple[Tensor, Any]] | None = None
+        self._side = torch.cuda.Stream(self.device) if self.cuda else None
+        self._consumer = torch.cuda.current_stream(self.device) if self.cuda else None
+
+    def _start(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="weightsmith-read")
+        if self.staged and self._slots is None:
+            self._slots = queue.Queue()
+            for _ in range(2 * self.threads):
+                self._slots.put((torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.cuda), None))
+        return self._pool
+
+    def _empty(self, nbytes: int) -> Tensor:
+        if self._side is None:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with torch.cuda.stream(self._side):  # its pool: the copies into it run on this stream
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def _read_chunk(self, store: SafetensorsStore, name: str, dst: Tensor, start: int) -> None:
+        n = dst.numel()
+        if not self.staged:
+            store.read_into(name, dst, start)
+        else:
+            assert self._slots is not None
+            slot, done = self._slots.get()
+            try:
+                if done is not None:
+                    done.synchronize()  # the slot's previous copy has left it
+                    done = None
+                buf = slot[:n]
+                store.read_into(name, buf, start)
+                if self._side is not None:
+                    with torch.cuda.stream(self._side):
+                        dst.copy_(buf, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record(self._side)
+                else:
+                    dst.copy_(buf)
+            finally:
+                self._slots.put((slot, done))
+            with self._lock:
+                self.bytes_copied += n
+        with self._lock:
+            self.bytes_read += n
+
+    def read(self, pairs: Sequence[tuple[WeightStore, str]]) -> list[Tensor]:
+        """``store[name]`` on the device for each ``(store, name)``, read in parallel."""
+        out: list[Tensor] = []
+        jobs: list[tuple[SafetensorsStore, str, Tensor, int]] = []
+        for store, name in pairs:
+            if not isinstance(store, SafetensorsStore):
+                out.append(store[name].to(self.device))
+                continue
+            meta = store.meta(name)
+            raw = self._empty(meta.nbytes)
+            out.append(raw.view(meta.dtype).reshape(meta.shape))
+            jobs += [(store, name, raw[a : a + self.chunk], a) for a in range(0, meta.nbytes, self.chunk)]
+        if not jobs:
+            return out
+        pool = self._start()
+        futures = [pool.submit(self._read_chunk, *job) for job in jobs]
+        errors = [f.exception() for f in futures]  # wait for all: no worker may still write into `out`
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        if self._side is not None and self._consumer is not None:
+            self._side.synchronize()  # the copies are done: the tensors are ready on any stream
+            for t in out:
+                if t.is_cuda:
+                    t.record_stream(self._consumer)  # not reused by the side stream while still in use
+        return out
+
+    def side(self) -> Any:
+        """A context in which work queued on the device runs on the reader's side stream (on the CPU:
+        nothing changes), so checking a tensor just read waits only for the reads."""
+        return torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Join the pool's threads and drop the staging slots."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._slots is not None:
+            while not self._slots.empty():
+                _, done = self._slots.get_nowait()
+                if done is not None:
+                    done.synchronize()
+            self._slots = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def device_budget(device: torch.device, footprint: int, free: int | None = None) -> int:
+    """Bytes that read-ahead and write-behind may hold on ``device`` (inputs read, results not yet written).
+
+    On the CPU: :data:`PREFETCH_BYTES`. On a GPU: ``min(footprint, DEVICE_FRACTION * free)``, where
+    ``footprint`` is the largest single item's inputs plus its result. That is what mergekit holds at a time
+    (one tensor of every input and the merged tensor), so read-ahead never raises the peak above it: small
+    tensors are read ahead while a large one is merged only if they fit beside it, and the largest item is
+    read when nothing else is held. ``free`` defaults to the device's free memory now."""
+    if device.type == "cpu":
+        return PREFETCH_BYTES
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else footprint
+    return max(1, min(footprint, int(DEVICE_FRACTION * free)))
+
+
+class ByteBudget:
+    """Bytes held against a limit, shared by a :class:`ReadAhead` (inputs read, not yet finished) and a
+    :class:`WriteBehind` (results not yet written). ``peak`` is the most ever held."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self.cond:
+            self.held += n
+            self.peak = max(self.peak, self.held)
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.held -= n
+            self.cond.notify_all()
+
+
 class _Failed:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
@@ -101,16 +286,17 @@ class ReadAhead(Generic[T, R]):
         read: Callable[[T], R],
         *,
         size: Callable[[T], int] | None = None,
-        budget: int = PREFETCH_BYTES,
+        budget: int | ByteBudget = PREFETCH_BYTES,
         depth: int | None = None,
         background: bool = True,
     ) -> None:
         self.items, self.read = list(items), read
         self.size = size or (lambda _item: 0)
-        self.budget, self.depth, self.background = budget, depth, background
+        self.budget = budget if isinstance(budget, ByteBudget) else ByteBudget(budget)
+        self.depth, self.background = depth, background
         self._q: queue.Queue[Any] = queue.Queue()
-        self._cond = threading.Condition()
-        self._held, self._held_items, self._stop = 0, 0, False
+        self._cond = self.budget.cond
+        self._held_items, self._stop = 0, False
         self._thread: threading.Thread | None = None
 
     def _work(self) -> None:
@@ -118,11 +304,11 @@ class ReadAhead(Generic[T, R]):
             for item in self.items:
                 need = self.size(item)
                 with self._cond:
-                    while not self._stop and self._held_items and self._full(need):
+                    while not self._stop and (self._held_items or self.budget.held) and self._full(need):
                         self._cond.wait()
                     if self._stop:
                         return
-                    self._held += need
+                    self.budget.take(need)
                     self._held_items += 1
                 self._q.put((item, self.read(item), need))
         except BaseException as exc:  # handed to the caller, which re-raises it
@@ -131,13 +317,13 @@ class ReadAhead(Generic[T, R]):
         self._q.put(_DONE)
 
     def _full(self, need: int) -> bool:
-        return self._held + need > self.budget or (self.depth is not None and self._held_items >= self.depth)
+        over = self.budget.held + need > self.budget.limit
+        return over or (self.depth is not None and self._held_items >= self.depth)
 
     def _release(self, need: int) -> None:
         with self._cond:
-            self._held -= need
             self._held_items -= 1
-            self._cond.notify()
+            self.budget.give(need)
 
     def __iter__(self) -> Iterator[tuple[T, R]]:
         if not self.background:
@@ -190,8 +376,11 @@ class WriteBehind:
     the queue and re-raises the first error; ``close()`` (every error path) drops what is queued and joins.
     """
 
-    def __init__(self, add: Callable[[str, Tensor], None], depth: int = 2) -> None:
+    def __init__(
+        self, add: Callable[[str, Tensor], None], depth: int = 2, budget: ByteBudget | None = None
+    ) -> None:
         self.add = add
+        self.budget = budget  # each queued tensor's bytes are held against it until written
         self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self._cancel = False
@@ -200,23 +389,30 @@ class WriteBehind:
 
     def _work(self) -> None:
         while (item := self._q.get()) is not None:
-            if self.error is not None or self._cancel:
-                continue
-            name, tensor, dtype = item
+            name, tensor, dtype, held = item
             del item
+            t: Tensor | None = None
             try:
-                t = tensor.to("cpu")
-                del tensor
-                self.add(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+                if self.error is None and not self._cancel:
+                    t = tensor.to("cpu")
+                    del tensor  # the device copy is freed before the (slow) write
+                    self.add(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
             except BaseException as exc:
                 self.error = exc
+            finally:
+                tensor = t = None
+                if self.budget is not None and held:
+                    self.budget.give(held)
 
     def put(self, name: str, tensor: Tensor, dtype: torch.dtype | None = None) -> None:
         if self.error is not None:
             raise self.error
         if dtype is not None and tensor.device.type != "cpu" and tensor.is_floating_point():
             tensor = tensor.to(dtype)  # cast on the device (queued, not waited for): fewer bytes to copy
-        self._q.put((name, tensor, dtype))
+        held = tensor.numel() * tensor.element_size() if self.budget is not None else 0
+        if held:
+            self.budget.take(held)  # type: ignore[union-attr]
+        self._q.put((name, tensor, dtype, held))
 
     def finish(self) -> None:
         self._q.put(None)
@@ -243,7 +439,7 @@ def stream(
     dtype: torch.dtype | None = None,
     keep_dtype: bool = False,
     check_finite: bool = False,
-    prefetch_bytes: int = PREFETCH_BYTES,
+    prefetch_bytes: int | None = None,
     description: str = "weights",
     verb: str = "processing",
 ) -> dict[str, Any]:
@@ -256,6 +452,10 @@ def stream(
     ``{}`` is returned; without one, ``{name: result}`` of the chosen names. ``check_finite`` refuses NaN/Inf
     inputs, naming the tensor and its store. Kernel errors (``RuntimeError``/``ValueError``) become a
     :class:`WeightsmithError` naming the tensor.
+
+    Inputs are read by a :class:`Reader`; ``prefetch_bytes`` bounds what is held at once (inputs read
+    ahead, the item being worked on and, with a writer, results not yet written, each result counted from
+    the moment its item is read); ``None``: :func:`device_budget`, 0: no read-ahead thread.
     """
     if not stores:
         raise ValueError("stream needs at least one store")
@@ -266,50 +466,70 @@ def stream(
     def sources(name: str) -> Sequence[WeightStore]:
         return stores if name in picked else stores[:1]
 
-    def read(name: str) -> list[Tensor]:
-        out = []
-        for s in sources(name):
-            t = s[name].to(dev, non_blocking=dev.type == "cuda")
-            if check_finite and not is_finite(t):
-                raise WeightsmithError(
-                    f"tensor '{name}' in {s.source} contains NaN or Inf; fix or re-download that checkpoint"
-                )
-            out.append(t)
-        return out
-
     def size(name: str) -> int:
-        return sum(s.meta(name).nbytes for s in sources(name))
+        need = sum(s.meta(name).nbytes for s in sources(name))
+        if writer is None or name not in picked:
+            return need
+        meta = stores[0].meta(name)  # its result, written behind: the first input's shape, in ``dtype``
+        if dtype is None or not meta.dtype.is_floating_point:
+            return need + meta.nbytes
+        return need + meta.nbytes // meta.dtype.itemsize * dtype.itemsize
 
+    limit = prefetch_bytes
+    if limit is None:
+        limit = device_budget(dev, max((size(n) for n in order), default=0))
+    budget = ByteBudget(limit)
     results: dict[str, Any] = {}
-    behind = WriteBehind(writer.add) if writer is not None else None
-    reader = ReadAhead(order, read, size=size, budget=prefetch_bytes, background=prefetch_bytes > 0)
-    try:
-        with reader:
-            for name, tensors in track(reader, description, len(order)):
-                first = tensors[0]
-                if name not in picked:
-                    if behind is not None:
-                        behind.put(name, first, dtype if first.is_floating_point() else None)
-                    continue
-                try:
-                    result = fn(name, tensors)
-                except WeightsmithError:
-                    raise
-                except (RuntimeError, ValueError) as exc:
-                    raise WeightsmithError(f"{verb} tensor '{name}' failed: {exc}") from exc
-                del tensors
-                if behind is None:
-                    results[name] = result
-                    continue
-                target = dtype or (first.dtype if keep_dtype else None)
-                if target is not None and isinstance(result, Tensor) and result.is_cuda:
-                    result = result.to(target)  # cast before the copy: fewer bytes cross the bus
-                behind.put(name, result, target)
-        if behind is not None:
-            behind.finish()
-    finally:
-        if behind is not None:
-            behind.close()
+    with Reader(dev) as rd:
+
+        def read(name: str) -> list[list[Tensor]]:
+            """The tensors, in a box the consumer empties: so no one else (a progress bar holding the
+            last item) keeps them alive after the item's bytes are given back to the budget."""
+            srcs = sources(name)
+            out = rd.read([(s, name) for s in srcs])
+            if check_finite:
+                with rd.side():
+                    for s, t in zip(srcs, out, strict=True):
+                        if not is_finite(t):
+                            raise WeightsmithError(
+                                f"tensor '{name}' in {s.source} contains NaN or Inf; fix or re-download "
+                                "that checkpoint"
+                            )
+            return [out]
+
+        behind = WriteBehind(writer.add, budget=budget) if writer is not None else None
+        reader = ReadAhead(order, read, size=size, budget=budget, background=limit > 0)
+        try:
+            with reader:
+                for name, box in track(reader, description, len(order)):
+                    tensors = box.pop()
+                    first = tensors[0]
+                    target = dtype or (first.dtype if keep_dtype else None)
+                    if name not in picked:
+                        if behind is not None:
+                            behind.put(name, first, dtype if first.is_floating_point() else None)
+                        del first, tensors
+                        continue
+                    del first
+                    try:
+                        result = fn(name, tensors)
+                    except WeightsmithError:
+                        raise
+                    except (RuntimeError, ValueError) as exc:
+                        raise WeightsmithError(f"{verb} tensor '{name}' failed: {exc}") from exc
+                    del tensors
+                    if behind is None:
+                        results[name] = result
+                        continue
+                    if target is not None and isinstance(result, Tensor) and result.is_cuda:
+                        result = result.to(target)  # cast before the copy: fewer bytes cross the bus
+                    behind.put(name, result, target)
+                    del result
+            if behind is not None:
+                behind.finish()
+        finally:
+            if behind is not None:
+                behind.close()
     return results
 
 

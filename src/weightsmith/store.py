@@ -1,10 +1,11 @@
 """WeightStore: a lazy ``name -> Tensor`` mapping; ShardWriter: atomic sharded safetensors output.
 
 A store knows every tensor's shape and dtype without reading it, and reads tensors one at a time
-(positioned reads, keeping at most one shard open), so a checkpoint larger than RAM streams through
-``execute.map_weights`` with bounded memory. Headers and indexes are validated strictly before any
-tensor is read: a store accepts what the safetensors library accepts, and only files inside the
-model directory (see :func:`read_header`, :func:`read_index`).
+(positioned reads, keeping at most one shard open; ``SafetensorsStore.read_into`` reads any byte range
+of a tensor into a caller's buffer, from any thread, for the parallel reads of ``execute.Reader``), so
+a checkpoint larger than RAM streams through ``execute.map_weights`` with bounded memory. Headers and
+indexes are validated strictly before any tensor is read: a store accepts what the safetensors library
+accepts, and only files inside the model directory (see :func:`read_header`, :func:`read_index`).
 """
 
 from __future__ import annotations
@@ -178,13 +179,36 @@ class SafetensorsStore(WeightStore):
                 self._handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
                 self._open_path = path
             buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike bytearray
-            if end > begin:
-                got = os.preadv(self._handle.fileno(), [buf.numpy()], begin)  # type: ignore[list-item]
-                if got != end - begin:
-                    raise OSError(f"short read ({got} of {end - begin} bytes)")
+            pread_into(self._handle.fileno(), buf, begin)
         except OSError as exc:
             raise WeightsmithError(f"{path}: cannot read tensor '{name}': {exc}") from exc
         return buf.view(meta.dtype).reshape(meta.shape)
+
+    def span(self, name: str) -> tuple[Path, int, int]:
+        """``(file, first byte, end byte)`` of ``name``'s data in its shard."""
+        where = self._where.get(name)
+        if where is None:
+            raise self._missing(name)
+        return where
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> None:
+        """Read bytes ``[start, start + out.numel())`` of ``name``'s data into ``out`` (a contiguous uint8
+        CPU tensor, pinned or not): one positioned read straight into the caller's buffer, no copy in
+        between. Safe to call from several threads at once (each call opens its own descriptor)."""
+        path, begin, end = self.span(name)
+        n = out.numel()
+        if start < 0 or begin + start + n > end:
+            raise ValueError(
+                f"bytes [{start}, {start + n}) are outside tensor '{name}' ({end - begin} bytes)"
+            )
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                pread_into(fd, out, begin + start)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise WeightsmithError(f"{path}: cannot read tensor '{name}': {exc}") from exc
 
     def close(self) -> None:
         if self._handle is not None:
@@ -206,6 +230,19 @@ class SafetensorsStore(WeightStore):
             return self._meta[name]
         except KeyError:
             raise self._missing(name) from None
+
+
+def pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
+    """Fill the contiguous uint8 CPU tensor ``out`` from ``fd`` at ``offset`` with positioned reads (they
+    release the GIL). Loops over short reads: Linux moves at most 2 GiB - 4 KiB per call, so one call
+    cannot fill a larger tensor."""
+    view = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read ({done} of {len(view)} bytes): the file ends early")
+        done += got
 
 
 class _DuplicateKey(ValueError):

@@ -32,6 +32,7 @@ CPU_PIECE = 1 << 17  # elements per piece on CPU: the kernels' float32 scratch s
 GPU_PIECE = (
     1 << 24
 )  # on a GPU: few launches, and scratch bounded (64 MiB of float32) for a 128k-vocab embedding
+GPU_WRITE_PIECE = 1 << 20  # pieces of the elementwise (write) passes on a GPU: 4 MiB of float32 scratch
 
 
 def piece_size(device: torch.device) -> int:
@@ -39,17 +40,27 @@ def piece_size(device: torch.device) -> int:
     return CPU_PIECE if device.type == "cpu" else GPU_PIECE
 
 
+def write_piece_size(device: torch.device) -> int:
+    """Elements per piece of an elementwise pass on ``device``. On a GPU every element goes through the
+    same kernel code whatever the piece, so small pieces change no result and bound the float32 scratch
+    beside a whole-tensor output; on the CPU the pieces of :func:`piece_size` (a vectorised loop and its
+    scalar tail may round differently, so the pieces must not move)."""
+    return CPU_PIECE if device.type == "cpu" else GPU_WRITE_PIECE
+
+
 def work_dtype(t: Tensor) -> torch.dtype:
     """The arithmetic dtype of the kernels: float64 stays float64, everything else runs in float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def blocks(rows: int, cols: int, device: torch.device) -> Iterator[tuple[slice, slice]]:
+def blocks(
+    rows: int, cols: int, device: torch.device, step: int | None = None
+) -> Iterator[tuple[slice, slice]]:
     """(row slice, column slice) pieces of a [rows, cols] view, in memory order, of at most ``CPU_PIECE``
     elements on CPU (so float32 work copies of a piece stay in cache instead of streaming whole-tensor
     temporaries through memory); ``GPU_PIECE`` on other devices, where each kernel launch costs more but
-    whole-tensor float32 temporaries would cost GPU memory."""
-    step = piece_size(device)
+    whole-tensor float32 temporaries would cost GPU memory (``step``: another piece size)."""
+    step = step or piece_size(device)
     if cols >= step:
         for r in range(rows):
             for c in range(0, cols, step):
@@ -60,10 +71,10 @@ def blocks(rows: int, cols: int, device: torch.device) -> Iterator[tuple[slice, 
             yield slice(r, min(r + per, rows)), slice(None)
 
 
-def scratch(like: Tensor, dtype: torch.dtype, count: int = 1) -> Tensor:
+def scratch(like: Tensor, dtype: torch.dtype, count: int = 1, step: int | None = None) -> Tensor:
     """An uninitialised buffer for ``count`` work copies of the largest piece :func:`blocks` gives for
-    ``like`` (a 2-D view)."""
-    n = min(like.numel(), piece_size(like.device))
+    ``like`` (a 2-D view; ``step``: as for :func:`blocks`)."""
+    n = min(like.numel(), step or piece_size(like.device))
     return torch.empty(count * max(n, 1), dtype=dtype, device=like.device)
 
 
@@ -91,6 +102,19 @@ class TensorwiseMethod(ABC):
         self, base: Tensor | None, thetas: Sequence[Tensor], weights: Weights = None, generator: Gen = None
     ) -> Tensor:
         """The merged tensor of one weight (float32, or float64 for float64 inputs)."""
+
+    def merge_as(
+        self,
+        base: Tensor | None,
+        thetas: Sequence[Tensor],
+        weights: Weights,
+        generator: Gen,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """:meth:`merge` in ``dtype``, the same values as ``merge(...).to(dtype)``. Kernels that write
+        their output piece by piece override it to write ``dtype`` directly: no whole-tensor float32
+        result beside the output (half the result memory for bf16 models)."""
+        return self.merge(base, thetas, weights, generator).to(dtype)
 
     @property
     def name(self) -> str:
@@ -130,8 +154,7 @@ class TensorwiseMethod(ABC):
             gen = None
             if self.random:
                 gen = torch.Generator(device=tensors[0].device).manual_seed(_core.seed_for(seed, 0, name))
-            target = out_dtype or tensors[0].dtype
-            return self.merge(b, thetas, weights, gen).to(target)
+            return self.merge_as(b, thetas, weights, gen, out_dtype or tensors[0].dtype)
 
         return _core.write_model(
             stores,
@@ -178,6 +201,32 @@ class OnBaseMethod(CheckedMethod):
     def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
         """The merged tensor of one weight, given the base (float32, or float64 for float64 inputs)."""
 
+    def merge_as(
+        self,
+        base: Tensor | None,
+        thetas: Sequence[Tensor],
+        weights: Weights,
+        generator: Gen,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        self.check_counts(base is not None, len(thetas))
+        assert base is not None  # check_counts refuses a missing base
+        w = list(weights) if weights is not None else [1.0] * len(thetas)
+        return self.merge_on_as(base, thetas, w, generator, dtype)
+
+    def merge_on_as(
+        self,
+        base: Tensor,
+        thetas: Sequence[Tensor],
+        weights: list[float],
+        gen: Gen,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        """:meth:`merge_on` in ``dtype`` (``None``: the kernel's float32/float64), the same values as
+        ``merge_on(...).to(dtype)``; kernels that write their output piece by piece override it."""
+        out = self.merge_on(base, thetas, weights, gen)
+        return out if dtype is None else out.to(dtype)
+
 
 # ------------------------------------------------------------------- generalised task arithmetic parts
 
@@ -212,20 +261,24 @@ def combine(
     elect: bool,
     normalize: bool,
     scaling: float,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """theta_0 + lambda * sum_i w_i m_i delta_i / D: ``deltas`` stacks the (sparsified) task vectors;
     ``elect`` applies the TIES sign mask m_i to the weighted deltas; with ``normalize`` D is the sum of
     the weights that contribute at each entry (all of them without election; 1 where that sum is 0).
 
     Evaluated over pieces of the tensor (:func:`blocks`): every step is elementwise or a sum over the
-    task axis, so each piece's temporaries stay in cache and the result is the same as in one piece."""
+    task axis, so each piece's temporaries stay in cache and the result is the same as in one piece.
+    The result is in the promoted dtype of ``base`` and ``deltas`` (a bf16 base is widened exactly, piece
+    by piece), or rounded to ``out_dtype`` piece by piece (the same values as ``.to(out_dtype)``)."""
     w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).reshape(-1, 1, 1)
     if not elect:
         total = w.reshape(-1).sum(dim=0)
         divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
     n = deltas.shape[0]
     flat_d, flat_b = deltas.reshape(n, 1, -1), base.reshape(1, -1)
-    out = torch.empty(flat_b.shape, dtype=torch.result_type(base, deltas), device=base.device)
+    dt = torch.result_type(base, deltas)
+    out = torch.empty(flat_b.shape, dtype=out_dtype or dt, device=base.device)
     for _, cs in blocks(1, flat_b.shape[1], base.device):
         weighted = flat_d[:, :, cs] * w
         if elect:
@@ -239,16 +292,25 @@ def combine(
             mixed = mixed / divisor
         if scaling != 1:
             mixed = mixed * scaling
-        torch.add(flat_b[:, cs], mixed, out=out[:, cs])
+        if out.dtype == dt:
+            torch.add(flat_b[:, cs], mixed, out=out[:, cs])
+        else:
+            out[:, cs].copy_(torch.add(flat_b[:, cs], mixed))
     return out.reshape(base.shape)
 
 
 def stack_deltas(base: Tensor, thetas: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """(base, stacked task vectors theta_i - theta_0), in the kernels' arithmetic dtype (each filled in
     place: no whole-tensor temporaries besides the stack)."""
+    b = base.to(work_dtype(base))
+    return b, task_vectors(b, thetas)
+
+
+def task_vectors(base: Tensor, thetas: Sequence[Tensor]) -> Tensor:
+    """The stacked task vectors theta_i - theta_0 in the kernels' arithmetic dtype, without a widened
+    copy of ``base`` (a bf16 base is widened exactly inside each subtraction: the same values)."""
     dt = work_dtype(base)
-    b = base.to(dt)
-    out = torch.empty((len(thetas), *b.shape), dtype=dt, device=b.device)
+    out = torch.empty((len(thetas), *base.shape), dtype=dt, device=base.device)
     for i, t in enumerate(thetas):
-        out[i].copy_(t).sub_(b)
-    return b, out
+        out[i].copy_(t).sub_(base)
+    return out

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import Gen, OnBaseMethod, combine, match_l1, stack_deltas
+from ._tensorwise import Gen, OnBaseMethod, combine, match_l1, task_vectors, work_dtype
 
 PRUNE_BLOCK = 1 << 20  # elements per block of MagPrune on CPU
 
@@ -85,14 +85,20 @@ def della(
     rescale: bool,
     scaling: float = 1.0,
     generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """DELLA of one tensor; the masks of the models are drawn in order from one ``generator``."""
-    b, deltas = stack_deltas(base, thetas)
+    """DELLA of one tensor; the masks of the models are drawn in order from one ``generator``. In
+    float32 (float64 for float64 inputs), or rounded to ``out_dtype`` piece by piece; the base is never
+    widened whole (each piece is, exactly), so a bf16 merge holds no float32 copy of the base or result."""
     if len(thetas) == 0:
-        return b
+        return base.to(out_dtype or work_dtype(base))
+    deltas = task_vectors(base, thetas)
     for d, p, e in zip(deltas, densities, epsilons, strict=True):
         magprune(d, p, e, rescale, generator)  # in place: the stack becomes the pruned task vectors
-    return combine(b, deltas, weights, elect=elect, normalize=normalize, scaling=scaling)
+    out = combine(
+        base, deltas, weights, elect=elect, normalize=normalize, scaling=scaling, out_dtype=out_dtype
+    )
+    return out if out_dtype is not None else out.to(work_dtype(base))
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,16 @@ class _DellaBase(OnBaseMethod):
         check_della(self.density, self.epsilon, self.name)
 
     def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
+        return self.merge_on_as(base, thetas, weights, gen, None)
+
+    def merge_on_as(
+        self,
+        base: Tensor,
+        thetas: Sequence[Tensor],
+        weights: list[float],
+        gen: Gen,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
         n = len(thetas)
         return della(
             base,
@@ -121,6 +137,7 @@ class _DellaBase(OnBaseMethod):
             rescale=self.rescale,  # type: ignore[attr-defined]
             scaling=self.scaling,
             generator=gen,
+            out_dtype=dtype,
         )
 
 

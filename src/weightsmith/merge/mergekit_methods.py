@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
-from ._tensorwise import combine, l1_rescale, stack_deltas, work_dtype
+from ._tensorwise import combine, l1_rescale, task_vectors, work_dtype
 from .arcee_fusion import arcee_fusion
 from .breadcrumbs import breadcrumbs_prune
 from .della import check_della, magprune
@@ -62,6 +62,7 @@ class MergekitMethod:
     min_non_base: int = 0
     max_non_base: int | None = None
     random: bool = False
+    writes_dtype: bool = False  # the kernel takes ``out_dtype=`` and writes that dtype piece by piece
 
     def check_inputs(self, n_inputs: int, has_base: bool, where: str) -> None:
         """mergekit's input contract for one group of inputs (a slice), as a message naming ``where``."""
@@ -138,14 +139,18 @@ def _gta(elect: bool, how: str | None) -> Kernel:
         s: Params,
         per: list[Params],
         gen: Any,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         assert base is not None
-        b, deltas = stack_deltas(base, thetas)
         if not thetas:
-            return b
+            return base.to(out_dtype or work_dtype(base))
+        deltas = task_vectors(base, thetas)  # against the base itself: no widened whole copy of it
         for i, (d, p) in enumerate(zip(deltas, per, strict=True)):  # pruned in place: no second stack
             deltas[i] = _prune(d, p, how, s["rescale"], gen)
-        return combine(b, deltas, weights(per), elect=elect, normalize=s["normalize"], scaling=s["lambda"])
+        w = weights(per)
+        return combine(
+            base, deltas, w, elect=elect, normalize=s["normalize"], scaling=s["lambda"], out_dtype=out_dtype
+        )
 
     return run
 
@@ -162,7 +167,30 @@ def _linear(
 
 def _interpolate(method: type[SLERP] | type[NearSwap]) -> Kernel:
     """The kernel of a two-input method with mergekit's shared ``t`` (SLERP, NearSwap)."""
-    return lambda b, x, s, p, g: method(t=s["t"]).merge(b, x)
+
+    def run(
+        b: Tensor | None,
+        x: list[Tensor],
+        s: Params,
+        p: list[Params],
+        g: Any,
+        out_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        return method(t=s["t"]).merge_as(b, x, None, None, out_dtype or work_dtype(x[0]))
+
+    return run
+
+
+def _model_stock(
+    b: Tensor | None,
+    x: list[Tensor],
+    s: Params,
+    p: list[Params],
+    g: Any,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Model Stock (Jang et al. 2024) of the base and the models; without a base, the first model."""
+    return model_stock(b, x, s["filter_wise"], out_dtype=out_dtype) if b is not None else x[0]
 
 
 def weights(per: Sequence[Params]) -> list[float]:
@@ -195,6 +223,7 @@ METHODS: dict[str, MergekitMethod] = {
                 _gta_params(extra, normalize, rescale),
                 _gta(elect, how),
                 random=how in ("random", "della"),
+                writes_dtype=True,
             )
             for name, (elect, how, normalize, rescale, extra) in GTA_ROWS.items()
         ),
@@ -212,6 +241,7 @@ METHODS: dict[str, MergekitMethod] = {
                 _interpolate(two),
                 min_inputs=2,
                 max_inputs=2,
+                writes_dtype=True,
             )
             for name, two in (("slerp", SLERP), ("nearswap", NearSwap))
         ),
@@ -252,8 +282,9 @@ METHODS: dict[str, MergekitMethod] = {
             "model_stock",
             "required",
             (Param("filter_wise", "shared", bool, False),),
-            lambda b, x, s, p, g: model_stock(b, x, s["filter_wise"]) if b is not None else x[0],
+            _model_stock,
             min_inputs=3,
+            writes_dtype=True,
         ),
         MergekitMethod(
             "sce",

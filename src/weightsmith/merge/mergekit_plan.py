@@ -29,13 +29,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
-from ..execute import ReadAhead, WriteBehind, is_finite, resolve_device
+from ..execute import ByteBudget, ReadAhead, Reader, WriteBehind, device_budget, is_finite, resolve_device
 from ..progress import track
 from ..store import ShardWriter, WeightStore
 from . import _core, mergekit_exact, tokenizer
@@ -333,11 +333,11 @@ def run(
     if tok_spec is not None and tok_spec.source is not None:
         vocab = tokenizer.build(tok_spec, config.get("base_model"), referenced(config), source_dir, where)
 
+    reader = Reader(dev)  # parallel positioned reads; pinned staging and a side stream on a GPU
+
     def read(job: Job) -> list[Tensor]:
-        ts = [store(m)[n] for m, n in job.inputs]
-        ts = [
-            t.to(dev, in_dtype) if in_dtype is not None and t.is_floating_point() else t.to(dev) for t in ts
-        ]
+        ts = reader.read([(store(m), n) for m, n in job.inputs])
+        ts = [t.to(in_dtype) if in_dtype is not None and t.is_floating_point() else t for t in ts]
         if vocab is not None and tokenizer.is_vocab_tensor(job.out) and ts[0].is_floating_point():
             ts = vocab.remap([m for m, _ in job.inputs], slices[job.slice].base, ts, job.out)
         shapes = {tuple(t.shape) for t in ts}
@@ -349,17 +349,33 @@ def run(
         return ts
 
     def size(job: Job) -> int:
-        return sum(store(m).meta(n).nbytes for m, n in job.inputs)
+        """The job's inputs and its result (held from the read until written behind)."""
+        meta = store(job.inputs[0][0]).meta(job.inputs[0][1])
+        result = meta.nbytes // meta.dtype.itemsize * (out_dtype or meta.dtype).itemsize
+        return sum(store(m).meta(n).nbytes for m, n in job.inputs) + result
+
+    budget = ByteBudget(device_budget(dev, max((size(j) for j in jobs), default=0)))
+
+    write_as = cast(Callable[..., Tensor], kernel)  # kernels that write the output dtype take ``out_dtype``
+
+    def as_target(target: torch.dtype) -> dict[str, torch.dtype]:
+        return {"out_dtype": target} if mk.writes_dtype and not exact else {}
 
     copy_from = source_dir(config.get("base_model") or slices[0].sources[0].model)
     writer = ShardWriter(out, max_shard_bytes=_core.parse_size(shard_size), force=force)
-    behind = WriteBehind(writer.add)
+    behind = WriteBehind(writer.add, budget=budget)
+    items = list(enumerate(jobs))
     try:
-        with ReadAhead(list(enumerate(jobs)), lambda ij: read(ij[1]), size=lambda ij: size(ij[1])) as reader:
-            for (i, job), tensors in track(reader, "merge", len(jobs)):
+        with (
+            reader,
+            ReadAhead(items, lambda ij: [read(ij[1])], size=lambda ij: size(ij[1]), budget=budget) as ahead,
+        ):
+            for (i, job), box in track(ahead, "merge", len(jobs)):
+                tensors = box.pop()  # the box is emptied: only this loop holds the inputs
                 target = out_dtype or tensors[0].dtype
                 if not tensors[0].is_floating_point():
                     behind.put(job.out, tensors[0])
+                    del tensors
                     continue
                 if exact:
                     tensors = mergekit_exact.align(tensors)
@@ -371,12 +387,13 @@ def run(
                 if mk.random:
                     gen = torch.Generator(device=dev).manual_seed(_core.seed_for(seed, 0, job.out))
                 try:
-                    result = kernel(base, thetas, shared, per, gen)
+                    result = write_as(base, thetas, shared, per, gen, **as_target(target))
                 except (RuntimeError, ValueError) as exc:
                     raise WeightsmithError(f"merging tensor '{job.out}' failed: {exc}") from exc
                 if not is_finite(result):
                     raise WeightsmithError(f"merging tensor '{job.out}' gave NaN or Inf")
                 behind.put(job.out, result, target)
+                del result, tensors, base, thetas  # freed before the next item is read into the budget
         behind.finish()
         _core._copy_model_files(writer, copy_from, out_dtype, extra_files)
         if tok_spec is not None:

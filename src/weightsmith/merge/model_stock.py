@@ -18,31 +18,43 @@ import torch
 from torch import Tensor
 
 from ..config import register_config
-from ._tensorwise import Gen, OnBaseMethod, as_work, blocks, scratch, work_dtype
+from ._tensorwise import Gen, OnBaseMethod, as_work, blocks, scratch, work_dtype, write_piece_size
 
 
-def model_stock(base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
-    """Model Stock interpolation of one tensor between the base and the mean of ``thetas``.
-
-    Two passes over pieces (:func:`~._tensorwise.blocks`) of the tensor as rows (one row, or with
-    ``filter_wise`` one per output row): the first folds the Gram matrix of the float32 offsets
-    w_i - w_0 of each row (each piece's product added in float64), the second writes
-    t * mean_i(w_i) + (1 - t) * w_0. Only the float32 result is as large as the tensor."""
-    dt = work_dtype(base)
-    n = len(thetas)
-    cols = base.shape[-1] if filter_wise and base.dim() > 0 else max(base.numel(), 1)
-    w0 = base.reshape(-1, cols)
-    ws = [t.reshape(w0.shape) for t in thetas]
-    parts = list(blocks(w0.shape[0], cols, w0.device))
+def _gram(w0: Tensor, ws: Sequence[Tensor], dt: torch.dtype) -> Tensor:
+    """Per row of ``w0`` ([rows, cols]), the float64 Gram matrix of the ``dt`` offsets w_i - w_0, each
+    piece's product added in float64 (its scratch is freed on return, before the output exists)."""
+    n = len(ws)
     buf = scratch(w0, dt, n + 1)
     size = buf.numel() // (n + 1)
     gram = torch.zeros(w0.shape[0], n, n, dtype=torch.float64, device=w0.device)
-    for rows, cs in parts:
+    for rows, cs in blocks(w0.shape[0], w0.shape[1], w0.device):
         b = as_work(w0[rows, cs], buf[:size])
         offsets = buf[size : size * (1 + n)].view(n, -1)[:, : b.numel()].view(n, *b.shape)
         for i, w in enumerate(ws):
             torch.sub(w[rows, cs], b, out=offsets[i])  # in float32: the input is widened exactly
         gram[rows] += torch.einsum("nrc,mrc->rnm", offsets, offsets).double()
+    return gram
+
+
+def model_stock(
+    base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = False, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Model Stock interpolation of one tensor between the base and the mean of ``thetas``, in float32
+    (float64 for float64 inputs), or rounded to ``out_dtype`` piece by piece (the same values as
+    ``.to(out_dtype)``).
+
+    Two passes over pieces (:func:`~._tensorwise.blocks`) of the tensor as rows (one row, or with
+    ``filter_wise`` one per output row): the first folds the Gram matrix of the float32 offsets
+    w_i - w_0 of each row (each piece's product added in float64), the second (elementwise: on a GPU in
+    smaller pieces, see :func:`~._tensorwise.write_piece_size`) writes t * mean_i(w_i) + (1 - t) * w_0.
+    Only the result is as large as the tensor."""
+    dt = work_dtype(base)
+    n = len(thetas)
+    cols = base.shape[-1] if filter_wise and base.dim() > 0 else max(base.numel(), 1)
+    w0 = base.reshape(-1, cols)
+    ws = [t.reshape(w0.shape) for t in thetas]
+    gram = _gram(w0, ws, dt)
     norms = torch.diagonal(gram, dim1=1, dim2=2).sqrt()
     i, j = torch.triu_indices(n, n, 1, device=w0.device)
     cosines = (gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1)
@@ -50,15 +62,20 @@ def model_stock(base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = Fals
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denom))
-    out = torch.empty(w0.shape, dtype=dt, device=w0.device)
-    for rows, cs in parts:
+    out = torch.empty(w0.shape, dtype=out_dtype or dt, device=w0.device)
+    step = write_piece_size(w0.device)
+    buf = scratch(w0, dt, 1, step)
+    for rows, cs in blocks(w0.shape[0], cols, w0.device, step):
         b = w0[rows, cs]
         mean = buf[: b.numel()].view(b.shape).copy_(ws[0][rows, cs])
         for w in ws[1:]:
             mean.add_(w[rows, cs])
         mean.div_(n)
         tr = t[rows]
-        torch.mul(mean, tr, out=out[rows, cs]).addcmul_(b, 1 - tr)  # b widened exactly, as above
+        if out.dtype == dt:
+            torch.mul(mean, tr, out=out[rows, cs]).addcmul_(b, 1 - tr)  # b widened exactly, as above
+        else:
+            out[rows, cs].copy_(torch.mul(mean, tr, out=mean).addcmul_(b, 1 - tr))
     return out.reshape(base.shape)
 
 
@@ -71,4 +88,14 @@ class ModelStock(OnBaseMethod):
     min_models = 2
 
     def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
-        return model_stock(base, thetas, self.filter_wise)
+        return self.merge_on_as(base, thetas, weights, gen, None)
+
+    def merge_on_as(
+        self,
+        base: Tensor,
+        thetas: Sequence[Tensor],
+        weights: list[float],
+        gen: Gen,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        return model_stock(base, thetas, self.filter_wise, out_dtype=dtype)

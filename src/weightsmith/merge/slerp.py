@@ -24,26 +24,50 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import CheckedMethod, Gen, OnBaseMethod, as_work, blocks, scratch, work_dtype
+from ._tensorwise import (
+    CheckedMethod,
+    Gen,
+    OnBaseMethod,
+    as_work,
+    blocks,
+    scratch,
+    work_dtype,
+    write_piece_size,
+)
 
 
-def slerp(v0: Tensor, v1: Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
-    """SLERP of two whole tensors from ``v0`` (t = 0) to ``v1`` (t = 1), computed in float32 (float64
-    for float64 inputs). Norms at or below ``eps`` count as 1 when normalising for the angle.
-
-    Two passes over pieces (:func:`~._tensorwise.blocks`): the first sums |v0|^2, |v1|^2 and <v0, v1>
-    (each piece's float32 dot products added in float64), giving cos Omega = <v0, v1> / (|v0| |v1|); the
-    second writes c0 v0 + c1 v1. Only the float32 result is as large as the tensor."""
-    dt = work_dtype(v0)
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    parts = list(blocks(1, a.shape[1], a.device))
+def _dots(a: Tensor, b: Tensor, dt: torch.dtype) -> tuple[float, float, float]:
+    """|a|^2, |b|^2 and <a, b> of two [1, n] views, each piece's ``dt`` dot products added in float64 (its
+    scratch is freed on return, before the output of the second pass is allocated)."""
     buf = scratch(a, dt, 2)
     half = buf.numel() // 2
     sums = torch.zeros(3, dtype=torch.float64, device=a.device)
-    for piece in parts:
+    for piece in blocks(1, a.shape[1], a.device):
         x, y = as_work(a[piece], buf[:half]).reshape(-1), as_work(b[piece], buf[half:]).reshape(-1)
         sums += torch.stack([torch.dot(x, x), torch.dot(y, y), torch.dot(x, y)])
     aa, bb, ab = sums.tolist()  # one device sync per tensor
+    return aa, bb, ab
+
+
+def slerp(
+    v0: Tensor,
+    v1: Tensor,
+    t: float,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """SLERP of two whole tensors from ``v0`` (t = 0) to ``v1`` (t = 1), computed in float32 (float64
+    for float64 inputs) and returned in that dtype, or rounded to ``out_dtype`` piece by piece (the same
+    values as ``.to(out_dtype)``). Norms at or below ``eps`` count as 1 when normalising for the angle.
+
+    Two passes over pieces (:func:`~._tensorwise.blocks`): the first sums |v0|^2, |v1|^2 and <v0, v1>
+    (each piece's float32 dot products added in float64), giving cos Omega = <v0, v1> / (|v0| |v1|); the
+    second writes c0 v0 + c1 v1 (elementwise: on a GPU in smaller pieces, see
+    :func:`~._tensorwise.write_piece_size`). Only the result is as large as the tensor."""
+    dt = work_dtype(v0)
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    aa, bb, ab = _dots(a, b, dt)
     na, nb = math.sqrt(aa), math.sqrt(bb)
     na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
     cos = min(1.0, max(-1.0, ab / na / nb))
@@ -53,10 +77,18 @@ def slerp(v0: Tensor, v1: Tensor, t: float, dot_threshold: float = 0.9995, eps: 
         omega = math.acos(cos)
         s = math.sin(omega)
         c0, c1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
-    out = torch.empty(a.shape, dtype=dt, device=a.device)
-    for piece in parts:
-        x, y = as_work(a[piece], buf[:half]), as_work(b[piece], buf[half:])
-        torch.mul(x, c0, out=out[piece]).add_(y, alpha=c1)
+    out = torch.empty(a.shape, dtype=out_dtype or dt, device=a.device)
+    step = write_piece_size(a.device)
+    spare = out.dtype != dt and a.dtype == dt  # a float32 result piece needs a slot of its own
+    buf = scratch(a, dt, 3 if spare else 2, step)
+    n = buf.numel() // (3 if spare else 2)
+    for piece in blocks(1, a.shape[1], a.device, step):
+        x, y = as_work(a[piece], buf[:n]), as_work(b[piece], buf[n : 2 * n])
+        if out.dtype == dt:
+            torch.mul(x, c0, out=out[piece]).add_(y, alpha=c1)
+            continue
+        tmp = buf[2 * n : 2 * n + x.numel()].view(x.shape) if spare else x  # x is then a copy in buf
+        out[piece].copy_(torch.mul(x, c0, out=tmp).add_(y, alpha=c1))
     return out.reshape(v0.shape)
 
 
@@ -80,7 +112,17 @@ class SLERP(OnBaseMethod):
         check_t(self.t)
 
     def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
-        return slerp(base, thetas[0], self.t, self.dot_threshold, self.eps)
+        return self.merge_on_as(base, thetas, weights, gen, None)
+
+    def merge_on_as(
+        self,
+        base: Tensor,
+        thetas: Sequence[Tensor],
+        weights: list[float],
+        gen: Gen,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        return slerp(base, thetas[0], self.t, self.dot_threshold, self.eps, out_dtype=dtype)
 
 
 def nuslerp(

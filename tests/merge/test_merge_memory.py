@@ -1,0 +1,109 @@
+"""SLERP and Model Stock write their output in the output dtype piece by piece (no whole-tensor float32
+result beside it): the same bits as computing in float32 and casting the whole tensor, piece boundaries
+included; and a whole merge through the executor equals the float32-then-cast merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from weightsmith.merge import _tensorwise
+from weightsmith.merge.della import della
+from weightsmith.merge.model_stock import ModelStock, model_stock
+from weightsmith.merge.recipe import Recipe, run
+from weightsmith.merge.slerp import SLERP, slerp
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_tensorwise, "CPU_PIECE", 96)  # many pieces, ragged ends
+
+
+def _inputs(dtype: torch.dtype, n: int, shape: tuple[int, ...] = (37, 29)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=g)
+    return [(base + 0.3 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32])
+def test_slerp_writes_the_output_dtype_as_the_cast_would(small_pieces: None, dtype, out) -> None:
+    a, b = _inputs(dtype, 2)
+    whole = slerp(a, b, 0.3)
+    assert whole.dtype == torch.float32
+    got = slerp(a, b, 0.3, out_dtype=out)
+    assert got.dtype == out and torch.equal(got, whole.to(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_writes_the_output_dtype_as_the_cast_would(
+    small_pieces: None, dtype, filter_wise
+) -> None:
+    base, *thetas = _inputs(dtype, 4)
+    whole = model_stock(base, thetas, filter_wise)
+    got = model_stock(base, thetas, filter_wise, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, whole.to(torch.bfloat16))
+
+
+def test_merge_as_equals_merge_then_cast() -> None:
+    base, x, y = _inputs(torch.bfloat16, 3, (5, 7))
+    for method, thetas in ((SLERP(t=0.7), [x]), (ModelStock(), [x, y])):
+        want = method.merge(base, thetas).to(torch.bfloat16)
+        assert torch.equal(method.merge_as(base, thetas, None, None, torch.bfloat16), want)
+
+
+def test_slerp_of_two_directions_by_hand() -> None:
+    """Shoemake 1985 on unit vectors 90 degrees apart: slerp(t) = cos(t pi/2) e0 + sin(t pi/2) e1."""
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    got = slerp(e0, e1, 1 / 3, out_dtype=torch.float64)
+    assert torch.allclose(got, torch.tensor([3**0.5 / 2, 0.5], dtype=torch.float64), atol=1e-7)
+
+
+def test_a_bf16_merge_through_the_executor_equals_the_float32_merge_cast(tmp_path: Path) -> None:
+    dirs = []
+    for i, t in enumerate(_inputs(torch.bfloat16, 3, (64, 48))):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({"w": t, "v": t[0].clone()}, str(d / "model.safetensors"))
+        dirs.append(d)
+    r = Recipe(method=ModelStock(), models=[str(d) for d in dirs[1:]], base=str(dirs[0]))
+    run(r, tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    ins = [load_file(str(d / "model.safetensors")) for d in dirs]
+    for name in ("w", "v"):
+        want = model_stock(ins[0][name], [ins[1][name], ins[2][name]]).to(torch.bfloat16)
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want)
+
+
+@pytest.mark.parametrize("elect", [True, False])
+def test_della_without_widened_copies_equals_della_on_widened_inputs(small_pieces: None, elect: bool) -> None:
+    """The bf16 base is widened piece by piece instead of whole: the same bits as widening every input
+    first (what the kernel did before), and the output dtype written directly equals the cast."""
+    base, *thetas = _inputs(torch.bfloat16, 4)
+
+    def run_della(b: torch.Tensor, ts: list[torch.Tensor], out: torch.dtype | None = None) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(7)
+        w, d, e = [1.0, 0.5, 2.0], [0.5] * 3, [0.1] * 3
+        return della(
+            b,
+            ts,
+            w,
+            d,
+            e,
+            elect=elect,
+            normalize=True,
+            rescale=True,
+            scaling=0.9,
+            generator=gen,
+            out_dtype=out,
+        )
+
+    widened = run_della(base.float(), [t.float() for t in thetas])
+    assert torch.equal(run_della(base, thetas), widened)
+    assert torch.equal(run_della(base, thetas, torch.bfloat16), widened.to(torch.bfloat16))
