@@ -84,7 +84,9 @@ def adapted(method: str, device: str = "cpu", layers: int = 2, **opts: Any) -> t
     adapters.adapt(model, adapters.registered_adapters()[method](**opts), targets=TARGETS)
     with torch.no_grad():  # LoRA-family B starts at zero: move it so every factor gets a gradient
         for n, p in model.named_parameters():
-            if p.requires_grad and n.endswith(".B"):
+            # RandLoRA's λ starts at zero, which leaves γ's gradient a near-cancelling sum that Adam turns
+            # into lr-sized steps of either sign: not a comparison of two paths
+            if p.requires_grad and (n.endswith(".B") or n.endswith("randlora_lambda")):
                 p.normal_(0, 0.02, generator=torch.Generator(device).manual_seed(1))
     return model.train()
 
