@@ -214,16 +214,30 @@ class GPTQ(CompressConfig):
         """Quantise each set of layers with one Hessian in one pass over their stacked rows."""
         if stats is None:
             raise WeightsmithError("gptq needs calibration statistics")
-        out: dict[str, Compressed] = {}
-        groups = shared_hessian_groups(layers, stats)
-        log(f"  gptq: {len(layers)} layer(s) in {len(groups)} pass(es) (layers with one Hessian stacked)")
-        for group in groups:
-            Ws = [ly.weight().detach().float() for ly in group]
-            qw = self.quantize(torch.cat(Ws), stats[group[0].name])
-            for ly, part in zip(group, split_rows(qw, [W.shape[0] for W in Ws]), strict=True):
-                ly.write(part.dequantize())
-                out[ly.name] = part
-        return out
+        return stacked_passes(
+            "gptq", layers, stats, lambda W, st, sizes: split_rows(self.quantize(W, st), sizes)
+        )
+
+
+StackedRun = Callable[[Tensor, InputStats, list[int]], Sequence[Compressed]]
+
+
+def stacked_passes(
+    method: str, layers: Sequence[Layer], stats: dict[str, InputStats], run: StackedRun
+) -> dict[str, Compressed]:
+    """Run ``run(W, stats, sizes)`` once per set of layers with one Hessian (:func:`shared_hessian_groups`)
+    on their float32 rows stacked into ``W``, ``sizes`` rows each; ``run`` returns one compressed weight
+    per layer, which is written back into its layer. GPTQ and SparseGPT's block step."""
+    out: dict[str, Compressed] = {}
+    groups = shared_hessian_groups(layers, stats)
+    log(f"  {method}: {len(layers)} layer(s) in {len(groups)} pass(es) (layers with one Hessian stacked)")
+    for group in groups:
+        Ws = [ly.weight().detach().float() for ly in group]
+        parts = run(torch.cat(Ws), stats[group[0].name], [W.shape[0] for W in Ws])
+        for ly, part in zip(group, parts, strict=True):
+            ly.write(part.dequantize())
+            out[ly.name] = part
+    return out
 
 
 def shared_hessian_groups(layers: Sequence[Layer], stats: dict[str, InputStats]) -> list[list[Layer]]:

@@ -33,10 +33,9 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, Layer, StatsSpec
-from ..progress import log
 from ._core import Compressed
 from ._sparse import PruneConfig, SparseWeight, check_nm, nm_mask, unstructured_mask
-from .gptq import inverse_hessian_factor, shared_hessian_groups, triton_available
+from .gptq import inverse_hessian_factor, stacked_passes, triton_available
 
 # one block's column steps: (W1, U1, keep1, Err1, n, m), W1 / keep1 updated in place, Err1 written
 Steps = Callable[[Tensor, Tensor, Tensor, Tensor, int, int], None]
@@ -161,14 +160,10 @@ class SparseGPT(PruneConfig):
         """Prune each set of layers with one Hessian in one pass over their stacked rows."""
         if stats is None:
             raise WeightsmithError("sparsegpt needs calibration statistics (pass calib=)")
-        out: dict[str, Compressed] = {}
-        groups = shared_hessian_groups(layers, stats)
-        log(f"  sparsegpt: {len(layers)} layer(s) in {len(groups)} pass(es) (one Hessian: rows stacked)")
-        for group in groups:
-            Ws = [ly.weight().detach().float() for ly in group]
-            sizes = [W.shape[0] for W in Ws]
-            sw = self._prune_rows(torch.cat(Ws), stats[group[0].name], sizes)
-            for ly, W, keep in zip(group, sw.W.split(sizes), sw.mask.split(sizes), strict=True):
-                ly.write(W)
-                out[ly.name] = SparseWeight(W.clone(), keep.clone(), self.n, self.m)
-        return out
+
+        def run(W: Tensor, st: InputStats, sizes: list[int]) -> list[SparseWeight]:
+            sw = self._prune_rows(W, st, sizes)
+            parts = zip(sw.W.split(sizes), sw.mask.split(sizes), strict=True)
+            return [SparseWeight(w.clone(), keep.clone(), self.n, self.m) for w, keep in parts]
+
+        return stacked_passes("sparsegpt", layers, stats, run)
