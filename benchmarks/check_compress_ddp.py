@@ -34,8 +34,8 @@ model.save_pretrained(work / "tiny")
 tok.save_pretrained(work / "tiny")
 env = {**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTSMITH_PROGRESS": "0"}
 args = f"--method gptq --bits 4 --group-size 16 --samples 8 --seq-len 32 --device {dev} --calib {text_file}"
-run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "weightsmith"]
-cmd = [*run, "compress", str(work / "tiny"), *args.split(), "--out", str(work / "q")]
+run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+cmd = [*run, "weightsmith", "compress", str(work / "tiny"), *args.split(), "--out", str(work / "q")]
 r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
 print("torchrun rc", r.returncode, r.stdout[-800:], r.stderr[-2500:] if r.returncode else "")
 got = load_compressed(work / "q").state_dict()
