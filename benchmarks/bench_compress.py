@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens scored (0 = all)")
     ap.add_argument("--libraries", default="weightsmith,llmcompressor")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model weights, both tools")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
         "--opt",
@@ -226,6 +227,8 @@ def main() -> None:
         base, tok = random_llama(args.model.removeprefix("random-llama-"), full or load_text("hamlet"))
     else:
         base, tok = load_model(args.model, task="causal-lm")
+    if args.dtype == "bf16":
+        base = base.to(torch.bfloat16)
     if full is None:
         text, calib_src = heldout_text("hamlet"), "hamlet"
     else:
