@@ -21,9 +21,10 @@ from ..config import register_config
 from ._tensorwise import Gen, OnBaseMethod, as_work, blocks, scratch, work_dtype, write_piece_size
 
 
-def _gram(w0: Tensor, ws: Sequence[Tensor], dt: torch.dtype) -> Tensor:
+def _gram(w0: Tensor, ws: Sequence[Tensor], dt: torch.dtype, total: Tensor) -> Tensor:
     """Per row of ``w0`` ([rows, cols]), the float64 Gram matrix of the ``dt`` offsets w_i - w_0, each
-    piece's product added in float64 (its scratch is freed on return, before the output exists)."""
+    piece's product added in float64; ``total`` ([rows, cols], ``dt``) receives the sum of the offsets, so
+    the write pass reads the fine-tunes no second time (the piece scratch is freed on return)."""
     n = len(ws)
     buf = scratch(w0, dt, n + 1)
     size = buf.numel() // (n + 1)
@@ -34,6 +35,7 @@ def _gram(w0: Tensor, ws: Sequence[Tensor], dt: torch.dtype) -> Tensor:
         for i, w in enumerate(ws):
             torch.sub(w[rows, cs], b, out=offsets[i])  # in float32: the input is widened exactly
         gram[rows] += torch.einsum("nrc,mrc->rnm", offsets, offsets).double()
+        torch.sum(offsets, dim=0, out=total[rows, cs])
     return gram
 
 
@@ -46,15 +48,19 @@ def model_stock(
 
     Two passes over pieces (:func:`~._tensorwise.blocks`) of the tensor as rows (one row, or with
     ``filter_wise`` one per output row): the first folds the Gram matrix of the float32 offsets
-    w_i - w_0 of each row (each piece's product added in float64), the second (elementwise: on a GPU in
-    smaller pieces, see :func:`~._tensorwise.write_piece_size`) writes t * mean_i(w_i) + (1 - t) * w_0.
-    Only the result is as large as the tensor."""
+    w_i - w_0 of each row (each piece's product added in float64) and keeps their sum, the second
+    (elementwise: on a GPU in smaller pieces, see :func:`~._tensorwise.write_piece_size`) writes
+    w_0 + (t / n) sum_i (w_i - w_0), reading only the base: each fine-tune is read once. Tensor-sized: the
+    result, and for an output dtype other than the work dtype a work-dtype sum of the offsets."""
     dt = work_dtype(base)
     n = len(thetas)
     cols = base.shape[-1] if filter_wise and base.dim() > 0 else max(base.numel(), 1)
     w0 = base.reshape(-1, cols)
     ws = [t.reshape(w0.shape) for t in thetas]
-    gram = _gram(w0, ws, dt)
+    out = torch.empty(w0.shape, dtype=out_dtype or dt, device=w0.device)
+    # Σ_i (w_i - w_0) in the work dtype: in the output itself when it has that dtype
+    total = out if out.dtype == dt else torch.empty(w0.shape, dtype=dt, device=w0.device)
+    gram = _gram(w0, ws, dt, total)
     norms = torch.diagonal(gram, dim1=1, dim2=2).sqrt()
     i, j = torch.triu_indices(n, n, 1, device=w0.device)
     cosines = (gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1)
@@ -62,20 +68,16 @@ def model_stock(
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denom))
-    out = torch.empty(w0.shape, dtype=out_dtype or dt, device=w0.device)
+    # w_H = t mean_i(w_i) + (1 - t) w_0 = w_0 + (t / n) Σ_i (w_i - w_0)
     step = write_piece_size(w0.device)
     buf = scratch(w0, dt, 1, step)
     for rows, cs in blocks(w0.shape[0], cols, w0.device, step):
-        b = w0[rows, cs]
-        mean = buf[: b.numel()].view(b.shape).copy_(ws[0][rows, cs])
-        for w in ws[1:]:
-            mean.add_(w[rows, cs])
-        mean.div_(n)
-        tr = t[rows]
+        b = as_work(w0[rows, cs], buf)
+        tr = t[rows] / n
         if out.dtype == dt:
-            torch.mul(mean, tr, out=out[rows, cs]).addcmul_(b, 1 - tr)  # b widened exactly, as above
+            out[rows, cs].mul_(tr).add_(b)
         else:
-            out[rows, cs].copy_(torch.mul(mean, tr, out=mean).addcmul_(b, 1 - tr))
+            out[rows, cs].copy_(torch.mul(total[rows, cs], tr, out=total[rows, cs]).add_(b))
     return out.reshape(base.shape)
 
 
