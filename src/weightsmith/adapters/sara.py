@@ -7,6 +7,7 @@ Sparse Low-Rank Adaptation", ICLR 2025, arXiv:2409.06633.
     I  = the k entries of smallest |W0|     (k = ⌈density · out · in⌉, or rank_budget · (out + in))
     ΔW = scatter_I(V),   V ∈ R^k trainable, V = 0 at the start
     L  = L_task + λ Σ_layers ‖ΔW‖_*          (nuclear norm: the sum of ΔW's singular values)
+    ∂‖ΔW‖_*/∂ΔW = U Vᵀ                      (ΔW = U Σ Vᵀ, the economy SVD; a subgradient where σ_i = 0)
 
 The paper finds that the smallest 10-20 % of a pre-trained model's weights by magnitude barely affect
 its output, so re-training exactly those entries adds task knowledge while the effective weights (and
@@ -14,6 +15,13 @@ the model's prior) stay untouched. ``rank_budget`` sizes the support like a LoRA
 (``r (out + in)`` entries), for comparisons at equal trainable parameters. Without re-selection the
 support is a function of ``W0`` (ties broken by position), so a saved adapter holds only ``V`` and is
 rebuilt on load.
+
+The penalty costs one economy SVD per adapted matrix per step (``nuclear_norm``: value and gradient
+from the same decomposition, taken on the tall orientation, where LAPACK is faster; on CUDA from the
+float64 Gram eigendecomposition of ``linalg.economy_svd``). On a CPU that SVD dominates a SmolLM2 step, so
+``nuclear_every`` = k > 1 (default 1: every step) applies the penalty only at every k-th optimizer step,
+scaled by k: the same total penalty gradient over k steps (for plain SGD, the same sum of updates when
+ΔW moves little within k steps), at 1/k of the SVDs. It is an approximation, off by default.
 
 Progressive re-selection (``reselect_every`` = T > 0; the paper's progressive parameter adjustment):
 after every T-th optimizer step within the first ``reselect_until`` fraction of training, with
@@ -45,6 +53,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import register_config
 from ..errors import WeightsmithError
+from ..linalg import economy_svd
 from ._core import Adapter, AdapterConfig, AdapterContext
 
 
@@ -86,6 +95,33 @@ def _queue_fresh(adapter: SaRAAdapter, slots: Tensor) -> None:
         _HOOK.append(register_optimizer_step_pre_hook(_fresh_moments))
 
 
+class _NuclearNorm(torch.autograd.Function):
+    """‖A‖_* with the gradient U Vᵀ kept from the forward's SVD (no second decomposition)."""
+
+    @staticmethod
+    def forward(ctx: Any, A: Tensor) -> Tensor:
+        tall = A.shape[0] >= A.shape[1]
+        U, S, Vh = economy_svd(A if tall else A.mT)
+        polar = U @ Vh
+        ctx.save_for_backward(polar if tall else polar.mT)
+        return S.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (polar,) = ctx.saved_tensors
+        return grad * polar
+
+
+def nuclear_norm(A: Tensor) -> Tensor:
+    """‖A‖_* = Σ_i σ_i(A) of a 2-D float32 matrix, differentiable: ∂‖A‖_*/∂A = U Vᵀ from the same SVD.
+
+    The SVD is of the tall orientation (``Aᵀ`` when A is wide: the same σ, LAPACK's gesdd is faster);
+    equal to ``torch.linalg.svdvals(A).sum()`` in value and gradient (to float32 round-off where the
+    σ_i are non-zero; where some σ_i = 0 the subgradient's part in those directions is whatever the
+    decomposition returns, on CUDA zero)."""
+    return _NuclearNorm.apply(A)
+
+
 class SaRAAdapter(Adapter):
     """Trainable ``values`` [k] on the support ``flat`` [k] of the ``[out, in]`` weight; with re-selection,
     ``fixed`` [out, in] holds the learned update of released entries (zero on the support)."""
@@ -100,11 +136,14 @@ class SaRAAdapter(Adapter):
         nuclear: float,
         reselect_every: int = 0,
         reselect_until: float = 0.5,
+        nuclear_every: int = 1,
     ) -> None:
         super().__init__()
         self.shape = shape
         self.values = nn.Parameter(torch.zeros(flat.numel(), device=flat.device))
         self.nuclear = nuclear
+        self.nuclear_every = nuclear_every
+        self._next_step = 0  # the optimizer step the next regularizer() call belongs to
         self.reselect_every = reselect_every
         self.reselect_until = reselect_until
         if reselect_every:  # trajectory-dependent: saved beside the values
@@ -132,10 +171,19 @@ class SaRAAdapter(Adapter):
     def regularizer(self) -> Tensor | None:
         if self.nuclear == 0:
             return None
-        return self.nuclear * torch.linalg.svdvals(self._dense(torch.float32)).sum()
+        k = self.nuclear_every
+        if k > 1:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise WeightsmithError(
+                    "SaRA nuclear_every > 1 changes the step's graph every step; train without --cuda-graphs"
+                )
+            if self._next_step % k:
+                return None
+        return self.nuclear * k * nuclear_norm(self._dense(torch.float32))
 
     def on_train_step(self, step: int, total_steps: int) -> None:
         done = step + 1
+        self._next_step = done
         if not self.reselect_every or done % self.reselect_every or done >= total_steps:
             return
         if done > self.reselect_until * total_steps:
@@ -179,7 +227,9 @@ class SaRA(AdapterConfig):
     """``density``: fraction of each matrix trained (the smallest |W0|); ``rank_budget`` > 0 instead trains
     ``r (out + in)`` entries (a LoRA of rank r's count); ``nuclear``: λ of the nuclear-norm penalty;
     ``reselect_every`` > 0: re-select the support every that many optimizer steps during the first
-    ``reselect_until`` fraction of training (0: never, the support stays the smallest |W0|)."""
+    ``reselect_until`` fraction of training (0: never, the support stays the smallest |W0|);
+    ``nuclear_every`` k > 1: the penalty only at every k-th optimizer step, scaled by k (1/k of the SVDs;
+    an approximation, see the module docstring)."""
 
     default_lr: ClassVar[float] = 1e-3
     example_opts: ClassVar[dict[str, Any]] = dict(density=0.1, nuclear=1e-3)
@@ -189,6 +239,7 @@ class SaRA(AdapterConfig):
     nuclear: float = 1e-4
     reselect_every: int = 0
     reselect_until: float = 0.5
+    nuclear_every: int = 1
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> SaRAAdapter:
         out_f, in_f = W0.shape
@@ -198,6 +249,8 @@ class SaRA(AdapterConfig):
             raise ctx.error(f"SaRA density must be in (0, 1], got {self.density}")
         if self.nuclear < 0:
             raise ctx.error(f"SaRA nuclear (λ) must be >= 0, got {self.nuclear}")
+        if self.nuclear_every < 1:
+            raise ctx.error(f"SaRA nuclear_every must be >= 1 (1: every step), got {self.nuclear_every}")
         if self.reselect_every < 0:
             raise ctx.error(f"SaRA reselect_every must be >= 0 (0: off), got {self.reselect_every}")
         if not 0.0 < self.reselect_until <= 1.0:
@@ -209,4 +262,6 @@ class SaRA(AdapterConfig):
                 f"SaRA rank_budget {self.rank_budget} asks for {k} entries of {numel}", (out_f, in_f)
             )
         flat = ineffective_support(W0, k).to(W0.device)
-        return SaRAAdapter(flat, (out_f, in_f), self.nuclear, self.reselect_every, self.reselect_until)
+        return SaRAAdapter(
+            flat, (out_f, in_f), self.nuclear, self.reselect_every, self.reselect_until, self.nuclear_every
+        )
