@@ -5,15 +5,12 @@ column loop on the CPU, under Triton's interpreter; on a GPU against the eager l
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from compress_fixtures import calib, tiny_llama
+from compress_fixtures import calib, hopper_ptx, run_under_triton_interpreter, tiny_llama
 
 from weightsmith.compress import GPTQ, compress
 from weightsmith.compress import gptq as gptq_module
@@ -106,29 +103,15 @@ for out_f, in_f, group, block, act_order, sym in KERNEL_CASES:
 def test_fused_kernel_gives_the_eager_codes_bit_for_bit():
     # checked with Triton 3.9's interpreter; 3.6's (the GPU machine's) reported a difference, not yet traced
     pytest.importorskip("triton", minversion="3.9")
-    here = Path(__file__).parent
-    src = Path(gptq_module.__file__).parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(here), str(src)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == len(KERNEL_CASES) and all(ln.endswith(" same") for ln in lines), run.stdout
+    lines = run_under_triton_interpreter(CHILD, Path(__file__).parent, Path(gptq_module.__file__).parents[2])
+    assert len(lines) == len(KERNEL_CASES) and all(ln.endswith(" same") for ln in lines), lines
 
 
 def test_kernel_compiles_for_hopper_with_ieee_division_and_no_fma(monkeypatch, tmp_path):
     """No GPU needed: Triton compiles to PTX for sm_90 (H100/H200). The interpreter does not catch what only
     the compiler refuses, and bit-exactness needs IEEE division and no fused multiply-add."""
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from weightsmith.compress._gptq_kernel import gptq_block_kernel
 
     if not hasattr(gptq_block_kernel, "arg_names"):
@@ -137,12 +120,7 @@ def test_kernel_compiles_for_hopper_with_ieee_division_and_no_fma(monkeypatch, t
     sig = {n: "*fp32" for n in ["w_ptr", "u_ptr", "scale_ptr", "zero_ptr", "q_ptr", "e_ptr"]}
     sig |= {"gidx_ptr": "*i32", "qmax": "fp32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
     sig |= dict.fromkeys(ints, "i32")
-    src = ASTSource(fn=gptq_block_kernel, signature=sig, constexprs={"BLOCK_R": 16, "BLOCK_C": 128})
-    try:
-        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
-    except (ImportError, RuntimeError, FileNotFoundError) as exc:  # no ptxas in this Triton build
-        pytest.skip(f"Triton cannot compile for sm_90 here: {exc}")
-    ptx = out.asm["ptx"]
+    ptx = hopper_ptx(gptq_block_kernel, sig, {"BLOCK_R": 16, "BLOCK_C": 128})
     assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
     assert "fma." not in ptx and "mul.rn.f32" in ptx  # .rn: ptxas may not contract mul + add either
 

@@ -104,14 +104,22 @@ def triton_available() -> bool:
     return True
 
 
-def _block_steps(W: Tensor, fused: bool | None) -> Steps:
+def use_fused(W: Tensor, fused: bool | None, method: str, available: Callable[[], bool]) -> bool:
+    """Whether ``method``'s block runs as its Triton kernel: ``fused`` None means where it can (CUDA and
+    ``available()``); True where it cannot is refused, naming the option."""
     if fused is None:
-        fused = W.is_cuda and triton_available()
-    if fused and not triton_available():
-        raise WeightsmithError("gptq option fused=true needs Triton (pip install triton)")
+        return W.is_cuda and available()
+    if fused and not available():
+        raise WeightsmithError(f"{method} option fused=true needs Triton (pip install triton)")
     if fused and not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise WeightsmithError("gptq option fused=true: the kernel runs on CUDA (or with TRITON_INTERPRET=1)")
-    return _fused_steps if fused else _eager_steps
+        raise WeightsmithError(
+            f"{method} option fused=true: the kernel runs on CUDA (or with TRITON_INTERPRET=1)"
+        )
+    return fused
+
+
+def _block_steps(W: Tensor, fused: bool | None) -> Steps:
+    return _fused_steps if use_fused(W, fused, "gptq", triton_available) else _eager_steps
 
 
 def gptq_quantize(

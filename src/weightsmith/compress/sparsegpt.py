@@ -24,7 +24,6 @@ small kernels per column; the lazy update of the later columns stays one matrix 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,7 +34,7 @@ from ..errors import WeightsmithError
 from ..layers import InputStats, Layer, StatsSpec
 from ._core import Compressed
 from ._sparse import PruneConfig, SparseWeight, check_nm, nm_mask, unstructured_mask
-from .gptq import inverse_hessian_factor, stacked_passes, triton_available
+from .gptq import inverse_hessian_factor, stacked_passes, triton_available, use_fused
 
 # one block's column steps: (W1, U1, keep1, Err1, n, m), W1 / keep1 updated in place, Err1 written
 Steps = Callable[[Tensor, Tensor, Tensor, Tensor, int, int], None]
@@ -64,15 +63,7 @@ def _fused_steps(W1: Tensor, U1: Tensor, keep1: Tensor, Err1: Tensor, n: int, m:
 
 
 def _block_steps(W: Tensor, fused: bool | None) -> Steps:
-    if fused is None:
-        fused = W.is_cuda and triton_available()
-    if fused and not triton_available():
-        raise WeightsmithError("sparsegpt option fused=true needs Triton (pip install triton)")
-    if fused and not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise WeightsmithError(
-            "sparsegpt option fused=true: the kernel runs on CUDA (or with TRITON_INTERPRET=1)"
-        )
-    return _fused_steps if fused else _eager_steps
+    return _fused_steps if use_fused(W, fused, "sparsegpt", triton_available) else _eager_steps
 
 
 def sparsegpt_prune(
