@@ -146,6 +146,21 @@ class _Count:
         dist.all_reduce, DTensor.full_tensor = self._saved  # type: ignore[method-assign]
 
 
+def _steps_counted(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, world: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Four steps on this rank's share of each batch: the full parameters after them, and the all-reduces
+    and gathers each optimizer step made ([steps, 2])."""
+    counts = []
+    for x in _batches(4):
+        model(x.chunk(world)[rank]).square().mean().backward()
+        with _Count() as count:
+            opt.step()
+        counts.append([count.reduces, count.gathers])
+        opt.zero_grad(set_to_none=True)
+    return [p.full_tensor().detach() for p in model.parameters()], torch.tensor(counts)
+
+
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     from weightsmith import distributed
 
@@ -158,15 +173,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             model = _model()
             distributed.shard(model, [model[0], model[2]])
             opt = config.create(list(model.named_parameters()), 1e-2)
-            counts = []
-            for x in _batches(4):
-                model(x.chunk(world)[rank]).square().mean().backward()
-                with _Count() as count:
-                    opt.step()
-                counts.append([count.reduces, count.gathers])
-                opt.zero_grad(set_to_none=True)
-            results[label] = [p.full_tensor().detach() for p in model.parameters()]
-            results[f"{label}/collectives"] = torch.tensor(counts)
+            results[label], results[f"{label}/collectives"] = _steps_counted(model, opt, rank, world)
             if label in _ROW_SHARDED:  # computed on the row shards: no gathered gradient, sharded moments
                 inner = opt.state[model[0].weight]["inner"]
                 results[f"{label}/sharded"] = torch.tensor(type(inner["mu"]).__name__ == "DTensor")
@@ -175,15 +182,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         model = _Branches()
         distributed.shard(model, [*model.left, *model.right])
         opt = _BRANCHES.create(list(model.named_parameters()), 1e-2)
-        counts = []
-        for x in _batches(4):
-            model(x.chunk(world)[rank]).square().mean().backward()
-            with _Count() as count:
-                opt.step()
-            counts.append([count.reduces, count.gathers])
-            opt.zero_grad(set_to_none=True)
-        results["branches"] = [p.full_tensor().detach() for p in model.parameters()]
-        results["branches/collectives"] = torch.tensor(counts)
+        results["branches"], results["branches/collectives"] = _steps_counted(model, opt, rank, world)
         # clipping from the local shards and one all-reduce: the norm of the whole-batch gradient
         model = _model()
         distributed.shard(model, [model[0], model[2]])
