@@ -56,3 +56,13 @@ def hopper_ptx(kernel: Any, signature: dict[str, str], constexprs: dict[str, Any
     except (ImportError, RuntimeError, FileNotFoundError) as exc:  # no ptxas in this Triton build
         pytest.skip(f"Triton cannot compile for sm_90 here: {exc}")
     return str(out.asm["ptx"])
+
+
+def hessian_problem(out_f: int, in_f: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [out_f, in_f] and the Hessian 2 XᵀX / n of inputs with a rank-8 structure plus noise (badly
+    conditioned, as real layer inputs are) for the OBS-update tests of GPTQ and SparseGPT."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g)
+    X = torch.randn(256, 8, generator=g) @ torch.randn(8, in_f, generator=g)
+    X += 0.1 * torch.randn(256, in_f, generator=g)
+    return W, 2 * X.T @ X / X.shape[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from compress_fixtures import calib, hopper_ptx, run_under_triton_interpreter, tiny_llama
+from compress_fixtures import hessian_problem as _problem
 
 from weightsmith.compress import GPTQ, compress
 from weightsmith.compress import gptq as gptq_module
@@ -28,14 +29,6 @@ class LayerByLayer(GPTQ):
 
     def compress_block(self, block, layers, stats):  # type: ignore[no-untyped-def]
         return CompressConfig.compress_block(self, block, layers, stats)
-
-
-def _problem(out_f: int, in_f: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(out_f, in_f, generator=g)
-    X = torch.randn(256, 8, generator=g) @ torch.randn(8, in_f, generator=g)
-    X += 0.1 * torch.randn(256, in_f, generator=g)
-    return W, 2 * X.T @ X / X.shape[0]
 
 
 def _same(a, b) -> bool:  # type: ignore[no-untyped-def]
