@@ -45,7 +45,7 @@ from ..layers import (
     walk_blocks,
 )
 from ..progress import log
-from ._datafree import compress_data_free
+from ._datafree import compress_data_free, relative_error
 from ._grid import QuantizedWeight, check_bits
 
 PACKAGED_TEXTS = ("hamlet",)
@@ -217,7 +217,7 @@ def _record(
     errs: list[Tensor] = []
     for ly in layers:
         W = originals[ly.name]
-        errs.append((W - done[ly.name].dequantize().to(W.device)).norm() / W.norm().clamp_min(1e-30))
+        errs.append(relative_error(W, done[ly.name].dequantize().to(W.device)))
     dev = errs[0].device if errs else None
     values = torch.stack([e.to(dev) for e in errs]).tolist() if errs else []  # one host sync, not one a layer
     for ly, err in zip(layers, values, strict=True):

@@ -33,7 +33,8 @@ class DataFreeResult:
     rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
 
 
-def _rel_error(W: Tensor, W_hat: Tensor) -> Tensor:
+def relative_error(W: Tensor, W_hat: Tensor) -> Tensor:
+    """‖W − Ŵ‖_F / ‖W‖_F as a 0-d tensor on W's device (no host sync)."""
     return (W - W_hat).norm() / W.norm().clamp_min(1e-30)
 
 
@@ -43,7 +44,7 @@ def _plain(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> It
         qw = quantize(W)
         W_hat = qw.dequantize()
         ly.write(W_hat)
-        yield DataFreeResult(ly, qw, float(_rel_error(W, W_hat.to(W.device))))
+        yield DataFreeResult(ly, qw, float(relative_error(W, W_hat.to(W.device))))
 
 
 def _overlapped(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> Iterator[DataFreeResult]:
@@ -83,7 +84,7 @@ def _overlapped(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) 
         qw = quantize(W)
         target_dtype = ly.weight().dtype
         W_hat = qw.dequantize()
-        err = _rel_error(W, W_hat)
+        err = relative_error(W, W_hat)
         out_dev = W_hat.to(target_dtype)
         host_out = torch.empty(out_dev.shape, dtype=target_dtype, pin_memory=True)
         d2h.wait_stream(compute)
