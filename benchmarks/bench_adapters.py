@@ -37,6 +37,7 @@ import torch
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # weightsmith configs for the benchmark (method -> kwargs); methods not listed use their defaults
+FUSED_ADAMW = False  # --adamw fused
 OURS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 16, "alpha": 32},
     "dora": {"rank": 16, "alpha": 32},
@@ -134,7 +135,9 @@ def run(
     params = [p for p in net.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     # capturable: the step count lives on the GPU, so the optimizer step can be part of a CUDA graph
-    opt = torch.optim.AdamW(params, lr=1e-5, capturable=graphed) if params else None
+    # fused (--adamw fused): one multi-tensor kernel for the whole update, for every library alike
+    fused = FUSED_ADAMW or None
+    opt = torch.optim.AdamW(params, lr=1e-5, capturable=graphed, fused=fused) if params else None
     if compiled:
         # many adapted layers call one function with inputs that differ in requires_grad: allow the variants
         torch._dynamo.config.recompile_limit = 64
@@ -189,9 +192,15 @@ def run(
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             one(warmup + steps)
             torch.cuda.synchronize()
-        print(f"== profile {lib} {method}", flush=True)
+        kernels = [
+            e
+            for e in p.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1000
+        print(f"== profile {lib} {method}: {len(kernels)} kernels, {busy:.2f} ms of kernel time", flush=True)
         print(
-            p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60),
+            p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60),
             flush=True,
         )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
@@ -285,6 +294,7 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=Path("adapters-speed.jsonl"))
     ap.add_argument("--report", type=Path, default=None)
+    ap.add_argument("--adamw", choices=("foreach", "fused"), default="foreach", help="AdamW implementation")
     ap.add_argument("--profile", default="", help="comma list of lib:method to profile one step of")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the -compile libraries")
     args = ap.parse_args()
@@ -306,6 +316,9 @@ def main() -> None:
         "peft": peft.__version__, "transformers": transformers.__version__,
         "steps": args.steps, "warmup": args.warmup,
     }  # fmt: skip
+    global FUSED_ADAMW
+    FUSED_ADAMW = args.adamw == "fused"
+    meta["adamw"] = args.adamw
     start = time.perf_counter()
     base = build_base(args.tiny)
     wanted = set(filter(None, args.methods.split(",")))
