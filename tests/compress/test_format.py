@@ -32,6 +32,14 @@ def test_pack_roundtrip_and_matches_compressed_tensors(bits):
     )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_on_gpu_equals_pack_on_cpu(bits):
+    """The writer packs the codes where they live: the GPU's words must be the CPU's."""
+    q = torch.randint(0, 1 << bits, (64, 1000), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    assert torch.equal(pack_codes(q.cuda(), bits).cpu(), pack_codes(q, bits))
+
+
 def _compressed(cfg):
     m = tiny_llama()
     q, report = compress(copy.deepcopy(m), cfg, calib=calib())
