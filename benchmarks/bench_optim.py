@@ -128,6 +128,10 @@ def bench(
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.small, args.device, dtype, args.layers)
     vocab = model.config.vocab_size
+    if args.compile_blocks:  # each decoder layer compiled on its own, before FSDP2 wraps it (fewer launches)
+        torch._dynamo.config.recompile_limit = 64
+        for i, layer in enumerate(list(model.model.layers)):
+            model.model.layers[i] = torch.compile(layer)
     trained = model
     if args.parallel == "fsdp2":  # under torchrun: each decoder layer, then the whole model, sharded
         trained = distributed.shard(
@@ -181,6 +185,7 @@ def bench(
         "processes": args.world.size,
         "parallel": args.parallel if args.world.size > 1 else "none",
         "reshard_after_forward": args.reshard_after_forward if args.parallel == "fsdp2" else None,
+        "compile_blocks": args.compile_blocks,
         "tokens_per_s": args.world.size * args.batch * args.seq / (step_ms / 1000),
     }
     del model, trained, opt, loss
@@ -255,6 +260,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
                     help="under torchrun: DDP or FSDP2 (peak memory and state are per process)")  # fmt: skip
+    ap.add_argument("--compile-blocks", action="store_true", help="torch.compile each decoder layer")
     ap.add_argument("--reshard-after-forward", choices=["yes", "no"], default="yes",
                     help="FSDP2: free each layer's gathered weights after its forward (yes) or keep "
                          "them for the backward (no: one all-gather a step, not two)")  # fmt: skip
