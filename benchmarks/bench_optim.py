@@ -225,8 +225,55 @@ def profiling(on: bool, args: argparse.Namespace, name: str, kind: str) -> Itera
         if any(k in e.key.lower() for k in COLLECTIVES):
             device_us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
             sections.append(f"{e.key}: {e.count}, {e.self_cpu_time_total / 1e3:.2f}, {device_us / 1e3:.2f}")
+    if args.device.startswith("cuda"):
+        sections += ["== GPU timeline (ms): " + gpu_timeline(prof) + " =="]
     path = Path(args.profile) / f"{name}-{kind}.txt"
     staging.write_text(path, "\n".join(sections) + "\n")
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    total, j = 0.0, 0
+    for a, b in xs:
+        while j < len(ys) and ys[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(ys) and ys[k][0] < b:
+            total += min(b, ys[k][1]) - max(a, ys[k][0])
+            k += 1
+    return total
+
+
+def gpu_timeline(prof: Any) -> str:
+    """Where a profiled step's GPU time goes: the window from the first to the last kernel, the time some
+    compute kernel runs, the time a collective (NCCL) kernel runs, how much of that is not hidden behind
+    compute, and the time the GPU does nothing (the host is late, or a stream waits)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == cuda and not getattr(e, "is_user_annotation", False)]
+    if not kernels:
+        return "no kernels"
+    spans = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower()) for e in kernels]
+    comm = _union([(a, b) for a, b, c in spans if c])
+    compute = _union([(a, b) for a, b, c in spans if not c])
+    window = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
+    busy_compute = sum(b - a for a, b in compute)
+    busy_comm = sum(b - a for a, b in comm)
+    hidden = _overlap(comm, compute)
+    idle = window - sum(b - a for a, b in _union([(a, b) for a, b, _ in spans]))
+    return (
+        f"window {window / 1e3:.1f}, compute {busy_compute / 1e3:.1f}, collectives {busy_comm / 1e3:.1f} "
+        f"(exposed {(busy_comm - hidden) / 1e3:.1f}), idle {idle / 1e3:.1f}"
+    )
 
 
 def _state(opt: torch.optim.Optimizer) -> Any:
