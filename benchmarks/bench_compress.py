@@ -16,6 +16,22 @@ with the same sparsity or ``mask_structure``, damping 0.01 and block 128 (both l
 rows report ``sparsity`` (the setting) instead of bits. Our Wanda compares weights within each output row
 (the paper's group), as llm-compressor's does.
 
+Where the model lives (``--resident``; default: both for data-free methods on a GPU, ``host`` otherwise):
+``host`` starts every run from the model in host memory and ends it there, for both tools (ours through its
+pinned pipeline; llm-compressor's ``model.to(device)``, ``oneshot`` and ``model.to("cpu")`` all timed);
+``device`` moves the model to ``--device`` before the clock starts, for both tools (ours then runs on the
+weights in place; llm-compressor's ``oneshot`` only), and the model stays there. The peak (CUDA max allocated,
+first run) then counts the resident model itself (``model_mb``; ``start_mb``: allocated when the clock
+started); ``ends_on`` says where the model was at the end.
+``--repeats N`` times N fresh copies (``seconds`` is the first run, ``seconds_best`` the best). ``--floor``
+times the copies behind a data-free compress of the host model (pageable → pinned → device and back, CUDA's
+own pageable copies, page-locking the weights in place, host dequantisation from uint8 codes);
+``--host-path staged,registered`` runs ours both ways (``compress/_datafree.py``'s ``HOST_PATH``).
+
+    .venv/bin/python benchmarks/bench_compress.py --device cuda --model random-llama-1b \
+        --text gpu_data/hamlet.txt --methods rtn --bits 4 --group-size 128 --samples 64 --seq-len 512 \
+        --resident host,device --host-path staged,registered --repeats 3 --floor --json OUT.json
+
 llm-compressor (``llmcompressor``) is imported only here; without it the script runs weightsmith alone.
 llmcompressor 0.14 pins transformers <= 5.17 and compressed-tensors 0.19; install it with ``--no-deps``
 (``pip install --no-deps llmcompressor==0.14.0.1``) so the environment keeps its versions (it imports and
@@ -42,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import resource
 import tempfile
@@ -52,6 +69,7 @@ from typing import Any
 import torch
 
 from weightsmith.assets import load_text
+from weightsmith.compress import _datafree as datafree
 from weightsmith.compress import calibration_batches, compress, heldout_text
 from weightsmith.config import config_from_dict
 from weightsmith.evaluate import perplexity
@@ -176,7 +194,8 @@ def run_llmcompressor(
         recipe = mod(config_groups=groups, ignore=["lm_head"])
     ids = torch.cat([b["input_ids"] for b in calib])
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    model.to(dev)
+    home = next(model.parameters()).device
+    model.to(dev)  # a no-op when the model is already resident on the device
     oneshot(
         model=model,
         processor=tok,
@@ -185,7 +204,88 @@ def run_llmcompressor(
         num_calibration_samples=len(ids),
         max_seq_length=ids.shape[1],
     )
-    return model
+    return model.to(home)  # back where it started: host memory for --resident host
+
+
+def data_free(method: str) -> bool:
+    """Whether our ``method`` compresses without calibration (RTN, HQQ, magnitude pruning, ...)."""
+    return not config_from_dict({"method": method}, "compress").needs_calibration()
+
+
+def copy_floor(model: Any, dev: torch.device, group: int) -> dict[str, Any]:
+    """What a data-free compress of ``model`` (host-resident) on the CUDA device ``dev`` has to move, timed
+    piece by piece over its target weights in their dtype: pageable → pinned (``stage``), pinned → device,
+    device → pinned, pinned → pageable (``land``), the pageable copies CUDA stages itself (what ``.to()``
+    does), ``cudaHostRegister`` of the weights in place (then no host copy at all) and the alternative of
+    bringing back uint8 codes and dequantising on the host: ``(q − z)·s`` against the copy it replaces,
+    timed on the largest weight and projected over all of them. Seconds, one pass each."""
+    from weightsmith.layers import find_layers
+
+    ws = [ly.weight().detach() for ly in find_layers(model)]
+    sizes = [w.numel() * w.element_size() for w in ws]
+    big = max(sizes)
+
+    def timed(fn: Any) -> float:
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(dev)
+        return round(time.perf_counter() - t0, 4)
+
+    def at(buf: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return buf[: w.numel() * w.element_size()].view(w.dtype).view(w.shape)
+
+    out: dict[str, Any] = {"library": "floor", "method": "data-free copies", "weights_gb": sum(sizes) / 1e9,
+                           "weights": len(ws), "host_threads": torch.get_num_threads()}  # fmt: skip
+    t0 = time.perf_counter()
+    pinned = torch.empty(big, dtype=torch.uint8, pin_memory=True)
+    out["pinned_alloc_s"] = round(time.perf_counter() - t0, 4)
+    scratch = torch.zeros(big, dtype=torch.uint8)
+    on_dev = torch.empty(big, dtype=torch.uint8, device=dev)
+    out["stage_s"] = timed(lambda: [at(pinned, w).copy_(w) for w in ws])
+    out["h2d_pinned_s"] = timed(lambda: [at(on_dev, w).copy_(at(pinned, w), non_blocking=True) for w in ws])
+    out["d2h_pinned_s"] = timed(lambda: [at(pinned, w).copy_(at(on_dev, w), non_blocking=True) for w in ws])
+    out["land_s"] = timed(lambda: [at(scratch, w).copy_(at(pinned, w)) for w in ws])
+    out["h2d_pageable_s"] = timed(lambda: [at(on_dev, w).copy_(w) for w in ws])
+    out["d2h_pageable_s"] = timed(lambda: [at(scratch, w).copy_(at(on_dev, w)) for w in ws])
+    locks = datafree._Locks()  # page-rounded, no page locked twice (as the "registered" host path does)
+    t0 = time.perf_counter()
+    ok = [locks.lock(k, w) for k, w in enumerate(ws)]
+    out["register_s"] = round(time.perf_counter() - t0, 4)
+    locked = [w for w, o in zip(ws, ok, strict=True) if o]
+    out["h2d_registered_s"] = timed(lambda: [at(on_dev, w).copy_(w, non_blocking=True) for w in locked])
+
+    def there_and_back() -> None:  # each weight to the device and the same bytes back into it
+        for w in locked:
+            at(on_dev, w).copy_(w, non_blocking=True)
+            w.copy_(at(on_dev, w), non_blocking=True)
+
+    out["h2d_d2h_registered_s"] = timed(there_and_back)
+    t0 = time.perf_counter()
+    for k in list(locks.ranges):
+        locks.unlock(k)
+    out["unregister_s"] = round(time.perf_counter() - t0, 4)
+    out["registered"] = f"{sum(ok)}/{len(ws)}"
+    w = max(ws, key=lambda t: t.numel())
+    o, i = w.shape
+    g = group if group and i % group == 0 else i
+    q = torch.randint(0, 16, (o, i // g, g), dtype=torch.uint8)
+    scale, zero = torch.rand(o, i // g, 1) + 0.1, torch.full((o, i // g, 1), 8.0)
+    dst, src = torch.empty(o, i // g, g), torch.randn(o, i // g, g)
+    reps, share = 5, sum(t.numel() for t in ws) / w.numel()
+
+    def dequant() -> None:
+        for _ in range(reps):
+            torch.sub(q, zero, out=dst)
+            dst.mul_(scale)
+
+    def memcpy() -> None:
+        for _ in range(reps):
+            dst.copy_(src)
+
+    out["host_dequant_fp32_s"] = round(timed(dequant) / reps * share, 4)
+    out["host_copy_fp32_s"] = round(timed(memcpy) / reps * share, 4)
+    return out
 
 
 def main() -> None:
@@ -204,7 +304,22 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens scored (0 = all)")
     ap.add_argument("--libraries", default="weightsmith,llmcompressor")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model weights, both tools")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", "--json", dest="out", type=Path, default=None, help="the rows, as JSON")
+    ap.add_argument(
+        "--resident",
+        default=None,
+        help="where the model lives when the timing starts and ends: host (both tools start and end in host "
+        "memory), device (already on --device, both tools, not timed), or host,device (default: both for "
+        "data-free methods on a GPU, host for the others)",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs of each job, a fresh copy each")
+    ap.add_argument("--floor", action="store_true", help="also time the copies behind a data-free compress")
+    ap.add_argument(
+        "--host-path",
+        default="staged",
+        help="ours, data-free, model in host memory on a GPU: staged (pinned ring), registered (weights "
+        "page-locked in place), or both: staged,registered (compress/_datafree.py HOST_PATH)",
+    )
     ap.add_argument(
         "--opt",
         action="append",
@@ -213,6 +328,14 @@ def main() -> None:
         help="an option of our method, e.g. gptq:fused=false (the eager column loop); repeatable",
     )
     args = ap.parse_args()
+    places = None if args.resident is None else args.resident.split(",")
+    if places is not None and not set(places) <= {"host", "device"}:
+        ap.error(f"--resident {args.resident}: use host, device or host,device")
+    host_paths = args.host_path.split(",")
+    if not set(host_paths) <= {"staged", "registered"}:
+        ap.error(f"--host-path {args.host_path}: use staged, registered or staged,registered")
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: use 1 or more")
     extra: dict[str, dict[str, Any]] = {}
     for item in args.opt:
         name, _, kv = item.partition(":")
@@ -235,7 +358,6 @@ def main() -> None:
         cut = full.rfind("\n", 0, int(len(full) * 0.9)) + 1
         text, calib_src = full[cut:], str(args.text.with_suffix(".calib.txt"))
         Path(calib_src).write_text(full[:cut], encoding="utf-8")
-    calib = calibration_batches(tok, calib_src, args.samples, args.seq_len)
     libs = args.libraries.split(",")
     if "llmcompressor" in libs:
         try:
@@ -243,6 +365,9 @@ def main() -> None:
         except ImportError:
             print("llmcompressor is not installed: running weightsmith alone")
             libs.remove("llmcompressor")
+    methods = args.methods.split(",")
+    need_calib = "llmcompressor" in libs or not all(data_free(m) for m in methods)
+    calib = calibration_batches(tok, calib_src, args.samples, args.seq_len) if need_calib else []
 
     def ppl(m: Any) -> float:
         m.to(dev)
@@ -262,7 +387,6 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = [{"library": "-", "method": "fp", "ppl": ppl(copy.deepcopy(base))}]
     print(rows[-1], flush=True)
-    methods = args.methods.split(",")
     jobs: list[tuple[str, int, dict[str, Any] | None]] = [
         (method, int(b), None) for b in args.bits.split(",") for method in methods if method not in PRUNERS
     ]
@@ -272,26 +396,52 @@ def main() -> None:
         for method in methods
         if method in PRUNERS
     ]
+    model_mb = sum(t.numel() * t.element_size() for t in base.state_dict().values()) / 2**20
     for method, bits, prune in jobs:
-        for lib in libs:
-            m = copy.deepcopy(base)
-            _peak_reset(dev)
-            t0 = time.perf_counter()
-            if lib == "weightsmith":
-                m = run_ours(m, method, bits, args.group_size, calib, dev, tok, extra, prune)
-            else:
-                m = run_llmcompressor(m, method, bits, args.group_size, calib, dev, tok, prune)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            seconds = time.perf_counter() - t0
-            peak = _peak_mb(dev)
-            row: dict[str, Any] = {"library": lib, "method": method}
+        on_gpu = dev.type != "cpu"
+        where = places or (["host", "device"] if on_gpu and data_free(method) else ["host"])
+        runs = [(p, lib, hp) for p in where for lib in libs for hp in host_paths]
+        for place, lib, host_path in runs:
+            if lib == "llmcompressor" and method not in LLMC_MODIFIER and method not in PRUNERS:
+                continue  # llm-compressor has no such method
+            ours_on_host = lib == "weightsmith" and place == "host" and on_gpu and data_free(method)
+            if host_path != host_paths[0] and not ours_on_host:
+                continue  # the host path matters only there
+            datafree.HOST_PATH = host_path
+            times, peak, start, m = [], 0.0, 0.0, None
+            for _ in range(args.repeats):
+                m = None  # the previous repeat's model goes before the next copy is made
+                gc.collect()
+                m = copy.deepcopy(base)
+                if place == "device":
+                    m.to(dev)  # resident before the timing starts (both tools)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    start = start or torch.cuda.memory_allocated(dev) / 2**20
+                _peak_reset(dev)  # the peak then counts a resident model's own memory
+                t0 = time.perf_counter()
+                if lib == "weightsmith":
+                    m = run_ours(m, method, bits, args.group_size, calib, dev, tok, extra, prune)
+                else:  # host: .to(dev), oneshot, .to("cpu") all timed; device: oneshot only
+                    m = run_llmcompressor(m, method, bits, args.group_size, calib, dev, tok, prune)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times.append(time.perf_counter() - t0)
+                peak = peak or _peak_mb(dev)  # the first run's (a library may hold on to its last model)
+            assert m is not None
+            where_now = next(m.parameters()).device.type
+            row: dict[str, Any] = {"library": lib, "method": method, "resident": place}
+            if ours_on_host:
+                row["host_path"] = host_path
             if prune is None:
                 row |= {"bits": bits, "group": args.group_size}
             else:
                 row |= {"sparsity": f"{prune['n']}:{prune['m']}" if "m" in prune else prune["sparsity"],
                         "zeros": zero_fraction(m)}  # fmt: skip
-            row |= {"ppl": ppl(m), "logit_error": logit_error(m), "seconds": seconds, "peak_mb": peak}
+            row |= {"ppl": ppl(m), "logit_error": logit_error(m), "seconds": times[0], "peak_mb": peak,
+                    "start_mb": start, "model_mb": model_mb, "ends_on": where_now}  # fmt: skip
+            if len(times) > 1:
+                row |= {"seconds_best": min(times), "seconds_all": times}
             if lib == "weightsmith" and extra.get(method):
                 row["opts"] = extra[method]
             rows.append(row)
@@ -301,6 +451,14 @@ def main() -> None:
             del m
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.floor and dev.type == "cuda":
+        try:
+            rows.append(copy_floor(base, dev, args.group_size))
+        except Exception as exc:  # a probe must not lose the rows above
+            rows.append({"library": "floor", "error": repr(exc)})
+        print(rows[-1], flush=True)
+        if args.out is not None:
+            write_text(args.out, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,31 @@
-"""Data-free compression (RTN, HQQ, ...) one weight at a time, with the host-device traffic overlapped.
+"""Data-free compression (RTN, HQQ, ...) one weight at a time, wherever the model lives.
 
-A data-free method reads each weight once and writes it back once, so with the model in host memory and the
-arithmetic on a GPU the job is bound by the two copies, not by the quantiser. On CUDA each weight goes
-host → pinned buffer → device on a copy stream while the previous weight is quantised, and its result
-comes back device → pinned buffer on another stream while the next one is; only the final copy into the
-parameter waits. The arithmetic is the plain loop's (same float32 operands, same kernels), so the results
-are identical; the per-layer errors are read back in groups instead of one device sync per layer.
+A data-free method reads each weight once and writes it back once. Two cases:
+
+- **The weights are already where the arithmetic runs** (a model on the GPU compressed with
+  ``device="cuda"``, or a CPU model on the CPU): :func:`_resident` quantises each float32 weight in place of
+  its parameter, with no copy of the parameter (a float32 weight is read through an alias; a bfloat16 one is
+  cast once; a Conv1D one, stored transposed, is made contiguous once), writes ``Ŵ`` back with one device
+  copy, and reads the per-layer errors back in groups of :data:`LOG_EVERY` (one device sync a group, not
+  one a layer). Nothing goes through the host.
+- **The model is in host memory and the arithmetic on a GPU**: :func:`_overlapped` moves exactly one copy of
+  each weight to the device and one copy of ``Ŵ`` (in the weight's dtype) back, through a fixed ring of
+  pinned slots (:class:`_Ring`, each as large as the largest weight, allocated once a call): weight ``i + 1``
+  goes host → slot → device on a copy stream while weight ``i`` is quantised, and ``Ŵ_i`` comes back device
+  → slot on another stream while the next one is; only the final copy into the parameter waits. With
+  :data:`HOST_PATH` ``"registered"`` each weight is page-locked in place instead (:class:`_Locks`) and the
+  copies go straight from and into the parameter.
+
+The arithmetic is the same in every case (same float32 operands, same kernels), so the weights, codes and
+errors are bit-identical whichever path runs. Returning the codes instead of ``Ŵ`` and dequantising on the
+host moves fewer bytes over PCIe but costs the host more than the copy it saves: measured on the CPU,
+``(q − z)·s`` from uint8 codes runs at 1.5 GB/s of weight a thread against 8.7 GB/s for the float32 copy
+(docs/compress.md, "Where the model lives").
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +40,13 @@ if TYPE_CHECKING:
 
 Quantize = Callable[[Tensor], "Compressed"]
 LOG_EVERY = 16  # layers between two read-backs of the errors (each read-back is one device sync)
+SLOTS = 2  # pinned slots each way: weight i + 1 is staged while weight i is on the device
+# How a host weight reaches the device: "staged" (through the pinned ring: two host copies a weight) or
+# "registered" (each weight page-locked in place with cudaHostRegister while its copies run: no host copy,
+# but the locking costs the host time too; opt-in until a GPU host has measured which is faster, see
+# ``bench_compress.py --floor``). A weight that cannot be locked is staged.
+HOST_PATH = "staged"
+PAGE = mmap.PAGESIZE
 
 
 @dataclass
@@ -38,70 +61,186 @@ def relative_error(W: Tensor, W_hat: Tensor) -> Tensor:
     return (W - W_hat).norm() / W.norm().clamp_min(1e-30)
 
 
-def _plain(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> Iterator[DataFreeResult]:
+class _Errors:
+    """Per-layer results whose errors are still 0-d device tensors; :meth:`flush` reads them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Layer, Compressed, Tensor]] = []
+
+    def add(self, ly: Layer, qw: Compressed, err: Tensor) -> None:
+        self.items.append((ly, qw, err))
+
+    def flush(self) -> Iterator[DataFreeResult]:
+        values = torch.stack([e for *_, e in self.items]).tolist()
+        for (ly, qw, _), v in zip(self.items, values, strict=True):
+            yield DataFreeResult(ly, qw, float(v))
+        self.items.clear()
+
+
+def _resident(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> Iterator[DataFreeResult]:
+    """Layer by layer on ``dev``; a weight already there in float32 is quantised through an alias of its
+    parameter (no copy), so the error is taken before ``Ŵ`` overwrites it. A weight elsewhere is copied."""
+    errors = _Errors()
     for ly in layers:
-        W = ly.weight().detach().to(dev, torch.float32, copy=True)
+        # the parameter itself when already float32 on dev; Conv1D's transposed weight is made contiguous
+        # (one copy on dev) so that every path sums the error in the same order
+        W = ly.weight().detach().to(dev, torch.float32).contiguous()
         qw = quantize(W)
         W_hat = qw.dequantize()
+        errors.add(ly, qw, relative_error(W, W_hat))
         ly.write(W_hat)
-        yield DataFreeResult(ly, qw, float(relative_error(W, W_hat.to(W.device))))
+        if len(errors.items) >= LOG_EVERY:
+            yield from errors.flush()
+    if errors.items:
+        yield from errors.flush()
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _pinned(nbytes: int) -> Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+class _Ring:
+    """``SLOTS`` pinned host buffers of ``nbytes`` each (allocated on first use), reused round-robin: slot
+    ``i % SLOTS`` holds weight ``i``. ``free[k]`` is the event after which slot ``k`` may be overwritten."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.buf: list[Tensor | None] = [None] * SLOTS
+        self.free: list[torch.cuda.Event | None] = [None] * SLOTS
+
+    def view(self, i: int, like: Tensor) -> Tensor:
+        """Slot ``i % SLOTS`` as a contiguous tensor shaped like ``like`` (waits until the slot is free)."""
+        k = i % SLOTS
+        if (ev := self.free[k]) is not None:
+            ev.synchronize()
+            self.free[k] = None
+        if (buf := self.buf[k]) is None:
+            buf = self.buf[k] = _pinned(self.nbytes)
+        return buf[: _nbytes(like)].view(like.dtype).view(like.shape)
+
+
+class _Locks:
+    """Weights page-locked in place (``cudaHostRegister``) while their copies run, for
+    ``HOST_PATH="registered"``. The locked range is the weight's memory rounded out to whole pages; a weight
+    whose pages overlap a range locked now is not locked (CUDA refuses a page locked twice), nor one that is
+    pinned already or not dense."""
+
+    def __init__(self) -> None:
+        self.ranges: dict[int, tuple[int, int]] = {}  # layer index → [start, end) in bytes
+
+    @staticmethod
+    def pages(W: Tensor) -> tuple[int, int]:
+        return W.data_ptr() // PAGE * PAGE, -(-(W.data_ptr() + _nbytes(W)) // PAGE) * PAGE
+
+    def overlaps(self, W: Tensor) -> bool:
+        """Whether ``W`` shares a page with a weight locked now (then CUDA may call it pinned: it is not)."""
+        start, end = self.pages(W)
+        return any(s < end and start < e for s, e in self.ranges.values())
+
+    def lock(self, i: int, W: Tensor) -> bool:
+        if not (W.is_contiguous() or W.t().is_contiguous()) or self.overlaps(W) or W.is_pinned():
+            return False
+        start, end = self.pages(W)
+        if int(torch.cuda.cudart().cudaHostRegister(start, end - start, 0)) != 0:
+            return False
+        self.ranges[i] = (start, end)
+        return True
+
+    def unlock(self, i: int) -> None:
+        if (r := self.ranges.pop(i, None)) is not None:
+            torch.cuda.cudart().cudaHostUnregister(r[0])
+
+
+class _HostPipeline:
+    """The CUDA pipeline for weights in host memory (see the module docstring): weight ``i`` is quantised
+    while weight ``i + 1`` comes in on one copy stream and ``Ŵ_{i−1}`` goes out on another."""
+
+    def __init__(self, layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> None:
+        self.layers, self.quantize, self.dev = layers, quantize, dev
+        self.h2d, self.d2h = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+        self.compute = torch.cuda.current_stream(dev)
+        size = max(_nbytes(ly.weight()) for ly in layers)
+        self.ring_in, self.ring_out, self.locks = _Ring(size), _Ring(size), _Locks()
+        self.landing: list[tuple[int, torch.cuda.Event]] = []  # (layer, its D2H's event), oldest first
+
+    def upload(self, i: int) -> tuple[Tensor, torch.cuda.Event]:
+        W = self.layers[i].weight().detach()
+        locked = HOST_PATH == "registered" and self.locks.lock(i, W)
+        if not (locked or (W.is_pinned() and not self.locks.overlaps(W))):  # else: the caller's own pinned W
+            W = self.ring_in.view(i, W).copy_(W)  # pageable → pinned (a parallel CPU copy)
+        with torch.cuda.stream(self.h2d):
+            W_dev = W.to(self.dev, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.h2d)
+        self.ring_in.free[i % SLOTS] = ready
+        return W_dev, ready
+
+    def download(self, i: int, out_dev: Tensor) -> None:
+        """``Ŵ_i`` → its pinned slot, or straight into its locked parameter (in the parameter's layout)."""
+        self.d2h.wait_stream(self.compute)
+        with torch.cuda.stream(self.d2h):
+            if i in self.locks.ranges:
+                dst = self.layers[i].weight().detach()
+                dst, src = (dst, out_dev) if dst.is_contiguous() else (dst.t(), out_dev.t())
+                dst.copy_(src, non_blocking=True)
+            else:
+                self.ring_out.view(i, out_dev).copy_(out_dev, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.d2h)
+        out_dev.record_stream(self.d2h)
+        self.landing.append((i, done))
+
+    def land(self) -> None:
+        """The oldest result that went out: into its parameter (pinned → pageable), or its lock released."""
+        i, done = self.landing.pop(0)
+        done.synchronize()
+        if i in self.locks.ranges:
+            self.locks.unlock(i)
+        else:
+            ly = self.layers[i]
+            ly.write(self.ring_out.view(i, ly.weight()))
+
+    def run(self) -> Iterator[DataFreeResult]:
+        try:
+            yield from self._loop()
+        finally:
+            if self.locks.ranges:  # stopped early: no copy may still touch a range when it is unlocked
+                torch.cuda.synchronize(self.dev)
+                for i in list(self.locks.ranges):
+                    self.locks.unlock(i)
+
+    def _loop(self) -> Iterator[DataFreeResult]:
+        errors = _Errors()
+        nxt = self.upload(0)
+        for i, ly in enumerate(self.layers):
+            W_dev, ready = nxt
+            self.compute.wait_event(ready)
+            W_dev.record_stream(self.compute)  # allocated on the copy stream, read on this one
+            W = W_dev.float().contiguous()  # as in _resident (a Conv1D weight may arrive transposed)
+            qw = self.quantize(W)
+            W_hat = qw.dequantize()
+            errors.add(ly, qw, relative_error(W, W_hat))
+            out_dev = W_hat.to(W_dev.dtype)
+            if i + 1 < len(self.layers):
+                nxt = self.upload(i + 1)  # the next weight comes in while the device works on this one
+            while len(self.landing) >= SLOTS:
+                self.land()  # the result SLOTS layers back lands: its slot is free for this one
+            self.download(i, out_dev)
+            if len(errors.items) >= LOG_EVERY:
+                yield from errors.flush()
+        while self.landing:
+            self.land()
+        if errors.items:
+            yield from errors.flush()
 
 
 def _overlapped(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> Iterator[DataFreeResult]:
-    """The CUDA pipeline; every weight lives on the host (see :func:`compress_data_free`)."""
-    h2d, d2h = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
-    compute = torch.cuda.current_stream(dev)
-
-    def upload(ly: Layer) -> Tensor:
-        src = ly.weight().detach()
-        host = src if src.is_pinned() else torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
-        with torch.cuda.stream(h2d):
-            # the caching host allocator keeps `host` alive until this copy is done
-            return host.to(dev, non_blocking=True)
-
-    pending: list[tuple[Layer, Compressed, Tensor, Tensor, torch.cuda.Event]] = []
-    errors: list[tuple[Layer, Compressed, Tensor]] = []
-
-    def land(item: tuple[Layer, Compressed, Tensor, Tensor, torch.cuda.Event]) -> None:
-        ly, qw, host_out, err, done = item
-        done.synchronize()
-        ly.write(host_out)
-        errors.append((ly, qw, err))
-
-    def flush() -> Iterator[DataFreeResult]:
-        values = torch.stack([e for _, _, e in errors]).tolist() if errors else []
-        for (ly, qw, _), v in zip(errors, values, strict=True):
-            yield DataFreeResult(ly, qw, float(v))
-        errors.clear()
-
-    nxt = upload(layers[0]) if layers else None
-    for i, ly in enumerate(layers):
-        assert nxt is not None
-        compute.wait_stream(h2d)
-        W_dev = nxt
-        W_dev.record_stream(compute)
-        W = W_dev.float()
-        qw = quantize(W)
-        target_dtype = ly.weight().dtype
-        W_hat = qw.dequantize()
-        err = relative_error(W, W_hat)
-        out_dev = W_hat.to(target_dtype)
-        host_out = torch.empty(out_dev.shape, dtype=target_dtype, pin_memory=True)
-        d2h.wait_stream(compute)
-        with torch.cuda.stream(d2h):
-            host_out.copy_(out_dev, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(d2h)
-        out_dev.record_stream(d2h)
-        nxt = upload(layers[i + 1]) if i + 1 < len(layers) else None  # host copy while the device works
-        if pending:
-            land(pending.pop())
-        pending.append((ly, qw, host_out, err, done))
-        if len(errors) >= LOG_EVERY:
-            yield from flush()
-    while pending:
-        land(pending.pop())
-    yield from flush()
+    """The CUDA pipeline; every weight lives on the host (see the module docstring)."""
+    return _HostPipeline(layers, quantize, dev).run() if layers else iter(())
 
 
 def compress_data_free(
@@ -110,7 +249,8 @@ def compress_data_free(
     """Compress every layer with ``quantize`` (float32 ``[out, in]`` on ``dev`` → a compressed weight), write
     the dequantised result back in place and yield one result per layer, in order.
 
-    ``overlap``: the pipelined CUDA path (default: on CUDA when every weight is in host memory)."""
+    ``overlap``: the pipelined host → CUDA → host path (default: on CUDA when every weight is in host
+    memory). Otherwise :func:`_resident`: no copy at all for weights already on ``dev``."""
     if overlap is None:
         overlap = dev.type == "cuda" and all(ly.weight().device.type == "cpu" for ly in layers)
-    return (_overlapped if overlap else _plain)(layers, quantize, dev)
+    return (_overlapped if overlap else _resident)(layers, quantize, dev)
