@@ -20,9 +20,16 @@ Conventions every method can rely on:
   as a non-persistent buffer. The core keeps one copy in memory, also across ``model.to(...)``.
 - ``forward(x, W0, base_out)`` receives ``base_out = x W0ᵀ`` without the layer's bias and returns
   ``x W'ᵀ``; the core adds the bias. Multiplicative methods (DoRA, HRA) can therefore rescale or
-  re-project ``base_out`` directly. A method that never reads ``base_out`` (OFT, BOFT: they rotate
-  ``x``) sets ``needs_base_out = False``; the core then skips ``x W0ᵀ`` and may pass ``base_out=None``
-  (such a ``forward`` takes ``base_out: Tensor | None``).
+  re-project ``base_out`` directly. A method that computes the whole output ``x W'ᵀ`` from ``x`` and
+  ``W0`` itself sets ``needs_base_out = False``: when it is the only active adapter on the layer the
+  core skips ``x W0ᵀ`` and passes ``base_out=None``; with several active adapters it still passes
+  ``base_out`` (the same ``x W0ᵀ`` for all), so such a ``forward`` takes ``base_out: Tensor | None`` and
+  must give the same result either way. Uses: methods that never read ``base_out`` (OFT, BOFT rotate
+  ``x`` before ``W0``), and methods that fuse the base product into their own autograd node (LoRA: the
+  input gradient ``g W0 + s (g B) A`` becomes one GEMM accumulating into the small one, instead of two
+  full-size gradients that autograd then adds). The base layer's bias is still added by the core; a
+  ``forward`` that computes the base product must use ``W0`` as given (any dtype, maybe a transposed
+  view) and must return gradients for it when it requires them.
 - A method that also rescales the layer's bias (PEFT's (IA)³ computes ``l ⊙ (W0 x + b)``) returns the
   scale from ``bias_scale()``; the core adds ``bias ⊙ scale`` in ``forward`` and multiplies / divides
   ``base.bias`` by it on merge / unmerge.
@@ -321,17 +328,19 @@ def amp_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def amp_apply(fn: Any, base_out: Tensor, x: Tensor, *args: Any) -> Tensor:
+def amp_apply(fn: Any, base_out: Tensor | None, x: Tensor, *args: Any) -> Tensor:
     """``fn.apply(base_out, x, *args)`` for a hand-written autograd Function under autocast or not.
 
-    ``x`` and ``base_out`` are cast (differentiably) to :func:`amp_dtype` and autocast is off inside,
+    ``x`` and ``base_out`` (which may be None: a Function that computes the base product itself) are
+    cast (differentiably) to :func:`amp_dtype` and autocast is off inside,
     so forward computes in the dtype autocast would have used and casts parameters explicitly; the
     output has the dtype autocast gives a plain ``nn.Linear``. Backward (see :func:`autocast_off`)
     then sees gradients in that one dtype and returns parameter gradients in the parameters' dtype.
     """
     dt = amp_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return fn.apply(base_out.to(dt), x.to(dt), *args)  # type: ignore[no-any-return]
+        base = None if base_out is None else base_out.to(dt)
+        return fn.apply(base, x.to(dt), *args)  # type: ignore[no-any-return]
 
 
 def autocast_off(backward: F_) -> F_:

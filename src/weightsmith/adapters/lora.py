@@ -23,40 +23,92 @@ def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-class _LowRankAdd(torch.autograd.Function):
-    """``base_out + s · (x Aᵀ) Bᵀ`` with a hand-written backward.
+def _cast(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """``scale · t`` in ``dtype``: one kernel (the scaling rides on the cast)."""
+    if scale == 1.0:
+        return t.to(dtype)
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
-    One autograd node instead of a dozen (casts, two products, scaling, addition): on a GPU the
-    small adapter products are cheap, and the per-op dispatch overhead is what costs time.
-    Parameters may be float32 while activations are bfloat16; gradients come back in the
-    parameters' dtype. Call it through :func:`amp_apply` (autocast).
+
+def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """``scale · a b`` in ``dtype`` (a parameter's gradient, float32 while ``a``, ``b`` are 16-bit).
+
+    On CUDA the GEMM writes float32 itself (``out_dtype``); elsewhere one cast, fused with the scaling.
+    """
+    if a.dtype == dtype:
+        c = torch.mm(a, b)
+    elif a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        c = torch.mm(a, b, out_dtype=dtype)
+    else:
+        return _cast(torch.mm(a, b), dtype, scale)
+    return c if scale == 1.0 else c.mul_(scale)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """``y = base + s · (x Aᵀ) Bᵀ`` with ``base = x W0ᵀ`` computed here (``base_out`` None) or given.
+
+    One autograd node instead of a dozen (casts, products, scaling, additions). With ``base_out`` None
+    the node owns the base product, so the input gradient ``dx = g W0 + s (g B) A`` is one small GEMM
+    plus the base GEMM accumulating into it (``addmm_``, β = 1: the sum happens in the GEMM's epilogue)
+    instead of two full-size products and an elementwise add; likewise the forward runs the small
+    ``h (sB)ᵀ`` first and lets the base GEMM add onto it. ``s`` is folded into the one-kernel cast of
+    ``B`` (``Bs = s · B``), so ``g Bs`` already carries it for ``dx`` and ``dA``; ``dB = s · gᵀ h`` takes
+    it in its cast to float32. Parameters may be float32 while activations are bfloat16; gradients
+    come back in the parameters' dtype. Call it through :func:`amp_apply` (autocast).
     """
 
     @staticmethod
-    def forward(ctx: Any, base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float) -> Tensor:
-        A_c, B_c = A.to(x.dtype), B.to(x.dtype)
+    def forward(
+        ctx: Any, base_out: Tensor | None, x: Tensor, W0: Tensor | None, A: Tensor, B: Tensor, s: float
+    ) -> Tensor:
+        dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
+        A_c, Bs = A.to(dt), _cast(B, dt, s)
         h = torch.mm(x2, A_c.t())
-        y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B_c.t(), alpha=s)
-        ctx.save_for_backward(x2, h, A_c, B_c)
-        ctx.s, ctx.x_shape, ctx.dtypes = s, x.shape, (A.dtype, B.dtype)
-        return y.view(base_out.shape)
+        W: Tensor | None = None
+        if base_out is None:
+            if W0 is None:
+                raise TypeError("_LoRALinear needs W0 when base_out is None")
+            W = W0.to(dt)
+            y = torch.mm(h, Bs.t()).addmm_(x2, W.t())
+            out_shape = (*x.shape[:-1], W.shape[0])
+        else:
+            y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, Bs.t())
+            out_shape = tuple(base_out.shape)
+        ctx.save_for_backward(x2, h, A_c, Bs, W)
+        ctx.s, ctx.x_shape = s, x.shape
+        ctx.dtypes = (W0.dtype if W0 is not None else dt, A.dtype, B.dtype)
+        return y.view(out_shape)
 
     @staticmethod
     @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x2, h, A_c, B_c = ctx.saved_tensors
+        x2, h, A_c, Bs, W = ctx.saved_tensors
+        need_base, need_x, need_W, need_A, need_B = ctx.needs_input_grad[:5]
         g2 = g.reshape(-1, g.shape[-1])
-        gB = torch.mm(g2, B_c).mul_(ctx.s)
-        dx = torch.mm(gB, A_c).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        dA = torch.mm(gB.t(), x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None
-        dB = torch.mm(g2.t(), h).mul_(ctx.s).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
-        return g, dx, dA, dB, None
+        gB = torch.mm(g2, Bs) if need_x or need_A else g2  # s · g B (unused otherwise)
+        dx = dW = dA = dB = None
+        if need_x:
+            dx = torch.mm(gB, A_c)
+            dx = (dx if W is None else dx.addmm_(g2, W)).view(ctx.x_shape)
+        if need_W and W is not None:
+            dW = _mm_to(g2.t(), x2, ctx.dtypes[0])
+        if need_A:
+            dA = _mm_to(gB.t(), x2, ctx.dtypes[1])
+        if need_B:
+            dB = _mm_to(g2.t(), h, ctx.dtypes[2], ctx.s)
+        return g if need_base else None, dx, dW, dA, dB, None
 
 
-def lora_forward(base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float) -> Tensor:
-    """``base_out + s · x Aᵀ Bᵀ`` for activations of any leading shape (the LoRA fast path)."""
-    return amp_apply(_LowRankAdd, base_out, x, A, B, s)
+def lora_forward(
+    base_out: Tensor | None, x: Tensor, A: Tensor, B: Tensor, s: float, W0: Tensor | None = None
+) -> Tensor:
+    """``base_out + s · x Aᵀ Bᵀ`` for activations of any leading shape (the LoRA fast path).
+
+    With ``base_out`` None, ``W0`` ([out, in]) is required and the base product ``x W0ᵀ`` is computed in
+    the same autograd node (see :class:`_LoRALinear`).
+    """
+    return amp_apply(_LoRALinear, base_out, x, W0, A, B, s)
 
 
 def lora_init(W0: Tensor, rank: int, ctx: AdapterContext, gaussian: bool = False) -> tuple[Tensor, Tensor]:
@@ -80,6 +132,8 @@ class LoRAAdapter(Adapter):
     """``ΔW = s · B A``; the fast path is ``base_out + s · (x Aᵀ) Bᵀ``."""
 
     embedding = False  # on an nn.Embedding (PEFT then names the factors lora_embedding_A/B)
+    # alone on a layer, LoRA computes x W0ᵀ itself (base_out None), fused with its own products
+    needs_base_out: ClassVar[bool] = False
 
     def __init__(self, A: Tensor, B: Tensor, scaling: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -98,8 +152,10 @@ class LoRAAdapter(Adapter):
     def low_rank(self) -> tuple[Tensor, Tensor]:
         return self.B * self.scaling, self.A
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        return lora_forward(base_out, self.dropout(x), self.A, self.B, self.scaling)
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        if base_out is None and self.dropout.training and isinstance(self.dropout, nn.Dropout):
+            base_out = F.linear(x, W0)  # the base sees x, the adapter dropout(x): two inputs, no fused dx
+        return lora_forward(base_out, self.dropout(x), self.A, self.B, self.scaling, W0)
 
     def embed(self, ids: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
         rows = F.embedding(ids, self.B.to(base_out.dtype))
