@@ -9,7 +9,10 @@
   mean ``|x|`` (AWQ, Lin et al., 2024, s_X), the per-channel norm ``‖X_j‖₂`` (Wanda, Sun et al., 2024,
   S_ij = |W_ij| ‖X_j‖₂) and, optionally, up to ``max_rows`` captured rows (EVA, AWQ's search). Layers whose
   forward gets the very same input tensor (q/k/v, gate/up) share one :class:`InputStats` (one Gram matrix
-  accumulated, one ``addmm_`` a batch), checked batch by batch.
+  accumulated, one ``addmm_`` a batch), checked batch by batch. The Gram of bf16/fp16 inputs on CUDA
+  multiplies them as they are (their products are exact in float32) and accumulates in float32
+  (:func:`gram_product`); :func:`tf32_matmul` scopes TF32 matrix products to the calibration passes (the
+  ``tf32`` option of :func:`walk_blocks` and :func:`collect_stats`).
 - :func:`collect_stats` runs batches through a whole model with hooks; :func:`walk_blocks` does it block by
   block with only one decoder block on the device at a time (sequential onloading): the calibration batch
   runs through block ``i``, the statistics are handed to a callback that may change block ``i`` (quantise
@@ -149,6 +152,86 @@ class StatsSpec:
     feeders: bool = False
 
 
+_LOW = (torch.bfloat16, torch.float16)
+_MM_OUT_DTYPE: list[bool] = []  # [whether torch.mm(..., out_dtype=) works on CUDA], probed once
+
+
+def _mm_out_dtype() -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs on CUDA bf16 inputs (torch >= 2.8)."""
+    if not _MM_OUT_DTYPE:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+        try:
+            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32  # type: ignore[call-arg]
+        except (TypeError, RuntimeError):
+            ok = False
+        _MM_OUT_DTYPE.append(ok)
+    return _MM_OUT_DTYPE[0]
+
+
+def _reduced(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`gram_product` multiplies ``x`` in its own (bf16/fp16) precision."""
+    return x.is_cuda and x.dtype in _LOW and dtype == torch.float32
+
+
+def gram_product(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``xᵀx`` of rows ``x`` [n, in] in ``dtype``.
+
+    bf16/fp16 inputs on CUDA with a float32 result: the product of two bf16 (8-bit significand) or fp16
+    (11-bit) values is exact in float32 (24-bit significand), so a reduced-precision GEMM that multiplies
+    the inputs as they are and accumulates and writes in float32 (``torch.mm(..., out_dtype=float32)``;
+    where this torch lacks it, TF32 on the float32 copy, which holds bf16/fp16 values exactly) gives
+    ``Σ_t x_ti x_tj`` with float32 rounding of the sums only: what an upcast to float32 and a float32 GEMM
+    give, in another summation order, on the tensor cores. Everything else: the inputs upcast to ``dtype``
+    and a GEMM in ``dtype`` (bit for bit what it always was)."""
+    if _reduced(x, dtype):
+        if _mm_out_dtype():
+            return torch.mm(x.T, x, out_dtype=torch.float32)  # type: ignore[call-arg]
+        with tf32_matmul():
+            xf = x.float()
+            return xf.T @ xf
+    xf = x.to(dtype)
+    return xf.T @ xf
+
+
+def accumulate_gram(gram: Tensor | None, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``gram + xᵀx`` (``xᵀx`` when ``gram`` is None), in place: one GEMM a batch (:func:`gram_product`;
+    a float32-or-wider GEMM accumulates into ``gram`` itself, ``beta = 1``)."""
+    if _reduced(x, dtype):
+        p = gram_product(x, dtype)
+        return p if gram is None else gram.add_(p)
+    xf = x.to(dtype)
+    return xf.T @ xf if gram is None else gram.addmm_(xf.T, xf)
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool = True) -> Iterator[None]:
+    """float32 matrix products on CUDA in TF32 (inputs rounded to a 10-bit significand, float32
+    accumulation) inside the block only; the previous settings come back on exit. Torch has two APIs for
+    this (``torch.set_float32_matmul_precision`` and the per-backend ``torch.backends.cuda.matmul.
+    fp32_precision``) and refuses to read the first once the second has been set apart from it: then only
+    the per-backend setting is changed (and restored)."""
+    if not enabled:
+        yield
+        return
+    backend = torch.backends.cuda.matmul
+    before = getattr(backend, "fp32_precision", None)  # torch >= 2.9
+    try:
+        old: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        old = None
+    if old is None:
+        backend.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        if old is not None:
+            torch.set_float32_matmul_precision(old)
+        if before is not None:
+            backend.fp32_precision = before
+
+
 @dataclass(eq=False)
 class InputStats:
     """Running statistics of one layer's inputs ``X`` [n, in] (rows are tokens)."""
@@ -169,10 +252,10 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1])
         if not (self.spec.gram or self.spec.channels) and not bool(torch.isfinite(x).all()):
             self._broken()  # else the sums carry it to finite(): no sync a batch
-        xf = x.to(self.spec.dtype)  # bf16/fp16 inputs upcast once
-        if self.spec.gram:  # one GEMM a batch, accumulating in place (beta = 1)
-            self.gram = xf.T @ xf if self.gram is None else self.gram.addmm_(xf.T, xf)
+        if self.spec.gram:
+            self.gram = accumulate_gram(self.gram, x, self.spec.dtype)
         if self.spec.channels:
+            xf = x.to(self.spec.dtype)  # bf16/fp16 inputs upcast once
             a, s, t = xf.abs().sum(0), xf.square().sum(0), xf.sum(0)
             self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
             self.sq_sum = s if self.sq_sum is None else self.sq_sum.add_(s)
@@ -456,18 +539,24 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def collect_stats(
-    model: nn.Module, layers: Sequence[Layer], batches: Iterable[Any], spec: StatsSpec = StatsSpec()
+    model: nn.Module,
+    layers: Sequence[Layer],
+    batches: Iterable[Any],
+    spec: StatsSpec = StatsSpec(),
+    tf32: bool = False,
 ) -> dict[str, InputStats]:
     """Run ``batches`` (dicts of model inputs, tuples or tensors) through ``model``; statistics per layer.
 
-    For dict batches with an ``attention_mask``, padding positions are left out.
+    For dict batches with an ``attention_mask``, padding positions are left out. ``tf32``: the passes
+    (and the Gram products in the hooks) with float32 matrix products in TF32 (:func:`tf32_matmul`).
     """
     batches = list(batches)  # a second pass may be needed (inputs not shared as in the first batch)
 
     def run(hooks: _Hooks) -> None:
         for batch in batches:
             hooks.mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            _call(model, batch)
+            with tf32_matmul(tf32):
+                _call(model, batch)
             hooks.end_batch()
 
     return _stats_pass(layers, spec, model, run)
@@ -558,6 +647,7 @@ def walk_blocks(
     spec: StatsSpec = StatsSpec(),
     device: torch.device | str = "cpu",
     select: Selector | str | Sequence[str] | None = None,
+    tf32: bool = False,
 ) -> None:
     """Calibrate ``model`` block by block with one block on ``device`` at a time (sequential onloading).
 
@@ -566,6 +656,8 @@ def walk_blocks(
     place; the block's outputs are then recomputed and feed the next block (a block runs once for its
     statistics and, unless it is the last, once for its changed outputs). Layers outside the blocks are not
     walked. The model's parameters end where they started (the blocks back on their own device).
+    ``tf32``: the forward passes (and the Gram products in the hooks) with float32 matrix products in TF32
+    (:func:`tf32_matmul`); ``on_block`` runs outside it, in the caller's precision.
     """
     device = torch.device(device)
     path, blocks = decoder_blocks(model)
@@ -583,7 +675,7 @@ def walk_blocks(
             b = _to(batch, device)
             if isinstance(b, Mapping):
                 b = {**b, "use_cache": False}
-            with contextlib.suppress(_Stop):
+            with contextlib.suppress(_Stop), tf32_matmul(tf32):
                 _call(model, b)
     finally:
         handle.remove()
@@ -606,16 +698,19 @@ def walk_blocks(
                 def run(hooks: _Hooks, block: nn.Module = block, hidden: list[Tensor] = hidden) -> None:
                     for h, (args, kwargs), mask in zip(hidden, rest, masks, strict=True):
                         hooks.mask = mask
-                        block(h, *args, **kwargs)
+                        with tf32_matmul(tf32):
+                            block(h, *args, **kwargs)
                         hooks.end_batch()
                     mover.flush()  # the previous block goes home while the device runs this pass
 
                 on_block(i, prefix, block, _stats_pass(layers, spec, block, run))
             last = i + 1 == len(blocks)
             if not last:  # the changed block's outputs feed the next one (the last feeds none)
-                hidden = [
-                    _first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, rest, strict=True)
-                ]
+                with tf32_matmul(tf32):
+                    hidden = [
+                        _first(block(h, *args, **kwargs))
+                        for h, (args, kwargs) in zip(hidden, rest, strict=True)
+                    ]
             mover.flush()
             if not last:
                 mover.fetch(blocks[i + 1])  # the next block comes while the device computes these outputs

@@ -21,7 +21,7 @@ gptq and awq (calibrated), udfc (data-free compensation of the quantisation or p
 layer; prune_only, sparsity, combine), bitstack (sign x low-rank residual stack, activation-aware; levels,
 rank, sort; --format weightsmith, reloaded at any size by ws.load_compressed(DIR, memory_mb=...)).
 Options: act_order, damp, block_size (gptq); n_grid, clip, max_shrink, rows (awq); p, beta, kappa, iters,
-integer_zero (hqq); symmetric (all).
+integer_zero (hqq); symmetric (all); tf32 (or --tf32: calibrated methods on CUDA, TF32 calibration passes).
 
 Pruners (options sparsity, default 0.5, or n and m for N:M such as n=2 m=4): magnitude (data-free;
 prune_scope layer or row), wanda (calibrated; prune_scope), sparsegpt (calibrated; damp, block_size),
@@ -86,19 +86,29 @@ def compress_cmd(
         help="compressed-tensors (quantisers; their default), dense (default otherwise) or weightsmith",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto"),
+    tf32: bool = typer.Option(
+        False,
+        "--tf32",
+        help="CUDA, float32 models: calibration forward passes and Gram matrices with TF32 matrix products "
+        "(faster; inputs rounded to 10 significand bits, float32 sums); the method's solve stays float32",
+    ),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
 ) -> None:
     from rich.console import Console
 
     from .. import distributed
+    from ..compress._core import check_tf32
     from ..compress.step import CompressStep, summary
     from ..models import load_model
 
     given = {k: v for k, v in (("bits", bits), ("group_size", group_size)) if v is not None}
+    if tf32:
+        given["tf32"] = True
     step = CompressStep.build(
         {"method": method, **given, **_opts(opt)}, out, fmt, calib, samples, seq_len, force
     )
     world, dev = distributed.init(device)
+    check_tf32(step.config, dev)  # before the model loads
     net, tokenizer = load_model(model)
     report, path = step.execute(net, tokenizer, dev, world)
     if world.main:

@@ -78,7 +78,10 @@ class CompressConfig:
     ``bits`` (2-8); ``group_size`` (input columns per scale; 0 = one scale per output row); ``symmetric``
     (zero point fixed at the middle of the grid; the default, because transformers cannot yet load
     asymmetric compressed-tensors checkpoints, llm-compressor issue #1618, though vLLM can); ``targets``
-    (a selector of weight names; default: every Linear/Conv1D outside the heads).
+    (a selector of weight names; default: every Linear/Conv1D outside the heads); ``tf32`` (CUDA only;
+    methods calibrated through the layer walker): the calibration forward passes and the Gram matrices of
+    float32 layers with TF32 matrix products (:func:`~weightsmith.layers.tf32_matmul`); the method's own
+    arithmetic (GPTQ's solve, AWQ's search) stays float32. Off by default.
     """
 
     calibrated: ClassVar[bool] = False
@@ -88,11 +91,13 @@ class CompressConfig:
     group_size: int = 128
     symmetric: bool = True
     targets: str | None = None
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         if self.group_size < 0:
             raise WeightsmithError(f"--group-size {self.group_size}: use 0 (per-channel) or a positive size")
+        check_tf32(self)
 
     def needs_calibration(self) -> bool:
         return self.calibrated
@@ -196,6 +201,29 @@ def check_group_size(layers: Sequence[Layer], group_size: int) -> None:
     )
 
 
+def check_tf32(config: CompressConfig, device: torch.device | None = None) -> None:
+    """Refuse the ``tf32`` option where it would do nothing: for a method whose calibration passes are not
+    the layer walker's (a data-free method has none; one that overrides :meth:`CompressConfig.plan` makes
+    its own passes, which the option does not reach), and, once the ``device`` is known, on a device other
+    than CUDA (the CPU has no TF32 matrix products: the run would be the float32 one, labelled otherwise)."""
+    method = getattr(type(config), "method", type(config).__name__)  # registered configs have a name
+    if not isinstance(config.tf32, bool):
+        raise WeightsmithError(f"{method} option tf32={config.tf32!r}: must be true or false")
+    if not config.tf32:
+        return
+    if device is not None and device.type != "cuda":
+        raise WeightsmithError(
+            f"--tf32: TF32 matrix products exist on CUDA devices only, not on '{device}'; "
+            "drop --tf32 or use --device cuda"
+        )
+    if not config.needs_calibration() or type(config).plan is not CompressConfig.plan:
+        what = "is data-free" if not config.needs_calibration() else "makes its own calibration passes"
+        raise WeightsmithError(
+            f"--tf32: '{method}' {what}; the option applies to the layer walker's calibration passes "
+            "(gptq, awq, sparsegpt, wanda, ...): drop --tf32"
+        )
+
+
 def target_layers(model: nn.Module, config: CompressConfig) -> list[Layer]:
     layers = find_layers(model, select=config.targets)
     if not layers:
@@ -243,8 +271,10 @@ def compress(
     where it is.
     """
     t0 = time.perf_counter()
-    layers = target_layers(model, config)
     dev = torch.device(device)
+    check_tf32(config, dev)
+    tf32 = config.tf32
+    layers = target_layers(model, config)
     planned = config.plan(PlanJob(model, layers, calib, dev))
     if planned is not None:
         planned.seconds = time.perf_counter() - t0
@@ -266,7 +296,7 @@ def compress(
         path = None
     outside = [ly for ly in layers if path is None or not ly.name.startswith(path + ".")]
     if outside:  # statistics from the unquantised model; quantised after the blocks
-        outside_stats = collect_stats(model, outside, calib, spec)
+        outside_stats = collect_stats(model, outside, calib, spec, tf32=tf32)
 
     def on_block(index: int, prefix: str, block: nn.Module, stats: dict[str, InputStats]) -> None:
         mine = [ly for ly in find_layers(block, prefix=prefix, select=config.targets) if ly.name in chosen]
@@ -279,7 +309,7 @@ def compress(
         _record(report, mine, originals, done)
 
     if path is not None:
-        walk_blocks(model, list(calib), on_block, spec, device=dev, select=config.targets)
+        walk_blocks(model, list(calib), on_block, spec, device=dev, select=config.targets, tf32=tf32)
     if outside:
         originals = {ly.name: ly.weight().detach().float().clone() for ly in outside}
         done = config.compress_block(None, outside, outside_stats)
