@@ -255,7 +255,7 @@ def _record(
 def _record_one(report: CompressReport, ly: Layer, err: float, compressed: Compressed) -> None:
     report.layers.append(LayerReport(ly.name, ly.shape, err))
     report.weights[ly.name] = compressed
-    log(f"  {ly.name} {ly.shape[0]}x{ly.shape[1]}: relative error {err:.4f}")
+    log(f"  {ly.name} {ly.shape[0]}x{ly.shape[1]}: relative error {err:.4f}", markup=False)  # plain: cheaper
 
 
 def compress(
