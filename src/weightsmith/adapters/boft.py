@@ -17,6 +17,18 @@ coordinates ``2^(i-1)`` half-blocks apart: after m factors each output coordinat
 PEFT note: without its CUDA extension PEFT silently trains with ``m = 1`` whatever the config says,
 so such a file can say ``boft_n_butterfly_factor: 2`` next to a ``boft_R`` of shape [1, k, b, b];
 reading it stops at that shape mismatch (set the factor to 1 in its adapter_config.json to read it).
+
+Two exact paths, chosen per call from the shapes (``path="auto"``, :func:`boft_costs`): rotate the N
+activations through the m sparse factors (``x R``: m N·in·G multiply-adds, G >= b the width of the
+dense block groups, again for each gradient), then the frozen product; or rotate the rows of ``W0``
+(``W0 Rᵀ``: m out·in·G, independent of N) and
+run one product with ``W' = diag(s) W0 Rᵀ``, whose backward adds the weight gradient ``gᵀ x``
+(N·out·in). ``R`` is never built densely (in·in·out): the m·k Cayley solves are one batched call
+and each factor is one gather, one batched block product and one gather. The weight path is the
+cheaper one only for outputs narrower than about ``3 m G`` (:func:`block_product`; large blocks, small
+heads) or where the input needs no gradient. Its autograd
+keeps ``W0 Rᵀ`` and ``W'`` (two [out, in] tensors in the compute dtype) per layer until backward; the
+activation path keeps ``x R`` and ``x R W0ᵀ`` (N-sized).
 """
 
 from __future__ import annotations
@@ -30,8 +42,9 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext, check_dropouts, load_peft_tensors
+from ._core import Adapter, AdapterConfig, AdapterContext, amp_dtype, check_dropouts, load_peft_tensors
 from .oft import cayley
+from .randlora import check_path
 
 
 def butterfly_perm(n: int, chunks: int, half: int) -> Tensor:
@@ -75,6 +88,62 @@ def boft_layout(in_f: int, block_size: int, block_num: int, factors: int) -> tup
     return k, b
 
 
+GROUP_WIDTH = 64  # blocks narrower than this are multiplied as dense diagonal groups of this width
+
+
+def group_size(k: int, b: int) -> int:
+    """How many of the k blocks of size b one dense group holds: the largest divisor g of k with
+    ``g b <= max(b, GROUP_WIDTH)``."""
+    top = max(1, GROUP_WIDTH // b)
+    return max(g for g in range(1, min(k, top) + 1) if k % g == 0)
+
+
+def block_product(z: Tensor, blocks: Tensor) -> Tensor:
+    """``z diag(blocks)`` for rows z [..., k b] and blocks [k, b, b] (block j of each row times block j).
+
+    A batched product of [rows, b] by [b, b] per block runs far below the machine's speed for small b
+    (b = 4: one tiny product per block, on CPU and GPU alike), so g neighbouring blocks (``group_size``)
+    are multiplied as one dense [g b, g b] block-diagonal matrix: g times the multiply-adds, one batched
+    product of useful size over the k / g groups, the rows read in place (strided) and written once.
+    """
+    k, b, _ = blocks.shape
+    g = group_size(k, b)
+    if g > 1:
+        eye = torch.eye(g, device=blocks.device, dtype=blocks.dtype)
+        blocks = torch.einsum("qjcd,jl->qjcld", blocks.reshape(k // g, g, b, b), eye)
+        blocks = blocks.reshape(k // g, g * b, g * b)
+    rows = z.shape[:-1]
+    out = torch.bmm(z.reshape(-1, k // g, g * b).transpose(0, 1), blocks)  # [k / g, rows, g b]
+    return out.transpose(0, 1).reshape(*rows, z.shape[-1])
+
+
+def boft_costs(
+    tokens: int, out_f: int, in_f: int, b: int, m: int, train: bool, input_grad: bool
+) -> tuple[int, int]:
+    """Multiply-adds of one call (forward, and backward when ``train`` or ``input_grad``), the frozen product
+    included, of the activation path and of the weight path: N = ``tokens`` rows, a [out_f, in_f] weight,
+    m butterfly factors of b x b blocks. One factor on R rows of ``in_f`` costs ``R in_f G``, G = g b the
+    width of the dense groups the blocks are multiplied in (:func:`block_product`).
+
+    Activation: ``x R`` (m factors on N rows), ``x_rot W0ᵀ``; backward ``(g s) W0`` (needed by every
+    gradient), each factor's block gradient (m) and, for earlier factors or the input, the gradient through
+    it (m - 1, plus 1 with an input gradient). Weight: ``W0 Rᵀ`` (m factors on out rows), ``x W'ᵀ``;
+    backward ``gᵀ x`` and the factors on out rows as above, ``g W'`` with an input gradient.
+    """
+    N, o, i = tokens, out_f, in_f
+    b *= group_size(i // b, b)
+    act, weight = N * o * i + m * N * i * b, m * o * i * b + N * o * i
+    if train:
+        act += (2 * m - 1) * N * i * b
+        weight += N * o * i + (2 * m - 1) * o * i * b
+    if train or input_grad:
+        act += N * o * i
+    if input_grad:
+        act += N * i * b
+        weight += N * o * i
+    return act, weight
+
+
 class BOFTAdapter(Adapter):
     """Trainable ``boft_R`` [m, k, b, b] and ``boft_s`` [out, 1]; permutations are non-saved buffers."""
 
@@ -82,8 +151,10 @@ class BOFTAdapter(Adapter):
     perms: Tensor
     inv_perms: Tensor
 
-    def __init__(self, R: Tensor, s: Tensor) -> None:
+    def __init__(self, R: Tensor, s: Tensor, path: str = "auto") -> None:
         super().__init__()
+        check_path(path, "BOFT")
+        self.path = path
         self.boft_R = nn.Parameter(R)
         self.boft_s = nn.Parameter(s)
         m, k, b, _ = R.shape
@@ -104,20 +175,37 @@ class BOFTAdapter(Adapter):
 
         ``x B_i = ((x P_i) D_i) P_iᵀ`` with ``(x P)_j = x[p⁻¹_j]`` and ``(x Pᵀ)_j = x[p_j]``.
         """
-        m, k, b, _ = R.shape
+        m = R.shape[0]
         R = R.to(M.dtype)
         order = range(m) if transpose else range(m - 1, -1, -1)
-        eq = "...kc,kdc->...kd" if transpose else "...kc,kcd->...kd"
         for i in order:
             z = M if i == 0 else M[..., self.inv_perms[i]]  # P_1 = I
-            z = torch.einsum(eq, z.reshape(*M.shape[:-1], k, b), R[i]).reshape(M.shape)
+            z = block_product(z, R[i].transpose(-1, -2) if transpose else R[i])
             M = z if i == 0 else z[..., self.perms[i]]
         return M
 
     def delta(self, W0: Tensor) -> Tensor:
         return self.merge(W0) - W0
 
+    def choose_path(self, x: Tensor, W0: Tensor) -> str:
+        """``"weight"`` or ``"activation"`` for this call, from shapes and autograd flags only (one path per
+        shape under CUDA graphs and ``torch.compile``): the one with fewer multiply-adds
+        (:func:`boft_costs`), the activation path on a tie or when ``W0`` itself is trained."""
+        if W0.requires_grad:
+            return "activation"
+        if self.path != "auto":
+            return self.path
+        m, k, b, _ = self.boft_R.shape
+        grad = torch.is_grad_enabled()
+        train = grad and (self.boft_R.requires_grad or self.boft_s.requires_grad)
+        tokens = x.numel() // max(x.shape[-1], 1)
+        act, weight = boft_costs(tokens, W0.shape[0], W0.shape[1], b, m, train, grad and x.requires_grad)
+        return "weight" if weight < act else "activation"
+
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        if self.choose_path(x, W0) == "weight":  # x (diag(s) W0 Rᵀ)ᵀ; autograd keeps W0 Rᵀ and W'
+            W_rot = self.rotate_rows(W0.to(amp_dtype(x)), self.blocks(), transpose=True)
+            return F.linear(x, W_rot * self.boft_s.to(W_rot.dtype))
         x_rot = self.rotate_rows(x, self.blocks(), transpose=False)
         y = F.linear(x_rot, W0.to(x_rot.dtype))
         return y * self.boft_s.view(-1).to(y.dtype)  # y is bf16 under autocast, x may not be
@@ -141,7 +229,8 @@ class BOFTAdapter(Adapter):
 @register_config("boft", kind="adapter")
 class BOFT(AdapterConfig):
     """``block_size`` b or ``block_num`` k (one of them 0; PEFT default b=4), ``n_butterfly_factor`` m
-    (PEFT default 1)."""
+    (PEFT default 1). ``path``: "auto" (per call, the cheaper exact computation by multiply-adds),
+    "activation" (rotate x) or "weight" (rotate the rows of W0, one product)."""
 
     peft_type: ClassVar[str | None] = "BOFT"
     default_lr: ClassVar[float] = 1e-3
@@ -150,8 +239,10 @@ class BOFT(AdapterConfig):
     block_size: int = 4
     block_num: int = 0
     n_butterfly_factor: int = 1
+    path: str = "auto"
 
     def __post_init__(self) -> None:
+        check_path(self.path, "BOFT")
         if (self.block_size == 0) == (self.block_num == 0) or min(self.block_size, self.block_num) < 0:
             raise WeightsmithError(
                 f"BOFT: set exactly one of block_size ({self.block_size}) and block_num ({self.block_num}) "
@@ -169,7 +260,7 @@ class BOFT(AdapterConfig):
         except WeightsmithError as exc:
             raise ctx.error(str(exc), tuple(W0.shape)) from None
         R = torch.zeros(self.n_butterfly_factor, k, b, b, device=W0.device)
-        return BOFTAdapter(R, torch.ones(out_f, 1, device=W0.device))
+        return BOFTAdapter(R, torch.ones(out_f, 1, device=W0.device), self.path)
 
     @classmethod
     def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> BOFT:

@@ -20,6 +20,20 @@ offered (PEFT notes they bring no speed or memory gain yet). ``basis="orthogonal
 orthonormal rows and ``B`` as one [D_max, n_max r] matrix with orthonormal columns (so the n r columns of
 ``Bf`` are orthonormal and the sum of the n rank-r terms is exactly full rank), at unit entry variance
 (``_bases``); the PEFT export, written as LoRA factors, is exact with either basis.
+
+Two exact paths, chosen per call from the shapes (``path="auto"``, :func:`randlora_costs`): with N
+rows, the activation path above costs ``N k (d + D)`` multiply-adds forward and about as much again
+twice in backward (k = n r >= d: five products of the base GEMM's size), while the weight path
+builds ``W = W0 + ΔW`` once (``D k d``, independent of N), runs the base GEMM with it (replacing
+``x W0ᵀ``) and backward ``g W`` (replacing the base input gradient), ``∂W = gᵀ x`` and
+``∂Af = Bfᵀ ∂W``: one N-sized product more than the frozen layer instead of five. For N > d it is
+the cheaper one (training batches); for a few tokens (generation) the activation path is. Memory of the
+weight path: it keeps only ``x`` for backward (the activation path also keeps ``Af`` [n r, d]) and
+rebuilds ``W0 + ΔW`` there; while a layer runs it holds one [out, in] temporary (``W0 + ΔW``, then
+``∂W``) in the compute dtype. In bf16 the weight path's forward sees ``W0 + ΔW`` rounded to bf16, as a
+merged bf16 model would: an entry of ΔW below half a bf16 step of its ``W0`` entry does not reach the
+output until it grows (the activation path adds ``x ΔWᵀ`` to the rounded output instead); gradients are
+unaffected, and at ``λ = 0`` both paths are exactly ``W0``.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
@@ -64,6 +79,87 @@ class ScaledBasis(torch.autograd.Function):
         return None, grad_lam, grad_gamma
 
 
+PATHS = ("auto", "activation", "weight")
+
+
+def check_path(path: str, method: str) -> None:
+    """``path`` must be one of :data:`PATHS`; else a WeightsmithError naming the option."""
+    if path not in PATHS:
+        raise WeightsmithError(f"{method} path must be one of {', '.join(PATHS)}, got {path!r}")
+
+
+def randlora_costs(
+    tokens: int, out_f: int, in_f: int, k: int, train: bool, input_grad: bool
+) -> tuple[int, int]:
+    """Multiply-adds of one call (forward, and backward when ``train``), the base product included, of the
+    activation path and of the weight path, for ``tokens`` rows, a [out_f, in_f] weight and rank ``k = n r``.
+
+    Activation path: ``x W0ᵀ``, ``x Afᵀ`` [N, k], ``· Bfᵀ``; backward ``g Bf``, ``∂Af``, and with an input
+    gradient ``g W0`` and ``· Af``. Weight path: ``W = W0 + Bf Af`` (k D d, independent of N), ``x Wᵀ``;
+    backward ``∂W = gᵀ x``, ``∂Af = Bfᵀ ∂W`` and with an input gradient ``W`` again and ``g W``.
+    """
+    N, d, D = tokens, min(out_f, in_f), max(out_f, in_f)
+    act, weight = N * D * d + N * k * (d + D), D * k * d + N * D * d
+    if train:
+        act += N * k * D + N * k * d
+        weight += N * D * d + D * k * d
+    if input_grad:
+        act += N * D * d + N * k * d
+        weight += D * k * d + N * D * d
+    return act, weight
+
+
+def scaled_rows(lam: Tensor, gamma: Tensor, A: Tensor, s: float, dtype: torch.dtype) -> Tensor:
+    """``Af`` [n r, d]: row ``i r + k`` = ``s λ_ik A[k] Γ_i`` (computed in the parameters' dtype)."""
+    n, r = lam.shape
+    return (lam[:, :, None] * s * A[None].to(lam.dtype) * gamma[:, None, :]).reshape(n * r, -1).to(dtype)
+
+
+def scalings_grad(dAf: Tensor, A: Tensor, lam: Tensor, gamma: Tensor, s: float) -> tuple[Tensor, Tensor]:
+    """``(∂λ, ∂γ)`` from ``∂Af`` [n r, d]: ``P = ∂Af ⊙ s A``, ``∂λ = P γ``, ``∂γ = λ P`` per basis."""
+    n, r = lam.shape
+    P = dAf.view(n, r, -1).to(lam.dtype).mul_(A.to(lam.dtype)).mul_(s)
+    return torch.bmm(P, gamma.unsqueeze(2)).view(n, r), torch.bmm(lam.unsqueeze(1), P).view(n, -1)
+
+
+def merged_weight(W0: Tensor, Af: Tensor, Bf: Tensor) -> Tensor:
+    """``W0 + ΔW`` [out, in] in ``Af``'s dtype: ``Bf Af`` when out >= in, else ``Afᵀ Bfᵀ``."""
+    W0 = W0.to(Af.dtype)
+    return torch.addmm(W0, Bf, Af) if W0.shape[0] >= W0.shape[1] else torch.addmm(W0, Af.t(), Bf.t())
+
+
+class _RandLoRAWeight(torch.autograd.Function):
+    """``x (W0 + ΔW)ᵀ`` with ``ΔW`` built once per call: the weight-space path (replaces the base product).
+
+    Forward keeps only ``x`` (and the frozen ``W0``, the bases and the scalings, no copies); backward
+    rebuilds ``W0 + ΔW`` for the input gradient rather than keeping a [out, in] tensor per layer alive.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, W0: Tensor, lam: Tensor, gamma: Tensor, A: Tensor, Bf: Tensor, s: float
+    ) -> Tensor:
+        W = merged_weight(W0, scaled_rows(lam, gamma, A, s, x.dtype), Bf)
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, W0, lam, gamma, A, Bf)
+        ctx.s, ctx.x_shape = s, x.shape
+        return torch.mm(x2, W.t()).view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x2, W0, lam, gamma, A, Bf = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        Af = scaled_rows(lam, gamma, A, ctx.s, x2.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g2, merged_weight(W0, Af, Bf)).view(ctx.x_shape)
+        dW = torch.mm(g2.t(), x2)  # [out, in]
+        dAf = torch.mm(Bf.t(), dW) if W0.shape[0] >= W0.shape[1] else torch.mm(Bf.t(), dW.t())
+        d_lam, d_gamma = scalings_grad(dAf, A, lam, gamma, ctx.s)
+        return dx, None, d_lam, d_gamma, None, None, None
+
+
 class _RandLoRALinear(torch.autograd.Function):
     """``base_out + x ΔWᵀ``, ``ΔW = Bf Af`` (wide: out >= in) or ``Afᵀ Bfᵀ``, ``Af = s λ ⊙ A ⊙ γ``."""
 
@@ -71,8 +167,7 @@ class _RandLoRALinear(torch.autograd.Function):
     def forward(
         ctx: Any, base_out: Tensor, x: Tensor, lam: Tensor, gamma: Tensor, A: Tensor, Bf: Tensor, s: float
     ) -> Tensor:
-        n, r = lam.shape
-        Af = (lam[:, :, None] * s * A[None].float() * gamma[:, None, :]).reshape(n * r, -1).to(x.dtype)
+        Af = scaled_rows(lam, gamma, A, s, x.dtype)
         x2, base2 = x.reshape(-1, x.shape[-1]), base_out.reshape(-1, base_out.shape[-1])
         wide = Bf.shape[0] == base2.shape[1]
         if wide:  # x [N, d] -> [N, n r] -> [N, D]
@@ -98,10 +193,7 @@ class _RandLoRALinear(torch.autograd.Function):
             gh = torch.mm(g2, Af.t())
             dx = torch.mm(gh, Bf.t()) if ctx.needs_input_grad[1] else None
             dAf = torch.mm(saved.t(), g2)
-        n, r = lam.shape
-        P = dAf.view(n, r, -1).to(lam.dtype).mul_(A.to(lam.dtype)).mul_(ctx.s)  # ∂Af ⊙ s A
-        d_lam = torch.bmm(P, gamma.unsqueeze(2)).view(n, r)
-        d_gamma = torch.bmm(lam.unsqueeze(1), P).view(n, -1)
+        d_lam, d_gamma = scalings_grad(dAf, A, lam, gamma, ctx.s)
         return g, None if dx is None else dx.view(ctx.x_shape), d_lam, d_gamma, None, None, None
 
 
@@ -116,13 +208,24 @@ def unit_uniform(shape: tuple[int, ...]) -> Any:
 class RandLoRAAdapter(Adapter):
     """Trainable ``randlora_lambda`` [n, r], ``randlora_gamma`` [n, d]; shared ``randlora_A``, ``_B``."""
 
+    needs_base_out: ClassVar[bool] = False  # the weight path replaces x W0ᵀ; the activation path computes it
     randlora_A: Tensor
     randlora_B: Tensor
 
     def __init__(
-        self, A: Tensor, B: Tensor, out_f: int, in_f: int, rank: int, n: int, scaling: float
+        self,
+        A: Tensor,
+        B: Tensor,
+        out_f: int,
+        in_f: int,
+        rank: int,
+        n: int,
+        scaling: float,
+        path: str = "auto",
     ) -> None:
         super().__init__()
+        check_path(path, "RandLoRA")
+        self.path = path
         self.hold(
             randlora_A=A,  # [r, d_max]
             randlora_B=B,  # [D_max, n_max, r]
@@ -188,20 +291,44 @@ class RandLoRAAdapter(Adapter):
         self.hold(randlora_B=mine.to(self.randlora_B.device))
         self.peft_bases = True  # not regenerable from our seed any more
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+    def choose_path(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> str:
+        """``"weight"`` or ``"activation"`` for this call, from shapes and autograd flags only (never from
+        values: CUDA graphs and ``torch.compile`` see one path per shape). ``auto`` picks the path with
+        fewer multiply-adds (:func:`randlora_costs`), the activation path on a tie; a given ``base_out``
+        (several adapters on the layer) or a trainable ``W0`` always takes the activation path."""
+        if base_out is not None or W0.requires_grad:
+            return "activation"
+        if self.path != "auto":
+            return self.path
+        grad = torch.is_grad_enabled()
+        train = grad and (self.randlora_lambda.requires_grad or self.randlora_gamma.requires_grad)
+        tokens = x.numel() // max(x.shape[-1], 1)
+        act, weight = randlora_costs(
+            tokens, self.out_f, self.in_f, self.n * self.rank, train, grad and x.requires_grad
+        )
+        return "weight" if weight < act else "activation"
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         d, D = min(self.out_f, self.in_f), max(self.out_f, self.in_f)
         A = self.randlora_A[: self.rank, :d]
-        Bf = shared_cast(self.randlora_B, amp_dtype(x))[:D, : self.n, : self.rank].reshape(
-            D, self.n * self.rank
-        )
+        dt = amp_dtype(x)
+        Bf = shared_cast(self.randlora_B, dt)[:D, : self.n, : self.rank].reshape(D, self.n * self.rank)
         lam, gamma = self.randlora_lambda, self.randlora_gamma
+        if self.choose_path(x, W0, base_out) == "weight":
+            with torch.autocast(x.device.type, enabled=False):  # as amp_apply; W0 is cast inside
+                y: Tensor = _RandLoRAWeight.apply(x.to(dt), W0, lam, gamma, A, Bf, self.scaling)
+            return y
+        if base_out is None:
+            base_out = F.linear(x, W0)  # what the core computes for methods that read base_out
         return amp_apply(_RandLoRALinear, base_out, x, lam, gamma, A, Bf, self.scaling)
 
 
 @register_config("randlora", kind="adapter")
 class RandLoRA(AdapterConfig):
     """``rank`` r of each random basis (PEFT default 32); scaling ``alpha / rank`` (PEFT's alpha: 640);
-    ``basis``: "random" (unit-variance uniform, PEFT's) or "orthogonal" (``_bases``)."""
+    ``basis``: "random" (unit-variance uniform, PEFT's) or "orthogonal" (``_bases``). ``path``: "auto"
+    (per call, the cheaper of the two exact computations below by multiply-adds), "activation" (a LoRA of
+    rank n r on the activations) or "weight" (``x (W0 + ΔW)ᵀ`` with ΔW built once per call)."""
 
     default_lr: ClassVar[float] = 5e-4
     example_opts: ClassVar[dict[str, Any]] = dict(rank=8, alpha=16.0)
@@ -211,9 +338,11 @@ class RandLoRA(AdapterConfig):
     alpha: float = 640.0
     basis: str = "random"
     seed: int = 0
+    path: str = "auto"
 
     def __post_init__(self) -> None:
         check_basis(self.basis, "randlora")
+        check_path(self.path, "RandLoRA")
 
     @classmethod
     def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> RandLoRA:
@@ -234,4 +363,4 @@ class RandLoRA(AdapterConfig):
             ctx.shared, "randlora.B", self.basis, (D_max, n_max, r), 1.0, unit_uniform((D_max, n_max, r))
         )
         n = math.ceil(min(out_f, in_f) / r)
-        return RandLoRAAdapter(A, B, out_f, in_f, r, n, self.alpha / r)
+        return RandLoRAAdapter(A, B, out_f, in_f, r, n, self.alpha / r, self.path)
