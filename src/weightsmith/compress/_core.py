@@ -45,7 +45,7 @@ from ..layers import (
     walk_blocks,
 )
 from ..progress import log
-from ._datafree import compress_data_free, relative_error
+from ._datafree import LOG_EVERY, compress_data_free, relative_error
 from ._grid import QuantizedWeight, check_bits
 
 PACKAGED_TEXTS = ("hamlet",)
@@ -248,14 +248,16 @@ def _record(
         errs.append(relative_error(W, done[ly.name].dequantize().to(W.device)))
     dev = errs[0].device if errs else None
     values = torch.stack([e.to(dev) for e in errs]).tolist() if errs else []  # one host sync, not one a layer
-    for ly, err in zip(layers, values, strict=True):
-        _record_one(report, ly, err, done[ly.name])
+    lines = [_record_one(report, ly, err, done[ly.name]) for ly, err in zip(layers, values, strict=True)]
+    log("\n".join(lines), markup=False)
 
 
-def _record_one(report: CompressReport, ly: Layer, err: float, compressed: Compressed) -> None:
+def _record_one(report: CompressReport, ly: Layer, err: float, compressed: Compressed) -> str:
+    """Add one layer's result to ``report``; returns its log line (callers print lines in groups: one
+    styled print per layer costs as much as quantising a layer on a GPU)."""
     report.layers.append(LayerReport(ly.name, ly.shape, err))
     report.weights[ly.name] = compressed
-    log(f"  {ly.name} {ly.shape[0]}x{ly.shape[1]}: relative error {err:.4f}", markup=False)  # plain: cheaper
+    return f"  {ly.name} {ly.shape[0]}x{ly.shape[1]}: relative error {err:.4f}"
 
 
 def compress(
@@ -282,8 +284,14 @@ def compress(
     report = CompressReport(config)
     method = type(config).method  # type: ignore[attr-defined]
     if not config.needs_calibration():
+        lines = []
         for r in compress_data_free(layers, lambda W: config.quantize(W, None), dev):
-            _record_one(report, r.layer, r.rel_error, r.compressed)
+            lines.append(_record_one(report, r.layer, r.rel_error, r.compressed))
+            if len(lines) == LOG_EVERY:  # the results come in groups of LOG_EVERY anyway (one sync each)
+                log("\n".join(lines), markup=False)
+                lines.clear()
+        if lines:
+            log("\n".join(lines), markup=False)
         report.seconds = time.perf_counter() - t0
         return model, report
     if not calib:
