@@ -294,6 +294,7 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=Path("adapters-speed.jsonl"))
     ap.add_argument("--report", type=Path, default=None)
+    ap.add_argument("--no-group", action="store_true", help="LoRA: no grouped node for q/k/v and gate/up")
     ap.add_argument("--adamw", choices=("foreach", "fused"), default="foreach", help="AdamW implementation")
     ap.add_argument("--profile", default="", help="comma list of lib:method to profile one step of")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the -compile libraries")
@@ -319,6 +320,11 @@ def main() -> None:
     global FUSED_ADAMW
     FUSED_ADAMW = args.adamw == "fused"
     meta["adamw"] = args.adamw
+    if args.no_group:
+        from weightsmith.adapters import lora_group
+
+        lora_group.GROUP_SIBLINGS = False
+        meta["group_siblings"] = False
     start = time.perf_counter()
     base = build_base(args.tiny)
     wanted = set(filter(None, args.methods.split(",")))

@@ -21,6 +21,7 @@ from ..errors import WeightsmithError, close_names
 from ..layers import Layer, StatsSpec, collect_stats, is_head, layer_kind
 from ..select import Selector
 from ._core import Adapter, AdapterConfig, AdapterContext, SharedBases
+from .lora_group import SiblingGroup, link_siblings
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 CALIBRATION_ROWS = 4096  # rows of activations kept per layer for data-driven inits
@@ -42,6 +43,8 @@ class AdaptedLayer(nn.Module):
         self.roots: dict[str, AdapterConfig] = {}  # the config the user passed to adapt()
         self.enabled: dict[str, bool] = {}
         self.merged: list[str] = []  # merge order; unmerge pops from the end
+        # adapted linear layers of the same parent: plain LoRA siblings reading one input run as one node
+        self.siblings: SiblingGroup | None = None
 
     # W0 as [out, in] (a view for Conv1D; [num_embeddings, dim] for embeddings)
     def weight(self) -> Tensor:
@@ -67,7 +70,10 @@ class AdaptedLayer(nn.Module):
                 return active[0].embed(x, W0, out)
             return out + sum(a.embed(x, W0, out) - out for a in active)
         if len(active) == 1 and not active[0].needs_base_out:
-            y = active[0](x, W0, None)  # OFT, BOFT, input-scaled (IA)3: x W0ᵀ would be thrown away
+            group = getattr(self, "siblings", None)  # None on layers unpickled from before grouping existed
+            y = None if group is None or torch.compiler.is_compiling() else group(self, x)
+            if y is None:  # LoRA, OFT, BOFT, input-scaled (IA)3: x W0ᵀ would be thrown away
+                y = active[0](x, W0, None)
         else:
             out = torch.matmul(x, W0.T) if self.kind == "conv1d" else F.linear(x, W0)
             y = active[0](x, W0, out) if len(active) == 1 else out + sum(a(x, W0, out) - out for a in active)
@@ -255,6 +261,7 @@ def attach(
         layer.configs[name] = cfg
         layer.roots[name] = root
         layer.enabled[name] = True
+    link_siblings(model, AdaptedLayer)
     mark_only_adapters_trainable(model)
     return list(layer_configs)
 
@@ -375,6 +382,7 @@ def remove_adapters(model: nn.Module, name: str | None = None) -> None:
     for path, layer in list(adapted_layers(model)):
         if len(layer.adapters) == 0:
             _replace(model, f"{path}.weight", layer.base)
+    link_siblings(model, AdaptedLayer)
 
 
 def adapter_parameters(model: nn.Module, name: str | None = None) -> Iterator[nn.Parameter]:
