@@ -74,3 +74,14 @@ def test_overlapped_data_free_path_equals_the_plain_loop(dtype):
         assert v.device.type == "cpu" and torch.equal(v, w), k
     assert not torch.equal(m1.state_dict()["model.layers.0.mlp.up_proj.weight"],
                            base.state_dict()["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+
+
+def test_calibrated_codes_are_kept_where_the_model_lives():
+    """A host model compressed on the GPU keeps its results in host memory (a byte a weight would otherwise
+    stay on the GPU for the whole run); a GPU-resident model keeps them on the GPU."""
+    cfg = config_from_dict({"method": "gptq", "bits": 4, "group_size": 32}, "compress")
+    for where in ("cpu", "cuda"):
+        model = tiny_llama().to(where)
+        _, report = compress(model, cfg, calib=calib(length=32), device="cuda")
+        devices = {w.q.device.type for w in report.weights.values()}
+        assert devices == {where}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -241,7 +241,9 @@ def _record(
     layers: Sequence[Layer],
     originals: dict[str, Tensor],
     done: dict[str, Compressed],
+    home: torch.device | None = None,
 ) -> None:
+    """Report each layer's relative error (one host sync for all) and keep its result in ``home``."""
     errs: list[Tensor] = []
     for ly in layers:
         W = originals[ly.name]
@@ -250,6 +252,17 @@ def _record(
     values = torch.stack([e.to(dev) for e in errs]).tolist() if errs else []  # one host sync, not one a layer
     lines = [_record_one(report, ly, err, done[ly.name]) for ly, err in zip(layers, values, strict=True)]
     log("\n".join(lines), markup=False)
+    if home is not None:
+        for ly in layers:
+            report.weights[ly.name] = _at_home(report.weights[ly.name], home)
+
+
+def _at_home(c: Compressed, home: torch.device) -> Compressed:
+    """A quantised weight's codes and grid moved to where the model lives: with the model in host memory
+    the codes of every layer (a byte a weight: a gigabyte for a 1.1B model) must not pile up on the GPU."""
+    if not isinstance(c, QuantizedWeight) or c.q.device == home:
+        return c
+    return replace(c, q=c.q.to(home), scale=c.scale.to(home), zero=c.zero.to(home))
 
 
 def _record_one(report: CompressReport, ly: Layer, err: float, compressed: Compressed) -> str:
@@ -298,6 +311,7 @@ def compress(
         raise WeightsmithError(f"'{method}' needs calibration data: pass calib= (see calibration_batches)")
     spec = config.stats_spec()
     chosen = {ly.name for ly in layers}
+    home = next((p.device for p in model.parameters()), None)  # where the results are kept
     try:
         path, _ = decoder_blocks(model)
     except WeightsmithError:  # no repeated blocks (a plain MLP): one pass over the whole model
@@ -314,7 +328,7 @@ def compress(
         originals = {ly.name: ly.weight().detach().float().clone() for ly in mine}
         done = config.compress_block(block, mine, stats)
         _from_rank0([block])
-        _record(report, mine, originals, done)
+        _record(report, mine, originals, done, home)
 
     if path is not None:
         walk_blocks(model, list(calib), on_block, spec, device=dev, select=config.targets, tf32=tf32)
@@ -322,7 +336,7 @@ def compress(
         originals = {ly.name: ly.weight().detach().float().clone() for ly in outside}
         done = config.compress_block(None, outside, outside_stats)
         _from_rank0([ly.module for ly in outside])
-        _record(report, outside, originals, done)
+        _record(report, outside, originals, done, home)
     report.seconds = time.perf_counter() - t0
     return model, report
 

@@ -37,6 +37,7 @@ built in a staging directory (:func:`weightsmith.staging.staged_dir`) swapped in
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,15 @@ _ITEMSIZE = {
 def pack_codes(q: Tensor, bits: int) -> Tensor:
     """Pack unsigned ``bits``-bit codes [rows, cols] densely into int32 [rows, ceil(cols·bits / 32)]."""
     rows, cols = q.shape
+    if bits in (1, 2, 4, 8) and sys.byteorder == "little":
+        # whole codes per byte, code j at bit (j mod 8/bits)·bits of byte j·bits/8; four bytes read as one
+        # little-endian int32 are then the word the generic loop below builds (a few uint8 passes, no int64)
+        per = 8 // bits
+        v = torch.nn.functional.pad(q.to(torch.uint8), (0, (-cols) % (32 // bits)))
+        packed = v[:, 0::per].clone()
+        for k in range(1, per):
+            packed |= v[:, k::per] << (k * bits)
+        return packed.view(torch.int32)
     v = torch.nn.functional.pad(q.to(torch.int64), (0, (-cols) % 32)).view(rows, -1, 32)
     start = torch.arange(32, device=q.device) * bits
     word, off = start // 32, start % 32
