@@ -22,11 +22,40 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext, check_rank, copy_peft
+from ._core import Adapter, AdapterConfig, AdapterContext, autocast_off, check_rank, copy_peft
 from .lora import lora_forward
+
+
+class _OrthPenalty(torch.autograd.Function):
+    """``||PᵀP - I||_F + ||QQᵀ - I||_F`` in one node: the paper's orthogonality regulariser (its eq. 4
+    squares the norms; PEFT 0.21, which the reference tests follow, does not).
+
+    With ``G_P = PᵀP - I`` and ``G_Q = QQᵀ - I`` (both symmetric) the gradients are written out,
+    ``∂/∂P = 2 P G_P / ||G_P||`` and ``∂/∂Q = 2 G_Q Q / ||G_Q||`` (zero where a norm is zero, as
+    autograd's norm gives): two GEMMs and a few scalar ops instead of autograd's dozen kernels per
+    layer. Run with autocast off (the ``[r, r]`` Gram matrices in the parameters' dtype).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, P: Tensor, Q: Tensor, neg_eye: Tensor) -> Tensor:
+        G_P, G_Q = torch.addmm(neg_eye, P.t(), P), torch.addmm(neg_eye, Q, Q.t())
+        norms = torch.linalg.vector_norm(torch.stack((G_P, G_Q)), dim=(1, 2))
+        ctx.save_for_backward(P, Q, G_P, G_Q, norms)
+        return norms.sum()
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        P, Q, G_P, G_Q, norms = ctx.saved_tensors
+        # 2 g / ||G||, finite where ||G|| = 0 (then G = 0 and the product below is exactly 0)
+        k = (2 * g) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        dP = torch.mm(P, G_P).mul_(k[0]) if ctx.needs_input_grad[0] else None
+        dQ = torch.mm(G_Q, Q).mul_(k[1]) if ctx.needs_input_grad[1] else None
+        return dP, dQ, None
 
 
 class RankAllocator:
@@ -160,8 +189,13 @@ class AdaLoRAAdapter(Adapter):
     def low_rank(self) -> tuple[Tensor, Tensor]:
         return self.P * self.scaling, self.Q * self.E
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        return lora_forward(base_out, self.dropout(x), self.Q * self.E, self.P, self.scaling)
+    # alone on a layer, the base product x W0ᵀ runs inside the LoRA node (see lora._LoRALinear)
+    needs_base_out: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        if base_out is None and self.dropout.training and isinstance(self.dropout, nn.Dropout):
+            base_out = F.linear(x, W0)  # the base sees x, the adapter dropout(x): two inputs, no fused dx
+        return lora_forward(base_out, self.dropout(x), self.Q * self.E, self.P, self.scaling, W0)
 
     def on_train_step(self, step: int, total_steps: int) -> None:
         self._allocator.step(step, total_steps)
@@ -180,9 +214,9 @@ class AdaLoRAAdapter(Adapter):
         w = self._allocator.cfg.orth_weight
         if w == 0:
             return None
-        neg_eye = self.neg_eye.to(self.P.dtype)
-        r = torch.addmm(neg_eye, self.P.T, self.P).norm() + torch.addmm(neg_eye, self.Q, self.Q.T).norm()
-        return w * r / (2 * self._allocator.n_layers)
+        with torch.autocast(self.P.device.type, enabled=False):
+            r = _OrthPenalty.apply(self.P, self.Q, self.neg_eye.to(self.P.dtype))
+        return r * (w / (2 * self._allocator.n_layers))
 
 
 @register_config("adalora", kind="adapter")

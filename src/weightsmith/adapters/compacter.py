@@ -54,13 +54,17 @@ class CompacterAdapter(Adapter):
         A, s, t = self.phm_rule.to(self.phm_s.device), self.phm_s, self.phm_t
         n, q, r = t.shape
         Lf = torch.einsum("iab,ikr->akibr", A, s).reshape(n * s.shape[1], n * n * r)
-        eye = torch.eye(n, dtype=t.dtype, device=t.device)
-        Rf = torch.einsum("ilr,bc->ibrcl", t, eye).reshape(n * n * r, n * q)
+        # Rf[(i, b, ρ), (c, l)] = t_i[l, ρ] δ_bc: t repeated on the block diagonal by one diag_embed
+        Rf = torch.diag_embed(t.permute(0, 2, 1).unsqueeze(-1).expand(n, r, q, n), dim1=1, dim2=3)
+        Rf = Rf.reshape(n * n * r, n * q)
         return Lf, Rf
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+    # alone on a layer, the base product x W0ᵀ runs inside the LoRA node (see lora._LoRALinear)
+    needs_base_out: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         Lf, Rf = self.low_rank()
-        return lora_forward(base_out, x, Rf, Lf, 1.0)
+        return lora_forward(base_out, x, Rf, Lf, 1.0, W0)
 
 
 def glorot_uniform(shape: tuple[int, int, int], g: torch.Generator) -> Tensor:

@@ -7,7 +7,8 @@ section 4.3, treated as a constant in the backward pass.
 Speed: the row norms are computed without building ``W0 + s·BA``:
 ``||W0_i + s(BA)_i||² = ||W0_i||² + 2s <B_i, (W0 Aᵀ)_i> + s² B_i (A Aᵀ) B_iᵀ`` with ``||W0_i||²``
 cached (the frozen base changes only when something is merged into it), so a step costs one thin
-``W0 Aᵀ`` product instead of a dense ``out × in`` update and its norm.
+``W0 Aᵀ`` product instead of a dense ``out × in`` update and its norm. Alone on a layer, DoRA computes
+``x W0ᵀ`` inside LoRA's autograd node (:func:`dora_forward`).
 """
 
 from __future__ import annotations
@@ -19,41 +20,58 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext, amp_apply, autocast_off, check_rank, copy_peft
-from .lora import lora_init, lora_scaling
+from ._core import Adapter, AdapterConfig, AdapterContext, autocast_off, check_rank, copy_peft
+from .lora import _mm_to, lora_forward, lora_init, lora_scaling
 
 
-class _DoRALinear(torch.autograd.Function):
-    """``y = (m / n) ⊙ (base_out + s · (x Aᵀ) Bᵀ)`` with the norm ``n`` constant; hand-written backward."""
+class _RowScale(torch.autograd.Function):
+    """``y = z ⊙ c``, ``c = m / n`` per output feature (last axis), with the norm ``n`` a constant.
+
+    ``c`` is divided straight into ``z``'s dtype (one kernel); backward gives ``dz = g ⊙ c`` and
+    ``dm = Σ_t g_t ⊙ z_t / n`` summed in float32, in ``m``'s dtype.
+    """
 
     @staticmethod
-    def forward(
-        ctx: Any, base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, m: Tensor, n: Tensor, s: float
-    ) -> Tensor:
-        A_c, B_c = A.to(x.dtype), B.to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        h = torch.mm(x2, A_c.t())
-        z = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, B_c.t(), alpha=s)
-        c = (m / n).to(x.dtype)
-        ctx.save_for_backward(x2, h, A_c, B_c, z, c, n)
-        ctx.s, ctx.x_shape, ctx.dtype = s, x.shape, A.dtype
-        return (z * c).view(base_out.shape)
+    def forward(ctx: Any, z: Tensor, m: Tensor, n: Tensor) -> Tensor:
+        c = torch.div(m, n, out=torch.empty(n.shape, dtype=z.dtype, device=n.device))
+        ctx.save_for_backward(z, c, n)
+        ctx.m_dtype = m.dtype
+        return z * c
 
     @staticmethod
     @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x2, h, A_c, B_c, z, c, n = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        dm = (g2 * z).sum(0, dtype=n.dtype).div_(n).to(ctx.dtype) if ctx.needs_input_grad[4] else None
-        gz = g2 * c
-        gB = torch.mm(gz, B_c).mul_(ctx.s)
-        dx = torch.mm(gB, A_c).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        dA = torch.mm(gB.t(), x2).to(ctx.dtype) if ctx.needs_input_grad[2] else None
-        dB = torch.mm(gz.t(), h).mul_(ctx.s).to(ctx.dtype) if ctx.needs_input_grad[3] else None
-        return gz.view(g.shape), dx, dA, dB, dm, None, None
+        z, c, n = ctx.saved_tensors
+        dm = None
+        if ctx.needs_input_grad[1]:
+            dm = (g * z).reshape(-1, z.shape[-1]).sum(0, dtype=n.dtype).div_(n).to(ctx.m_dtype)
+        return g * c if ctx.needs_input_grad[0] else None, dm, None
+
+
+def dora_forward(
+    base_out: Tensor | None,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    m: Tensor,
+    n: Tensor,
+    s: float,
+    W0: Tensor | None = None,
+) -> Tensor:
+    """``(m / n) ⊙ (base_out + s · (x Aᵀ) Bᵀ)`` with the row norm ``n`` constant (the paper's section 4.3).
+
+    The LoRA part is LoRA's own node (:func:`.lora.lora_forward`): with ``base_out`` None it computes
+    ``x W0ᵀ`` itself, so the input gradient ``gz W0 + (gz sB) A`` (``gz = g ⊙ m / n``) is one GEMM
+    accumulating into the small one, ``s`` rides on B's one cast and on CUDA ``dA``, ``dB`` come out
+    of the GEMMs in float32; the scaling by ``m / n`` is one more small node (:class:`_RowScale`).
+    """
+    return _RowScale.apply(lora_forward(base_out, x, A, B, s, W0), m, n)  # type: ignore[no-any-return]
 
 
 class DoRAAdapter(Adapter):
+    # alone on a layer, DoRA computes x W0ᵀ itself (base_out None), fused with its own products
+    needs_base_out: ClassVar[bool] = False
+
     def __init__(self, A: Tensor, B: Tensor, m: Tensor, scaling: float) -> None:
         super().__init__()
         self.A = nn.Parameter(A)
@@ -80,7 +98,7 @@ class DoRAAdapter(Adapter):
         ``W0 Aᵀ`` (the one product with W0), ``A Aᵀ``, one addmm, one batched row-dot that adds the
         cached ``||W0_i||²``, clamp and sqrt."""
         A, B, s = self.A.float(), self.B.float(), self.scaling
-        P = torch.mm(W0, A.t().to(W0.dtype)).float()  # W0 Aᵀ, [out, r]
+        P = _mm_to(W0, A.t().to(W0.dtype), torch.float32)  # W0 Aᵀ, [out, r]
         inner = torch.addmm(P, B, A @ A.t(), beta=2 * s, alpha=s * s)  # 2s W0Aᵀ + s² B A Aᵀ
         sq = torch.baddbmm(self._base_row_sq(W0).view(-1, 1, 1), B.unsqueeze(1), inner.unsqueeze(2))
         return sq.view(-1).clamp_min_(0).sqrt_()
@@ -90,10 +108,10 @@ class DoRAAdapter(Adapter):
         n = V.detach().norm(dim=1, keepdim=True)
         return (self.m.unsqueeze(1) / n) * V - W0
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # the norm in float32 even under autocast
             n = self.row_norm(W0)
-        return amp_apply(_DoRALinear, base_out, x, self.A, self.B, self.m, n, self.scaling)
+        return dora_forward(base_out, x, self.A, self.B, self.m, n, self.scaling, W0)
 
     def merge(self, W0: Tensor) -> Tensor:
         V = W0 + (self.B @ self.A) * self.scaling

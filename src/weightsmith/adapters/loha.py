@@ -83,12 +83,16 @@ class LoHaAdapter(Adapter):
         B = face_split_rows(self.hada_w1_a, self.hada_w2_a) * self.scaling
         return B, face_split_cols(self.hada_w1_b, self.hada_w2_b)
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+    # factored and alone on a layer, the base product x W0ᵀ runs inside the LoRA node (lora._LoRALinear)
+    needs_base_out: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         if not self.factored:
-            return base_out + F.linear(x, self.delta(W0).to(x.dtype))
+            base = F.linear(x, W0) if base_out is None else base_out
+            return base + F.linear(x, self.delta(W0).to(x.dtype))
         B = face_split_rows(self.hada_w1_a, self.hada_w2_a)
         A = face_split_cols(self.hada_w1_b, self.hada_w2_b)
-        return lora_forward(base_out, x, A, B, self.scaling)
+        return lora_forward(base_out, x, A, B, self.scaling, W0)
 
     def peft_state(self) -> dict[str, Tensor]:
         return {k: self.get_parameter(a).detach() for k, a in self.PEFT_NAMES.items()}

@@ -56,9 +56,10 @@ def monarch_factors(R: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
     """``(Lf [out, k q], Rf [k q, in])`` with ``Lf @ Rf == monarch_dense(R, L)`` (rows of Rf: (a, t, c))."""
     k, q, p = R.shape
     l, s, kb = L.shape
-    Rf = torch.einsum("aqp,ab->aqbp", R, torch.eye(k, dtype=R.dtype, device=R.device)).reshape(k * q, k * p)
-    Lr = L.reshape(l, s, kb)
-    Lf = torch.einsum("csr,cd->scrd", Lr, torch.eye(l, dtype=L.dtype, device=L.device)).reshape(s * l, kb * l)
+    # block-diagonal by diag_embed (one copy per factor, run every step): Rf[(a, t), (b, π)] = R[a, t, π] δ_ab
+    # and Lf[(σ, c), (r, d)] = L[c, σ, r] δ_cd
+    Rf = torch.diag_embed(R.permute(1, 2, 0), dim1=0, dim2=2).reshape(k * q, k * p)
+    Lf = torch.diag_embed(L.permute(1, 2, 0), dim1=1, dim2=3).reshape(s * l, kb * l)
     return Lf, Rf
 
 
@@ -114,9 +115,12 @@ class MonarchAdapter(Adapter):
             return torch.cat([Lf, self.Lf0], 1), torch.cat([Rf, self.Rf0])
         return Lf, Rf
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+    # alone on a layer, the base product x W0ᵀ runs inside the LoRA node (see lora._LoRALinear)
+    needs_base_out: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         Lf, Rf = self.low_rank()
-        return lora_forward(base_out, x, Rf, Lf, 1.0)
+        return lora_forward(base_out, x, Rf, Lf, 1.0, W0)
 
 
 @register_config("monarch", kind="adapter")

@@ -76,9 +76,12 @@ class NOLAAdapter(Adapter):
         A, B = self.factors()
         return A * self.scaling, B
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
+    # alone on a layer, the base product x W0ᵀ runs inside the LoRA node (see lora._LoRALinear)
+    needs_base_out: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         A, B = self.factors(x.dtype)
-        return lora_forward(base_out, x, B, A, self.scaling)
+        return lora_forward(base_out, x, B, A, self.scaling, W0)
 
 
 @register_config("nola", kind="adapter")

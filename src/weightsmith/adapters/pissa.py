@@ -27,24 +27,27 @@ from .lora import lora_forward, lora_scaling
 
 class PiSSAAdapter(Adapter):
     A0: Tensor
-    B0: Tensor
+    neg_B0: Tensor
 
     def __init__(self, A0: Tensor, B0: Tensor, scaling: float) -> None:
         super().__init__()
         self.A = nn.Parameter(A0.clone())
         self.B = nn.Parameter(B0.clone())
-        self.hold(A0=A0, B0=B0)
+        self.hold(A0=A0, neg_B0=-B0)  # held negated: the rank-2r factor [B, -B0] is one cat per step
         self.scaling = scaling
 
     def delta(self, W0: Tensor) -> Tensor:
-        return (self.B @ self.A - self.B0 @ self.A0) * self.scaling
+        return (self.B @ self.A + self.neg_B0 @ self.A0) * self.scaling
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
-        return torch.cat([self.B, -self.B0], 1) * self.scaling, torch.cat([self.A, self.A0], 0)
+        return torch.cat([self.B, self.neg_B0], 1) * self.scaling, torch.cat([self.A, self.A0], 0)
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        A, B = torch.cat([self.A, self.A0], 0), torch.cat([self.B, -self.B0], 1)
-        return lora_forward(base_out, x, A, B, self.scaling)
+    # alone on a layer, the base product x W0ᵀ runs inside the LoRA node (see lora._LoRALinear)
+    needs_base_out: ClassVar[bool] = False
+
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        A, B = torch.cat([self.A, self.A0], 0), torch.cat([self.B, self.neg_B0], 1)
+        return lora_forward(base_out, x, A, B, self.scaling, W0)
 
 
 @register_config("pissa", kind="adapter")
