@@ -107,3 +107,53 @@ def test_della_without_widened_copies_equals_della_on_widened_inputs(small_piece
     widened = run_della(base.float(), [t.float() for t in thetas])
     assert torch.equal(run_della(base, thetas), widened)
     assert torch.equal(run_della(base, thetas, torch.bfloat16), widened.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "dtype,out", [(torch.bfloat16, torch.bfloat16), (torch.float32, None), (torch.float32, torch.bfloat16)]
+)
+def test_slerp_into_v0_writes_the_same_bits_into_the_base_buffer(small_pieces: None, dtype, out) -> None:
+    a, b = _inputs(dtype, 2)
+    want = slerp(a, b, 0.3, out_dtype=out)
+    v0 = a.clone()
+    got = slerp(v0, b, 0.3, out_dtype=out, into_v0=True)
+    assert torch.equal(got, want)
+    # the base's buffer is the result when it has the result's dtype; else the base is left as it was
+    assert (got.data_ptr() == v0.data_ptr()) == (want.dtype == dtype)
+    if want.dtype != dtype:
+        assert torch.equal(v0, a)
+    # an input that shares the base's storage is never overwritten under it
+    same = a.clone()
+    assert torch.equal(
+        slerp(same, same, 0.3, out_dtype=out, into_v0=True), slerp(a, a.clone(), 0.3, out_dtype=out)
+    )
+    assert torch.equal(same, a)
+
+
+def test_slerp_through_the_executor_writes_into_the_base_only_for_files(tmp_path: Path, monkeypatch) -> None:
+    """In a merge of safetensors files the executor's fresh base buffer receives the result (no third
+    tensor-sized buffer); tensors of an in-memory store are never written into."""
+    from weightsmith.merge import slerp as slerp_module
+    from weightsmith.store import DictStore
+
+    seen: list[bool] = []
+    real = slerp_module.slerp
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(bool(kw.get("into_v0")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(slerp_module, "slerp", spy)
+    dirs = []
+    ins = _inputs(torch.bfloat16, 2, (64, 48))
+    for i, t in enumerate(ins):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({"w": t}, str(d / "model.safetensors"))
+        dirs.append(d)
+    run(Recipe(method=SLERP(t=0.4), models=[str(dirs[1])], base=str(dirs[0])), tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))["w"]
+    assert seen == [True] and torch.equal(got, real(ins[0], ins[1], 0.4, out_dtype=torch.bfloat16))
+    with _tensorwise.owning_inputs([DictStore({"w": ins[0]})]):
+        assert not _tensorwise.inputs_owned()
+    assert not _tensorwise.inputs_owned()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from ..errors import WeightsmithError
 from ..execute import resolve_device
+from ..store import SafetensorsStore, WeightStore
 from . import _core
 
 Weights = Sequence[float] | None  # one weight per model; None: 1.0 each
@@ -46,6 +49,27 @@ def write_piece_size(device: torch.device) -> int:
     beside a whole-tensor output; on the CPU the pieces of :func:`piece_size` (a vectorised loop and its
     scalar tail may round differently, so the pieces must not move)."""
     return CPU_PIECE if device.type == "cpu" else GPU_WRITE_PIECE
+
+
+_OWNED: ContextVar[bool] = ContextVar("weightsmith_inputs_owned", default=False)
+
+
+def inputs_owned() -> bool:
+    """Whether the kernel now running was handed tensors that only it holds (see :func:`owning_inputs`):
+    it may then write its result into an input's buffer instead of a new one."""
+    return _OWNED.get()
+
+
+@contextmanager
+def owning_inputs(stores: Sequence[WeightStore]) -> Iterator[None]:
+    """Within the block, :func:`inputs_owned` is true when every store is a
+    :class:`~weightsmith.store.SafetensorsStore`: the executor's reader then hands each kernel fresh
+    buffers that nothing reads after the kernel returns (other stores may return tensors they keep)."""
+    token = _OWNED.set(all(isinstance(s, SafetensorsStore) for s in stores))
+    try:
+        yield
+    finally:
+        _OWNED.reset(token)
 
 
 def work_dtype(t: Tensor) -> torch.dtype:
@@ -156,18 +180,19 @@ class TensorwiseMethod(ABC):
                 gen = torch.Generator(device=tensors[0].device).manual_seed(_core.seed_for(seed, 0, name))
             return self.merge_as(b, thetas, weights, gen, out_dtype or tensors[0].dtype)
 
-        return _core.write_model(
-            stores,
-            merge_one,
-            out,
-            merged=chosen,
-            dtype=out_dtype,
-            device=resolve_device(kw.get("device", "cpu")),
-            force=bool(kw.get("force", False)),
-            shard_bytes=_core.parse_size(kw.get("shard_size", "2GB")),
-            copy_from=recipe.copy_from(),
-            extra_files=kw.get("extra_files"),
-        )
+        with owning_inputs(stores):
+            return _core.write_model(
+                stores,
+                merge_one,
+                out,
+                merged=chosen,
+                dtype=out_dtype,
+                device=resolve_device(kw.get("device", "cpu")),
+                force=bool(kw.get("force", False)),
+                shard_bytes=_core.parse_size(kw.get("shard_size", "2GB")),
+                copy_from=recipe.copy_from(),
+                extra_files=kw.get("extra_files"),
+            )
 
 
 class CheckedMethod(TensorwiseMethod):

@@ -29,13 +29,34 @@ from ._tensorwise import Gen, OnBaseMethod, combine, match_l1, task_vectors, wor
 PRUNE_BLOCK = 1 << 20  # elements per block of MagPrune on CPU
 
 
+def magnitude_ranks(rows: Tensor) -> Tensor:
+    """The rank of each entry's magnitude within its row of ``rows`` ([rows, n, ...], ranked along dim
+    1): ``order[:, k]`` is the index of the entry of rank k (0 = smallest ``|x|``). Equal magnitudes are
+    ranked by position (a stable order), so the ranks are well defined whatever sort runs them.
+
+    On the CPU (2-D float32 rows) the key of entry j is the int64 ``bits(|x_j|) << 32 | j``: the bit
+    pattern of a non-negative float orders like its value, and the position makes every key distinct, so
+    sorting the keys alone (numpy's vectorised sort, in place: several times faster than an argsort that
+    carries the indices along) gives the stable order, and the low 32 bits of each sorted key are its
+    entry's index."""
+    mags = rows.abs()
+    if rows.device.type != "cpu" or rows.dim() != 2 or rows.dtype != torch.float32:
+        return mags.argsort(dim=1, stable=True)
+    key = mags.view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+    key.bitwise_or_(torch.arange(rows.shape[1], dtype=torch.int64))
+    key.numpy().sort(axis=1)  # in place: the keys are a fresh buffer
+    return key.bitwise_and_(0xFFFFFFFF)
+
+
 def magprune(
     delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None = None
 ) -> Tensor:
     """DELLA's magnitude-ranked random drop of one task vector (rows of a matrix; a vector is one row),
     **in place**: ``delta`` is overwritten with the pruned (and rescaled) vector and returned, so a merge
     holds no second copy of its task vectors (pass a copy to keep one). The mask is drawn from
-    ``generator`` as one ``torch.bernoulli`` draw over the keep probabilities would draw it."""
+    ``generator`` as one ``torch.bernoulli`` draw over the keep probabilities would draw it (on the CPU
+    as ``torch.rand(...) < p``: the same uniforms in the same order, which is how the CPU bernoulli
+    draws, without its per-element checks)."""
     if density >= 1:
         return delta
     if density <= 0:
@@ -52,13 +73,17 @@ def magprune(
     # blocks of rows in memory order: the sort's int64 indices, the probabilities and the mask are the
     # size of a block, and one generator draws the block masks in the order of one whole-tensor draw
     row = math.prod(rows.shape[1:])
-    per = rows.shape[0] if rows.device.type != "cpu" else max(1, PRUNE_BLOCK // max(1, row))
+    cpu = rows.device.type == "cpu"
+    per = max(1, PRUNE_BLOCK // max(1, row)) if cpu else rows.shape[0]
     for i in range(0, rows.shape[0], per):
         block = rows[i : i + per]
-        order = block.abs().argsort(dim=1)
-        keep = torch.empty_like(block).scatter_(1, order, by_rank.expand_as(block))
-        del order
-        block.mul_(torch.bernoulli(keep, generator=generator).to(delta.dtype))
+        keep = torch.empty_like(block).scatter_(1, magnitude_ranks(block), by_rank.expand_as(block))
+        if cpu and block.is_contiguous():  # uniforms in memory order, as bernoulli's
+            block.mul_(
+                torch.lt(torch.rand(block.shape, generator=generator, dtype=keep.dtype), keep, out=keep)
+            )
+        else:
+            block.mul_(torch.bernoulli(keep, generator=generator).to(delta.dtype))
     if before is not None:
         match_l1(rows, before)
     return delta

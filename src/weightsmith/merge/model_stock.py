@@ -33,8 +33,14 @@ def _gram(w0: Tensor, ws: Sequence[Tensor], dt: torch.dtype, total: Tensor) -> T
         b = as_work(w0[rows, cs], buf[:size])
         offsets = buf[size : size * (1 + n)].view(n, -1)[:, : b.numel()].view(n, *b.shape)
         for i, w in enumerate(ws):
-            torch.sub(w[rows, cs], b, out=offsets[i])  # in float32: the input is widened exactly
-        gram[rows] += torch.einsum("nrc,mrc->rnm", offsets, offsets).double()
+            if w.dtype == dt:
+                torch.sub(w[rows, cs], b, out=offsets[i])
+            else:  # widened exactly by a vectorised copy, then subtracted in float32 (a mixed-dtype
+                offsets[i].copy_(w[rows, cs]).sub_(b)  # subtraction takes a slower path: same values)
+        if offsets.shape[1] == 1:  # one row: a plain matrix product (the same sgemm, less dispatch)
+            gram[rows] += torch.mm(offsets[:, 0], offsets[:, 0].t()).double()
+        else:
+            gram[rows] += torch.einsum("nrc,mrc->rnm", offsets, offsets).double()
         torch.sum(offsets, dim=0, out=total[rows, cs])
     return gram
 
@@ -70,9 +76,8 @@ def model_stock(
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denom))
     # w_H = t mean_i(w_i) + (1 - t) w_0 = w_0 + (t / n) Σ_i (w_i - w_0)
     step = write_piece_size(w0.device)
-    buf = scratch(w0, dt, 1, step)
     for rows, cs in blocks(w0.shape[0], cols, w0.device, step):
-        b = as_work(w0[rows, cs], buf)
+        b = w0[rows, cs]  # added as it is: a bf16 base is widened exactly inside the addition
         tr = t[rows] / n
         if out.dtype == dt:
             out[rows, cs].mul_(tr).add_(b)

@@ -30,6 +30,7 @@ from ._tensorwise import (
     OnBaseMethod,
     as_work,
     blocks,
+    inputs_owned,
     scratch,
     work_dtype,
     write_piece_size,
@@ -56,10 +57,14 @@ def slerp(
     dot_threshold: float = 0.9995,
     eps: float = 1e-8,
     out_dtype: torch.dtype | None = None,
+    into_v0: bool = False,
 ) -> Tensor:
     """SLERP of two whole tensors from ``v0`` (t = 0) to ``v1`` (t = 1), computed in float32 (float64
     for float64 inputs) and returned in that dtype, or rounded to ``out_dtype`` piece by piece (the same
     values as ``.to(out_dtype)``). Norms at or below ``eps`` count as 1 when normalising for the angle.
+    ``into_v0``: write the result into ``v0``'s buffer when it is contiguous, has the result's dtype and
+    shares no storage with ``v1`` (each piece of ``v0`` is read before it is overwritten), so the peak is
+    the two inputs.
 
     Two passes over pieces (:func:`~._tensorwise.blocks`): the first sums |v0|^2, |v1|^2 and <v0, v1>
     (each piece's float32 dot products added in float64), giving cos Omega = <v0, v1> / (|v0| |v1|); the
@@ -77,7 +82,10 @@ def slerp(
         omega = math.acos(cos)
         s = math.sin(omega)
         c0, c1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
-    out = torch.empty(a.shape, dtype=out_dtype or dt, device=a.device)
+    target = out_dtype or dt
+    reuse = into_v0 and v0.dtype == target and v0.is_contiguous()
+    reuse = reuse and v0.untyped_storage().data_ptr() != v1.untyped_storage().data_ptr()  # no alias
+    out = a if reuse else torch.empty(a.shape, dtype=target, device=a.device)
     step = write_piece_size(a.device)
     spare = out.dtype != dt and a.dtype == dt  # a float32 result piece needs a slot of its own
     buf = scratch(a, dt, 3 if spare else 2, step)
@@ -122,7 +130,10 @@ class SLERP(OnBaseMethod):
         gen: Gen,
         dtype: torch.dtype | None,
     ) -> Tensor:
-        return slerp(base, thetas[0], self.t, self.dot_threshold, self.eps, out_dtype=dtype)
+        # the base is read once: in the executor (fresh buffers), the result is written into it
+        return slerp(
+            base, thetas[0], self.t, self.dot_threshold, self.eps, out_dtype=dtype, into_v0=inputs_owned()
+        )
 
 
 def nuslerp(
