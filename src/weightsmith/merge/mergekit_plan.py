@@ -24,6 +24,7 @@ token-indexed tensors as they are read (:mod:`weightsmith.merge.tokenizer`) and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +39,7 @@ from ..errors import WeightsmithError
 from ..execute import ByteBudget, ReadAhead, Reader, WriteBehind, device_budget, is_finite, resolve_device
 from ..progress import track
 from ..store import ShardWriter, WeightStore
-from . import _core, mergekit_exact, tokenizer
+from . import _core, _tensorwise, mergekit_exact, tokenizer
 from .mergekit_methods import METHODS as METHODS_WITH_KERNELS
 from .mergekit_methods import REQUIRED, MergekitMethod, Param, method
 
@@ -365,9 +366,13 @@ def run(
     writer = ShardWriter(out, max_shard_bytes=_core.parse_size(shard_size), force=force)
     behind = WriteBehind(writer.add, budget=budget)
     items = list(enumerate(jobs))
+    # fresh buffers from safetensors files may be written into by a kernel (SLERP's result into its base);
+    # a vocabulary remap may hand back tensors it keeps, so then no kernel owns its inputs
+    owning = _tensorwise.owning_inputs(list(stores.values())) if vocab is None else contextlib.nullcontext()
     try:
         with (
             reader,
+            owning,
             ReadAhead(items, lambda ij: [read(ij[1])], size=lambda ij: size(ij[1]), budget=budget) as ahead,
         ):
             for (i, job), box in track(ahead, "merge", len(jobs)):
