@@ -201,7 +201,10 @@ def test_cuda_resident_and_host_resident_agree_to_the_bit_and_the_model_stays_pu
     watch = CopiesOf([ly.weight() for ly in layers])
     with watch:
         _, rep_d = compress(on_dev, cfg, device="cuda")
-    assert watch.seen == ([] if dtype == torch.float32 else ["aten._to_copy.default"] * len(layers))
+    # layer by layer a bfloat16 weight is cast once; in RTN's batches (compress/_datafree.py ``_batched``, on
+    # CUDA once compress() passes ``batched``) the stack kernel reads it, casting on the way: no copy at all
+    cast = ["aten._to_copy.default"] * len(layers)
+    assert watch.seen == [] or (dtype == torch.bfloat16 and watch.seen == cast)
     assert {n: p.data_ptr() for n, p in on_dev.named_parameters()} == ptrs
     assert all(p.device.type == "cuda" for p in on_dev.parameters())
     assert all(p.device.type == "cpu" for p in on_host.parameters())

@@ -40,6 +40,20 @@ def test_pack_on_gpu_equals_pack_on_cpu(bits):
     assert torch.equal(pack_codes(q.cuda(), bits).cpu(), pack_codes(q, bits))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_of_a_transposed_view_without_padding(bits):
+    """Zero points are packed transposed ([groups, rows] views): a width needing no padding packs too."""
+    per_word = 32 // bits
+    zp = torch.randint(0, 1 << bits, (per_word, 64), generator=torch.Generator().manual_seed(bits)).T
+    assert not zp.is_contiguous()
+    assert torch.equal(pack_codes(zp, bits), pack_codes(zp.contiguous(), bits))
+    assert torch.equal(unpack_codes(pack_codes(zp, bits), bits, per_word), zp)
+    q = torch.randint(0, 1 << bits, (3, 64), dtype=torch.uint8)
+    packed = pack_codes(q, bits)
+    packed.zero_()
+    assert q.any()  # the words are new memory, never a view of the codes
+
+
 def _compressed(cfg):
     m = tiny_llama()
     q, report = compress(copy.deepcopy(m), cfg, calib=calib())

@@ -45,7 +45,7 @@ from ..layers import (
     walk_blocks,
 )
 from ..progress import log
-from ._datafree import LOG_EVERY, compress_data_free, relative_error
+from ._datafree import LOG_EVERY, batch_quantizer, compress_data_free, relative_error
 from ._grid import QuantizedWeight, check_bits
 
 PACKAGED_TEXTS = ("hamlet",)
@@ -298,7 +298,8 @@ def compress(
     method = type(config).method  # type: ignore[attr-defined]
     if not config.needs_calibration():
         lines = []
-        for r in compress_data_free(layers, lambda W: config.quantize(W, None), dev):
+        quantize = lambda W: config.quantize(W, None)  # noqa: E731
+        for r in compress_data_free(layers, quantize, dev, batched=batch_quantizer(config)):
             lines.append(_record_one(report, r.layer, r.rel_error, r.compressed))
             if len(lines) == LOG_EVERY:  # the results come in groups of LOG_EVERY anyway (one sync each)
                 log("\n".join(lines), markup=False)

@@ -7,7 +7,12 @@ A data-free method reads each weight once and writes it back once. Two cases:
   its parameter, with no copy of the parameter (a float32 weight is read through an alias; a bfloat16 one is
   cast once; a Conv1D one, stored transposed, is made contiguous once), writes ``Ŵ`` back with one device
   copy, and reads the per-layer errors back in groups of :data:`LOG_EVERY` (one device sync a group, not
-  one a layer). Nothing goes through the host.
+  one a layer). Nothing goes through the host. A method that can quantise a stack of same-shaped weights at
+  once (``batched_quantize``, see :data:`BatchQuantize`; RTN) gets them in batches instead (:func:`_batched`):
+  the weights of one shape and dtype are stacked ``[L, out, in]`` in float32 within :data:`BATCH_BYTES` of
+  temporaries and go through one set of kernels, so the host launches a few dozen kernels a batch instead of
+  a layer. The results are bit-identical to the layer-by-layer loop: min and max are exact, every other step
+  is elementwise, and the errors are summed row by row (:func:`relative_error`).
 - **The model is in host memory and the arithmetic on a GPU**: :func:`_overlapped` moves exactly one copy of
   each weight to the device and one copy of ``Ŵ`` (in the weight's dtype) back, through a fixed ring of
   pinned slots (:class:`_Ring`, each as large as the largest weight, allocated once a call): weight ``i + 1``
@@ -39,6 +44,16 @@ if TYPE_CHECKING:
     from ._core import Compressed
 
 Quantize = Callable[[Tensor], "Compressed"]
+# A stack [L, out, in] of float32 weights on the device → one result a weight and the stacked Ŵ [L, out, in]
+# (new memory: the caller then turns the stack into W − Ŵ in place)
+BatchQuantize = Callable[[Tensor], tuple[list["Compressed"], Tensor]]
+# Float32 temporaries of one batch: the stack of weights (made W − Ŵ in place) and Ŵ, 8 bytes a weight; a
+# model that barely fits the GPU still has room for them. Weights larger than half of it go one at a time.
+BATCH_BYTES = 512 << 20
+# Where batches are used: a GPU spends most of a layer launching kernels; a CPU is bound by the arithmetic,
+# which runs faster on one weight at a time (it stays in cache: SmolLM2's 210 layers, one thread, 2.7x slower
+# in stacks of 512 MB, equal at 2 MB; docs/compress.md, "Where the model lives").
+BATCH_DEVICES = ("cuda",)
 LOG_EVERY = 16  # layers between two read-backs of the errors (each read-back is one device sync)
 SLOTS = 2  # pinned slots each way: weight i + 1 is staged while weight i is on the device
 # How a host weight reaches the device: "staged" (through the pinned ring: two host copies a weight) or
@@ -56,9 +71,20 @@ class DataFreeResult:
     rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
 
 
+def frobenius(X: Tensor) -> Tensor:
+    """‖X‖_F over the last two dims of ``X`` [..., out, in] as float64 [...]: each row's norm in float32,
+    then the norm of those in float64. Each row is reduced alone, so a weight's norm does not depend on the
+    other weights stacked with it (a whole-tensor reduction splits its sum by the tensor's size)."""
+    return torch.linalg.vector_norm(torch.linalg.vector_norm(X, dim=-1), dim=-1, dtype=torch.float64)
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    return (num / den.clamp_min(1e-30)).float()
+
+
 def relative_error(W: Tensor, W_hat: Tensor) -> Tensor:
-    """‖W − Ŵ‖_F / ‖W‖_F as a 0-d tensor on W's device (no host sync)."""
-    return (W - W_hat).norm() / W.norm().clamp_min(1e-30)
+    """‖W − Ŵ‖_F / ‖W‖_F (float32) over the last two dims, on W's device (no host sync)."""
+    return _ratio(frobenius(W - W_hat), frobenius(W))
 
 
 class _Errors:
@@ -77,9 +103,16 @@ class _Errors:
         self.items.clear()
 
 
-def _resident(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> Iterator[DataFreeResult]:
+def _resident(
+    layers: Sequence[Layer], quantize: Quantize, dev: torch.device, batched: BatchQuantize | None = None
+) -> Iterator[DataFreeResult]:
     """Layer by layer on ``dev``; a weight already there in float32 is quantised through an alias of its
-    parameter (no copy), so the error is taken before ``Ŵ`` overwrites it. A weight elsewhere is copied."""
+    parameter (no copy), so the error is taken before ``Ŵ`` overwrites it. A weight elsewhere is copied.
+    With ``batched``, on a device of :data:`BATCH_DEVICES`: same-shaped weights in stacks
+    (:func:`_batched`)."""
+    if batched is not None and dev.type in BATCH_DEVICES:
+        yield from _batched(layers, batched, dev)
+        return
     errors = _Errors()
     for ly in layers:
         # the parameter itself when already float32 on dev; Conv1D's transposed weight is made contiguous
@@ -89,6 +122,52 @@ def _resident(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) ->
         W_hat = qw.dequantize()
         errors.add(ly, qw, relative_error(W, W_hat))
         ly.write(W_hat)
+        if len(errors.items) >= LOG_EVERY:
+            yield from errors.flush()
+    if errors.items:
+        yield from errors.flush()
+
+
+def batches(layers: Sequence[Layer], budget: int) -> list[list[int]]:
+    """Indices of ``layers`` in runs of one weight shape, dtype and device whose float32 stack and Ŵ fit in
+    ``budget`` bytes (at least one weight a run), ordered by their first layer."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, ly in enumerate(layers):
+        W = ly.weight()
+        groups.setdefault((tuple(W.shape), W.dtype, W.device), []).append(i)
+    runs = []
+    for idx in groups.values():
+        n = max(1, budget // (8 * layers[idx[0]].weight().numel()))
+        runs += [idx[k : k + n] for k in range(0, len(idx), n)]
+    return sorted(runs)
+
+
+def _stack(layers: Sequence[Layer], dev: torch.device) -> Tensor:
+    """The weights of ``layers`` (one shape) as one float32 [L, out, in] on ``dev``, one copy kernel (a cast
+    and, for Conv1D, a transpose on the way)."""
+    Ws = [ly.weight().detach() for ly in layers]
+    if Ws[0].device != dev:
+        Ws = [W.to(dev) for W in Ws]
+    return torch.stack(Ws, out=torch.empty((len(Ws), *Ws[0].shape), dtype=torch.float32, device=dev))
+
+
+def _batched(layers: Sequence[Layer], quantize: BatchQuantize, dev: torch.device) -> Iterator[DataFreeResult]:
+    """The weights in runs of :func:`batches`: each run stacked, quantised in one go, its errors taken with
+    one reduction each way and every ``Ŵ`` written back; the results come out in layer order, the errors
+    read back in groups of :data:`LOG_EVERY` as in :func:`_resident`."""
+    done: dict[int, tuple[Compressed, Tensor]] = {}
+    errors, nxt = _Errors(), 0
+    for run in batches(layers, BATCH_BYTES):
+        Ws = _stack([layers[i] for i in run], dev)
+        results, W_hat = quantize(Ws)
+        den = frobenius(Ws)
+        errs = _ratio(frobenius(Ws.sub_(W_hat)), den)  # the stack is ours: W − Ŵ in place
+        for j, i in enumerate(run):
+            layers[i].write(W_hat[j])
+            done[i] = (results[j], errs[j])
+        while nxt in done:
+            errors.add(layers[nxt], *done.pop(nxt))
+            nxt += 1
         if len(errors.items) >= LOG_EVERY:
             yield from errors.flush()
     if errors.items:
@@ -243,14 +322,25 @@ def _overlapped(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) 
     return _HostPipeline(layers, quantize, dev).run() if layers else iter(())
 
 
+def batch_quantizer(config: object) -> BatchQuantize | None:
+    """``config.batched_quantize`` where the method has one (it opts in to :func:`_batched`), else None."""
+    fn = getattr(config, "batched_quantize", None)
+    return fn if callable(fn) else None
+
+
 def compress_data_free(
-    layers: Sequence[Layer], quantize: Quantize, dev: torch.device, overlap: bool | None = None
+    layers: Sequence[Layer],
+    quantize: Quantize,
+    dev: torch.device,
+    overlap: bool | None = None,
+    batched: BatchQuantize | None = None,
 ) -> Iterator[DataFreeResult]:
     """Compress every layer with ``quantize`` (float32 ``[out, in]`` on ``dev`` → a compressed weight), write
     the dequantised result back in place and yield one result per layer, in order.
 
     ``overlap``: the pipelined host → CUDA → host path (default: on CUDA when every weight is in host
-    memory). Otherwise :func:`_resident`: no copy at all for weights already on ``dev``."""
+    memory). Otherwise :func:`_resident`: no copy at all for weights already on ``dev``, or, with
+    ``batched`` (:func:`batch_quantizer`), same-shaped weights quantised in stacks."""
     if overlap is None:
         overlap = dev.type == "cuda" and all(ly.weight().device.type == "cpu" for ly in layers)
-    return (_overlapped if overlap else _resident)(layers, quantize, dev)
+    return _overlapped(layers, quantize, dev) if overlap else _resident(layers, quantize, dev, batched)

@@ -84,8 +84,8 @@ def pack_codes(q: Tensor, bits: int) -> Tensor:
         # whole codes per byte, code j at bit (j mod 8/bits)·bits of byte j·bits/8; four bytes read as one
         # little-endian int32 are then the word the generic loop below builds (a few uint8 passes, no int64)
         per = 8 // bits
-        v = torch.nn.functional.pad(q.to(torch.uint8), (0, (-cols) % (32 // bits)))
-        packed = v[:, 0::per].clone()
+        v = torch.nn.functional.pad(q.to(torch.uint8), (0, (-cols) % (32 // bits))).contiguous()
+        packed = v[:, 0::per].clone(memory_format=torch.contiguous_format)  # never the caller's memory
         for k in range(1, per):
             packed |= v[:, k::per] << (k * bits)
         return packed.view(torch.int32)

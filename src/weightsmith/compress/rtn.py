@@ -2,7 +2,8 @@
 
 Each group of ``group_size`` weights of a row is mapped to ``q = clamp(round(w / s + z), 0, 2^b − 1)`` on
 its min-max grid and read back as ``ŵ = s (q − z)`` ("Quantizing deep convolutional networks for efficient
-inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4); symmetric grids fix ``z = 2^(b−1)``.
+inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4); symmetric grids fix ``z = 2^(b−1)``. Every step is
+per group, so a stack of same-shaped weights is quantised in one go (:meth:`RTN.batched_quantize`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import Tensor
 from ..config import register_config
 from ..layers import InputStats
 from ._core import CompressConfig
-from ._grid import QuantizedWeight, quantize_rtn
+from ._grid import QuantizedWeight, quantize_rtn, rtn_with_dequant
 
 
 @register_config("rtn", kind="compress")
@@ -21,3 +22,11 @@ class RTN(CompressConfig):
 
     def quantize(self, W: Tensor, stats: InputStats | None) -> QuantizedWeight:
         return quantize_rtn(W, self.bits, self.group_size, self.symmetric)
+
+    def batched_quantize(self, W: Tensor) -> tuple[list[QuantizedWeight], Tensor]:
+        """A stack ``[L, out, in]`` of float32 weights at once: one result a weight (bit-identical to
+        :meth:`quantize` on each) and the stacked ``Ŵ`` (the data-free path's batches,
+        compress/_datafree.py)."""
+        qw, W_hat = rtn_with_dequant(W, self.bits, self.group_size, self.symmetric)
+        assert W_hat is not None
+        return qw.split(), W_hat
