@@ -60,7 +60,8 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.2)
 
 
-def tiny_llama(dtype: torch.dtype = torch.float32, **lora: Any) -> nn.Module:
+def tiny_llama(dtype: torch.dtype = torch.float32, config: Any = None, **lora: Any) -> nn.Module:
+    """Two Llama blocks with ``config`` (LoRA rank 4 and ``lora`` options when None) on all 7 projections."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -69,7 +70,7 @@ def tiny_llama(dtype: torch.dtype = torch.float32, **lora: Any) -> nn.Module:
     )  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype)
-    adapters.adapt(model, LoRA(rank=4, alpha=8.0, **lora), targets=TARGETS)
+    adapters.adapt(model, config or LoRA(rank=4, alpha=8.0, **lora), targets=TARGETS)
     perturb(model)
     return model
 

@@ -43,7 +43,8 @@ class AdaptedLayer(nn.Module):
         self.roots: dict[str, AdapterConfig] = {}  # the config the user passed to adapt()
         self.enabled: dict[str, bool] = {}
         self.merged: list[str] = []  # merge order; unmerge pops from the end
-        # adapted linear layers of the same parent: plain LoRA siblings reading one input run as one node
+        # adapted linear layers of the same parent: siblings reading one input with plain LoRA or an adapter
+        # with `group_terms` (DoRA) run as one node (lora_group)
         self.siblings: SiblingGroup | None = None
 
     # W0 as [out, in] (a view for Conv1D; [num_embeddings, dim] for embeddings)

@@ -8,7 +8,9 @@ Speed: the row norms are computed without building ``W0 + s·BA``:
 ``||W0_i + s(BA)_i||² = ||W0_i||² + 2s <B_i, (W0 Aᵀ)_i> + s² B_i (A Aᵀ) B_iᵀ`` with ``||W0_i||²``
 cached (the frozen base changes only when something is merged into it), so a step costs one thin
 ``W0 Aᵀ`` product instead of a dense ``out × in`` update and its norm. Alone on a layer, DoRA computes
-``x W0ᵀ`` inside LoRA's autograd node (:func:`dora_forward`).
+``x W0ᵀ`` inside LoRA's autograd node (:func:`dora_forward`); with siblings reading the same input
+(q/k/v, gate/up) it joins their grouped node (:meth:`DoRAAdapter.group_terms`,
+:mod:`weightsmith.adapters.lora_group`) and applies its row scale to its own output.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext, autocast_off, check_rank, copy_peft
 from .lora import _mm_to, lora_forward, lora_init, lora_scaling
+from .lora_group import GroupTerms
 
 
 class _RowScale(torch.autograd.Function):
@@ -46,6 +49,48 @@ class _RowScale(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dm = (g * z).reshape(-1, z.shape[-1]).sum(0, dtype=n.dtype).div_(n).to(ctx.m_dtype)
         return g * c if ctx.needs_input_grad[0] else None, dm, None
+
+
+def _stack(ts: list[Tensor]) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+
+@torch.no_grad()
+def row_norms(adapters: list[DoRAAdapter], weights: list[Tensor]) -> list[Tensor]:
+    """``||W0_i + s_i B_i A_i||`` per output row for each adapter ``i`` on its weight (float32, no gradient).
+
+    With ``P_i = W0_i A_iᵀ``: ``||W0 + sBA||²`` per row is ``||W0||² + B·(2s P + s² B (A Aᵀ))`` (row-wise
+    dot), ``||W0||²`` cached per weight. For several adapters of one rank and dtype (siblings) the
+    small products are batched: one cast of the stacked A, one Gram matrix ``[A_1; …][A_1; …]ᵀ`` whose
+    diagonal blocks are the ``A_i A_iᵀ``, the ``addmm`` of each into one buffer, then one row-dot, one
+    clamp and one square root for all rows; the per-adapter work left is ``P_i`` and its ``addmm``.
+    """
+    W0 = weights[0]
+    ranks = {a.A.shape[0] for a in adapters}
+    if len(adapters) > 1 and (
+        len(ranks) > 1
+        or len({(a.A.dtype, a.B.dtype, W.dtype) for a, W in zip(adapters, weights, strict=True)}) > 1
+    ):
+        return [row_norms([a], [W])[0] for a, W in zip(adapters, weights, strict=True)]
+    r = ranks.pop()
+    A = _stack([a.A for a in adapters]).float()
+    A_w = A.to(W0.dtype)
+    gram = A @ A.t()
+    rows = [W.shape[0] for W in weights]
+    inner = torch.empty(sum(rows), r, dtype=torch.float32, device=W0.device)
+    start = 0
+    for i, (a, W) in enumerate(zip(adapters, weights, strict=True)):
+        P = _mm_to(W, A_w[i * r : (i + 1) * r].t(), torch.float32)  # W0 Aᵀ, [out, r]
+        s, blk = a.scaling, slice(i * r, (i + 1) * r)
+        torch.addmm(
+            P, a.B.float(), gram[blk, blk], beta=2 * s, alpha=s * s, out=inner[start : start + rows[i]]
+        )
+        start += rows[i]
+    B = _stack([a.B for a in adapters]).float()
+    base = _stack([a._base_row_sq(W) for a, W in zip(adapters, weights, strict=True)])
+    sq = torch.baddbmm(base.view(-1, 1, 1), B.unsqueeze(1), inner.unsqueeze(2))
+    n = sq.view(-1).clamp_min_(0).sqrt_()
+    return [n] if len(rows) == 1 else list(n.split(rows))
 
 
 def dora_forward(
@@ -92,26 +137,38 @@ class DoRAAdapter(Adapter):
             self._w0_sq = (key, W0.float().square().sum(1))
         return self._w0_sq[1]
 
-    @torch.no_grad()
     def row_norm(self, W0: Tensor) -> Tensor:
-        """``||W0 + s·BA||`` per output row, without materialising the sum (no gradient), in 8 small ops:
-        ``W0 Aᵀ`` (the one product with W0), ``A Aᵀ``, one addmm, one batched row-dot that adds the
-        cached ``||W0_i||²``, clamp and sqrt."""
-        A, B, s = self.A.float(), self.B.float(), self.scaling
-        P = _mm_to(W0, A.t().to(W0.dtype), torch.float32)  # W0 Aᵀ, [out, r]
-        inner = torch.addmm(P, B, A @ A.t(), beta=2 * s, alpha=s * s)  # 2s W0Aᵀ + s² B A Aᵀ
-        sq = torch.baddbmm(self._base_row_sq(W0).view(-1, 1, 1), B.unsqueeze(1), inner.unsqueeze(2))
-        return sq.view(-1).clamp_min_(0).sqrt_()
+        """``||W0 + s·BA||`` per output row, without materialising the sum (no gradient): see
+        :func:`row_norms`."""
+        return row_norms([self], [W0])[0]
 
     def delta(self, W0: Tensor) -> Tensor:
         V = W0 + (self.B @ self.A) * self.scaling
         n = V.detach().norm(dim=1, keepdim=True)
         return (self.m.unsqueeze(1) / n) * V - W0
 
+    def _norm(self, W0: Tensor) -> Tensor:
+        with torch.autocast(W0.device.type, enabled=False):  # the norm in float32 even under autocast
+            return self.row_norm(W0)
+
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # the norm in float32 even under autocast
-            n = self.row_norm(W0)
-        return dora_forward(base_out, x, self.A, self.B, self.m, n, self.scaling, W0)
+        return dora_forward(base_out, x, self.A, self.B, self.m, self._norm(W0), self.scaling, W0)
+
+    def group_terms(self, x: Tensor, W0: Tensor) -> GroupTerms:
+        """LoRA's terms and the row scale, for sibling layers run as one node (:mod:`.lora_group`)."""
+        return self._terms(self._norm(W0))
+
+    def _terms(self, n: Tensor) -> GroupTerms:
+        m = self.m
+        return GroupTerms(self.A, self.B, self.scaling, lambda z: _RowScale.apply(z, m, n))
+
+    @staticmethod
+    def group_terms_batch(x: Tensor, items: list[tuple[DoRAAdapter, Tensor]]) -> list[GroupTerms]:
+        """:meth:`group_terms` for several siblings, their row norms in one batch (:func:`row_norms`)."""
+        W = items[0][1]
+        with torch.autocast(W.device.type, enabled=False):
+            norms = row_norms([a for a, _ in items], [W for _, W in items])
+        return [a._terms(n) for (a, _), n in zip(items, norms, strict=True)]
 
     def merge(self, W0: Tensor) -> Tensor:
         V = W0 + (self.B @ self.A) * self.scaling

@@ -16,12 +16,20 @@ the input gradients disappear. :class:`SiblingGroup` decides at run time which s
 first one computed. Anything unusual (another input, dropout in training, another adapter, an
 in-place change, ``torch.compile``, saved-tensor hooks as activation checkpointing installs them)
 takes the per-layer path of :mod:`weightsmith.adapters.lora`.
+
+Other methods join through :class:`GroupTerms`: an adapter whose ``group_terms(x, W0)`` returns the
+``(A, B, s)`` its per-layer path hands LoRA's node, plus an optional ``finish`` applied to that
+node's output, runs in the group too. DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank
+Adaptation", 2024) does: the group gives ``z_i = x W_iᵀ + s_i (x A_iᵀ) B_iᵀ`` and ``finish`` is its
+row scale ``y_i = z_i ⊙ m_i / ||W_i + s_i B_i A_i||`` (:mod:`weightsmith.adapters.dora`), so the
+grouped result is the per-layer one up to the order of the GEMMs' sums.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +41,19 @@ if TYPE_CHECKING:
     from ._attach import AdaptedLayer
 
 GROUP_SIBLINGS = True  # set False to run every LoRA layer on its own (the per-layer path)
+
+
+class GroupTerms(NamedTuple):
+    """What an adapter on a linear layer gives the group: its output is ``finish(x W0ᵀ + s (x Aᵀ) Bᵀ)``
+    (``finish`` None: the identity). ``A``, ``B`` may be computed (with gradients) from the adapter's
+    parameters; they must be exactly what the adapter's own forward hands LoRA's node. Given by the
+    adapter's ``group_terms(x, W0)`` (None: this call runs per layer); its type may add a static
+    ``group_terms_batch(x, [(adapter, W0), …])`` that prepares several siblings at once."""
+
+    A: Tensor
+    B: Tensor
+    s: float
+    finish: Callable[[Tensor], Tensor] | None = None
 
 
 class _LoRAGroup(torch.autograd.Function):
@@ -108,17 +129,46 @@ class _LoRAGroup(torch.autograd.Function):
         return tuple(out)
 
 
-def plain_lora(layer: AdaptedLayer) -> LoRAAdapter | None:
-    """The layer's one active adapter when it is a plain LoRA on a linear layer that the group may run."""
+def group_adapter(layer: AdaptedLayer) -> Any:
+    """The layer's one active adapter when the group may run it (a linear layer, plain LoRA without
+    dropout in training, or an adapter with ``group_terms``), else None."""
     if layer.kind != "linear":
         return None
     active = layer.active()
-    if len(active) != 1 or type(active[0]) is not LoRAAdapter:
+    if len(active) != 1:
         return None
     a = active[0]
-    if a.embedding or (isinstance(a.dropout, nn.Dropout) and a.dropout.training):
-        return None
-    return a
+    if type(a) is LoRAAdapter:
+        if a.embedding or (isinstance(a.dropout, nn.Dropout) and a.dropout.training):
+            return None
+        return a
+    return a if callable(getattr(a, "group_terms", None)) else None
+
+
+def group_terms(a: Any, x: Tensor, W0: Tensor) -> GroupTerms | None:
+    """``a``'s terms for the grouped node (None: this call takes the per-layer path)."""
+    if type(a) is LoRAAdapter:
+        return GroupTerms(a.A, a.B, a.scaling)
+    terms: GroupTerms | None = a.group_terms(x, W0)
+    return terms
+
+
+def _all_terms(x: Tensor, items: list[tuple[Any, Tensor]]) -> list[GroupTerms | None]:
+    """:func:`group_terms` of each ``(adapter, W0)``; adapters of one type with a ``group_terms_batch``
+    (DoRA: the row norms in one batch) give theirs together."""
+    out: list[GroupTerms | None] = [None] * len(items)
+    by_type: dict[type, list[int]] = {}
+    for i, (a, _) in enumerate(items):
+        by_type.setdefault(type(a), []).append(i)
+    for kind, idx in by_type.items():
+        batch = getattr(kind, "group_terms_batch", None)
+        if batch is not None and len(idx) > 1:
+            for i, t in zip(idx, batch(x, [items[i] for i in idx]), strict=True):
+                out[i] = t
+        else:
+            for i in idx:
+                out[i] = group_terms(items[i][0], x, items[i][1])
+    return out
 
 
 class _Key:
@@ -145,8 +195,8 @@ def _saved_tensor_hooks() -> bool:
     return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
 
 
-def _state(layer: AdaptedLayer, a: LoRAAdapter) -> tuple[Any, ...]:
-    return a, a.A._version, a.B._version, layer.weight()._version
+def _state(layer: AdaptedLayer, a: Any) -> tuple[Any, ...]:
+    return a, tuple(p._version for p in a.parameters()), layer.weight()._version
 
 
 class SiblingGroup:
@@ -197,7 +247,7 @@ class SiblingGroup:
         i = self._index(layer)
         hit = self.cache.pop(i, None)
         if hit is not None:
-            a = plain_lora(layer)
+            a = group_adapter(layer)
             key = self.cache_key
             if key is not None and key.matches(x) and a is not None and _state(layer, a) == hit[1]:
                 if not self.cache:
@@ -229,28 +279,42 @@ class SiblingGroup:
     def _run_group(self, leader: int, x: Tensor) -> Tensor | None:
         done = self._called_on(x)
         lead = self.members[leader]
-        a_lead, W_lead = plain_lora(lead), lead.weight()
+        a_lead, W_lead = group_adapter(lead), lead.weight()
         if a_lead is None or W_lead.device != x.device or W_lead.shape[1] != x.shape[-1]:
             return None
-        sig = (W_lead.dtype, W_lead.device, W_lead.shape[1], a_lead.A.dtype, a_lead.B.dtype)
-        chosen: list[tuple[int, AdaptedLayer, LoRAAdapter]] = [(leader, lead, a_lead)]
+        sig = (W_lead.dtype, W_lead.device, W_lead.shape[1])
+        found: list[tuple[int, AdaptedLayer, Any]] = [(leader, lead, a_lead)]
         for j in self.plan[leader]:
             layer = self.members[j]
-            a = plain_lora(layer)
+            a = group_adapter(layer)
             if j == leader or a is None or j in done:
                 continue
             W = layer.weight()
-            if (W.dtype, W.device, W.shape[1], a.A.dtype, a.B.dtype) == sig:
-                chosen.append((j, layer, a))
+            if (W.dtype, W.device, W.shape[1]) == sig:
+                found.append((j, layer, a))
+        if len(found) < 2:
+            return None
+        terms = _all_terms(x, [(a, layer.weight()) for _, layer, a in found])
+        if terms[0] is None:
+            return None
+        tsig = (terms[0].A.dtype, terms[0].B.dtype)
+        chosen = [
+            (*f, t)
+            for f, t in zip(found, terms, strict=True)
+            if t is not None and (t.A.dtype, t.B.dtype) == tsig
+        ]
         if len(chosen) < 2:
             return None
         tensors: list[Tensor] = []
-        for _, layer, a in chosen:
-            tensors += [layer.weight(), a.A, a.B]
-        outs = amp_apply(_LoRAGroup, None, x, tuple(a.scaling for _, _, a in chosen), *tensors)
-        self.cache = {j: (y, _state(layer, a)) for (j, layer, a), y in zip(chosen[1:], outs[1:], strict=True)}
+        for _, layer, _, t in chosen:
+            tensors += [layer.weight(), t.A, t.B]
+        zs = amp_apply(_LoRAGroup, None, x, tuple(t.s for *_, t in chosen), *tensors)
+        outs = [z if t.finish is None else t.finish(z) for (*_, t), z in zip(chosen, zs, strict=True)]
+        self.cache = {
+            j: (y, _state(layer, a)) for (j, layer, a, _), y in zip(chosen[1:], outs[1:], strict=True)
+        }
         self.cache_key, self.cache_leader = _Key(x), leader
-        return outs[0]  # type: ignore[no-any-return]
+        return outs[0]
 
 
 def link_siblings(model: nn.Module, layer_type: type[nn.Module]) -> None:

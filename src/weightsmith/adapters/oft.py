@@ -22,25 +22,63 @@ Merging multiplies ``W0`` by ``Rᵀ``; unmerging solves with it per block (exact
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext, check_dropouts, load_peft_tensors
+from ._core import (
+    Adapter,
+    AdapterConfig,
+    AdapterContext,
+    amp_apply,
+    autocast_off,
+    check_dropouts,
+    load_peft_tensors,
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _skew_index(b: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For ``Q.flatten() = vec[idx] * sign``: entry (i, j) of a [b, b] skew matrix reads ``vec[p]`` with
+    sign +1 above the diagonal (p its row-major upper index), -1 below, 0 on the diagonal; and the
+    flat positions of the upper entries (the backward reads ``dQ - dQᵀ`` there)."""
+    rows, cols = torch.triu_indices(b, b, 1)
+    pos = torch.zeros(b, b, dtype=torch.long)
+    pos[rows, cols] = pos[cols, rows] = torch.arange(rows.numel())
+    sign = torch.zeros(b, b)
+    sign[rows, cols], sign[cols, rows] = 1.0, -1.0
+    return pos.flatten().to(device), sign.flatten().to(device), (rows * b + cols).to(device)
+
+
+class _Skew(torch.autograd.Function):
+    """``Q = M - Mᵀ`` with M's strict upper triangle ``vec``: one gather and one signed scaling forward,
+    ``dvec = (dQ - dQᵀ)`` at the upper entries backward (two kernels each way, no host work)."""
+
+    @staticmethod
+    def forward(ctx: Any, vec: Tensor, b: int) -> Tensor:
+        idx, sign, upper = _skew_index(b, vec.device)
+        ctx.b, ctx.upper = b, upper
+        return vec.index_select(1, idx).mul_(sign.to(vec.dtype)).view(vec.shape[0], b, b)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        return (g - g.transpose(1, 2)).reshape(g.shape[0], -1).index_select(1, ctx.upper), None
 
 
 def skew(vec: Tensor, b: int) -> Tensor:
     """Skew-symmetric [k, b, b] matrices with strict upper triangles (row-major) ``vec`` [k, b(b-1)/2]."""
-    rows, cols = torch.triu_indices(b, b, 1, device=vec.device)
-    M = vec.new_zeros(vec.shape[0], b, b)
-    M[:, rows, cols] = vec
-    return M - M.transpose(1, 2)
+    if torch.compiler.is_compiling():  # traced: the scatter form, with no host-side index cache
+        rows, cols = torch.triu_indices(b, b, 1, device=vec.device)
+        M = vec.new_zeros(vec.shape[0], b, b)
+        M[:, rows, cols] = vec
+        return M - M.transpose(1, 2)
+    return _Skew.apply(vec, b)  # type: ignore[no-any-return]
 
 
 def cayley(Q: Tensor) -> Tensor:
@@ -54,18 +92,63 @@ def cayley(Q: Tensor) -> Tensor:
 
 def cayley_neumann(Q: Tensor, terms: int) -> Tensor:
     """PEFT's truncated series ``I + 2 Σ_{i=1..K} Qⁱ + Q^{K+1}`` (K = max(2, terms - 2)); ``I + 2Q`` for
-    two terms, ``I`` for one."""
-    R = torch.eye(Q.shape[-1], device=Q.device, dtype=Q.dtype).expand_as(Q).clone()
+    two terms, ``I`` for one.
+
+    Evaluated by Horner's rule, ``R = I + Q(2I + Q(2I + … Q(2I + Q)))`` (K nested factors): one
+    addition then K fused ``baddbmm`` (``2I + Q P`` in one kernel) instead of K + 1 products, scalings and
+    additions."""
+    eye = torch.eye(Q.shape[-1], device=Q.device, dtype=Q.dtype).expand_as(Q)
     if terms <= 1:
-        return R
-    R = R + 2 * Q
+        return eye.clone()
     if terms == 2:
-        return R
-    power = Q
+        return torch.add(eye, Q, alpha=2)
+    P = torch.add(Q, eye, alpha=2)  # 2I + Q
     for _ in range(max(2, terms - 2) - 1):
-        power = power @ Q
-        R = R + 2 * power
-    return R + power @ Q
+        P = torch.baddbmm(eye, Q, P, beta=2)  # 2I + Q P
+    return torch.baddbmm(eye, Q, P)
+
+
+class _RotatedLinear(torch.autograd.Function):
+    """``y = x' W0ᵀ`` with ``x'`` each token's blocks ``x_j R_j`` (R [k, b, b], PEFT's row-vector form).
+
+    The block products are one ``bmm`` over the k blocks on the [N, k, b] view of ``x``, written into a
+    [N, in] buffer through its block-major view (no copies of ``x`` or ``x'`` on CUDA, where the GEMM takes
+    the strides); ``R`` is cast to the activations' dtype once. Backward: ``g' = g W0`` (one GEMM),
+    ``dx_j = g'_j R_jᵀ`` (one ``bmm`` into ``dx``'s block view), ``dR_j = x_jᵀ g'_j`` (one ``bmm``).
+    ``x'`` is not saved. Call it through :func:`amp_apply`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, base_out: None, x: Tensor, W0: Tensor, R: Tensor) -> Tensor:
+        dt, k, b = x.dtype, R.shape[0], R.shape[-1]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        R_c, W = R.to(dt), W0.to(dt)
+        x_rot = torch.empty_like(x2)
+        torch.bmm(x2.view(-1, k, b).transpose(0, 1), R_c, out=x_rot.view(-1, k, b).transpose(0, 1))
+        ctx.save_for_backward(x2, R_c, W)
+        ctx.x_shape, ctx.dtypes = x.shape, (W0.dtype, R.dtype)
+        return torch.mm(x_rot, W.t()).view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x2, R_c, W = ctx.saved_tensors
+        k, b = R_c.shape[0], R_c.shape[-1]
+        need_x, need_W, need_R = ctx.needs_input_grad[1:4]
+        g2 = g.reshape(-1, g.shape[-1])
+        gr = torch.mm(g2, W)  # dL/dx' [N, in]
+        grb = gr.view(-1, k, b).transpose(0, 1)  # [k, N, b]
+        dx = dW = dR = None
+        if need_x:
+            dx = torch.empty_like(gr)
+            torch.bmm(grb, R_c.transpose(1, 2), out=dx.view(-1, k, b).transpose(0, 1))
+            dx = dx.view(ctx.x_shape)
+        if need_W:  # a trainable base (not the adapter's case): dW = gᵀ x'
+            x_rot = torch.bmm(x2.view(-1, k, b).transpose(0, 1), R_c).transpose(0, 1).reshape(x2.shape)
+            dW = torch.mm(g2.t(), x_rot).to(ctx.dtypes[0])
+        if need_R:
+            dR = torch.bmm(x2.view(-1, k, b).permute(1, 2, 0), grb).to(ctx.dtypes[1])
+        return None, dx, dW, dR
 
 
 def adjust_divisor(size: int, value: int) -> int:
@@ -126,8 +209,9 @@ class OFTAdapter(Adapter):
         if self.coft_eps is not None:
             self._project()
         v = self.oft_R if self.oft_R.dtype in (torch.float32, torch.float64) else self.oft_R.float()
-        Q = skew(v, self.block_size)
-        R = cayley(Q) if self.neumann_terms == 0 else cayley_neumann(Q, self.neumann_terms)
+        with torch.autocast(v.device.type, enabled=False):  # small products: float32 even under autocast
+            Q = skew(v, self.block_size)
+            R = cayley(Q) if self.neumann_terms == 0 else cayley_neumann(Q, self.neumann_terms)
         return R.expand(self.blocks, -1, -1) if R.shape[0] != self.blocks else R
 
     def _rotate_rows(self, M: Tensor, R: Tensor) -> Tensor:
@@ -139,11 +223,8 @@ class OFTAdapter(Adapter):
         return self.merge(W0) - W0
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
-        # x' = R x per token (PEFT's x_blocks @ R_j on row vectors); then the frozen layer
-        R = self.rotations()
-        xb = x.reshape(*x.shape[:-1], self.blocks, self.block_size)
-        x_rot = torch.einsum("...kc,kcd->...kd", xb, R.to(x.dtype)).reshape(x.shape)
-        return F.linear(x_rot, W0.to(x.dtype))
+        # x' = R x per token (PEFT's x_blocks @ R_j on row vectors); then the frozen layer, in one node
+        return amp_apply(_RotatedLinear, None, x, W0, self.rotations())
 
     def merge(self, W0: Tensor) -> Tensor:
         return self._rotate_rows(W0, self.rotations())
