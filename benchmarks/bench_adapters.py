@@ -99,6 +99,7 @@ def run(
     profile: bool = False,
 ) -> dict[str, Any]:
     from weightsmith import adapters
+    from weightsmith.adapters.lora_group import learn_siblings
 
     model = copy.deepcopy(base).to(device)
     model.train()
@@ -128,6 +129,8 @@ def run(
         cfg = adapters.registered_adapters()[method](**OURS.get(method, {}))
         adapters.adapt(model, cfg, targets=",".join(TARGETS))
         net = model
+        # as the trainer does: layers that read one input learn to run as one node before the first step
+        learn_siblings(model, lambda: model(input_ids=ids))
         hook = lambda step: adapters.adapter_step(net, step, 1000)  # noqa: E731
     if device == "cuda":
         torch.cuda.synchronize()

@@ -164,14 +164,19 @@ class Task:
             yield {"input_ids": ids, "attention_mask": mask, "labels": self._labels[idx]}
 
     # ------------------------------------------------------------------ loss / metric
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's logits for ``batch`` (per example for classification, per token for an LM)."""
+        if self.kind == "classification":
+            return model(batch["input_ids"], batch["attention_mask"])  # type: ignore[no-any-return]
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits  # type: ignore[no-any-return]
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over the batch's examples (classification) or predicted tokens (LM)."""
+        logits = self.logits(model, batch)
         if self.kind == "classification":
-            logits = model(batch["input_ids"], batch["attention_mask"])
             return nn.functional.cross_entropy(logits.float(), batch["labels"])
-        ids = batch["input_ids"]
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
-        return lm_loss(logits, ids)
+        return lm_loss(logits, batch["input_ids"])
 
     def split(self, batch: Batch, max_tokens: int | None) -> list[tuple[Batch, float]]:
         """``batch`` cut into micro-batches of at most ``max_tokens`` tokens (at least one example each),

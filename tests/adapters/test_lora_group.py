@@ -114,6 +114,25 @@ def test_grouped_llama_step_equals_per_layer(dtype: torch.dtype, tol: float) -> 
     assert ref[2].norm() > 0 and all(g.norm() > 0 for g in ref[1])
 
 
+def test_learn_siblings_groups_the_first_step_and_changes_nothing() -> None:
+    """The probe forward of a training loop: afterwards the first step already runs grouped (so a run
+    resumed from a checkpoint computes what an uninterrupted one does), and the probe leaves the random
+    state, the training mode and the parameters as they were."""
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    params = [p.detach().clone() for p in model.parameters()]
+    state = torch.random.get_rng_state()
+    model.train()
+    assert lora_group.learn_siblings(model, lambda: model(input_ids=ids))
+    assert torch.equal(torch.random.get_rng_state(), state) and model.training
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    with count_group_runs() as runs:
+        llama_step(model, ids)
+    assert sorted(runs) == [2, 2, 3, 3]
+    with grouping(False):
+        assert not lora_group.learn_siblings(model, lambda: pytest.fail("no probe when grouping is off"))
+
+
 def test_grouped_under_autocast_matches_per_layer() -> None:
     model = tiny_llama()
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(4))

@@ -337,3 +337,28 @@ def link_siblings(model: nn.Module, layer_type: type[nn.Module]) -> None:
         for c in linear:
             c.siblings = group  # type: ignore[assignment]
         parent.register_forward_pre_hook(group.reset)
+
+
+def learn_siblings(model: nn.Module, forward: Callable[[], object]) -> bool:
+    """Run ``forward()`` (one forward of ``model``) only so that the sibling groups learn which layers read
+    one input: eval mode, no gradients, random states kept. A training loop calls it before its first step,
+    so every process, a fresh run or one resumed from a checkpoint, groups the same layers from its first
+    step on (the learning forward itself runs per layer, and its sums are ordered differently): resumed
+    runs stay bit-exact. Returns whether any group formed."""
+    groups = {id(g): g for m in model.modules() if (g := getattr(m, "siblings", None)) is not None}
+    if not GROUP_SIBLINGS or not groups:
+        return False
+    for g in groups.values():
+        g.plan.clear()
+        g.reset()
+    was_training = model.training
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            forward()
+    finally:
+        model.train(was_training)
+        for g in groups.values():
+            g.reset()
+    return any(g.plan for g in groups.values())

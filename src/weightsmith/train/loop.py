@@ -59,6 +59,7 @@ from torch import nn
 
 from .. import config as cfg
 from .. import distributed
+from ..adapters.lora_group import learn_siblings
 from ..errors import WeightsmithError
 from ..progress import bar as progress_bar
 from ..progress import log
@@ -542,6 +543,17 @@ def _train(
     )  # fmt: skip
     start = time.perf_counter() - float(state["elapsed"])
     step, epoch = int(state["step"]), int(state["epoch"])
+
+    def probe() -> None:  # one forward that changes nothing (lora_group.learn_siblings)
+        first = next(iter(t.batches(0, args.seed, args.batch_size)), None)
+        if first is not None:
+            piece = {k: v.to(device) for k, v in t.split(first, micro_tokens)[0][0].items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                t.logits(trained, piece)
+
+    # adapted layers that read one input (q/k/v, gate/up) learn to run as one node before the first step,
+    # in every process alike: a resumed run then computes what an uninterrupted one does
+    learn_siblings(net, probe)
     net.train()
 
     def checkpoint(next_epoch: int, next_batch: int) -> None:
