@@ -253,6 +253,25 @@ class OnBaseMethod(CheckedMethod):
         return out if dtype is None else out.to(dtype)
 
 
+class PiecewiseOnBaseMethod(OnBaseMethod):
+    """An on-base method whose kernel writes its output dtype piece by piece: it implements only
+    :meth:`merge_on_as`, and :meth:`merge_on` is that in the kernel's float32/float64."""
+
+    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
+        return self.merge_on_as(base, thetas, weights, gen, None)
+
+    @abstractmethod
+    def merge_on_as(
+        self,
+        base: Tensor,
+        thetas: Sequence[Tensor],
+        weights: list[float],
+        gen: Gen,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        """The merged tensor of one weight in ``dtype`` (``None``: float32, or float64 for float64 inputs)."""
+
+
 # ------------------------------------------------------------------- generalised task arithmetic parts
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._tensorwise import Gen, OnBaseMethod, combine, match_l1, task_vectors, work_dtype
+from ._tensorwise import Gen, PiecewiseOnBaseMethod, combine, match_l1, task_vectors, work_dtype
 
 PRUNE_BLOCK = 1 << 20  # elements per block of MagPrune on CPU
 
@@ -127,7 +127,7 @@ def della(
 
 
 @dataclass(frozen=True)
-class _DellaBase(OnBaseMethod):
+class _DellaBase(PiecewiseOnBaseMethod):
     density: float = 1.0
     epsilon: float = 0.15
     scaling: float = 1.0
@@ -138,9 +138,6 @@ class _DellaBase(OnBaseMethod):
 
     def __post_init__(self) -> None:
         check_della(self.density, self.epsilon, self.name)
-
-    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
-        return self.merge_on_as(base, thetas, weights, gen, None)
 
     def merge_on_as(
         self,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import register_config
-from ._tensorwise import Gen, OnBaseMethod, as_work, blocks, scratch, work_dtype, write_piece_size
+from ._tensorwise import Gen, PiecewiseOnBaseMethod, as_work, blocks, scratch, work_dtype, write_piece_size
 
 
 def _gram(w0: Tensor, ws: Sequence[Tensor], dt: torch.dtype, total: Tensor) -> Tensor:
@@ -87,15 +87,12 @@ def model_stock(
 
 
 @register_config("model_stock", kind="merge")
-class ModelStock(OnBaseMethod):
+class ModelStock(PiecewiseOnBaseMethod):
     """Model Stock (Jang et al. 2024): at least two fine-tuned models and their pre-trained base."""
 
     filter_wise: bool = False
 
     min_models = 2
-
-    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
-        return self.merge_on_as(base, thetas, weights, gen, None)
 
     def merge_on_as(
         self,

@@ -27,7 +27,7 @@ from ..errors import WeightsmithError
 from ._tensorwise import (
     CheckedMethod,
     Gen,
-    OnBaseMethod,
+    PiecewiseOnBaseMethod,
     as_work,
     blocks,
     inputs_owned,
@@ -106,7 +106,7 @@ def check_t(t: float, what: str = "slerp option t") -> None:
 
 
 @register_config("slerp", kind="merge")
-class SLERP(OnBaseMethod):
+class SLERP(PiecewiseOnBaseMethod):
     """SLERP from the base (t = 0) to the one other model (t = 1), Shoemake 1985."""
 
     t: float = 0.5
@@ -118,9 +118,6 @@ class SLERP(OnBaseMethod):
 
     def __post_init__(self) -> None:
         check_t(self.t)
-
-    def merge_on(self, base: Tensor, thetas: Sequence[Tensor], weights: list[float], gen: Gen) -> Tensor:
-        return self.merge_on_as(base, thetas, weights, gen, None)
 
     def merge_on_as(
         self,
