@@ -25,12 +25,11 @@ first run) then counts the resident model itself (``model_mb``; ``start_mb``: al
 started); ``ends_on`` says where the model was at the end.
 ``--repeats N`` times N fresh copies (``seconds`` is the first run, ``seconds_best`` the best). ``--floor``
 times the copies behind a data-free compress of the host model (pageable → pinned → device and back, CUDA's
-own pageable copies, page-locking the weights in place, host dequantisation from uint8 codes);
-``--host-path staged,registered`` runs ours both ways (``compress/_datafree.py``'s ``HOST_PATH``).
+own pageable copies, host dequantisation from uint8 codes).
 
     .venv/bin/python benchmarks/bench_compress.py --device cuda --model random-llama-1b \
         --text gpu_data/hamlet.txt --methods rtn --bits 4 --group-size 128 --samples 64 --seq-len 512 \
-        --resident host,device --host-path staged,registered --repeats 3 --floor --json OUT.json
+        --resident host,device --repeats 3 --floor --json OUT.json
 
 llm-compressor (``llmcompressor``) is imported only here; without it the script runs weightsmith alone.
 llmcompressor 0.14 pins transformers <= 5.17 and compressed-tensors 0.19; install it with ``--no-deps``
@@ -69,7 +68,6 @@ from typing import Any
 import torch
 
 from weightsmith.assets import load_text
-from weightsmith.compress import _datafree as datafree
 from weightsmith.compress import calibration_batches, compress, heldout_text
 from weightsmith.config import config_from_dict
 from weightsmith.evaluate import perplexity
@@ -216,9 +214,9 @@ def copy_floor(model: Any, dev: torch.device, group: int) -> dict[str, Any]:
     """What a data-free compress of ``model`` (host-resident) on the CUDA device ``dev`` has to move, timed
     piece by piece over its target weights in their dtype: pageable → pinned (``stage``), pinned → device,
     device → pinned, pinned → pageable (``land``), the pageable copies CUDA stages itself (what ``.to()``
-    does), ``cudaHostRegister`` of the weights in place (then no host copy at all) and the alternative of
-    bringing back uint8 codes and dequantising on the host: ``(q − z)·s`` against the copy it replaces,
-    timed on the largest weight and projected over all of them. Seconds, one pass each."""
+    does) and the alternative of bringing back uint8 codes and dequantising on the host: ``(q − z)·s``
+    against the copy it replaces, timed on the largest weight and projected over all of them. Seconds, one
+    pass each."""
     from weightsmith.layers import find_layers
 
     ws = [ly.weight().detach() for ly in find_layers(model)]
@@ -248,24 +246,6 @@ def copy_floor(model: Any, dev: torch.device, group: int) -> dict[str, Any]:
     out["land_s"] = timed(lambda: [at(scratch, w).copy_(at(pinned, w)) for w in ws])
     out["h2d_pageable_s"] = timed(lambda: [at(on_dev, w).copy_(w) for w in ws])
     out["d2h_pageable_s"] = timed(lambda: [at(scratch, w).copy_(at(on_dev, w)) for w in ws])
-    locks = datafree._Locks()  # page-rounded, no page locked twice (as the "registered" host path does)
-    t0 = time.perf_counter()
-    ok = [locks.lock(k, w) for k, w in enumerate(ws)]
-    out["register_s"] = round(time.perf_counter() - t0, 4)
-    locked = [w for w, o in zip(ws, ok, strict=True) if o]
-    out["h2d_registered_s"] = timed(lambda: [at(on_dev, w).copy_(w, non_blocking=True) for w in locked])
-
-    def there_and_back() -> None:  # each weight to the device and the same bytes back into it
-        for w in locked:
-            at(on_dev, w).copy_(w, non_blocking=True)
-            w.copy_(at(on_dev, w), non_blocking=True)
-
-    out["h2d_d2h_registered_s"] = timed(there_and_back)
-    t0 = time.perf_counter()
-    for k in list(locks.ranges):
-        locks.unlock(k)
-    out["unregister_s"] = round(time.perf_counter() - t0, 4)
-    out["registered"] = f"{sum(ok)}/{len(ws)}"
     w = max(ws, key=lambda t: t.numel())
     o, i = w.shape
     g = group if group and i % group == 0 else i
@@ -315,12 +295,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of each job, a fresh copy each")
     ap.add_argument("--floor", action="store_true", help="also time the copies behind a data-free compress")
     ap.add_argument(
-        "--host-path",
-        default="staged",
-        help="ours, data-free, model in host memory on a GPU: staged (pinned ring), registered (weights "
-        "page-locked in place), or both: staged,registered (compress/_datafree.py HOST_PATH)",
-    )
-    ap.add_argument(
         "--opt",
         action="append",
         default=[],
@@ -331,9 +305,6 @@ def main() -> None:
     places = None if args.resident is None else args.resident.split(",")
     if places is not None and not set(places) <= {"host", "device"}:
         ap.error(f"--resident {args.resident}: use host, device or host,device")
-    host_paths = args.host_path.split(",")
-    if not set(host_paths) <= {"staged", "registered"}:
-        ap.error(f"--host-path {args.host_path}: use staged, registered or staged,registered")
     if args.repeats < 1:
         ap.error(f"--repeats {args.repeats}: use 1 or more")
     extra: dict[str, dict[str, Any]] = {}
@@ -400,14 +371,9 @@ def main() -> None:
     for method, bits, prune in jobs:
         on_gpu = dev.type != "cpu"
         where = places or (["host", "device"] if on_gpu and data_free(method) else ["host"])
-        runs = [(p, lib, hp) for p in where for lib in libs for hp in host_paths]
-        for place, lib, host_path in runs:
+        for place, lib in [(p, lib) for p in where for lib in libs]:
             if lib == "llmcompressor" and method not in LLMC_MODIFIER and method not in PRUNERS:
                 continue  # llm-compressor has no such method
-            ours_on_host = lib == "weightsmith" and place == "host" and on_gpu and data_free(method)
-            if host_path != host_paths[0] and not ours_on_host:
-                continue  # the host path matters only there
-            datafree.HOST_PATH = host_path
             times, peak, start, m = [], 0.0, 0.0, None
             for _ in range(args.repeats):
                 m = None  # the previous repeat's model goes before the next copy is made
@@ -431,8 +397,6 @@ def main() -> None:
             assert m is not None
             where_now = next(m.parameters()).device.type
             row: dict[str, Any] = {"library": lib, "method": method, "resident": place}
-            if ours_on_host:
-                row["host_path"] = host_path
             if prune is None:
                 row |= {"bits": bits, "group": args.group_size}
             else:

@@ -131,8 +131,8 @@ class _SyncEvent:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """The host pipeline's bookkeeping (ring slots, landing order, page locks, layouts) run on the CPU: CUDA's
-    streams and events become synchronous stand-ins, pinned slots plain memory and a page lock a record."""
+    """The host pipeline's bookkeeping (ring slots, landing order, layouts) run on the CPU: CUDA's streams and
+    events become synchronous stand-ins, pinned slots plain memory."""
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (imported before CUDA's names are replaced)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
@@ -142,27 +142,15 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", _SyncEvent)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, _s: None)
     monkeypatch.setattr(df, "_pinned", lambda n: torch.full((n,), 255, dtype=torch.uint8))
-    locked: list[str] = []
-
-    def lock(self, i, W):  # type: ignore[no-untyped-def]
-        self.ranges[i] = (W.data_ptr(), W.data_ptr() + 1)
-        locked.append(str(i))
-        return True
-
-    monkeypatch.setattr(df._Locks, "lock", lock)
-    monkeypatch.setattr(df._Locks, "unlock", lambda self, i: self.ranges.pop(i))
-    return locked
 
 
-@pytest.mark.parametrize("host_path", ["staged", "registered"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_host_pipeline_bookkeeping_on_a_fake_device(fake_cuda, monkeypatch, host_path, arch):
-    """Weights of several sizes (and Conv1D's transposed layout) through SLOTS ring slots or locked in place,
-    errors read every 3 layers: the resident loop's weights and errors to the bit, in order."""
+def test_host_pipeline_bookkeeping_on_a_fake_device(fake_cuda, monkeypatch, arch):
+    """Weights of several sizes (and Conv1D's transposed layout) through SLOTS ring slots, errors read every
+    3 layers: the resident loop's weights and errors to the bit, in order."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     monkeypatch.setattr(df, "LOG_EVERY", 3)
-    monkeypatch.setattr(df, "HOST_PATH", host_path)
     torch.manual_seed(0)
     if arch == "gpt2":
         base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
@@ -173,7 +161,6 @@ def test_host_pipeline_bookkeeping_on_a_fake_device(fake_cuda, monkeypatch, host
     la, lb = target_layers(a, cfg), target_layers(b, cfg)
     q = lambda W: cfg.quantize(W, None)  # noqa: E731
     r1 = list(df.compress_data_free(la, q, torch.device("cpu"), overlap=True))
-    assert len(fake_cuda) == (len(la) if host_path == "registered" else 0)
     monkeypatch.undo()  # the resident loop with real torch
     r2 = list(df.compress_data_free(lb, q, torch.device("cpu"), overlap=False))
     assert [r.layer.name for r in r1] == [ly.name for ly in la]
@@ -216,13 +203,11 @@ def test_cuda_resident_and_host_resident_agree_to_the_bit_and_the_model_stays_pu
 
 
 @needs_cuda
-@pytest.mark.parametrize("host_path", ["staged", "registered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_host_paths_handle_more_layers_than_slots_of_every_size(monkeypatch, host_path, dtype):
-    """Weights of three sizes through a ring of SLOTS slots (or page-locked in place), errors read every 2
-    layers: the same weights and errors as the device-resident loop, and every page lock released."""
+def test_host_path_handles_more_layers_than_slots_of_every_size(monkeypatch, dtype):
+    """Weights of three sizes through a ring of SLOTS slots, errors read every 2 layers: the same weights and
+    errors as the device-resident loop, and no weight left pinned."""
     monkeypatch.setattr(df, "LOG_EVERY", 2)
-    monkeypatch.setattr(df, "HOST_PATH", host_path)
     cfg = RTN(bits=3, group_size=16)
     base = tiny_llama().to(dtype)
     host, dev = copy.deepcopy(base), copy.deepcopy(base).cuda()
@@ -233,15 +218,13 @@ def test_host_paths_handle_more_layers_than_slots_of_every_size(monkeypatch, hos
     assert [r.rel_error for r in r1] == [r.rel_error for r in r2]
     for a, b in zip(la, lb, strict=True):
         assert torch.equal(a.weight(), b.weight().cpu()), a.name
-        assert not a.weight().is_pinned(), a.name  # no lock left behind
+        assert not a.weight().is_pinned(), a.name
 
 
 @needs_cuda
-@pytest.mark.parametrize("host_path", ["staged", "registered"])
-def test_conv1d_weights_take_the_host_paths_in_their_layout(monkeypatch, host_path):
+def test_conv1d_weights_take_the_host_path_in_their_layout():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    monkeypatch.setattr(df, "HOST_PATH", host_path)
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
     cfg = RTN(bits=4, group_size=16)
