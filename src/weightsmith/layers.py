@@ -11,8 +11,8 @@
   forward gets the very same input tensor (q/k/v, gate/up) share one :class:`InputStats` (one Gram matrix
   accumulated, one ``addmm_`` a batch), checked batch by batch. The Gram of bf16/fp16 inputs on CUDA
   multiplies them as they are (their products are exact in float32) and accumulates in float32
-  (:func:`gram_product`); :func:`tf32_matmul` scopes TF32 matrix products to the calibration passes (the
-  ``tf32`` option of :func:`walk_blocks` and :func:`collect_stats`).
+  (:func:`gram_product`); :func:`~weightsmith.linalg.tf32_matmul` scopes TF32 matrix products to the
+  calibration passes (the ``tf32`` option of :func:`walk_blocks` and :func:`collect_stats`).
 - :func:`collect_stats` runs batches through a whole model with hooks; :func:`walk_blocks` does it block by
   block with only one decoder block on the device at a time (sequential onloading): the calibration batch
   runs through block ``i``, the statistics are handed to a callback that may change block ``i`` (quantise
@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import WeightsmithError
+from .linalg import mm_float32, tf32_matmul
 from .select import Selector
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "heads", "pooler", "cls")
@@ -153,19 +154,6 @@ class StatsSpec:
 
 
 _LOW = (torch.bfloat16, torch.float16)
-_MM_OUT_DTYPE: list[bool] = []  # [whether torch.mm(..., out_dtype=) works on CUDA], probed once
-
-
-def _mm_out_dtype() -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs on CUDA bf16 inputs (torch >= 2.8)."""
-    if not _MM_OUT_DTYPE:
-        a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
-        try:
-            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32  # type: ignore[call-arg]
-        except (TypeError, RuntimeError):
-            ok = False
-        _MM_OUT_DTYPE.append(ok)
-    return _MM_OUT_DTYPE[0]
 
 
 def _reduced(x: Tensor, dtype: torch.dtype) -> bool:
@@ -176,19 +164,12 @@ def _reduced(x: Tensor, dtype: torch.dtype) -> bool:
 def gram_product(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``xᵀx`` of rows ``x`` [n, in] in ``dtype``.
 
-    bf16/fp16 inputs on CUDA with a float32 result: the product of two bf16 (8-bit significand) or fp16
-    (11-bit) values is exact in float32 (24-bit significand), so a reduced-precision GEMM that multiplies
-    the inputs as they are and accumulates and writes in float32 (``torch.mm(..., out_dtype=float32)``;
-    where this torch lacks it, TF32 on the float32 copy, which holds bf16/fp16 values exactly) gives
-    ``Σ_t x_ti x_tj`` with float32 rounding of the sums only: what an upcast to float32 and a float32 GEMM
-    give, in another summation order, on the tensor cores. Everything else: the inputs upcast to ``dtype``
-    and a GEMM in ``dtype`` (bit for bit what it always was)."""
+    bf16/fp16 inputs on CUDA with a float32 result: :func:`~weightsmith.linalg.mm_float32` (the inputs
+    multiplied as they are, their products exact in float32, the sums in float32): what an upcast to float32
+    and a float32 GEMM give, in another summation order, on the tensor cores. Everything else: the inputs
+    upcast to ``dtype`` and a GEMM in ``dtype`` (bit for bit what it always was)."""
     if _reduced(x, dtype):
-        if _mm_out_dtype():
-            return torch.mm(x.T, x, out_dtype=torch.float32)  # type: ignore[call-arg]
-        with tf32_matmul():
-            xf = x.float()
-            return xf.T @ xf
+        return mm_float32(x.T, x)
     xf = x.to(dtype)
     return xf.T @ xf
 
@@ -201,35 +182,6 @@ def accumulate_gram(gram: Tensor | None, x: Tensor, dtype: torch.dtype = torch.f
         return p if gram is None else gram.add_(p)
     xf = x.to(dtype)
     return xf.T @ xf if gram is None else gram.addmm_(xf.T, xf)
-
-
-@contextlib.contextmanager
-def tf32_matmul(enabled: bool = True) -> Iterator[None]:
-    """float32 matrix products on CUDA in TF32 (inputs rounded to a 10-bit significand, float32
-    accumulation) inside the block only; the previous settings come back on exit. Torch has two APIs for
-    this (``torch.set_float32_matmul_precision`` and the per-backend ``torch.backends.cuda.matmul.
-    fp32_precision``) and refuses to read the first once the second has been set apart from it: then only
-    the per-backend setting is changed (and restored)."""
-    if not enabled:
-        yield
-        return
-    backend = torch.backends.cuda.matmul
-    before = getattr(backend, "fp32_precision", None)  # torch >= 2.9
-    try:
-        old: str | None = torch.get_float32_matmul_precision()
-    except RuntimeError:
-        old = None
-    if old is None:
-        backend.fp32_precision = "tf32"
-    else:
-        torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        if old is not None:
-            torch.set_float32_matmul_precision(old)
-        if before is not None:
-            backend.fp32_precision = before
 
 
 @dataclass(eq=False)

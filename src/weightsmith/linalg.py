@@ -313,3 +313,50 @@ def top_k_mask(x: Tensor, k: int) -> Tensor:
     cut = magnitude_threshold(lambda: [mag], k)
     budget = k - int((mag > cut).sum())
     return above_threshold(mag, cut, budget)[0]
+
+
+# --------------------------------------------------------------------------- 16-bit products, float32 results
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool = True) -> Iterator[None]:
+    """float32 matrix products on CUDA in TF32 (inputs rounded to a 10-bit significand, float32
+    accumulation) inside the block only; the previous settings come back on exit. Torch has two APIs for
+    this (``torch.set_float32_matmul_precision`` and the per-backend ``torch.backends.cuda.matmul.
+    fp32_precision``) and refuses to read the first once the second has been set apart from it: then only
+    the per-backend setting is changed (and restored)."""
+    if not enabled:
+        yield
+        return
+    backend = torch.backends.cuda.matmul
+    before = getattr(backend, "fp32_precision", None)  # torch >= 2.9
+    try:
+        old: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        old = None
+    if old is None:
+        backend.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        if old is not None:
+            torch.set_float32_matmul_precision(old)
+        if before is not None:
+            backend.fp32_precision = before
+
+
+# torch.mm(..., out_dtype=) (16-bit inputs, float32 result) exists where aten::mm has its "dtype" overload
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def mm_float32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` as float32 for bf16/fp16 CUDA inputs, multiplied as they are: the product of two bf16 (8-bit
+    significand) or fp16 (11-bit) values is exact in float32 (24-bit), so only the sums are rounded, in
+    float32, on the tensor cores. ``torch.mm(..., out_dtype=float32)`` where this torch has it; otherwise
+    TF32 on float32 copies, which hold bf16/fp16 values exactly (:func:`tf32_matmul`)."""
+    if _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)  # type: ignore[call-arg]
+    with tf32_matmul():
+        return a.float() @ b.float()

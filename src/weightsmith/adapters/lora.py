@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
+from ..linalg import mm_float32
 from ._core import Adapter, AdapterConfig, AdapterContext, amp_apply, autocast_off, check_rank, copy_peft
 
 
@@ -33,12 +34,13 @@ def _cast(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
 def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
     """``scale · a b`` in ``dtype`` (a parameter's gradient, float32 while ``a``, ``b`` are 16-bit).
 
-    On CUDA the GEMM writes float32 itself (``out_dtype``); elsewhere one cast, fused with the scaling.
+    On CUDA the GEMM writes float32 itself (:func:`~weightsmith.linalg.mm_float32`); elsewhere one cast,
+    fused with the scaling.
     """
     if a.dtype == dtype:
         c = torch.mm(a, b)
     elif a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
-        c = torch.mm(a, b, out_dtype=dtype)
+        c = mm_float32(a, b)
     else:
         return _cast(torch.mm(a, b), dtype, scale)
     return c if scale == 1.0 else c.mul_(scale)
