@@ -397,6 +397,15 @@ def load_peft_tensors(adapter: nn.Module, state: Mapping[str, Tensor], names: Ma
             p.copy_(v.to(device=p.device, dtype=p.dtype))
 
 
+PATHS = ("auto", "activation", "weight")  # where a method with two exact forms computes (RandLoRA, BOFT)
+
+
+def check_path(path: str, method: str) -> None:
+    """``path`` must be one of :data:`PATHS`; else a WeightsmithError naming the option."""
+    if path not in PATHS:
+        raise WeightsmithError(f"{method} path must be one of {', '.join(PATHS)}, got {path!r}")
+
+
 def check_dropouts(peft_config: Mapping[str, Any], keys: tuple[str, ...], method: str) -> None:
     """Dropouts are training-time only: importing weights trained with them is exact. Reject bad values."""
     for key in keys:

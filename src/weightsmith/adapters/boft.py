@@ -42,9 +42,16 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ._core import Adapter, AdapterConfig, AdapterContext, amp_dtype, check_dropouts, load_peft_tensors
+from ._core import (
+    Adapter,
+    AdapterConfig,
+    AdapterContext,
+    amp_dtype,
+    check_dropouts,
+    check_path,
+    load_peft_tensors,
+)
 from .oft import cayley
-from .randlora import check_path
 
 
 def butterfly_perm(n: int, chunks: int, half: int) -> Tensor:

@@ -56,6 +56,7 @@ from ._core import (
     amp_apply,
     amp_dtype,
     autocast_off,
+    check_path,
     check_rank,
     copy_peft,
     peft_take,
@@ -77,15 +78,6 @@ class ScaledBasis(torch.autograd.Function):
         grad_lam = torch.einsum("nrd,rd,nd->nr", grad, A, gamma)
         grad_gamma = torch.einsum("nrd,rd,nr->nd", grad, A, lam)
         return None, grad_lam, grad_gamma
-
-
-PATHS = ("auto", "activation", "weight")
-
-
-def check_path(path: str, method: str) -> None:
-    """``path`` must be one of :data:`PATHS`; else a WeightsmithError naming the option."""
-    if path not in PATHS:
-        raise WeightsmithError(f"{method} path must be one of {', '.join(PATHS)}, got {path!r}")
 
 
 def randlora_costs(
