@@ -6,7 +6,7 @@ import typer
 
 app = typer.Typer(
     name="weightsmith",
-    help="Weight-space engineering for PyTorch models: adapt, merge, compress and analyze weights.",
+    help="Weight-space engineering for PyTorch models: adapt, train, merge, compress and analyze weights.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -30,7 +30,7 @@ def _root(
         None, "--threads", help="CPU threads for torch (default: from the CPUs this process may use)."
     ),
 ) -> None:
-    """Weight-space engineering for PyTorch models: adapt, merge, compress and analyze weights."""
+    """Weight-space engineering for PyTorch models: adapt, train, merge, compress and analyze weights."""
     if threads is not None:
         from ..threads import configure
 
