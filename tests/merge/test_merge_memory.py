@@ -157,3 +157,68 @@ def test_slerp_through_the_executor_writes_into_the_base_only_for_files(tmp_path
     with _tensorwise.owning_inputs([DictStore({"w": ins[0]})]):
         assert not _tensorwise.inputs_owned()
     assert not _tensorwise.inputs_owned()
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize(
+    "dtype,out", [(torch.bfloat16, torch.bfloat16), (torch.float32, None), (torch.float32, torch.bfloat16)]
+)
+def test_model_stock_into_base_writes_the_same_bits_into_the_base_buffer(
+    small_pieces: None, dtype, out, filter_wise: bool
+) -> None:
+    base, *thetas = _inputs(dtype, 4)
+    want = model_stock(base, thetas, filter_wise, out_dtype=out)
+    b = base.clone()
+    got = model_stock(b, thetas, filter_wise, out_dtype=out, into_base=True)
+    assert torch.equal(got, want)
+    assert (got.data_ptr() == b.data_ptr()) == (want.dtype == dtype)
+    if want.dtype != dtype:
+        assert torch.equal(b, base)
+    # a fine-tune sharing the base's storage is never overwritten under it
+    same = base.clone()
+    twin = model_stock(same, [same, *thetas[1:]], filter_wise, out_dtype=out, into_base=True)
+    assert torch.equal(twin, model_stock(base, [base.clone(), *thetas[1:]], filter_wise, out_dtype=out))
+    assert torch.equal(same, base)
+
+
+def test_kept_scratch_is_reused_grown_and_gives_the_same_results(small_pieces: None) -> None:
+    """Inside keeping_scratch the sum of offsets lives in one buffer from weight to weight (grown for a
+    larger one); every result equals the one computed with fresh buffers."""
+    shapes = [(37, 29), (8, 8), (60, 40), (37, 29)]
+    inputs = [_inputs(torch.bfloat16, 3, s) for s in shapes]
+    want = [model_stock(b, ts, out_dtype=torch.bfloat16) for b, *ts in inputs]
+    ptrs = []
+    with _tensorwise.keeping_scratch():
+        for (b, *ts), w in zip(inputs, want, strict=True):
+            assert torch.equal(model_stock(b, ts, out_dtype=torch.bfloat16), w)
+            ptrs.append(
+                _tensorwise.tensor_scratch("model_stock.total", (1,), torch.float32, b.device).data_ptr()
+            )
+    assert ptrs[0] == ptrs[1] and ptrs[2] == ptrs[3] and ptrs[1] != ptrs[2]  # kept; replaced once, when grown
+    fresh = _tensorwise.tensor_scratch("model_stock.total", (4,), torch.float32, torch.device("cpu"))
+    assert fresh.shape == (4,)  # outside the block: a new buffer each call
+
+
+def test_model_stock_through_the_executor_writes_into_the_base_only_for_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightsmith.merge import model_stock as ms_module
+
+    seen: list[bool] = []
+    real = ms_module.model_stock
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(bool(kw.get("into_base")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ms_module, "model_stock", spy)
+    ins = _inputs(torch.bfloat16, 3, (64, 48))
+    dirs = []
+    for i, t in enumerate(ins):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({"w": t}, str(d / "model.safetensors"))
+        dirs.append(d)
+    run(Recipe(method=ModelStock(), models=[str(d) for d in dirs[1:]], base=str(dirs[0])), tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))["w"]
+    assert seen == [True] and torch.equal(got, real(ins[0], ins[1:], out_dtype=torch.bfloat16))

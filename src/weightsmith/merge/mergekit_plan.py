@@ -373,6 +373,7 @@ def run(
         with (
             reader,
             owning,
+            _tensorwise.keeping_scratch(),
             ReadAhead(items, lambda ij: [read(ij[1])], size=lambda ij: size(ij[1]), budget=budget) as ahead,
         ):
             for (i, job), box in track(ahead, "merge", len(jobs)):

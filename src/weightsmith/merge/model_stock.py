@@ -18,7 +18,18 @@ import torch
 from torch import Tensor
 
 from ..config import register_config
-from ._tensorwise import Gen, PiecewiseOnBaseMethod, as_work, blocks, scratch, work_dtype, write_piece_size
+from ._tensorwise import (
+    Gen,
+    PiecewiseOnBaseMethod,
+    as_work,
+    blocks,
+    inputs_owned,
+    scratch,
+    tensor_scratch,
+    work_dtype,
+    writable_into,
+    write_piece_size,
+)
 
 
 def _gram(w0: Tensor, ws: Sequence[Tensor], dt: torch.dtype, total: Tensor) -> Tensor:
@@ -46,7 +57,11 @@ def _gram(w0: Tensor, ws: Sequence[Tensor], dt: torch.dtype, total: Tensor) -> T
 
 
 def model_stock(
-    base: Tensor, thetas: Sequence[Tensor], filter_wise: bool = False, out_dtype: torch.dtype | None = None
+    base: Tensor,
+    thetas: Sequence[Tensor],
+    filter_wise: bool = False,
+    out_dtype: torch.dtype | None = None,
+    into_base: bool = False,
 ) -> Tensor:
     """Model Stock interpolation of one tensor between the base and the mean of ``thetas``, in float32
     (float64 for float64 inputs), or rounded to ``out_dtype`` piece by piece (the same values as
@@ -57,15 +72,21 @@ def model_stock(
     w_i - w_0 of each row (each piece's product added in float64) and keeps their sum, the second
     (elementwise: on a GPU in smaller pieces, see :func:`~._tensorwise.write_piece_size`) writes
     w_0 + (t / n) sum_i (w_i - w_0), reading only the base: each fine-tune is read once. Tensor-sized: the
-    result, and for an output dtype other than the work dtype a work-dtype sum of the offsets."""
+    result, and for an output dtype other than the work dtype a work-dtype sum of the offsets (a
+    :func:`~._tensorwise.tensor_scratch`, kept from one weight to the next within a merge run).
+    ``into_base``: write the result into ``base``'s buffer when it is contiguous, has the result's dtype
+    and shares no storage with a fine-tune (each piece of the base is read before it is overwritten)."""
     dt = work_dtype(base)
     n = len(thetas)
     cols = base.shape[-1] if filter_wise and base.dim() > 0 else max(base.numel(), 1)
     w0 = base.reshape(-1, cols)
     ws = [t.reshape(w0.shape) for t in thetas]
-    out = torch.empty(w0.shape, dtype=out_dtype or dt, device=w0.device)
-    # Σ_i (w_i - w_0) in the work dtype: in the output itself when it has that dtype
-    total = out if out.dtype == dt else torch.empty(w0.shape, dtype=dt, device=w0.device)
+    target = out_dtype or dt
+    reuse = into_base and writable_into(base, target, thetas)
+    out = w0 if reuse else torch.empty(w0.shape, dtype=target, device=w0.device)
+    # Σ_i (w_i - w_0) in the work dtype: in the output itself when it has that dtype and is not the base
+    in_out = out.dtype == dt and not reuse
+    total = out if in_out else tensor_scratch("model_stock.total", w0.shape, dt, w0.device)
     gram = _gram(w0, ws, dt, total)
     norms = torch.diagonal(gram, dim1=1, dim2=2).sqrt()
     i, j = torch.triu_indices(n, n, 1, device=w0.device)
@@ -79,7 +100,7 @@ def model_stock(
     for rows, cs in blocks(w0.shape[0], cols, w0.device, step):
         b = w0[rows, cs]  # added as it is: a bf16 base is widened exactly inside the addition
         tr = t[rows] / n
-        if out.dtype == dt:
+        if in_out:
             out[rows, cs].mul_(tr).add_(b)
         else:
             out[rows, cs].copy_(torch.mul(total[rows, cs], tr, out=total[rows, cs]).add_(b))
@@ -102,4 +123,4 @@ class ModelStock(PiecewiseOnBaseMethod):
         gen: Gen,
         dtype: torch.dtype | None,
     ) -> Tensor:
-        return model_stock(base, thetas, self.filter_wise, out_dtype=dtype)
+        return model_stock(base, thetas, self.filter_wise, out_dtype=dtype, into_base=inputs_owned())

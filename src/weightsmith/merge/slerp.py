@@ -33,6 +33,7 @@ from ._tensorwise import (
     inputs_owned,
     scratch,
     work_dtype,
+    writable_into,
     write_piece_size,
 )
 
@@ -83,8 +84,7 @@ def slerp(
         s = math.sin(omega)
         c0, c1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
     target = out_dtype or dt
-    reuse = into_v0 and v0.dtype == target and v0.is_contiguous()
-    reuse = reuse and v0.untyped_storage().data_ptr() != v1.untyped_storage().data_ptr()  # no alias
+    reuse = into_v0 and writable_into(v0, target, [v1])
     out = a if reuse else torch.empty(a.shape, dtype=target, device=a.device)
     step = write_piece_size(a.device)
     spare = out.dtype != dt and a.dtype == dt  # a float32 result piece needs a slot of its own
