@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
-from ._tensorwise import combine, l1_rescale, task_vectors, work_dtype
+from ._tensorwise import combine, inputs_owned, l1_rescale, task_vectors, work_dtype
 from .arcee_fusion import arcee_fusion
 from .breadcrumbs import breadcrumbs_prune
 from .della import check_della, magprune
@@ -190,7 +190,9 @@ def _model_stock(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Model Stock (Jang et al. 2024) of the base and the models; without a base, the first model."""
-    return model_stock(b, x, s["filter_wise"], out_dtype=out_dtype) if b is not None else x[0]
+    if b is None:
+        return x[0]
+    return model_stock(b, x, s["filter_wise"], out_dtype=out_dtype, into_base=inputs_owned())
 
 
 def weights(per: Sequence[Params]) -> list[float]:
