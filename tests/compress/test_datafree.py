@@ -176,8 +176,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_resident_and_host_resident_agree_to_the_bit_and_the_model_stays_put(dtype):
-    """The same kernels run on both paths: a model already on the GPU (no copy of any weight, nothing to the
-    host) and a host model through the pinned ring give identical weights, codes and errors."""
+    """A model already on the GPU (no copy of any weight, nothing to the host; RTN's fused kernel where
+    Triton is installed) and a host model through the pinned ring give identical weights and codes, and
+    errors equal up to their summation order."""
     cfg = RTN(bits=4, group_size=32)
     base = tiny_llama().to(dtype)
     on_host = copy.deepcopy(base)
@@ -195,7 +196,7 @@ def test_cuda_resident_and_host_resident_agree_to_the_bit_and_the_model_stays_pu
     assert {n: p.data_ptr() for n, p in on_dev.named_parameters()} == ptrs
     assert all(p.device.type == "cuda" for p in on_dev.parameters())
     assert all(p.device.type == "cpu" for p in on_host.parameters())
-    assert [r.rel_error for r in rep_h.layers] == [r.rel_error for r in rep_d.layers]
+    assert [r.rel_error for r in rep_d.layers] == pytest.approx([r.rel_error for r in rep_h.layers], rel=1e-6)
     for name, w in rep_h.weights.items():
         assert torch.equal(w.q, rep_d.weights[name].q), name  # type: ignore[attr-defined]
     for (k, v), (_, w) in zip(on_host.state_dict().items(), on_dev.state_dict().items(), strict=True):

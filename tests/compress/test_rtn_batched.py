@@ -31,6 +31,7 @@ def gpt2():
 def both_ways(base, cfg, dev: str, monkeypatch, budget: int):
     """(layers, results) of the layer-by-layer loop and of the batched one, each on a copy of ``base``."""
     monkeypatch.setattr(df, "BATCH_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(df, "FUSED_DEVICES", ())  # the batches themselves, not RTN's fused kernel
     monkeypatch.setattr(df, "BATCH_BYTES", budget)
     out = []
     for batched in (None, cfg.batched_quantize):

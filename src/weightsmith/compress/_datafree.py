@@ -12,7 +12,13 @@ A data-free method reads each weight once and writes it back once. Two cases:
   the weights of one shape and dtype are stacked ``[L, out, in]`` in float32 within :data:`BATCH_BYTES` of
   temporaries and go through one set of kernels, so the host launches a few dozen kernels a batch instead of
   a layer. The results are bit-identical to the layer-by-layer loop: min and max are exact, every other step
-  is elementwise, and the errors are summed row by row (:func:`relative_error`).
+  is elementwise, and the errors are summed row by row (:func:`relative_error`). Where the method also has
+  an in-place one-kernel quantiser (``fused_quantize``, see :func:`fused_quantizer`; RTN's Triton kernel,
+  compress/_rtn_triton.py) and the device is in :data:`FUSED_DEVICES` with Triton installed, that runs
+  instead, one launch pair a weight: each weight is read once and ``Ŵ`` written over it once, with its codes,
+  scales and zeros bit-identical to the batches; only the errors' summation order differs (about 1e-7
+  relative). A weight the kernel cannot take in place (Conv1D's transposed weight, another dtype or device)
+  goes through the loop.
 - **The model is in host memory and the arithmetic on a GPU**: :func:`_overlapped` moves exactly one copy of
   each weight to the device and one copy of ``Ŵ`` (in the weight's dtype) back, through a fixed ring of
   pinned slots (:class:`_Ring`, each as large as the largest weight, allocated once a call): weight ``i + 1``
@@ -21,8 +27,9 @@ A data-free method reads each weight once and writes it back once. Two cases:
   (Page-locking each weight in place with ``cudaHostRegister`` instead of the two host copies was tried and
   measured slower on an H200 host, 0.51 vs 0.30 s for a 1.1B model, and removed.)
 
-The arithmetic is the same in every case (same float32 operands, same kernels), so the weights, codes and
-errors are bit-identical whichever path runs. Returning the codes instead of ``Ŵ`` and dequantising on the
+The arithmetic is the same in every case (same float32 operands, same kernels, or the fused kernel's same
+operations), so the weights, codes and errors are bit-identical whichever path runs on a device (the fused
+kernel's errors: up to summation order). Returning the codes instead of ``Ŵ`` and dequantising on the
 host moves fewer bytes over PCIe but costs the host more than the copy it saves: measured on the CPU,
 ``(q − z)·s`` from uint8 codes runs at 1.5 GB/s of weight a thread against 8.7 GB/s for the float32 copy
 (docs/compress.md, "Where the model lives").
@@ -46,6 +53,9 @@ Quantize = Callable[[Tensor], "Compressed"]
 # A stack [L, out, in] of float32 weights on the device → one result a weight and the stacked Ŵ [L, out, in]
 # (new memory: the caller then turns the stack into W − Ŵ in place)
 BatchQuantize = Callable[[Tensor], tuple[list["Compressed"], Tensor]]
+# The layer's own weight [out, in] (any float dtype, on the device) → its result and ‖W − Ŵ‖_F / ‖W‖_F as a
+# 0-d float32 tensor; W is overwritten with Ŵ in place
+FusedQuantize = Callable[[Tensor], tuple["Compressed", Tensor]]
 # Float32 temporaries of one batch: the stack of weights (made W − Ŵ in place) and Ŵ, 8 bytes a weight; a
 # model that barely fits the GPU still has room for them. Weights larger than half of it go one at a time.
 BATCH_BYTES = 512 << 20
@@ -53,6 +63,10 @@ BATCH_BYTES = 512 << 20
 # which runs faster on one weight at a time (it stays in cache: SmolLM2's 210 layers, one thread, 2.7x slower
 # in stacks of 512 MB, equal at 2 MB; docs/compress.md, "Where the model lives").
 BATCH_DEVICES = ("cuda",)
+# Where a method's ``fused_quantize`` (one kernel a weight, in place) replaces its batches when Triton
+# imports; without Triton the batches run (compress/_rtn_triton.py; tests run it on the CPU under
+# TRITON_INTERPRET)
+FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 LOG_EVERY = 16  # layers between two read-backs of the errors (each read-back is one device sync)
 SLOTS = 2  # pinned slots each way: weight i + 1 is staged while weight i is on the device
 
@@ -101,20 +115,28 @@ def _resident(
 ) -> Iterator[DataFreeResult]:
     """Layer by layer on ``dev``; a weight already there in float32 is quantised through an alias of its
     parameter (no copy), so the error is taken before ``Ŵ`` overwrites it. A weight elsewhere is copied.
-    With ``batched``, on a device of :data:`BATCH_DEVICES`: same-shaped weights in stacks
-    (:func:`_batched`)."""
+    With ``batched``, on a device of :data:`BATCH_DEVICES`: the method's fused kernel where it has one and it
+    runs here (:func:`fused_quantizer`), else same-shaped weights in stacks (:func:`_batched`)."""
+    fused = None
     if batched is not None and dev.type in BATCH_DEVICES:
-        yield from _batched(layers, batched, dev)
-        return
+        fused = fused_quantizer(batched, dev)
+        if fused is None:
+            yield from _batched(layers, batched, dev)
+            return
     errors = _Errors()
     for ly in layers:
-        # the parameter itself when already float32 on dev; Conv1D's transposed weight is made contiguous
-        # (one copy on dev) so that every path sums the error in the same order
-        W = ly.weight().detach().to(dev, torch.float32).contiguous()
-        qw = quantize(W)
-        W_hat = qw.dequantize()
-        errors.add(ly, qw, relative_error(W, W_hat))
-        ly.write(W_hat)
+        W = ly.weight().detach()
+        if fused is not None and _fusable(W, dev):
+            qw, err = fused(W)  # one kernel: W read once, Ŵ written over it
+            errors.add(ly, qw, err)
+        else:
+            # the parameter itself when already float32 on dev; Conv1D's transposed weight is made contiguous
+            # (one copy on dev) so that every path sums the error in the same order
+            W = W.to(dev, torch.float32).contiguous()
+            qw = quantize(W)
+            W_hat = qw.dequantize()
+            errors.add(ly, qw, relative_error(W, W_hat))
+            ly.write(W_hat)
         if len(errors.items) >= LOG_EVERY:
             yield from errors.flush()
     if errors.items:
@@ -269,6 +291,24 @@ def batch_quantizer(config: object) -> BatchQuantize | None:
     """``config.batched_quantize`` where the method has one (it opts in to :func:`_batched`), else None."""
     fn = getattr(config, "batched_quantize", None)
     return fn if callable(fn) else None
+
+
+def fused_quantizer(batched: BatchQuantize, dev: torch.device) -> FusedQuantize | None:
+    """The in-place one-kernel quantiser of the method whose ``batched_quantize`` is ``batched`` (the
+    method's ``fused_quantize``: RTN's), where it runs: on a device of :data:`FUSED_DEVICES`, with Triton
+    installed. None otherwise (the batches run)."""
+    fn = getattr(getattr(batched, "__self__", None), "fused_quantize", None)
+    if not callable(fn) or dev.type not in FUSED_DEVICES:
+        return None
+    from ._rtn_triton import available  # imports Triton (a quarter of a second): only here
+
+    return fn if available() else None
+
+
+def _fusable(W: Tensor, dev: torch.device) -> bool:
+    from ._rtn_triton import fusable
+
+    return fusable(W, dev)
 
 
 def compress_data_free(

@@ -1,0 +1,230 @@
+"""RTN fused into one Triton kernel a weight: read ``W`` once, write codes, scales, zeros and ``Ŵ`` once.
+
+The arithmetic is RTN on the min-max grid of :mod:`._grid` ("Quantizing deep convolutional networks for
+efficient inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4), step for step as
+:func:`._grid.minmax_params` and :func:`._grid.codes` do it in float32, per group of ``g`` weights of a row::
+
+    lo = min(min_j w_j, 0),  hi = max(max_j w_j, 0)
+    symmetric:  s = max(hi, −lo) / ((2^b − 1) / 2),  z = 2^(b−1)
+    asymmetric: s = (hi − lo) / (2^b − 1),           z = clamp(rint(−lo / s), 0, 2^b − 1)
+    s = s if s > 0 else 1
+    q = clamp(rint(w / s + z), 0, 2^b − 1),  ŵ = (q − z) · s
+
+so the codes, scales, zeros and ``Ŵ`` are bit-identical to :func:`._grid.rtn_with_dequant` on the same
+device: every division is correctly rounded (``div_rn``, as torch's tensor ``/``), rounding is half to even
+(as ``torch.round``; the exact addition form of :data:`_RINT`), no multiply-add is fused (the kernels are
+launched with ``enable_fp_fusion=False``), and the division of the range by the constant follows torch: on
+CUDA a division by a Python number is a multiplication by its float32 reciprocal (ATen's
+``div_true_kernel_cuda``), on the CPU (Triton's interpreter, for tests) a true division. ``Ŵ`` is cast to the
+weight's dtype (round to nearest even, as ``Tensor.to``; by hand for bfloat16, whose cast the interpreter
+truncates) and written over ``W``.
+
+The error ``‖W − Ŵ‖_F / ‖W‖_F`` (``Ŵ`` in float32, before the cast, as the torch path takes it) comes from
+per-program float32 partial sums of ``w²`` and ``(w − ŵ)²`` reduced in float64 by a second, one-program
+kernel: deterministic, equal to the torch path's value up to summation order (about 1e-7 relative).
+
+A weight ``[out, in]`` split into groups of ``g`` (``g = in`` per channel) is, contiguous, a matrix
+``[out · in / g, g]`` of group rows; each program takes :data:`TILE` elements' worth of group rows and runs
+over them twice in chunks of at most :data:`MAX_CHUNK` columns (min/max, then codes and ``Ŵ``; the second
+read comes from cache), so a per-channel group of any length fits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import WeightsmithError
+from ._grid import QuantizedWeight, check_bits, grouped, qmax
+
+# rint(x) = (x + 1.5·2^23) − 1.5·2^23 for |x| < 2^22 in float32 round-to-nearest-even arithmetic: the sum lies
+# in [2^23, 2^24), where the spacing is 1, so the addition itself rounds x half to even (1.5·2^23 is even).
+# Triton has no rint of its own (libdevice's does not run in the interpreter the tests use); both operations
+# are plain IEEE additions, which no compiler pass reassociates without fast-math flags.
+_RINT = 12582912.0
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CI has no triton
+    triton = None
+else:
+    RINT = tl.constexpr(_RINT)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TILE = 4096  # elements a program quantises (group rows x columns of one chunk)
+MAX_CHUNK = 2048  # columns a program holds at once (a longer group is run over in chunks)
+FINISH_BLOCK = 1024  # partial sums the finishing program adds at once
+NUM_WARPS = 4
+# Devices where torch divides a tensor by a Python number as a product with the number's float32 reciprocal
+# (ATen's div_true_kernel_cuda: "optimization for floating-point types"); elsewhere (the CPU) it divides
+RECIPROCAL_DEVICES = ("cuda",)
+
+
+def available() -> bool:
+    """Whether Triton imports (the fused path's only requirement beyond a CUDA tensor)."""
+    return triton is not None
+
+
+def _rtn_kernel(  # type: ignore[no-untyped-def]
+    W,  # [rows, g] weights, any float dtype: read, then overwritten with Ŵ
+    Q,  # [rows, g] uint8 codes
+    S,  # [rows] float32 scales
+    Z,  # [rows] float32 zeros
+    P,  # [programs, 2] float32 partial sums of w² and (w − ŵ)²
+    rows,
+    g,
+    div,  # the range's divisor, or its float32 reciprocal when RCP
+    top,  # 2^b − 1
+    zsym,  # 2^(b−1), the symmetric zero
+    SYM: tl.constexpr,
+    RCP: tl.constexpr,
+    BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < rows
+    base = r.to(tl.int64) * g
+    cols = tl.arange(0, CHUNK)
+    lo = tl.zeros([BLOCK_R], tl.float32)  # starting at 0 is the clamp of the range to include 0
+    hi = tl.zeros([BLOCK_R], tl.float32)
+    for c in range(0, g, CHUNK):
+        m = rmask[:, None] & ((c + cols) < g)[None, :]
+        w = tl.load(W + base[:, None] + (c + cols)[None, :], mask=m, other=0.0).to(tl.float32)
+        lo = tl.minimum(lo, tl.min(w, axis=1))
+        hi = tl.maximum(hi, tl.max(w, axis=1))
+    if SYM:
+        span = tl.maximum(hi, -lo)
+    else:
+        span = hi - lo
+    if RCP:
+        scale = span * div
+    else:
+        scale = tl.math.div_rn(span, tl.full([BLOCK_R], div, tl.float32))
+    scale = tl.where(scale > 0, scale, 1.0)
+    if SYM:
+        zero = tl.full([BLOCK_R], zsym, tl.float32)
+    else:
+        zero = tl.math.div_rn(-lo, scale)  # in [0, 2^b − 1]: −lo ≤ hi − lo
+        zero = tl.minimum(tl.maximum((zero + RINT) - RINT, 0.0), top)
+    tl.store(S + r, scale, mask=rmask)
+    tl.store(Z + r, zero, mask=rmask)
+    sw = tl.zeros([BLOCK_R], tl.float32)
+    se = tl.zeros([BLOCK_R], tl.float32)
+    for c in range(0, g, CHUNK):
+        m = rmask[:, None] & ((c + cols) < g)[None, :]
+        off = base[:, None] + (c + cols)[None, :]
+        w = tl.load(W + off, mask=m, other=0.0).to(tl.float32)
+        q = tl.math.div_rn(w, scale[:, None]) + zero[:, None]  # |q| < 2^9 (w / s is within the grid)
+        q = tl.minimum(tl.maximum((q + RINT) - RINT, 0.0), top)
+        tl.store(Q + off, q.to(tl.uint8), mask=m)
+        w_hat = (q - zero[:, None]) * scale[:, None]
+        if BF16:  # round to nearest even by hand (the interpreter's own cast truncates; on CUDA the same)
+            b = w_hat.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            tl.store(W + off, b.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=m)
+        else:
+            tl.store(W + off, w_hat.to(W.dtype.element_ty), mask=m)
+        e = tl.where(m, w - w_hat, 0.0)
+        sw += tl.sum(w * w, axis=1)
+        se += tl.sum(e * e, axis=1)
+    tl.store(P + 2 * pid, tl.sum(sw, axis=0))
+    tl.store(P + 2 * pid + 1, tl.sum(se, axis=0))
+
+
+def _finish_kernel(P, out, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """out = sqrt(Σ (w − ŵ)² / Σ w²) from the [n, 2] partial sums, added in float64."""
+    i = tl.arange(0, BLOCK)
+    aw = tl.zeros([BLOCK], tl.float64)
+    ae = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, n, BLOCK):
+        m = (start + i) < n
+        aw += tl.load(P + 2 * (start + i), mask=m, other=0.0).to(tl.float64)
+        ae += tl.load(P + 2 * (start + i) + 1, mask=m, other=0.0).to(tl.float64)
+    sw = tl.sum(aw, axis=0)
+    se = tl.sum(ae, axis=0)
+    tl.store(out, tl.sqrt(se / tl.maximum(sw, 1e-60)).to(tl.float32))
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """The two kernels, jitted on first use. (Triton's interpreter, for tests on the CPU, needs
+    ``TRITON_INTERPRET=1`` before Triton is imported: its own library functions are jitted then.)"""
+    # one compilation serves every number of rows / programs (the group size stays specialised: a multiple
+    # of 16 lets the loads vectorise)
+    rtn = triton.jit(_rtn_kernel, do_not_specialize=["rows"])
+    return rtn, triton.jit(_finish_kernel, do_not_specialize=["n"])
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (read as Triton reads it; older Triton has no
+    ``triton.knobs``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def _divisor(bits: int, symmetric: bool, reciprocal: bool) -> float:
+    """What the range is divided by (``(2^b − 1) / 2`` or ``2^b − 1``), or its float32 reciprocal
+    ``fl(1 / d)`` computed as ATen does (float32 on the host) when ``reciprocal``."""
+    d = qmax(bits) / 2 if symmetric else float(qmax(bits))
+    if not reciprocal:
+        return d
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(d, dtype=torch.float32))
+
+
+def launch_shape(rows: int, g: int) -> tuple[int, int, int]:
+    """(group rows a program, chunk columns, programs) for ``rows`` groups of ``g``."""
+    chunk = min(triton.next_power_of_2(g), MAX_CHUNK)
+    block_r = min(max(1, TILE // chunk), triton.next_power_of_2(rows))
+    return block_r, chunk, triton.cdiv(rows, block_r)
+
+
+def rtn_fused(W: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[QuantizedWeight, Tensor]:
+    """RTN of ``W`` [out, in] (float32, bfloat16 or float16, contiguous) in two launches: returns the
+    quantised weight and ``‖W − Ŵ‖_F / ‖W‖_F`` (a 0-d float32 tensor on W's device; no host sync), and
+    overwrites ``W`` with ``Ŵ`` in its dtype. ``group_size = 0``: per channel."""
+    if triton is None:
+        raise WeightsmithError("the fused RTN kernel needs triton (pip install triton)")
+    check_bits(bits)
+    if W.dim() != 2 or W.dtype not in DTYPES or not W.is_contiguous():
+        raise WeightsmithError(
+            f"fused RTN takes a contiguous [out, in] float32/bfloat16/float16 weight, got {W.dtype} "
+            f"{tuple(W.shape)} (contiguous: {W.is_contiguous()})"
+        )
+    out_f, in_f = W.shape
+    g = grouped(W, group_size).shape[-1]  # checks that the group size divides the input size
+    rows = W.numel() // g
+    block_r, chunk, programs = launch_shape(rows, g)
+    dev = W.device
+    q = torch.empty((out_f, in_f), dtype=torch.uint8, device=dev)
+    scale = torch.empty((out_f, in_f // g), dtype=torch.float32, device=dev)
+    zero = torch.empty_like(scale)
+    part = torch.empty((programs, 2), dtype=torch.float32, device=dev)
+    rel = torch.empty((), dtype=torch.float32, device=dev)
+    rcp = dev.type in RECIPROCAL_DEVICES
+    rtn, finish = _kernels()
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        rtn[(programs,)](
+            W.detach(), q, scale, zero, part, rows, g,
+            _divisor(bits, symmetric, rcp), float(qmax(bits)), float(1 << (bits - 1)),
+            SYM=symmetric, RCP=rcp, BF16=W.dtype == torch.bfloat16, BLOCK_R=block_r, CHUNK=chunk,
+            num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
+        finish[(1,)](part, rel, programs, BLOCK=FINISH_BLOCK, enable_fp_fusion=False)
+    return QuantizedWeight(q, scale, zero, bits, group_size, symmetric), rel
+
+
+def fusable(W: Tensor, dev: torch.device) -> bool:
+    """Whether :func:`rtn_fused` can quantise ``W`` in place on ``dev``: Triton present, ``W`` already on
+    ``dev`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``), contiguous [out, in] in a supported dtype."""
+    here = W.device.type == dev.type and dev.index in (None, W.device.index)
+    if triton is None or not here or W.dim() != 2 or W.dtype not in DTYPES or not W.is_contiguous():
+        return False
+    return dev.type == "cuda" or _interpreting()

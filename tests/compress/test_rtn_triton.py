@@ -1,0 +1,256 @@
+"""RTN's fused Triton kernel (compress/_rtn_triton.py) and its use by the data-free path on CUDA.
+
+With a GPU the kernel is compiled and compared with the torch path on CUDA. Without one it runs under
+Triton's interpreter on CPU tensors against the torch path on the CPU: Triton must be imported with
+``TRITON_INTERPRET=1`` for that, so :func:`test_kernels_under_the_interpreter` runs this file again in a
+child process with it set (the kernel tests are skipped in the parent). Skipped where Triton is missing
+(CI)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from compress_fixtures import hopper_ptx, tiny_llama
+from test_datafree import CopiesOf
+from test_rtn_batched import gpt2
+
+from weightsmith.compress import RTN
+from weightsmith.compress import _datafree as df
+from weightsmith.compress import _rtn_triton as rt
+from weightsmith.compress._core import target_layers
+from weightsmith.compress._grid import QuantizedWeight, codes, grouped, qmax, rtn_with_dequant
+from weightsmith.errors import WeightsmithError
+
+pytest.importorskip("triton")
+torch.set_num_threads(1)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set before Triton was imported: the child run
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+runs_kernels = pytest.mark.skipif(
+    DEV == "cpu" and not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's child process"
+)
+KERNEL_TESTS = 13  # the tests marked runs_kernels, parameters counted
+
+
+@pytest.fixture(autouse=True)
+def fused_on_the_cpu(monkeypatch):
+    """Under the interpreter the CPU stands for the GPU."""
+    if INTERPRETED:
+        monkeypatch.setattr(df, "FUSED_DEVICES", ("cpu", "cuda"))
+
+
+@pytest.mark.skipif(DEV != "cpu" or INTERPRETED, reason="only a GPU-less parent process spawns the child")
+def test_kernels_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    root = Path(__file__).parents[2]
+    run = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) == KERNEL_TESTS, run.stdout[-2000:]
+
+
+def weight(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Gaussian weights with a few outliers and an all-zero group row (scale 1 there)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(shape, generator=g) * 0.05
+    W[0, :2] = torch.tensor([0.9, -0.7])
+    W[-1] = 0
+    return W.to(dtype).to(DEV)
+
+
+def check_against_torch(W0: torch.Tensor, bits: int, group: int, sym: bool) -> None:
+    """rtn_fused on a copy of ``W0`` against rtn_with_dequant on ``W0`` (same device): codes, scales, zeros
+    and the written Ŵ equal; the error equal up to summation order; W overwritten in place."""
+    want, W_hat = rtn_with_dequant(W0, bits, group, sym)
+    assert W_hat is not None
+    W = W0.clone()
+    ptr = W.data_ptr()
+    got, rel = rt.rtn_fused(W, bits, group, sym)
+    case = (W0.dtype, tuple(W0.shape), bits, group, sym)
+    for t in ("q", "scale", "zero"):
+        a, b = getattr(got, t), getattr(want, t)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (case, t)
+    assert (got.bits, got.group_size, got.symmetric) == (bits, group, sym)
+    assert W.data_ptr() == ptr and torch.equal(W, W_hat.to(W0.dtype)), case
+    assert torch.equal(got.dequantize(), W_hat), case
+    assert rel.shape == () and rel.dtype == torch.float32 and rel.device == W0.device
+    err = df.relative_error(W0.float(), W_hat)
+    assert float(rel) == pytest.approx(float(err), rel=1e-6, abs=1e-12), case
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_fused_equals_the_torch_path_to_the_bit(dtype, sym):
+    """Every bit width; groups of 32/64/128 and per channel (group_size 0); rows not a multiple of a
+    program's rows and input sizes that are no power of two."""
+    for bits in range(2, 9):
+        check_against_torch(weight((24, 128), dtype, bits), bits, (32, 64, 128, 0)[bits % 4], sym)
+    check_against_torch(weight((7, 96), dtype), 4, 32, sym)  # 21 group rows: a partial program
+    check_against_torch(weight((5, 33), dtype), 3, 0, sym)  # per channel, 33 columns of a 64-wide chunk
+    check_against_torch(weight((3, 96), dtype), 8, 96, sym)  # one group a row, given as its size
+
+
+@runs_kernels
+def test_long_groups_run_in_chunks_across_programs(monkeypatch):
+    """A per-channel group longer than a chunk (40 columns in chunks of 16: the last one partial) and groups
+    of 32 in two chunks, over several programs of 4 rows."""
+    monkeypatch.setattr(rt, "TILE", 64)
+    monkeypatch.setattr(rt, "MAX_CHUNK", 16)
+    assert rt.launch_shape(10, 40) == (4, 16, 3)
+    for sym in (True, False):
+        check_against_torch(weight((10, 40), torch.bfloat16, 3), 4, 0, sym)
+        check_against_torch(weight((9, 64), torch.float32, 4), 3, 32, sym)
+
+
+@runs_kernels
+def test_rounding_and_error_worked_by_hand():
+    """Asymmetric 2 bits on the row [−1, −0.5, 0.5, 2]: s = (2 − (−1)) / 3 = 1, z = round(1 / 1) = 1,
+    q = round(w / s + z) = [0, round(0.5), round(1.5), 3] = [0, 0, 2, 3] (halves to even), ŵ = s (q − z) =
+    [−1, −1, 1, 2]; ‖W − Ŵ‖ / ‖W‖ = √(0.5 / 5.5) = 1 / √11. The symmetric grid (z = 2, s = 2 / 1.5) of the row
+    [−2, 2/3, 1, 2]: w / s + z = [0.5, 2.5, 2.75, 3.5] → q = [0, 2, 3, 4 → 3]."""
+    W = torch.tensor([[-1.0, -0.5, 0.5, 2.0]], device=DEV)
+    qw, rel = rt.rtn_fused(W, 2, 0, False)
+    assert qw.q.tolist() == [[0, 0, 2, 3]] and qw.scale.tolist() == [[1.0]] and qw.zero.tolist() == [[1.0]]
+    assert W.tolist() == [[-1.0, -1.0, 1.0, 2.0]]
+    assert float(rel) == pytest.approx(1 / math.sqrt(11), rel=1e-7)
+    W = torch.tensor([[-2.0, 2 / 3, 1.0, 2.0]], device=DEV)
+    qw, _ = rt.rtn_fused(W, 2, 0, True)
+    assert qw.q.tolist() == [[0, 2, 3, 3]] and qw.zero.tolist() == [[2.0]]
+
+
+@runs_kernels
+def test_the_reciprocal_branch_is_torchs_cuda_division(monkeypatch):
+    """On CUDA torch divides the range by (2^b − 1) or (2^b − 1) / 2 as a product with the float32
+    reciprocal; the kernel's branch for it, run here, equals that worked out with torch on the CPU, and the
+    two divisions really differ on this weight (so the branch is needed for bit-identity on CUDA)."""
+    monkeypatch.setattr(rt, "RECIPROCAL_DEVICES", ("cpu", "cuda"))
+    W0 = weight((64, 128), torch.float32, 7).cpu()
+    for bits, sym in ((4, True), (3, False), (8, True), (5, False)):
+        Wg = grouped(W0, 32)
+        lo, hi = Wg.amin(-1).clamp_max(0), Wg.amax(-1).clamp_min(0)
+        d = qmax(bits) / 2 if sym else float(qmax(bits))
+        span = torch.maximum(hi, -lo) if sym else hi - lo
+        inv = torch.tensor(1.0) / torch.tensor(d)
+        scale = torch.where(span * inv > 0, span * inv, 1.0)
+        assert not torch.equal(scale, torch.where(span / d > 0, span / d, 1.0)), (bits, sym)
+        zero = torch.full_like(scale, 1 << (bits - 1)) if sym else (-lo / scale).round().clamp(0, qmax(bits))
+        c = codes(Wg, scale, zero, bits)
+        W = W0.clone().to(DEV)
+        qw, _ = rt.rtn_fused(W, bits, 32, sym)
+        assert torch.equal(qw.scale.cpu(), scale) and torch.equal(qw.zero.cpu(), zero), (bits, sym)
+        assert torch.equal(qw.q.cpu(), c.to(torch.uint8).reshape(W0.shape)), (bits, sym)
+        assert torch.equal(W.cpu(), ((c - zero[..., None]) * scale[..., None]).reshape(W0.shape))
+
+
+@runs_kernels
+def test_bad_input_is_refused_with_the_option_named():
+    W = weight((8, 64), torch.float32)
+    with pytest.raises(WeightsmithError, match="--bits 9"):
+        rt.rtn_fused(W, 9, 32, True)
+    with pytest.raises(WeightsmithError, match="group size 48 does not divide the input size 64"):
+        rt.rtn_fused(W, 4, 48, True)
+    with pytest.raises(WeightsmithError, match="contiguous"):
+        rt.rtn_fused(W.T, 4, 8, True)
+    with pytest.raises(WeightsmithError, match="torch.float64"):
+        rt.rtn_fused(W.double(), 4, 32, True)
+    assert not rt.fusable(W.T, W.device) and not rt.fusable(W.double(), W.device)
+    assert rt.fusable(W, W.device) and rt.fusable(W.half(), torch.device(DEV))
+
+
+def run_data_free(base, cfg, fused: bool, monkeypatch):
+    """(layers, results) of the data-free path on a copy of ``base`` on DEV, with RTN's batches opted in;
+    ``fused``: the kernel where it applies (else the float32 stacks)."""
+    monkeypatch.setattr(df, "BATCH_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(df, "FUSED_DEVICES", ("cpu", "cuda") if fused else ())
+    model = copy.deepcopy(base).to(DEV)
+    layers = target_layers(model, cfg)
+    q = lambda W: cfg.quantize(W, None)  # noqa: E731
+    return layers, list(df.compress_data_free(layers, q, torch.device(DEV), False, cfg.batched_quantize))
+
+
+def assert_same_but_error_order(a, b) -> None:
+    (la, r1), (lb, r2) = a, b
+    assert [r.layer.name for r in r1] == [ly.name for ly in la] == [r.layer.name for r in r2]
+    for x, y, p, q in zip(la, lb, r1, r2, strict=True):
+        a, b = x.module.weight, y.module.weight
+        assert a.dtype == b.dtype and torch.equal(a, b), x.name
+        assert isinstance(p.compressed, QuantizedWeight) and isinstance(q.compressed, QuantizedWeight)
+        for t in ("q", "scale", "zero"):
+            assert torch.equal(getattr(p.compressed, t), getattr(q.compressed, t)), (x.name, t)
+        assert q.rel_error == pytest.approx(p.rel_error, rel=1e-6), x.name
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_data_free_path_runs_the_kernel_in_place(monkeypatch, dtype):
+    """With the kernel, a model on the device gives the batches' weights, codes and scales (errors up to
+    summation order), every weight read and written in place with no copy, the kernel run once a weight."""
+    monkeypatch.setattr(df, "LOG_EVERY", 3)
+    base = tiny_llama().to(dtype)
+    cfg = RTN(bits=3, group_size=16, symmetric=False)
+    calls = []
+    real = rt.rtn_fused
+    monkeypatch.setattr(rt, "rtn_fused", lambda W, *a: calls.append(W.data_ptr()) or real(W, *a))
+    stacks = run_data_free(base, cfg, False, monkeypatch)
+    assert calls == []
+    model = copy.deepcopy(base).to(DEV)
+    layers = target_layers(model, cfg)
+    ptrs = [ly.weight().data_ptr() for ly in layers]
+    watch = CopiesOf([ly.weight() for ly in layers])
+    monkeypatch.setattr(df, "FUSED_DEVICES", ("cpu", "cuda"))
+    with watch:
+        got = list(df.compress_data_free(layers, lambda W: cfg.quantize(W, None), torch.device(DEV), False,
+                                         cfg.batched_quantize))  # fmt: skip
+    assert calls == ptrs
+    assert watch.seen == [] or INTERPRETED  # the interpreter itself copies a kernel's tensors in and out
+    assert [ly.weight().data_ptr() for ly in layers] == ptrs
+    assert_same_but_error_order(stacks, (layers, got))
+
+
+@runs_kernels
+def test_weights_the_kernel_cannot_take_go_through_the_loop(monkeypatch):
+    """GPT-2's Conv1D weights are stored transposed: the loop quantises them (same results as the batches);
+    the kernel is chosen only for a method that has one, on a device of FUSED_DEVICES."""
+    cfg = RTN(bits=4, group_size=16)
+    assert_same_but_error_order(run_data_free(gpt2(), cfg, False, monkeypatch),
+                                run_data_free(gpt2(), cfg, True, monkeypatch))  # fmt: skip
+    assert df.fused_quantizer(cfg.batched_quantize, torch.device(DEV)) == cfg.fused_quantize
+    assert df.fused_quantizer(lambda W: ([], W), torch.device(DEV)) is None
+    monkeypatch.setattr(df, "FUSED_DEVICES", ())
+    assert df.fused_quantizer(cfg.batched_quantize, torch.device(DEV)) is None
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles: not under the interpreter")
+def test_compiled_for_hopper_with_exact_division_and_no_fma():
+    """The kernel as the GPU runs it (PTX for sm_90, compiled here without a GPU): IEEE divisions only, no
+    fused multiply-add, the rounding additions in place; the finishing kernel sums in float64."""
+    rtn, finish = rt._kernels()
+    sig = {"W": "*bf16", "Q": "*u8", "S": "*fp32", "Z": "*fp32", "P": "*fp32", "rows": "i32", "g": "i32",
+           "div": "fp32", "top": "fp32", "zsym": "fp32"}  # fmt: skip
+    for sym in (True, False):
+        const = {"SYM": sym, "RCP": True, "BF16": True, "BLOCK_R": 32, "CHUNK": 128}
+        ptx = hopper_ptx(rtn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
+        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
+        assert "fma." not in ptx and "mul.rn.f32" in ptx
+        assert "0f4B400000" in ptx  # 1.5 * 2^23, the round-half-to-even addition
+    ptx = hopper_ptx(finish, {"P": "*fp32", "out": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+                     {"BLOCK": 1024})  # fmt: skip
+    assert "add.rn.f64" in ptx or "add.f64" in ptx
+
+
+@needs_cuda
+def test_llama_shapes_on_cuda():
+    """1.1B-Llama-shaped rows (2048 wide, 5632 wide per channel) on the GPU against torch's CUDA path."""
+    for shape, group in (((256, 2048), 128), ((64, 5632), 0), ((128, 5632), 128)):
+        for sym in (True, False):
+            check_against_torch(weight(shape, torch.bfloat16), 4, group, sym)
