@@ -141,7 +141,7 @@ def graphed_run(
 # ------------------------------------------------------------------------------------ on the CPU
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "hra"])
+@pytest.mark.parametrize("method", ["lora", "dora", "hra", "hydra", "sltrain"])
 def test_graphed_step_equals_eager_with_a_fake_graph(method):
     data = batches(6)
     ref = adapted(method, rank=4)
@@ -421,6 +421,12 @@ BENCH_METHODS = {
     "oft": {},
     "boft": {},  # the exact Cayley map (linalg.solve_ex)
     "adalora": dict(init_rank=4, target_rank=2, tinit=0, tfinal=1, delta_t=1),
+    "lokr": {},
+    "hydra": dict(rank=4),
+    "sltrain": dict(rank=4, density=0.05),
+    "vera": dict(rank=16),
+    "svfit": {},  # full rank: the weight path
+    "loldu": dict(rank=4),
 }
 
 

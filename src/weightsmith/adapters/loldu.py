@@ -15,6 +15,11 @@ decomposition (``min(out, in)``), the reference code's default for 768-wide mode
 into ``L`` as a row permutation (``P L_r``) instead of a dense ``[out, out]`` matrix as in the reference
 code; the factors are rebuilt from W0 on load (not saved). A zero pivot keeps ``z0 = 0`` for that row;
 the residual absorbs whatever the truncated product does not represent, so ΔW stays exact.
+
+``ΔW = B A`` with ``A = U_r`` frozen and ``B = P L_r diag(c)``, ``c = σ z - σ0 z0`` (autograd carries
+``∂B`` to ``z`` and ``σ``): the same two exact paths as SVFit, chosen per call by counted multiply-adds
+(``path``, :func:`~weightsmith.adapters.frozen_a.frozen_a_forward`): LoRA's fused node with these ``A``,
+``B``, or ``x (W0 + ΔW)ᵀ`` with ΔW built once per call.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
-from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
+from ._core import Adapter, AdapterConfig, AdapterContext, check_path, check_rank
+from .frozen_a import frozen_a_forward, frozen_a_group_terms
+from .lora_group import GroupTerms
 
 
 def ldu(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -44,8 +50,12 @@ class LoLDUAdapter(Adapter):
     U: Tensor
     z0: Tensor
 
-    def __init__(self, PL: Tensor, z0: Tensor, U: Tensor, sigma_init: float) -> None:
+    needs_base_out: ClassVar[bool] = False  # both paths compute x W0ᵀ themselves
+
+    def __init__(self, PL: Tensor, z0: Tensor, U: Tensor, sigma_init: float, path: str = "auto") -> None:
         super().__init__()
+        check_path(path, "LoLDU")
+        self.path = path
         self.hold(PL=PL, U=U, z0=z0.clone())
         self.sigma0 = float(sigma_init)
         self.z = nn.Parameter(z0.clone())
@@ -60,24 +70,33 @@ class LoLDUAdapter(Adapter):
     def low_rank(self) -> tuple[Tensor, Tensor]:
         return self.PL * self.diag(), self.U
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        dt = x.dtype
-        h = F.linear(x, self.U.to(dt)) * self.diag().to(dt)
-        return base_out + F.linear(h, self.PL.to(dt))
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        return frozen_a_forward(x, W0, base_out, self.PL * self.diag(), self.U, self.path)
+
+    def group_terms(self, x: Tensor, W0: Tensor) -> GroupTerms | None:
+        return frozen_a_group_terms(self.path, x, W0, self.PL * self.diag(), self.U)
 
 
 @register_config("loldu", kind="adapter")
 class LoLDU(AdapterConfig):
-    """``rank`` r of the kept LDU factors (None: all); ``sigma_init`` starts the trainable scale σ."""
+    """``rank`` r of the kept LDU factors (None: all); ``sigma_init`` starts the trainable scale σ.
+    ``path``: "auto" (per call, the exact computation with fewer multiply-adds), "activation" (LoRA's node
+    with ``A = U_r``, ``B = P L_r diag(c)``) or "weight" (``x (W0 + ΔW)ᵀ``, ΔW built once per call)."""
 
     default_lr: ClassVar[float] = 1e-3
     example_opts: ClassVar[dict[str, Any]] = dict(rank=8)
 
     rank: int | None = None
     sigma_init: float = 1.0
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_path(self.path, "LoLDU")
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> LoLDUAdapter:
         r = min(W0.shape) if self.rank is None else self.rank
         check_rank(r, W0, ctx, "LoLDU")
         PL, z, U = ldu(W0)
-        return LoLDUAdapter(PL[:, :r].contiguous(), z[:r].contiguous(), U[:r].contiguous(), self.sigma_init)
+        return LoLDUAdapter(
+            PL[:, :r].contiguous(), z[:r].contiguous(), U[:r].contiguous(), self.sigma_init, self.path
+        )

@@ -29,6 +29,13 @@ always uses the final ``sparsity``** (the mask is fixed from the learned scores 
 so merging a run that stopped before its ramp ended gives a sparser model than its last forward; a
 restored adapter (``load_adapters``, ``export``) computes at the final sparsity too. Unmerging restores
 ``W0`` from a copy kept at merge time. Sparsity is per matrix (``prune_scope="layer"``) or per output row.
+
+The step never reads the device from the host, so a CUDA graph can capture it and replay it while the
+schedule moves: the number of dropped entries ``d_t = ⌊level_t · n⌋`` (``n``: the group size) lives in a
+device counter that ``on_train_step`` overwrites in place, and the mask has one shape at every level. The
+``d_max = ⌊sparsity · n⌋`` lowest scores of each group are found by one fixed-size ``topk`` (ascending), and
+the first ``d_t`` of them are dropped (``rank < d_t``, compared on the device): the same entries as a
+``topk`` of ``d_t`` (ties at the cut aside), since ``d_t ≤ d_max``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compress._sparse import check_scope, check_sparsity, unstructured_mask
+from ..compress._sparse import check_scope, check_sparsity
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..linalg import seeded_generator
@@ -56,6 +63,34 @@ def cubic_level(sparsity: float, step: int, total: int, ramp: float) -> float:
     return sparsity * (1.0 - (1.0 - done) ** 3)
 
 
+def dropped(shape: tuple[int, ...], sparsity: float, scope: str) -> int:
+    """Entries dropped per group at ``sparsity``: ``⌊sparsity · in⌋`` per row (``scope="row"``) or
+    ``⌊sparsity · out · in⌋`` per matrix (``compress._sparse.unstructured_mask``'s count)."""
+    return int(shape[1] * sparsity) if scope == "row" else int(shape[0] * shape[1] * sparsity)
+
+
+def ranked_mask(score: Tensor, most: int, drop: Tensor | int, scope: str) -> Tensor:
+    """Keep-mask of ``score`` [out, in] without its ``drop`` lowest entries per group (row or matrix).
+
+    ``drop`` ≤ ``most`` may be a device tensor: one ``topk`` of fixed size ``most`` (ascending) finds the
+    candidates and a device comparison ``rank >= drop`` keeps all but the first ``drop``, so nothing is
+    read on the host and every level has the same shapes (a CUDA graph replays it with a new ``drop``)."""
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    if most == 0:
+        return keep
+    kept = torch.arange(most, device=score.device) >= drop
+    if scope == "row":
+        low = score.topk(most, dim=1, largest=False).indices
+        return keep.scatter_(1, low, kept.expand_as(low))
+    low = score.flatten().topk(most, largest=False).indices
+    return keep.view(-1).scatter_(0, low, kept).view(score.shape)
+
+
+def capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def straight_through(mask: Tensor, score: Tensor) -> Tensor:
     """``mask`` in value, with gradient one to ``score`` (the straight-through estimator)."""
     return mask.to(score.dtype) + (score - score.detach())
@@ -63,13 +98,15 @@ def straight_through(mask: Tensor, score: Tensor) -> Tensor:
 
 class PSTAdapter(Adapter):
     """LoRA factors ``A`` [r, in], ``B`` [out, r]; importance factors ``score_A`` [k, in], ``score_B``
-    [out, k], ``score_R`` [out], ``score_C`` [in]; the current sparsity ``level`` (not saved)."""
+    [out, k], ``score_R`` [out], ``score_C`` [in]; the current sparsity ``level`` (not saved) and its
+    count of dropped entries per group, ``drop`` (a device scalar, so a captured step follows it)."""
 
     needs_base_out: ClassVar[bool] = False
     score_A: Tensor
     score_B: Tensor
     score_R: Tensor
     score_C: Tensor
+    drop: Tensor
 
     def __init__(self, A: Tensor, B: Tensor, score_A: Tensor, scaling: float, cfg: PST, level: float) -> None:
         super().__init__()
@@ -87,9 +124,24 @@ class PSTAdapter(Adapter):
                 setattr(self, name, nn.Parameter(t))
         else:  # the ablation: magnitude of W0 + s B A alone decides, nothing is learned for the mask
             self.hold(**scores)
-        self.scaling, self.level = scaling, level
         self.sparsity, self.scope, self.ramp = cfg.sparsity, cfg.prune_scope, cfg.ramp
+        self.shape = (out_f, in_f)
+        self.most = dropped(self.shape, cfg.sparsity, cfg.prune_scope)  # the drop count's bound
+        self.hold(drop=torch.zeros((), dtype=torch.long, device=dev))
+        self.scaling, self.level = scaling, level
         self._premerge: Tensor | None = None
+
+    @property
+    def level(self) -> float:
+        """The current sparsity (a host float; ``drop`` holds its count on the device)."""
+        return self._level
+
+    @level.setter
+    def level(self, value: float) -> None:
+        if not 0.0 <= value <= self.sparsity:
+            raise WeightsmithError(f"pst level={value}: must be in [0, sparsity={self.sparsity}]")
+        self._level = value
+        self.drop.fill_(dropped(self.shape, value, self.scope))
 
     def updated(self, W0: Tensor) -> Tensor:
         """``W0 + s B A`` in float32."""
@@ -101,20 +153,24 @@ class PSTAdapter(Adapter):
         driven = self.score_B.float() @ self.score_A.float()
         return free + driven + self.score_R.float().unsqueeze(1) + self.score_C.float().unsqueeze(0)
 
-    def pruned(self, W0: Tensor, sparsity: float) -> Tensor:
-        """``M ⊙ (W0 + s B A)`` at ``sparsity`` with the straight-through gradient to the scores."""
+    def pruned(self, W0: Tensor, sparsity: float | None = None) -> Tensor:
+        """``M ⊙ (W0 + s B A)`` at ``sparsity`` (None: the current level, counted on the device) with the
+        straight-through gradient to the scores."""
+        if sparsity is not None and not 0.0 <= sparsity <= self.sparsity:
+            raise WeightsmithError(f"pst: pruned at sparsity={sparsity}, outside [0, {self.sparsity}]")
         W = self.updated(W0)
-        if sparsity <= 0:
-            return W
+        level = self.level if sparsity is None else sparsity
+        if self.sparsity <= 0 or (level <= 0 and not capturing(W)):
+            return W  # (a capture always takes the masked path: the level may rise between replays)
+        drop = self.drop if sparsity is None else dropped(tuple(W.shape), sparsity, self.scope)
         S = self.importance(W, W0)
-        keep = unstructured_mask(S.detach(), sparsity, self.scope)
-        return straight_through(keep, S) * W
+        return straight_through(ranked_mask(S.detach(), self.most, drop, self.scope), S) * W
 
     def delta(self, W0: Tensor) -> Tensor:
-        return self.pruned(W0, self.level) - W0.float()
+        return self.pruned(W0) - W0.float()
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:  # type: ignore[override]
-        return F.linear(x, self.pruned(W0, self.level).to(x.dtype))
+        return F.linear(x, self.pruned(W0).to(x.dtype))
 
     def on_train_step(self, step: int, total_steps: int) -> None:
         self.level = cubic_level(self.sparsity, step, total_steps, self.ramp)

@@ -23,6 +23,15 @@ float64 Gram eigendecomposition of ``linalg.economy_svd``). On a CPU that SVD do
 scaled by k: the same total penalty gradient over k steps (for plain SGD, the same sum of updates when
 ΔW moves little within k steps), at 1/k of the SVDs. It is an approximation, off by default.
 
+``nuclear_solver`` picks how ``U Vᵀ`` and ``Σ σ_i`` are computed: ``"svd"`` is the decomposition above
+(LAPACK on the CPU, the Gram eigendecomposition on CUDA, whose solver checks its status on the host: a
+synchronisation that a CUDA graph cannot capture); ``"qdwh"`` is ``linalg.polar_nuclear``, the QDWH
+polar iteration (Nakatsukasa, Bai & Gygi, 2010) with fixed weights, in float64, which never reads the
+device: ``‖ΔW‖_* = tr((U Vᵀ)ᵀ ΔW)`` from the same polar factor, equal to the SVD's to float32 round-off
+(zero singular values get zero, as on CUDA). ``"auto"`` (the default): ``qdwh`` while a CUDA graph is
+being captured, ``svd`` otherwise (eager steps keep the decomposition; on a 2-core CPU QDWH is 3-6x
+slower than LAPACK's SVD).
+
 Progressive re-selection (``reselect_every`` = T > 0; the paper's progressive parameter adjustment):
 after every T-th optimizer step within the first ``reselect_until`` fraction of training, with
 ``W = W0 + ΔW`` the current weight and ``ΔW = F + scatter_I(V)`` (``F``: learned and frozen),
@@ -33,10 +42,13 @@ after every T-th optimizer step within the first ``reselect_until`` fraction of 
     kept     = I ∩ I'   keep their slot in V, hence their value and optimizer state
 
 so k (the trainable-parameter budget) is fixed and ``ΔW`` (the layer's function) is unchanged exactly.
-The optimizer is not visible to an adapter, so the entering slots are queued and a torch optimizer
-step pre-hook zeroes their element-wise state (Adam's moments, SGD's momentum) in whichever optimizer
-holds ``V``, just before its next step. The support then depends on the training trajectory, so with
-re-selection on, ``I`` and ``F`` (dense, ``out × in``) are saved beside ``V``.
+The optimizer is not visible to an adapter: a torch optimizer step pre-hook notes which optimizer
+holds ``V`` (once per optimizer), and re-selection zeroes the entering slots' element-wise state (Adam's
+moments, SGD's momentum) there at once; it runs between optimizer steps, so this is the same as just
+before the next step, and it also holds when that step is replayed in a CUDA graph, where no hook runs.
+Slots of an adapter whose optimizer has not stepped yet are queued for the next step's pre-hook. The
+support then depends on the training trajectory, so with re-selection on, ``I`` and ``F`` (dense,
+``out × in``) are saved beside ``V``.
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import register_config
 from ..errors import WeightsmithError
-from ..linalg import economy_svd
+from ..linalg import economy_svd, polar_nuclear
 from ._core import Adapter, AdapterConfig, AdapterContext
 
 
@@ -71,7 +83,7 @@ def reset_moments(optimizer: torch.optim.Optimizer, param: Tensor, slots: Tensor
         return False
     for t in optimizer.state.get(param, {}).values():
         if isinstance(t, Tensor) and t.shape == param.shape:
-            t[slots.to(t.device)] = 0
+            t.index_fill_(0, slots.to(t.device), 0)  # = t[slots] = 0 without a host scalar copy
     return True
 
 
@@ -81,11 +93,39 @@ _HOOK: list[RemovableHandle] = []
 
 
 def _fresh_moments(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return  # a reset recorded into a CUDA graph would repeat at every replay: at the next eager step
     for adapter, slots in list(_PENDING.items()):
         if reset_moments(optimizer, adapter.values, slots):
             del _PENDING[adapter]
     if not _PENDING and _HOOK:
         _HOOK.pop().remove()
+
+
+# Re-selecting adapters, the optimizers seen holding their values, and the hook that notes them.
+_RESELECTING: weakref.WeakSet[SaRAAdapter] = weakref.WeakSet()
+_HOLDERS: weakref.WeakKeyDictionary[SaRAAdapter, weakref.WeakSet[torch.optim.Optimizer]] = (
+    weakref.WeakKeyDictionary()
+)
+_NOTED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_NOTER: list[RemovableHandle] = []
+
+
+def _note_holders(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if optimizer in _NOTED:
+        return
+    _NOTED.add(optimizer)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for adapter in list(_RESELECTING):
+        if id(adapter.values) in held:
+            _HOLDERS.setdefault(adapter, weakref.WeakSet()).add(optimizer)
+
+
+def _watch_holders(adapter: SaRAAdapter) -> None:
+    _RESELECTING.add(adapter)
+    _NOTED.clear()  # look at every optimizer again at its next step
+    if not _NOTER:
+        _NOTER.append(register_optimizer_step_pre_hook(_note_holders))
 
 
 def _queue_fresh(adapter: SaRAAdapter, slots: Tensor) -> None:
@@ -95,11 +135,18 @@ def _queue_fresh(adapter: SaRAAdapter, slots: Tensor) -> None:
         _HOOK.append(register_optimizer_step_pre_hook(_fresh_moments))
 
 
+SOLVERS = ("auto", "svd", "qdwh")
+
+
 class _NuclearNorm(torch.autograd.Function):
-    """‖A‖_* with the gradient U Vᵀ kept from the forward's SVD (no second decomposition)."""
+    """‖A‖_* with the gradient U Vᵀ kept from the forward's decomposition (no second one)."""
 
     @staticmethod
-    def forward(ctx: Any, A: Tensor) -> Tensor:
+    def forward(ctx: Any, A: Tensor, solver: str) -> Tensor:
+        if solver == "qdwh":
+            polar, value = polar_nuclear(A)
+            ctx.save_for_backward(polar)
+            return value
         tall = A.shape[0] >= A.shape[1]
         U, S, Vh = economy_svd(A if tall else A.mT)
         polar = U @ Vh
@@ -107,19 +154,31 @@ class _NuclearNorm(torch.autograd.Function):
         return S.sum()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (polar,) = ctx.saved_tensors
-        return grad * polar
+        return grad * polar, None
 
 
-def nuclear_norm(A: Tensor) -> Tensor:
+def nuclear_norm(A: Tensor, solver: str = "svd") -> Tensor:
     """‖A‖_* = Σ_i σ_i(A) of a 2-D float32 matrix, differentiable: ∂‖A‖_*/∂A = U Vᵀ from the same SVD.
 
     The SVD is of the tall orientation (``Aᵀ`` when A is wide: the same σ, LAPACK's gesdd is faster);
     equal to ``torch.linalg.svdvals(A).sum()`` in value and gradient (to float32 round-off where the
     σ_i are non-zero; where some σ_i = 0 the subgradient's part in those directions is whatever the
-    decomposition returns, on CUDA zero)."""
-    return _NuclearNorm.apply(A)
+    decomposition returns, on CUDA zero). ``solver="qdwh"``: the polar factor from the synchronisation-free
+    QDWH iteration (``linalg.polar_nuclear``; zero where σ_i = 0); ``"auto"``: ``qdwh`` while a CUDA
+    graph is being captured, ``svd`` otherwise."""
+    if solver not in SOLVERS:
+        raise WeightsmithError(f"SaRA nuclear_solver={solver!r}: use one of {', '.join(SOLVERS)}")
+    capturing = A.is_cuda and torch.cuda.is_current_stream_capturing()
+    if solver == "auto":
+        solver = "qdwh" if capturing else "svd"
+    if solver == "svd" and capturing:
+        raise WeightsmithError(
+            "SaRA nuclear_solver='svd' synchronises with the host (the eigensolver checks its status) and "
+            "cannot be captured in a CUDA graph: use nuclear_solver='qdwh' or 'auto'"
+        )
+    return _NuclearNorm.apply(A, solver)
 
 
 class SaRAAdapter(Adapter):
@@ -137,18 +196,21 @@ class SaRAAdapter(Adapter):
         reselect_every: int = 0,
         reselect_until: float = 0.5,
         nuclear_every: int = 1,
+        nuclear_solver: str = "auto",
     ) -> None:
         super().__init__()
         self.shape = shape
         self.values = nn.Parameter(torch.zeros(flat.numel(), device=flat.device))
         self.nuclear = nuclear
         self.nuclear_every = nuclear_every
+        self.nuclear_solver = nuclear_solver
         self._next_step = 0  # the optimizer step the next regularizer() call belongs to
         self.reselect_every = reselect_every
         self.reselect_until = reselect_until
         if reselect_every:  # trajectory-dependent: saved beside the values
             self.register_buffer("flat", flat)
             self.register_buffer("fixed", torch.zeros(shape, device=flat.device))
+            _watch_holders(self)
         else:
             self.hold(flat=flat)
             self.fixed = None
@@ -179,7 +241,7 @@ class SaRAAdapter(Adapter):
                 )
             if self._next_step % k:
                 return None
-        return self.nuclear * k * nuclear_norm(self._dense(torch.float32))
+        return self.nuclear * k * nuclear_norm(self._dense(torch.float32), self.nuclear_solver)
 
     def on_train_step(self, step: int, total_steps: int) -> None:
         done = step + 1
@@ -203,8 +265,9 @@ class SaRAAdapter(Adapter):
         """Move the support to the ``k`` entries of smallest ``|W0 + ΔW|`` without changing ``ΔW``.
 
         Released entries keep their learned update in ``fixed``; entering ones take slots of released
-        ones (kept entries keep theirs). Returns those slots; their optimizer moments are zeroed before
-        the optimizer's next step. Call it between optimizer steps (not between backward and step)."""
+        ones (kept entries keep theirs). Returns those slots; their optimizer moments are zeroed now in
+        the optimizers seen holding ``values`` (else before the next optimizer step). Call it between
+        optimizer steps (not between backward and step)."""
         if self.fixed is None:
             raise WeightsmithError("SaRA reselect() needs the adapter created with reselect_every > 0")
         dW = self._dense(torch.float32).flatten()
@@ -217,7 +280,7 @@ class SaRAAdapter(Adapter):
         self.flat.copy_(flat)
         self.fixed.copy_(fixed.view(self.shape))
         self.values.copy_(dW[flat])
-        if slots.numel():
+        if slots.numel() and not [o for o in _HOLDERS.get(self, ()) if reset_moments(o, self.values, slots)]:
             _queue_fresh(self, slots)
         return slots
 
@@ -229,7 +292,9 @@ class SaRA(AdapterConfig):
     ``reselect_every`` > 0: re-select the support every that many optimizer steps during the first
     ``reselect_until`` fraction of training (0: never, the support stays the smallest |W0|);
     ``nuclear_every`` k > 1: the penalty only at every k-th optimizer step, scaled by k (1/k of the SVDs;
-    an approximation, see the module docstring)."""
+    an approximation, see the module docstring); ``nuclear_solver``: ``"svd"``, ``"qdwh"`` (no host
+    synchronisation: CUDA graphs can capture it) or ``"auto"`` (``qdwh`` inside a CUDA-graph capture,
+    ``svd`` otherwise)."""
 
     default_lr: ClassVar[float] = 1e-3
     example_opts: ClassVar[dict[str, Any]] = dict(density=0.1, nuclear=1e-3)
@@ -240,6 +305,7 @@ class SaRA(AdapterConfig):
     reselect_every: int = 0
     reselect_until: float = 0.5
     nuclear_every: int = 1
+    nuclear_solver: str = "auto"
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> SaRAAdapter:
         out_f, in_f = W0.shape
@@ -251,6 +317,10 @@ class SaRA(AdapterConfig):
             raise ctx.error(f"SaRA nuclear (λ) must be >= 0, got {self.nuclear}")
         if self.nuclear_every < 1:
             raise ctx.error(f"SaRA nuclear_every must be >= 1 (1: every step), got {self.nuclear_every}")
+        if self.nuclear_solver not in SOLVERS:
+            raise ctx.error(
+                f"SaRA nuclear_solver must be one of {', '.join(SOLVERS)}, got {self.nuclear_solver!r}"
+            )
         if self.reselect_every < 0:
             raise ctx.error(f"SaRA reselect_every must be >= 0 (0: off), got {self.reselect_every}")
         if not 0.0 < self.reselect_until <= 1.0:
@@ -263,5 +333,11 @@ class SaRA(AdapterConfig):
             )
         flat = ineffective_support(W0, k).to(W0.device)
         return SaRAAdapter(
-            flat, (out_f, in_f), self.nuclear, self.reselect_every, self.reselect_until, self.nuclear_every
+            flat,
+            (out_f, in_f),
+            self.nuclear,
+            self.reselect_every,
+            self.reselect_until,
+            self.nuclear_every,
+            self.nuclear_solver,
         )

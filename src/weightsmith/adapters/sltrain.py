@@ -9,10 +9,16 @@ The paper parameterises the whole weight this way for pre-training; as an adapte
 a frozen W0. ``A`` is Kaiming-uniform, ``B = 0``; the paper draws V ~ U(±1/√in), here ``V = 0`` so
 that ``ΔW = 0`` at the start. The support is sampled without replacement from a generator seeded by
 (seed, weight name) and rebuilt on load, so a file holds ``r (out + in) + |I|`` numbers per layer and
-no indices. The fast path (``_SparseLowRank``, one autograd node) scatters the values into a dense
-``[out, in]`` buffer, adds ``(α/r) B A`` in place and runs one product: ``torch.sparse`` has no bfloat16
-CUDA kernel, and at a density of a few percent a dense tensor-core product is as fast as a sparse one.
+no indices. The fast path (``_SparseLowRank``, one autograd node) builds the dense weight and runs one
+product: ``torch.sparse`` has no bfloat16 CUDA kernel, and at a density of a few percent a dense
+tensor-core product is as fast as a sparse one. Alone on a layer (``base_out`` None) the node owns the
+base product too: ``W_eff = W0 + S + (α/r) B A`` (a copy of ``W0``, the values added at the support by one
+gather and one ``index_put_``, then ``addmm_``), ``y = x W_effᵀ`` and ``dx = g W_eff``: one GEMM each way
+instead of two plus a full-size sum. Beside other adapters (``base_out`` given) it adds ``x ΔWᵀ``.
 Backward forms ``∂ΔW = gᵀ x`` once and gathers ``∂V`` from it; ``∂B``, ``∂A`` are thin products.
+In 16-bit activations the fused ``W_eff`` is rounded once to the activations' dtype, so an entry of
+``ΔW`` below half a unit in the last place of ``W0``'s entry does not show in the output (as in a merged
+16-bit model); the gradients, formed from ``gᵀ x``, are not affected.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext, amp_apply, autocast_off, check_rank
+from .lora import _mm_to
 
 
 def random_support(numel: int, nnz: int, g: torch.Generator) -> Tensor:
@@ -41,33 +48,57 @@ def random_support(numel: int, nnz: int, g: torch.Generator) -> Tensor:
 
 
 class _SparseLowRank(torch.autograd.Function):
-    """``base_out + x ΔWᵀ`` with ``ΔW = s B A + scatter(V at flat)``; hand-written backward."""
+    """``x W_effᵀ`` with ``W_eff = W0 + ΔW`` (``base_out`` None) or ``base_out + x ΔWᵀ``, where
+    ``ΔW = s B A + scatter(V at flat)``; hand-written backward. Only one ``[out, in]`` buffer is built and
+    saved (``W_eff`` or ``ΔW``)."""
 
     @staticmethod
     def forward(
-        ctx: Any, base_out: Tensor, x: Tensor, A: Tensor, B: Tensor, V: Tensor, flat: Tensor, s: float
+        ctx: Any,
+        base_out: Tensor | None,
+        x: Tensor,
+        W0: Tensor,
+        A: Tensor,
+        B: Tensor,
+        V: Tensor,
+        flat: Tensor,
+        s: float,
     ) -> Tensor:
-        out_f, in_f = B.shape[0], A.shape[1]
-        A_c, B_c = A.to(x.dtype), B.to(x.dtype)
-        dW = torch.zeros(out_f * in_f, dtype=x.dtype, device=x.device).index_put_((flat,), V.to(x.dtype))
-        dW = dW.view(out_f, in_f).addmm_(B_c, A_c, alpha=s)
+        dt, out_f, in_f = x.dtype, B.shape[0], A.shape[1]
+        A_c, B_c = A.to(dt), B.to(dt)
+        if base_out is None:  # W_eff = W0 + S: one copy of W0, the values added at the support
+            W = torch.empty(out_f, in_f, dtype=dt, device=x.device).copy_(W0)
+            Wf = W.view(-1)
+            Wf.index_put_((flat,), Wf[flat].add_(V))
+        else:
+            W = torch.zeros(out_f * in_f, dtype=dt, device=x.device).index_put_((flat,), V.to(dt))
+            W = W.view(out_f, in_f)
+        W.addmm_(B_c, A_c, alpha=s)
         x2 = x.reshape(-1, in_f)
-        y = torch.addmm(base_out.reshape(-1, out_f), x2, dW.t())
-        ctx.save_for_backward(x2, dW, A_c, B_c, flat)
-        ctx.s, ctx.x_shape, ctx.dtypes = s, x.shape, (A.dtype, B.dtype, V.dtype)
-        return y.view(base_out.shape)
+        if base_out is None:
+            y = torch.mm(x2, W.t())
+        else:
+            y = torch.addmm(base_out.reshape(-1, out_f), x2, W.t())
+        ctx.save_for_backward(x2, W, A_c, B_c, flat)
+        ctx.s, ctx.x_shape, ctx.fused = s, x.shape, base_out is None
+        ctx.dtypes = (W0.dtype, A.dtype, B.dtype, V.dtype)
+        return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x2, dW, A_c, B_c, flat = ctx.saved_tensors
+        x2, W, A_c, B_c, flat = ctx.saved_tensors
+        need_base, need_x, need_W, need_A, need_B, need_V = ctx.needs_input_grad[:6]
         g2 = g.reshape(-1, g.shape[-1])
-        dx = torch.mm(g2, dW).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        G = torch.mm(g2.t(), x2)  # ∂ΔW, [out, in]
-        dA = torch.mm(B_c.t(), G).mul_(ctx.s).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None
-        dB = torch.mm(G, A_c.t()).mul_(ctx.s).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
-        dV = G.view(-1)[flat].to(ctx.dtypes[2]) if ctx.needs_input_grad[4] else None
-        return g, dx, dA, dB, dV, None, None
+        dx = torch.mm(g2, W).view(ctx.x_shape) if need_x else None  # g W_eff, or g ΔW beside base_out
+        dW0 = dA = dB = dV = None
+        if need_A or need_B or need_V or (need_W and ctx.fused):
+            G = torch.mm(g2.t(), x2)  # ∂ΔW = ∂W_eff, [out, in]
+            dW0 = G.to(ctx.dtypes[0]) if need_W and ctx.fused else None
+            dA = _mm_to(B_c.t(), G, ctx.dtypes[1], ctx.s) if need_A else None
+            dB = _mm_to(G, A_c.t(), ctx.dtypes[2], ctx.s) if need_B else None
+            dV = G.view(-1)[flat].to(ctx.dtypes[3]) if need_V else None
+        return g if need_base else None, dx, dW0, dA, dB, dV, None, None
 
 
 class SLTrainAdapter(Adapter):
@@ -75,6 +106,8 @@ class SLTrainAdapter(Adapter):
 
     index: Tensor
     flat: Tensor
+    # alone on a layer SLTrain computes x W0ᵀ itself (base_out None): one GEMM with W0 + ΔW
+    needs_base_out: ClassVar[bool] = False
 
     def __init__(self, A: Tensor, out_f: int, flat: Tensor, scaling: float) -> None:
         super().__init__()
@@ -91,8 +124,8 @@ class SLTrainAdapter(Adapter):
         S = S.index_put((self.index[0], self.index[1]), self.values)
         return self.scaling * (self.B @ self.A) + S
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        args = (self.A, self.B, self.values, self.flat, self.scaling)
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        args = (W0, self.A, self.B, self.values, self.flat, self.scaling)
         return amp_apply(_SparseLowRank, base_out, x, *args)
 
 

@@ -12,6 +12,11 @@ abstract quotes. ``energy`` instead picks the smallest r whose singular values h
 ``Σ σ_i²`` (the paper keeps the values that "capture over 99% of the matrix's information").
 ``U_r``, ``V_r`` and ``σ_r`` are rebuilt from W0 by SVD on load (not saved); ΔW is unchanged by the
 SVD's sign choices. The paper has no public code; this follows the equations above.
+
+The update is ``ΔW = B A`` with ``A = V_rᵀ`` [k, in] frozen and ``B = U_r diag(σ - σ_r)`` [out, k]
+computed from the trainable vector; like LoLDU and VeRA it runs on the cheaper of two exact paths, LoRA's
+fused node or the weight-space node (:mod:`weightsmith.adapters.frozen_a`). At ``σ = σ_r`` both give exactly
+``x W0ᵀ``.
 """
 
 from __future__ import annotations
@@ -19,36 +24,42 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import register_config
 from ..linalg import svd
-from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
+from ._core import Adapter, AdapterConfig, AdapterContext, check_path, check_rank
+from .frozen_a import frozen_a_forward, frozen_a_group_terms
+from .lora_group import GroupTerms
 
 
 class SVFitAdapter(Adapter):
-    """Trainable ``sigma`` [r]; frozen ``U`` [out, r], ``V`` [in, r] and the initial values ``sigma0``."""
+    """Trainable ``sigma`` [r]; frozen ``U`` [out, r], ``Vh`` [r, in] and the initial values ``sigma0``."""
 
     U: Tensor
-    V: Tensor
+    Vh: Tensor
     sigma0: Tensor
 
-    def __init__(self, U: Tensor, S: Tensor, V: Tensor) -> None:
+    needs_base_out: ClassVar[bool] = False  # both paths compute x W0ᵀ themselves
+
+    def __init__(self, U: Tensor, S: Tensor, Vh: Tensor, path: str = "auto") -> None:
         super().__init__()
-        self.hold(U=U, V=V, sigma0=S.clone())
+        check_path(path, "SVFit")
+        self.path = path
+        self.hold(U=U, Vh=Vh, sigma0=S.clone())
         self.sigma = nn.Parameter(S.clone())
 
     def delta(self, W0: Tensor) -> Tensor:
-        return (self.U * (self.sigma - self.sigma0)) @ self.V.T
+        return (self.U * (self.sigma - self.sigma0)) @ self.Vh
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
-        return self.U * (self.sigma - self.sigma0), self.V.T
+        return self.U * (self.sigma - self.sigma0), self.Vh
 
-    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor) -> Tensor:
-        dt = x.dtype
-        h = F.linear(x, self.V.T.to(dt)) * (self.sigma - self.sigma0).to(dt)
-        return base_out + F.linear(h, self.U.to(dt))
+    def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        return frozen_a_forward(x, W0, base_out, self.U * (self.sigma - self.sigma0), self.Vh, self.path)
+
+    def group_terms(self, x: Tensor, W0: Tensor) -> GroupTerms | None:
+        return frozen_a_group_terms(self.path, x, W0, self.U * (self.sigma - self.sigma0), self.Vh)
 
 
 def energy_rank(S: Tensor, energy: float) -> int:
@@ -59,13 +70,19 @@ def energy_rank(S: Tensor, energy: float) -> int:
 
 @register_config("svfit", kind="adapter")
 class SVFit(AdapterConfig):
-    """``rank``: number of top singular values to train (None: all); or ``energy`` in (0, 1] to choose it."""
+    """``rank``: number of top singular values to train (None: all); or ``energy`` in (0, 1] to choose it.
+    ``path``: "auto" (per call, the exact computation with fewer multiply-adds), "activation" (LoRA's node
+    with ``A = V_rᵀ``, ``B = U_r diag(σ - σ_r)``) or "weight" (``x (W0 + ΔW)ᵀ``, ΔW built once per call)."""
 
     default_lr: ClassVar[float] = 5e-3
     example_opts: ClassVar[dict[str, Any]] = dict(rank=8)
 
     rank: int | None = None
     energy: float | None = None
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_path(self.path, "SVFit")
 
     def create(self, W0: Tensor, ctx: AdapterContext) -> SVFitAdapter:
         limit = min(W0.shape)
@@ -79,4 +96,4 @@ class SVFit(AdapterConfig):
         else:
             r = limit if self.rank is None else self.rank
         check_rank(r, W0, ctx, "SVFit")
-        return SVFitAdapter(U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].T.contiguous())
+        return SVFitAdapter(U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous(), self.path)

@@ -1,0 +1,140 @@
+"""Low-rank updates ``ΔW = B A`` whose ``A`` is frozen: one node a layer, on the cheaper of two exact paths.
+
+SVFit (``A = V_rᵀ``, ``B = U_r diag(σ - σ_r)``), LoLDU (``A = U_r``, ``B = P L_r diag(σ z - σ0 z0)``) and VeRA
+(``A`` the shared random basis, ``B = Λ_b B Λ_d``) all train only vectors that ``B`` is computed from (a
+weight-sized product; autograd reduces ``∂B`` to them). Per call, from the shapes and autograd flags only
+(``path="auto"``, :func:`frozen_a_costs`), they run on
+
+- the activation path: LoRA's fused node (:func:`~weightsmith.adapters.lora.lora_forward`; Hu et al.,
+  "LoRA: Low-Rank Adaptation of Large Language Models", 2021) with this ``A`` (frozen: no ``∂A`` product),
+  ``B`` and ``s = 1``, the base product ``x W0ᵀ`` in the same node;
+- the weight path: :class:`_FrozenAWeight`, ``W = W0 + B A`` once per call (``out k in`` multiply-adds,
+  independent of the N rows), ``y = x Wᵀ``; backward ``∂x = g W`` and ``∂B = (gᵀ x) Aᵀ`` or, when fewer
+  multiply-adds, ``∂B = gᵀ (x Aᵀ)``.
+
+At full rank (SVFit's and LoLDU's default) with N rows the activation path costs about seven N·out·in
+products per training step and the weight path four (the frozen layer: two); at rank 16 the weight path also
+wins for training batches (it moves no [N, out] tensor beyond the frozen layer's) and the activation path for
+a few tokens (generation). The weight path keeps ``W`` (compute dtype, one weight per layer) for backward.
+In bfloat16 its forward sees ``W0 + ΔW`` rounded to bfloat16, as a merged model would: an entry of ΔW below
+half a bfloat16 step of its ``W0`` entry does not reach the output until it grows; gradients are unaffected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._core import amp_dtype, autocast_off, shared_cast
+from .lora import _mm_to, lora_forward
+from .lora_group import GroupTerms
+
+
+def frozen_a_costs(
+    tokens: int, out_f: int, in_f: int, k: int, train: bool, input_grad: bool
+) -> tuple[int, int]:
+    """Multiply-adds of one call (forward, and backward when ``train`` / ``input_grad``), the base product
+    included, of the activation path and of the weight path of ``ΔW = B A`` with ``A`` [k, in] frozen and
+    ``B`` [out, k] trainable (computed from the parameters: VeRA's ``Λ_b B Λ_d``, SVFit's ``U diag(c)``).
+
+    Activation (LoRA's node): ``h = x Aᵀ``, ``h Bᵀ``, ``x W0ᵀ``; ``∂B = gᵀ h`` when training; with an
+    input gradient ``g B``, ``· A`` and ``g W0``. Weight: ``W = W0 + B A`` (independent of N), ``x Wᵀ``;
+    ``∂x = g W``; ``∂B`` as ``(gᵀ x) Aᵀ`` or ``gᵀ (x Aᵀ)``, whichever is fewer (:func:`frozen_a_route`).
+    """
+    N = tokens
+    act, weight = N * k * (in_f + out_f) + N * out_f * in_f, out_f * k * in_f + N * out_f * in_f
+    if train:
+        act += N * out_f * k
+        weight += min(N * out_f * in_f + out_f * in_f * k, N * k * (out_f + in_f))
+    if input_grad:
+        act += N * out_f * k + N * k * in_f + N * out_f * in_f
+        weight += N * out_f * in_f
+    return act, weight
+
+
+def frozen_a_route(tokens: int, out_f: int, in_f: int, k: int) -> str:
+    """How the weight path gets ``∂B``: ``"G"`` (``(gᵀ x) Aᵀ``, ``N out in + out in k`` multiply-adds) or
+    ``"rows"`` (``gᵀ (x Aᵀ)``, ``N k (out + in)``)."""
+    return "G" if tokens * out_f * in_f + out_f * in_f * k < tokens * k * (out_f + in_f) else "rows"
+
+
+class _FrozenAWeight(torch.autograd.Function):
+    """``x (W0 + B A)ᵀ`` with the weight built once per call: the weight-space path of a low-rank update
+    whose ``A`` is frozen (given in the activations' dtype, cast once: :func:`shared_cast`).
+
+    Saves ``x`` and the built weight ``W`` (compute dtype); gradients for ``x`` and ``B`` only (``∂B`` in
+    ``B``'s dtype; autograd takes it on to the parameters ``B`` is computed from).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W0: Tensor, B: Tensor, A_c: Tensor) -> Tensor:
+        dt = x.dtype
+        W = torch.addmm(W0.to(dt), B.to(dt), A_c)
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, W, A_c)
+        ctx.x_shape, ctx.B_dtype = x.shape, B.dtype
+        return torch.mm(x2, W.t()).view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x2, W, A_c = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g2, W).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            (out_f, in_f), k = W.shape, A_c.shape[0]
+            if frozen_a_route(x2.shape[0], out_f, in_f, k) == "G":
+                dB = _mm_to(torch.mm(g2.t(), x2), A_c.t(), ctx.B_dtype)
+            else:
+                dB = _mm_to(g2.t(), torch.mm(x2, A_c.t()), ctx.B_dtype)
+        return dx, None, dB, None
+
+
+def choose_frozen_a_path(path: str, x: Tensor, W0: Tensor, base_out: Tensor | None, B: Tensor) -> str:
+    """``"weight"`` or ``"activation"`` for this call of ``ΔW = B A`` (``A`` frozen, ``B`` [out, k]), from
+    shapes and autograd flags only (never from values: CUDA graphs and ``torch.compile`` see one path per
+    shape). ``auto`` takes the path with fewer multiply-adds (:func:`frozen_a_costs`), the activation path
+    on a tie; a given ``base_out`` (several adapters on the layer) or a trainable ``W0`` always takes the
+    activation path."""
+    if base_out is not None or W0.requires_grad:
+        return "activation"
+    if path != "auto":
+        return path
+    grad = torch.is_grad_enabled()
+    out_f, in_f = W0.shape
+    tokens = x.numel() // max(x.shape[-1], 1)
+    act, weight = frozen_a_costs(
+        tokens, out_f, in_f, B.shape[1], grad and B.requires_grad, grad and x.requires_grad
+    )
+    return "weight" if weight < act else "activation"
+
+
+def frozen_a_cast(A: Tensor, x: Tensor, W0: Tensor, B: Tensor) -> Tensor:
+    """``A[:k, :in]`` in the activations' dtype for ``B`` [out, k], ``W0`` [out, in]: ``A`` is a frozen held
+    tensor (VeRA's shared basis, sliced per layer), cast once per dtype (:func:`shared_cast`)."""
+    return shared_cast(A, amp_dtype(x))[: B.shape[1], : W0.shape[1]]
+
+
+def frozen_a_forward(
+    x: Tensor, W0: Tensor, base_out: Tensor | None, B: Tensor, A: Tensor, path: str
+) -> Tensor:
+    """``x W0ᵀ + x (B A')ᵀ`` (``base_out + …`` when given) on the path :func:`choose_frozen_a_path` picks;
+    ``A' = A[:k, :in]`` frozen (:func:`frozen_a_cast`), ``B`` [out, k] with gradients."""
+    A_c = frozen_a_cast(A, x, W0, B)
+    if choose_frozen_a_path(path, x, W0, base_out, B) == "weight":
+        with torch.autocast(x.device.type, enabled=False):  # as amp_apply; W0 is cast inside
+            y: Tensor = _FrozenAWeight.apply(x.to(A_c.dtype), W0, B, A_c)
+        return y
+    return lora_forward(base_out, x, A_c, B, 1.0, W0)
+
+
+def frozen_a_group_terms(path: str, x: Tensor, W0: Tensor, B: Tensor, A: Tensor) -> GroupTerms | None:
+    """The activation path's terms for sibling layers run as one node (:mod:`.lora_group`); None when
+    this call takes the weight path (it then runs per layer)."""
+    if choose_frozen_a_path(path, x, W0, None, B) == "weight":
+        return None
+    return GroupTerms(frozen_a_cast(A, x, W0, B), B, 1.0)
