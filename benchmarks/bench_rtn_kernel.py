@@ -1,5 +1,5 @@
 """RTN on a GPU-resident 1.1B Llama's weights: the torch path (same-shaped weights in float32 stacks) against
-the fused Triton kernel (one kernel a weight, in place; compress/_rtn_triton.py).
+the fused Triton kernel (one launch a run of same-shaped weights, in place; compress/_rtn_triton.py).
 
 The weights are TinyLlama-1.1B's decoder linears (hidden 2048, intermediate 5632, 32 heads, 4 KV heads,
 ``--layers`` 22: q/o 2048x2048, k/v 256x2048, gate/up 5632x2048, down 2048x5632), random normal x 0.02, in
@@ -13,6 +13,12 @@ bytes a single pass must move (read W, write Ŵ and a code byte a weight), and t
 that both paths gave the same codes, scales, zeros and weights (the run fails otherwise) and the largest
 relative gap between their per-layer errors (summation order: on SmolLM2's layer 0 the kernel's errors are
 within 4e-8 of a float64 reference, the torch path's within 4e-7).
+
+Also printed, for the kernel: the seconds ``import`` of compress/_rtn_triton.py (Triton's import) takes, and
+the kernel alone (``rtn_fused`` called on the same runs as the data-free path makes, without its
+bookkeeping; best of ``--repeats``): the host time until the last launch returns and the time until the
+device is done (when the two are close the run is bound by the host's launches, not by memory). With
+``--sweep``, the kernel alone also at tile sizes 2048-16384 elements a program and 4 or 8 warps.
 
     python benchmarks/bench_rtn_kernel.py --device cuda --dtype bf16 --out benchmarks/results/rtn_kernel.json
 
@@ -85,6 +91,45 @@ def run(layers: list[Layer], cfg: RTN, dev: torch.device, fused: bool) -> tuple[
     return time.perf_counter() - t0, got
 
 
+def kernel_only(layers: list[Layer], cfg: RTN, dev: torch.device, repeats: int) -> tuple[float, float]:
+    """Best (host, total) seconds of ``rtn_fused`` over the data-free path's runs of same-shaped weights
+    (the weights are quantised again each repeat: the time does not depend on their values)."""
+    from weightsmith.compress._rtn_triton import rtn_fused
+
+    runs = [[layers[i].weight() for i in run] for run in df.batches(layers, df.BATCH_BYTES)]
+    host, done = [], []
+    for _ in range(repeats):
+        sync(dev)
+        t0 = time.perf_counter()
+        for Ws in runs:
+            rtn_fused(Ws, cfg.bits, cfg.group_size, cfg.symmetric)
+        host.append(time.perf_counter() - t0)
+        sync(dev)
+        done.append(time.perf_counter() - t0)
+    return min(host), min(done)
+
+
+def sweep(
+    layers: list[Layer], cfg: RTN, dev: torch.device, repeats: int, moved: int
+) -> list[dict[str, float]]:
+    """The kernel alone (:func:`kernel_only`) at each tile size (elements a program) and number of warps; each
+    pair is one more compilation (untimed: a warm-up run first)."""
+    from weightsmith.compress import _rtn_triton as rt
+
+    keep, rows = (rt.TILE, rt.NUM_WARPS), []
+    for tile in (2048, 4096, 8192, 16384):
+        for warps in (4, 8):
+            rt.TILE, rt.NUM_WARPS = tile, warps
+            kernel_only(layers, cfg, dev, 1)
+            host, done = kernel_only(layers, cfg, dev, repeats)
+            row = {"tile": tile, "warps": warps, "host_s": host, "seconds": done, "gb_s": moved / done / 1e9}
+            rows.append(row)
+            gbs = row["gb_s"]
+            print(f"tile {tile:>5}, {warps} warps: host {host:.4f} s, done {done:.4f} s, {gbs:,.0f} GB/s")
+    rt.TILE, rt.NUM_WARPS = keep
+    return rows
+
+
 def same_codes(a: list[Result], b: list[Result]) -> bool:
     return all(
         torch.equal(getattr(x.compressed, t), getattr(y.compressed, t))
@@ -103,6 +148,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--sweep", action="store_true", help="also time the kernel alone at other tile sizes / warps"
+    )
     ap.add_argument("--out", type=Path, default=None, help="the numbers, as JSON")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -112,8 +160,11 @@ def main() -> None:
     n = sum(w.numel() for w in original)
     moved = n * (2 * original[0].element_size() + 1)  # read W, write Ŵ, a code byte a weight
     print(f"{len(layers)} weights, {n / 1e9:.3f} G parameters, {args.dtype}, {moved / 1e9:.2f} GB a pass")
+    t_import = time.perf_counter()
     from weightsmith.compress._rtn_triton import fusable
 
+    t_import = time.perf_counter() - t_import
+    print(f"import compress/_rtn_triton.py (Triton): {t_import:.3f} s")
     paths = ["torch", "fused"] if fusable(original[0], dev) else ["torch"]  # CUDA (or the CPU interpreter)
     rows: dict[str, dict[str, object]] = {}
     times: dict[str, list[float]] = {}
@@ -147,6 +198,12 @@ def main() -> None:
         print(f"speed-up: first {speedup['seconds_first']:.2f}x, best {speedup['seconds_best']:.2f}x")
         print(f"same weights: {same_w}, same codes/scales/zeros: {same_q}, worst error gap {worst:.2e}")
         result.update(speedup=speedup, same_weights=same_w, same_codes=same_q, worst_error_gap=worst)
+        host, done = kernel_only(layers, cfg, dev, args.repeats)
+        print(f"kernel alone: launches return after {host:.4f} s, device done after {done:.4f} s, "
+              f"{moved / done / 1e9:,.1f} GB/s")  # fmt: skip
+        result.update(import_seconds=t_import, kernel_host_seconds=host, kernel_seconds=done)
+        if args.sweep:
+            result["sweep"] = sweep(layers, cfg, dev, args.repeats, moved)
         if not (same_w and same_q):
             raise SystemExit("the fused kernel's weights or codes differ from the torch path's")
     if args.out:

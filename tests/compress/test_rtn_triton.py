@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from compress_fixtures import hopper_ptx, tiny_llama
+from compress_fixtures import tiny_llama
 from test_datafree import CopiesOf
 from test_rtn_batched import gpt2
 
@@ -37,7 +37,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 runs_kernels = pytest.mark.skipif(
     DEV == "cpu" and not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's child process"
 )
-KERNEL_TESTS = 13  # the tests marked runs_kernels, parameters counted
+KERNEL_TESTS = 15  # the tests marked runs_kernels, parameters counted
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +58,13 @@ def test_kernels_under_the_interpreter():
     assert passed and int(passed.group(1)) == KERNEL_TESTS, run.stdout[-2000:]
 
 
+def fused_one(W: torch.Tensor, bits: int, group: int, sym: bool) -> tuple[QuantizedWeight, torch.Tensor]:
+    """rtn_fused on a run of one weight: its result and its error as a 0-d tensor."""
+    results, rel = rt.rtn_fused([W], bits, group, sym)
+    assert len(results) == 1 and rel.shape == (1,)
+    return results[0], rel[0]
+
+
 def weight(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """Gaussian weights with a few outliers and an all-zero group row (scale 1 there)."""
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +81,7 @@ def check_against_torch(W0: torch.Tensor, bits: int, group: int, sym: bool) -> N
     assert W_hat is not None
     W = W0.clone()
     ptr = W.data_ptr()
-    got, rel = rt.rtn_fused(W, bits, group, sym)
+    got, rel = fused_one(W, bits, group, sym)
     case = (W0.dtype, tuple(W0.shape), bits, group, sym)
     for t in ("q", "scale", "zero"):
         a, b = getattr(got, t), getattr(want, t)
@@ -119,12 +126,12 @@ def test_rounding_and_error_worked_by_hand():
     [−1, −1, 1, 2]; ‖W − Ŵ‖ / ‖W‖ = √(0.5 / 5.5) = 1 / √11. The symmetric grid (z = 2, s = 2 / 1.5) of the row
     [−2, 2/3, 1, 2]: w / s + z = [0.5, 2.5, 2.75, 3.5] → q = [0, 2, 3, 4 → 3]."""
     W = torch.tensor([[-1.0, -0.5, 0.5, 2.0]], device=DEV)
-    qw, rel = rt.rtn_fused(W, 2, 0, False)
+    qw, rel = fused_one(W, 2, 0, False)
     assert qw.q.tolist() == [[0, 0, 2, 3]] and qw.scale.tolist() == [[1.0]] and qw.zero.tolist() == [[1.0]]
     assert W.tolist() == [[-1.0, -1.0, 1.0, 2.0]]
     assert float(rel) == pytest.approx(1 / math.sqrt(11), rel=1e-7)
     W = torch.tensor([[-2.0, 2 / 3, 1.0, 2.0]], device=DEV)
-    qw, _ = rt.rtn_fused(W, 2, 0, True)
+    qw, _ = fused_one(W, 2, 0, True)
     assert qw.q.tolist() == [[0, 2, 3, 3]] and qw.zero.tolist() == [[2.0]]
 
 
@@ -146,23 +153,60 @@ def test_the_reciprocal_branch_is_torchs_cuda_division(monkeypatch):
         zero = torch.full_like(scale, 1 << (bits - 1)) if sym else (-lo / scale).round().clamp(0, qmax(bits))
         c = codes(Wg, scale, zero, bits)
         W = W0.clone().to(DEV)
-        qw, _ = rt.rtn_fused(W, bits, 32, sym)
+        qw, _ = fused_one(W, bits, 32, sym)
         assert torch.equal(qw.scale.cpu(), scale) and torch.equal(qw.zero.cpu(), zero), (bits, sym)
         assert torch.equal(qw.q.cpu(), c.to(torch.uint8).reshape(W0.shape)), (bits, sym)
         assert torch.equal(W.cpu(), ((c - zero[..., None]) * scale[..., None]).reshape(W0.shape))
 
 
 @runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_run_of_weights_is_one_launch_each_weight_as_alone(monkeypatch, dtype):
+    """Five separate weights (parameters of their own, one of them starting 2 bytes off a 16-byte boundary,
+    so the run takes the unaligned branch) quantised by one launch of a (programs, 5) grid: each weight's
+    codes, scales, zeros, Ŵ and error as when quantised alone; scales and zeros each in storage of its
+    own, the codes views of one [5, out, in] allocation."""
+    launches = []
+    real = rt._kernel()
+    monkeypatch.setattr(rt, "_kernel", lambda: launches.append(1) or real)
+    for aligned in (True, False):
+        W0s = [weight((12, 64), dtype, seed) for seed in range(5)]
+        Ws = [W.clone() for W in W0s]
+        if not aligned:
+            buf = torch.empty(1 + Ws[2].numel(), dtype=dtype, device=DEV)
+            Ws[2] = buf[1:].view(12, 64).copy_(Ws[2])
+        assert (Ws[2].data_ptr() % 16 == 0) == aligned
+        launches.clear()
+        got, rel = rt.rtn_fused(Ws, 4, 16, False)
+        assert launches == [1] and rel.shape == (5,) and rel.dtype == torch.float32
+        for W0, W, qw, e in zip(W0s, Ws, got, rel, strict=True):
+            one = W0.clone()
+            want, e1 = fused_one(one, 4, 16, False)
+            for t in ("q", "scale", "zero"):
+                assert torch.equal(getattr(qw, t), getattr(want, t)), (aligned, t)
+            assert torch.equal(W, one) and float(e) == float(e1)
+            check_against_torch(W0, 4, 16, False)
+        storages = {t.untyped_storage().data_ptr() for qw in got for t in (qw.scale, qw.zero)}
+        assert len(storages) == 10 and len({qw.q.untyped_storage().data_ptr() for qw in got}) == 1
+
+
+@runs_kernels
 def test_bad_input_is_refused_with_the_option_named():
     W = weight((8, 64), torch.float32)
     with pytest.raises(WeightsmithError, match="--bits 9"):
-        rt.rtn_fused(W, 9, 32, True)
+        rt.rtn_fused([W], 9, 32, True)
     with pytest.raises(WeightsmithError, match="group size 48 does not divide the input size 64"):
-        rt.rtn_fused(W, 4, 48, True)
+        rt.rtn_fused([W], 4, 48, True)
     with pytest.raises(WeightsmithError, match="contiguous"):
-        rt.rtn_fused(W.T, 4, 8, True)
+        rt.rtn_fused([W.T], 4, 8, True)
     with pytest.raises(WeightsmithError, match="torch.float64"):
-        rt.rtn_fused(W.double(), 4, 32, True)
+        rt.rtn_fused([W.double()], 4, 32, True)
+    with pytest.raises(WeightsmithError, match=r"one shape, dtype and device.*\(8, 32\)"):
+        rt.rtn_fused([W, W[:, :32].contiguous()], 4, 32, True)
+    with pytest.raises(WeightsmithError, match="torch.bfloat16"):
+        rt.rtn_fused([W, W.bfloat16()], 4, 32, True)
+    with pytest.raises(WeightsmithError, match="1 to 65535 weights at once, got 0"):
+        rt.rtn_fused([], 4, 32, True)
     assert not rt.fusable(W.T, W.device) and not rt.fusable(W.double(), W.device)
     assert rt.fusable(W, W.device) and rt.fusable(W.half(), torch.device(DEV))
 
@@ -194,13 +238,17 @@ def assert_same_but_error_order(a, b) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_data_free_path_runs_the_kernel_in_place(monkeypatch, dtype):
     """With the kernel, a model on the device gives the batches' weights, codes and scales (errors up to
-    summation order), every weight read and written in place with no copy, the kernel run once a weight."""
+    summation order), every weight read and written in place with no copy, the kernel run once a run of
+    same-shaped weights (q/o, k/v, gate/up, down: 4 shapes), cut at MAX_RUN weights."""
     monkeypatch.setattr(df, "LOG_EVERY", 3)
+    monkeypatch.setattr(df, "MAX_RUN", 3)
     base = tiny_llama().to(dtype)
     cfg = RTN(bits=3, group_size=16, symmetric=False)
     calls = []
     real = rt.rtn_fused
-    monkeypatch.setattr(rt, "rtn_fused", lambda W, *a: calls.append(W.data_ptr()) or real(W, *a))
+    monkeypatch.setattr(
+        rt, "rtn_fused", lambda Ws, *a: calls.append([W.data_ptr() for W in Ws]) or real(Ws, *a)
+    )
     stacks = run_data_free(base, cfg, False, monkeypatch)
     assert calls == []
     model = copy.deepcopy(base).to(DEV)
@@ -211,7 +259,10 @@ def test_data_free_path_runs_the_kernel_in_place(monkeypatch, dtype):
     with watch:
         got = list(df.compress_data_free(layers, lambda W: cfg.quantize(W, None), torch.device(DEV), False,
                                          cfg.batched_quantize))  # fmt: skip
-    assert calls == ptrs
+    runs = df.batches(layers, df.BATCH_BYTES)  # one run a shape (the model is small)
+    assert len(runs) == 4 and [len(r) for r in runs] == [4, 4, 4, 2]
+    runs = [r[k : k + 3] for r in runs for k in range(0, len(r), 3)]  # MAX_RUN = 3
+    assert calls == [[ptrs[i] for i in run] for run in runs]
     assert watch.seen == [] or INTERPRETED  # the interpreter itself copies a kernel's tensors in and out
     assert [ly.weight().data_ptr() for ly in layers] == ptrs
     assert_same_but_error_order(stacks, (layers, got))
@@ -230,22 +281,42 @@ def test_weights_the_kernel_cannot_take_go_through_the_loop(monkeypatch):
     assert df.fused_quantizer(cfg.batched_quantize, torch.device(DEV)) is None
 
 
+def hopper_ptx_specialised(const: dict[str, object]) -> str:
+    """The kernel's PTX for sm_90 as a launch on a GPU specialises it: the pointers and the group size
+    divisible by 16 (``hopper_ptx`` without the ``tt.divisibility`` attributes that let loads vectorise)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rtn = rt._kernel()
+    sig = {"T": "*i64", "Q": "*u8", "P": "*fp32", "rows": "i32", "g": "i32", "div": "fp32", "top": "fp32",
+           "zsym": "fp32", **dict.fromkeys(const, "constexpr")}  # fmt: skip
+    attrs = {(rtn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ("T", "Q", "P", "g")}
+    src = ASTSource(fn=rtn, signature=sig, constexprs=const, attrs=attrs)
+    try:
+        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    except (ImportError, FileNotFoundError) as exc:  # no ptxas in this Triton build
+        pytest.skip(f"Triton cannot compile for sm_90 here: {exc}")
+    return str(out.asm["ptx"])
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles: not under the interpreter")
 def test_compiled_for_hopper_with_exact_division_and_no_fma():
     """The kernel as the GPU runs it (PTX for sm_90, compiled here without a GPU): IEEE divisions only, no
-    fused multiply-add, the rounding additions in place; the finishing kernel sums in float64."""
-    rtn, finish = rt._kernels()
-    sig = {"W": "*bf16", "Q": "*u8", "S": "*fp32", "Z": "*fp32", "P": "*fp32", "rows": "i32", "g": "i32",
-           "div": "fp32", "top": "fp32", "zsym": "fp32"}  # fmt: skip
-    for sym in (True, False):
-        const = {"SYM": sym, "RCP": True, "BF16": True, "BLOCK_R": 32, "CHUNK": 128}
-        ptx = hopper_ptx(rtn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
+    fused multiply-add, the rounding additions in place, 16-byte loads of the weights when they are aligned.
+    Includes float32 asymmetric per channel in chunks of 2048, which Triton 3.6 refused
+    ("loopResult.hasOneUse()" in TritonGPUOptimizeThreadLocality) while an accumulator had two uses after
+    its loop."""
+    tl = pytest.importorskip("triton.language")
+    cases = ((tl.bfloat16, True, True, 32, 128), (tl.float32, False, True, 2, 2048),
+             (tl.float16, False, False, 4, 1024))  # fmt: skip
+    for elt, sym, aligned, block_r, chunk in cases:
+        const = {"ELT": elt, "SYM": sym, "RCP": True, "ALIGNED": aligned, "BLOCK_R": block_r, "CHUNK": chunk}
+        ptx = hopper_ptx_specialised(const)
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
         assert "fma." not in ptx and "mul.rn.f32" in ptx
         assert "0f4B400000" in ptx  # 1.5 * 2^23, the round-half-to-even addition
-    ptx = hopper_ptx(finish, {"P": "*fp32", "out": "*fp32", "n": "i32", "BLOCK": "constexpr"},
-                     {"BLOCK": 1024})  # fmt: skip
-    assert "add.rn.f64" in ptx or "add.f64" in ptx
+        assert ("ld.global.v4.b32" in ptx) == aligned, const
 
 
 @needs_cuda

@@ -15,10 +15,11 @@ A data-free method reads each weight once and writes it back once. Two cases:
   is elementwise, and the errors are summed row by row (:func:`relative_error`). Where the method also has
   an in-place one-kernel quantiser (``fused_quantize``, see :func:`fused_quantizer`; RTN's Triton kernel,
   compress/_rtn_triton.py) and the device is in :data:`FUSED_DEVICES` with Triton installed, that runs
-  instead, one launch pair a weight: each weight is read once and ``Ŵ`` written over it once, with its codes,
-  scales and zeros bit-identical to the batches; only the errors' summation order differs (about 1e-7
-  relative). A weight the kernel cannot take in place (Conv1D's transposed weight, another dtype or device)
-  goes through the loop.
+  instead (:func:`_fused`), one launch a run of same-shaped weights (the runs of :func:`batches`, with no
+  float32 stack: the kernel reads each parameter where it is): each weight is read once and ``Ŵ`` written
+  over it once, with its codes, scales and zeros bit-identical to the batches; only the errors' summation
+  order differs (about 1e-7 relative). A run the kernel cannot take in place (Conv1D's transposed weights,
+  another dtype or device) goes through the loop.
 - **The model is in host memory and the arithmetic on a GPU**: :func:`_overlapped` moves exactly one copy of
   each weight to the device and one copy of ``Ŵ`` (in the weight's dtype) back, through a fixed ring of
   pinned slots (:class:`_Ring`, each as large as the largest weight, allocated once a call): weight ``i + 1``
@@ -53,9 +54,9 @@ Quantize = Callable[[Tensor], "Compressed"]
 # A stack [L, out, in] of float32 weights on the device → one result a weight and the stacked Ŵ [L, out, in]
 # (new memory: the caller then turns the stack into W − Ŵ in place)
 BatchQuantize = Callable[[Tensor], tuple[list["Compressed"], Tensor]]
-# The layer's own weight [out, in] (any float dtype, on the device) → its result and ‖W − Ŵ‖_F / ‖W‖_F as a
-# 0-d float32 tensor; W is overwritten with Ŵ in place
-FusedQuantize = Callable[[Tensor], tuple["Compressed", Tensor]]
+# The layers' own weights, one shape and dtype ([out, in] each, on the device) → one result each and their
+# ‖W − Ŵ‖_F / ‖W‖_F as a float32 tensor [L]; every W is overwritten with its Ŵ in place
+FusedQuantize = Callable[[list[Tensor]], tuple[Sequence["Compressed"], Tensor]]
 # Float32 temporaries of one batch: the stack of weights (made W − Ŵ in place) and Ŵ, 8 bytes a weight; a
 # model that barely fits the GPU still has room for them. Weights larger than half of it go one at a time.
 BATCH_BYTES = 512 << 20
@@ -67,6 +68,7 @@ BATCH_DEVICES = ("cuda",)
 # imports; without Triton the batches run (compress/_rtn_triton.py; tests run it on the CPU under
 # TRITON_INTERPRET)
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
+MAX_RUN = 65535  # weights a fused launch takes at most (CUDA's grid has at most 65535 blocks along y)
 LOG_EVERY = 16  # layers between two read-backs of the errors (each read-back is one device sync)
 SLOTS = 2  # pinned slots each way: weight i + 1 is staged while weight i is on the device
 
@@ -110,37 +112,29 @@ class _Errors:
         self.items.clear()
 
 
+def _one(ly: Layer, quantize: Quantize, dev: torch.device) -> tuple[Compressed, Tensor]:
+    """One layer through ``quantize``: the parameter itself when already float32 on ``dev`` (an alias: the
+    error is taken before ``Ŵ`` overwrites it), else a copy on ``dev``; Conv1D's transposed weight is made
+    contiguous (one copy on ``dev``) so that every path sums the error in the same order."""
+    W = ly.weight().detach().to(dev, torch.float32).contiguous()
+    qw = quantize(W)
+    W_hat = qw.dequantize()
+    err = relative_error(W, W_hat)
+    ly.write(W_hat)
+    return qw, err
+
+
 def _resident(
     layers: Sequence[Layer], quantize: Quantize, dev: torch.device, batched: BatchQuantize | None = None
 ) -> Iterator[DataFreeResult]:
-    """Layer by layer on ``dev``; a weight already there in float32 is quantised through an alias of its
-    parameter (no copy), so the error is taken before ``Ŵ`` overwrites it. A weight elsewhere is copied.
-    With ``batched``, on a device of :data:`BATCH_DEVICES`: the method's fused kernel where it has one and it
-    runs here (:func:`fused_quantizer`), else same-shaped weights in stacks (:func:`_batched`)."""
-    fused = None
+    """Layer by layer on ``dev`` (:func:`_one`). With ``batched``, on a device of :data:`BATCH_DEVICES`: the
+    method's fused kernel where it has one and it runs here (:func:`fused_quantizer`, :func:`_fused`), else
+    same-shaped weights in stacks (:func:`_batched`)."""
+    runs = _looped(layers, quantize, dev)
     if batched is not None and dev.type in BATCH_DEVICES:
         fused = fused_quantizer(batched, dev)
-        if fused is None:
-            yield from _batched(layers, batched, dev)
-            return
-    errors = _Errors()
-    for ly in layers:
-        W = ly.weight().detach()
-        if fused is not None and _fusable(W, dev):
-            qw, err = fused(W)  # one kernel: W read once, Ŵ written over it
-            errors.add(ly, qw, err)
-        else:
-            # the parameter itself when already float32 on dev; Conv1D's transposed weight is made contiguous
-            # (one copy on dev) so that every path sums the error in the same order
-            W = W.to(dev, torch.float32).contiguous()
-            qw = quantize(W)
-            W_hat = qw.dequantize()
-            errors.add(ly, qw, relative_error(W, W_hat))
-            ly.write(W_hat)
-        if len(errors.items) >= LOG_EVERY:
-            yield from errors.flush()
-    if errors.items:
-        yield from errors.flush()
+        runs = _batched(layers, batched, dev) if fused is None else _fused(layers, fused, quantize, dev)
+    return _in_order(layers, runs)
 
 
 def batches(layers: Sequence[Layer], budget: int) -> list[list[int]]:
@@ -166,12 +160,21 @@ def _stack(layers: Sequence[Layer], dev: torch.device) -> Tensor:
     return torch.stack(Ws, out=torch.empty((len(Ws), *Ws[0].shape), dtype=torch.float32, device=dev))
 
 
-def _batched(layers: Sequence[Layer], quantize: BatchQuantize, dev: torch.device) -> Iterator[DataFreeResult]:
+# A run of :func:`batches` done: its layers' indices, one result each and their errors (float32 [L] or a list
+# of 0-d tensors, on the device)
+Run = tuple[list[int], Sequence["Compressed"], Tensor | Sequence[Tensor]]
+
+
+def _looped(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> Iterator[Run]:
+    """Every layer a run of its own, through :func:`_one`."""
+    for i, ly in enumerate(layers):
+        qw, err = _one(ly, quantize, dev)
+        yield [i], [qw], [err]
+
+
+def _batched(layers: Sequence[Layer], quantize: BatchQuantize, dev: torch.device) -> Iterator[Run]:
     """The weights in runs of :func:`batches`: each run stacked, quantised in one go, its errors taken with
-    one reduction each way and every ``Ŵ`` written back; the results come out in layer order, the errors
-    read back in groups of :data:`LOG_EVERY` as in :func:`_resident`."""
-    done: dict[int, tuple[Compressed, Tensor]] = {}
-    errors, nxt = _Errors(), 0
+    one reduction each way and every ``Ŵ`` written back."""
     for run in batches(layers, BATCH_BYTES):
         Ws = _stack([layers[i] for i in run], dev)
         results, W_hat = quantize(Ws)
@@ -179,6 +182,35 @@ def _batched(layers: Sequence[Layer], quantize: BatchQuantize, dev: torch.device
         errs = _ratio(frobenius(Ws.sub_(W_hat)), den)  # the stack is ours: W − Ŵ in place
         for j, i in enumerate(run):
             layers[i].write(W_hat[j])
+        yield run, results, errs
+
+
+def _fused(
+    layers: Sequence[Layer], fused: FusedQuantize, quantize: Quantize, dev: torch.device
+) -> Iterator[Run]:
+    """The weights in runs of :func:`batches`, each run quantised in place by one call of the method's fused
+    kernel; a run the kernel cannot take in place (Conv1D's transposed weights, another dtype or device)
+    goes through :func:`_one`, a layer at a time. A run is every weight of a shape (up to :data:`MAX_RUN`):
+    the kernel makes no temporaries to bound."""
+    runs = batches(layers, 1 << 62)
+    for run in (r[k : k + MAX_RUN] for r in runs for k in range(0, len(r), MAX_RUN)):
+        Ws = [layers[i].weight().detach() for i in run]
+        if all(_fusable(W, dev) for W in Ws):
+            yield run, *fused(Ws)
+        else:
+            done = [_one(layers[i], quantize, dev) for i in run]
+            yield run, [qw for qw, _ in done], [e for _, e in done]
+
+
+def _in_order(layers: Sequence[Layer], runs: Iterator[Run]) -> Iterator[DataFreeResult]:
+    """The results of ``runs`` in layer order, their errors read back in groups of :data:`LOG_EVERY` (one
+    device sync a group)."""
+    done: dict[int, tuple[Compressed, Tensor]] = {}
+    errors, nxt = _Errors(), 0
+    for run, results, errs in runs:
+        if isinstance(errs, Tensor):
+            errs = errs.unbind()  # one call for the run's views
+        for j, i in enumerate(run):
             done[i] = (results[j], errs[j])
         while nxt in done:
             errors.add(layers[nxt], *done.pop(nxt))

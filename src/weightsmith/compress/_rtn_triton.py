@@ -1,4 +1,5 @@
-"""RTN fused into one Triton kernel a weight: read ``W`` once, write codes, scales, zeros and ``Ŵ`` once.
+"""RTN fused into one Triton kernel a run of same-shaped weights: read each ``W`` once, write its codes,
+scales, zeros and ``Ŵ`` once.
 
 The arithmetic is RTN on the min-max grid of :mod:`._grid` ("Quantizing deep convolutional networks for
 efficient inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4), step for step as
@@ -12,7 +13,7 @@ efficient inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4), step for ste
 
 so the codes, scales, zeros and ``Ŵ`` are bit-identical to :func:`._grid.rtn_with_dequant` on the same
 device: every division is correctly rounded (``div_rn``, as torch's tensor ``/``), rounding is half to even
-(as ``torch.round``; the exact addition form of :data:`_RINT`), no multiply-add is fused (the kernels are
+(as ``torch.round``; the exact addition form of :data:`_RINT`), no multiply-add is fused (the kernel is
 launched with ``enable_fp_fusion=False``), and the division of the range by the constant follows torch: on
 CUDA a division by a Python number is a multiplication by its float32 reciprocal (ATen's
 ``div_true_kernel_cuda``), on the CPU (Triton's interpreter, for tests) a true division. ``Ŵ`` is cast to the
@@ -20,13 +21,17 @@ weight's dtype (round to nearest even, as ``Tensor.to``; by hand for bfloat16, w
 truncates) and written over ``W``.
 
 The error ``‖W − Ŵ‖_F / ‖W‖_F`` (``Ŵ`` in float32, before the cast, as the torch path takes it) comes from
-per-program float32 partial sums of ``w²`` and ``(w − ŵ)²`` reduced in float64 by a second, one-program
-kernel: deterministic, equal to the torch path's value up to summation order (about 1e-7 relative).
+per-program float32 partial sums of ``w²`` and ``(w − ŵ)²``, added in float64 by torch once a run:
+deterministic, equal to the torch path's value up to summation order (about 1e-7 relative).
 
 A weight ``[out, in]`` split into groups of ``g`` (``g = in`` per channel) is, contiguous, a matrix
 ``[out · in / g, g]`` of group rows; each program takes :data:`TILE` elements' worth of group rows and runs
 over them twice in chunks of at most :data:`MAX_CHUNK` columns (min/max, then codes and ``Ŵ``; the second
-read comes from cache), so a per-channel group of any length fits.
+read comes from cache), so a per-channel group of any length fits. The weights of a run are separate
+parameters: the grid is (programs a weight, weights), and each program reads its weight's address (and those
+of the weight's scales and zeros) from an int64 table and turns it into a pointer, as Triton's grouped-GEMM
+tutorial does; so a run of ``L`` weights is one launch, one table copied to the device and four allocations
+(codes, partial sums, table; scales and zeros are one small allocation each a weight), with no host sync.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
+from ._datafree import MAX_RUN
 from ._grid import QuantizedWeight, check_bits, grouped, qmax
 
 # rint(x) = (x + 1.5·2^23) − 1.5·2^23 for |x| < 2^22 in float32 round-to-nearest-even arithmetic: the sum lies
@@ -55,11 +62,11 @@ except ImportError:  # pragma: no cover - CI has no triton
     triton = None
 else:
     RINT = tl.constexpr(_RINT)
+    _ELT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TILE = 4096  # elements a program quantises (group rows x columns of one chunk)
 MAX_CHUNK = 2048  # columns a program holds at once (a longer group is run over in chunks)
-FINISH_BLOCK = 1024  # partial sums the finishing program adds at once
 NUM_WARPS = 4
 # Devices where torch divides a tensor by a Python number as a product with the number's float32 reciprocal
 # (ATen's div_true_kernel_cuda: "optimization for floating-point types"); elsewhere (the CPU) it divides
@@ -72,27 +79,36 @@ def available() -> bool:
 
 
 def _rtn_kernel(  # type: ignore[no-untyped-def]
-    W,  # [rows, g] weights, any float dtype: read, then overwritten with Ŵ
-    Q,  # [rows, g] uint8 codes
-    S,  # [rows] float32 scales
-    Z,  # [rows] float32 zeros
-    P,  # [programs, 2] float32 partial sums of w² and (w − ŵ)²
+    T,  # [L, 3] int64 addresses of each weight's W [rows, g] (read, then overwritten with Ŵ), scales, zeros
+    Q,  # [L, rows, g] uint8 codes
+    P,  # [L, programs, 2] float32 partial sums of w² and (w − ŵ)²
     rows,
     g,
     div,  # the range's divisor, or its float32 reciprocal when RCP
     top,  # 2^b − 1
     zsym,  # 2^(b−1), the symmetric zero
+    ELT: tl.constexpr,  # the weights' dtype
     SYM: tl.constexpr,
     RCP: tl.constexpr,
-    BF16: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every weight starts on 16 bytes (so its rows' loads vectorise)
     BLOCK_R: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    j = tl.program_id(1)  # the weight
+    W = tl.load(T + 3 * j).to(tl.pointer_type(ELT))
+    S = tl.load(T + 3 * j + 1).to(tl.pointer_type(tl.float32))
+    Z = tl.load(T + 3 * j + 2).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        W = tl.multiple_of(W, 16)
+    Q += j.to(tl.int64) * rows * g
+    P += (j.to(tl.int64) * tl.num_programs(0) + pid) * 2
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < rows
     base = r.to(tl.int64) * g
     cols = tl.arange(0, CHUNK)
+    # Every loop-carried accumulator (lo, hi, sw, se) has exactly one use after its loop: Triton 3.6's
+    # TritonGPUOptimizeThreadLocality asserts it (loopResult.hasOneUse) when it rewrites a reduction in a loop
     lo = tl.zeros([BLOCK_R], tl.float32)  # starting at 0 is the clamp of the range to include 0
     hi = tl.zeros([BLOCK_R], tl.float32)
     for c in range(0, g, CHUNK):
@@ -100,10 +116,11 @@ def _rtn_kernel(  # type: ignore[no-untyped-def]
         w = tl.load(W + base[:, None] + (c + cols)[None, :], mask=m, other=0.0).to(tl.float32)
         lo = tl.minimum(lo, tl.min(w, axis=1))
         hi = tl.maximum(hi, tl.max(w, axis=1))
+    nlo = -lo  # the one use of lo (exact)
     if SYM:
-        span = tl.maximum(hi, -lo)
+        span = tl.maximum(hi, nlo)
     else:
-        span = hi - lo
+        span = hi + nlo  # = hi − lo, the same IEEE operation
     if RCP:
         scale = span * div
     else:
@@ -112,7 +129,7 @@ def _rtn_kernel(  # type: ignore[no-untyped-def]
     if SYM:
         zero = tl.full([BLOCK_R], zsym, tl.float32)
     else:
-        zero = tl.math.div_rn(-lo, scale)  # in [0, 2^b − 1]: −lo ≤ hi − lo
+        zero = tl.math.div_rn(nlo, scale)  # in [0, 2^b − 1]: −lo ≤ hi − lo
         zero = tl.minimum(tl.maximum((zero + RINT) - RINT, 0.0), top)
     tl.store(S + r, scale, mask=rmask)
     tl.store(Z + r, zero, mask=rmask)
@@ -126,41 +143,27 @@ def _rtn_kernel(  # type: ignore[no-untyped-def]
         q = tl.minimum(tl.maximum((q + RINT) - RINT, 0.0), top)
         tl.store(Q + off, q.to(tl.uint8), mask=m)
         w_hat = (q - zero[:, None]) * scale[:, None]
-        if BF16:  # round to nearest even by hand (the interpreter's own cast truncates; on CUDA the same)
+        if ELT == tl.bfloat16:  # noqa: SIM300 (ELT is the argument) round to nearest even by hand
             b = w_hat.to(tl.uint32, bitcast=True)
             b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
             tl.store(W + off, b.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=m)
         else:
-            tl.store(W + off, w_hat.to(W.dtype.element_ty), mask=m)
+            tl.store(W + off, w_hat.to(ELT), mask=m)
         e = tl.where(m, w - w_hat, 0.0)
         sw += tl.sum(w * w, axis=1)
         se += tl.sum(e * e, axis=1)
-    tl.store(P + 2 * pid, tl.sum(sw, axis=0))
-    tl.store(P + 2 * pid + 1, tl.sum(se, axis=0))
-
-
-def _finish_kernel(P, out, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-    """out = sqrt(Σ (w − ŵ)² / Σ w²) from the [n, 2] partial sums, added in float64."""
-    i = tl.arange(0, BLOCK)
-    aw = tl.zeros([BLOCK], tl.float64)
-    ae = tl.zeros([BLOCK], tl.float64)
-    for start in range(0, n, BLOCK):
-        m = (start + i) < n
-        aw += tl.load(P + 2 * (start + i), mask=m, other=0.0).to(tl.float64)
-        ae += tl.load(P + 2 * (start + i) + 1, mask=m, other=0.0).to(tl.float64)
-    sw = tl.sum(aw, axis=0)
-    se = tl.sum(ae, axis=0)
-    tl.store(out, tl.sqrt(se / tl.maximum(sw, 1e-60)).to(tl.float32))
+    tl.store(P, tl.sum(sw, axis=0))
+    tl.store(P + 1, tl.sum(se, axis=0))
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any]:
-    """The two kernels, jitted on first use. (Triton's interpreter, for tests on the CPU, needs
-    ``TRITON_INTERPRET=1`` before Triton is imported: its own library functions are jitted then.)"""
-    # one compilation serves every number of rows / programs (the group size stays specialised: a multiple
-    # of 16 lets the loads vectorise)
-    rtn = triton.jit(_rtn_kernel, do_not_specialize=["rows"])
-    return rtn, triton.jit(_finish_kernel, do_not_specialize=["n"])
+def _kernel() -> Any:
+    """The kernel, jitted on first use (Triton's interpreter, for tests on the CPU, needs
+    ``TRITON_INTERPRET=1`` before Triton is imported: its own library functions are jitted then). One
+    compilation serves every number of weights and of group rows: ``rows`` is not specialised, the number of
+    weights is a grid dimension, and the addresses come in a tensor; the group size stays specialised (a
+    multiple of 16 lets the loads vectorise), as are the dtype, the grid type and the tile shape."""
+    return triton.jit(_rtn_kernel, do_not_specialize=["rows"])
 
 
 def _interpreting() -> bool:
@@ -180,45 +183,77 @@ def _divisor(bits: int, symmetric: bool, reciprocal: bool) -> float:
 
 
 def launch_shape(rows: int, g: int) -> tuple[int, int, int]:
-    """(group rows a program, chunk columns, programs) for ``rows`` groups of ``g``."""
+    """(group rows a program, chunk columns, programs a weight) for ``rows`` groups of ``g``."""
     chunk = min(triton.next_power_of_2(g), MAX_CHUNK)
     block_r = min(max(1, TILE // chunk), triton.next_power_of_2(rows))
     return block_r, chunk, triton.cdiv(rows, block_r)
 
 
-def rtn_fused(W: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[QuantizedWeight, Tensor]:
-    """RTN of ``W`` [out, in] (float32, bfloat16 or float16, contiguous) in two launches: returns the
-    quantised weight and ``‖W − Ŵ‖_F / ‖W‖_F`` (a 0-d float32 tensor on W's device; no host sync), and
-    overwrites ``W`` with ``Ŵ`` in its dtype. ``group_size = 0``: per channel."""
+def _check(Ws: Sequence[Tensor]) -> None:
+    """Refuse what the kernel cannot take in place: a weight that is not a contiguous [out, in] float32,
+    bfloat16 or float16 tensor, or weights of different shapes, dtypes or devices."""
+    if not 0 < len(Ws) <= MAX_RUN:
+        raise WeightsmithError(f"fused RTN takes 1 to {MAX_RUN} weights at once, got {len(Ws)}")
+    W0 = Ws[0]
+    for W in Ws:
+        if W.dim() != 2 or W.dtype not in DTYPES or not W.is_contiguous():
+            raise WeightsmithError(
+                f"fused RTN takes a contiguous [out, in] float32/bfloat16/float16 weight, got {W.dtype} "
+                f"{tuple(W.shape)} (contiguous: {W.is_contiguous()})"
+            )
+        if W.shape != W0.shape or W.dtype != W0.dtype or W.device != W0.device:
+            raise WeightsmithError(
+                f"fused RTN quantises weights of one shape, dtype and device at once, got {W.dtype} "
+                f"{tuple(W.shape)} on {W.device} with {W0.dtype} {tuple(W0.shape)} on {W0.device}"
+            )
+
+
+def _addresses(rows: list[list[int]], dev: torch.device) -> Tensor:
+    """The int64 table on ``dev`` without a host sync (pinned memory, copied asynchronously; the caching
+    host allocator keeps the pinned block until the copy is done)."""
+    if dev.type != "cuda":
+        return torch.tensor(rows, dtype=torch.int64)
+    return torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(dev, non_blocking=True)
+
+
+def rtn_fused(
+    Ws: Sequence[Tensor], bits: int, group_size: int, symmetric: bool
+) -> tuple[list[QuantizedWeight], Tensor]:
+    """RTN of the same-shaped weights ``Ws`` (each [out, in], float32, bfloat16 or float16, contiguous) in
+    one launch: returns one quantised weight each and ``‖W − Ŵ‖_F / ‖W‖_F`` of each as a float32 tensor [L]
+    on their device (no host sync), and overwrites every ``W`` with its ``Ŵ`` in its dtype. The codes of the
+    run are one allocation [L, out, in] (each result holds a view); each weight's scales and zeros are its
+    own (a checkpoint writer refuses tensors that share storage). ``group_size = 0``: per channel."""
     if triton is None:
         raise WeightsmithError("the fused RTN kernel needs triton (pip install triton)")
     check_bits(bits)
-    if W.dim() != 2 or W.dtype not in DTYPES or not W.is_contiguous():
-        raise WeightsmithError(
-            f"fused RTN takes a contiguous [out, in] float32/bfloat16/float16 weight, got {W.dtype} "
-            f"{tuple(W.shape)} (contiguous: {W.is_contiguous()})"
-        )
-    out_f, in_f = W.shape
-    g = grouped(W, group_size).shape[-1]  # checks that the group size divides the input size
-    rows = W.numel() // g
+    _check(Ws)
+    W0 = Ws[0]
+    out_f, in_f = W0.shape
+    g = grouped(W0, group_size).shape[-1]  # checks that the group size divides the input size
+    rows = W0.numel() // g
     block_r, chunk, programs = launch_shape(rows, g)
-    dev = W.device
-    q = torch.empty((out_f, in_f), dtype=torch.uint8, device=dev)
-    scale = torch.empty((out_f, in_f // g), dtype=torch.float32, device=dev)
-    zero = torch.empty_like(scale)
-    part = torch.empty((programs, 2), dtype=torch.float32, device=dev)
-    rel = torch.empty((), dtype=torch.float32, device=dev)
+    dev, n = W0.device, len(Ws)
+    q = torch.empty((n, out_f, in_f), dtype=torch.uint8, device=dev)
+    scales = [torch.empty((out_f, in_f // g), dtype=torch.float32, device=dev) for _ in range(2 * n)]
+    part = torch.empty((n, programs, 2), dtype=torch.float32, device=dev)
+    table = [
+        [W.data_ptr(), s.data_ptr(), z.data_ptr()] for W, s, z in zip(Ws, scales[:n], scales[n:], strict=True)
+    ]
+    aligned = all(a % 16 == 0 for a, _, _ in table)
     rcp = dev.type in RECIPROCAL_DEVICES
-    rtn, finish = _kernels()
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        rtn[(programs,)](
-            W.detach(), q, scale, zero, part, rows, g,
+        _kernel()[(programs, n)](
+            _addresses(table, dev), q, part, rows, g,
             _divisor(bits, symmetric, rcp), float(qmax(bits)), float(1 << (bits - 1)),
-            SYM=symmetric, RCP=rcp, BF16=W.dtype == torch.bfloat16, BLOCK_R=block_r, CHUNK=chunk,
+            ELT=_ELT[W0.dtype], SYM=symmetric, RCP=rcp, ALIGNED=aligned, BLOCK_R=block_r, CHUNK=chunk,
             num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
-        finish[(1,)](part, rel, programs, BLOCK=FINISH_BLOCK, enable_fp_fusion=False)
-    return QuantizedWeight(q, scale, zero, bits, group_size, symmetric), rel
+    sums = part.double().sum(1)  # [L, 2]: Σ w², Σ (w − ŵ)² in float64
+    rel = sums[:, 1].div_(sums[:, 0].clamp_min(1e-60)).sqrt_().float()
+    keep = (bits, group_size, symmetric)
+    results = [QuantizedWeight(c, s, z, *keep) for c, s, z in zip(q, scales[:n], scales[n:], strict=True)]
+    return results, rel
 
 
 def fusable(W: Tensor, dev: torch.device) -> bool:

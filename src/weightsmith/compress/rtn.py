@@ -4,10 +4,12 @@ Each group of ``group_size`` weights of a row is mapped to ``q = clamp(round(w /
 its min-max grid and read back as ``ŵ = s (q − z)`` ("Quantizing deep convolutional networks for efficient
 inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4); symmetric grids fix ``z = 2^(b−1)``. Every step is
 per group, so a stack of same-shaped weights is quantised in one go (:meth:`RTN.batched_quantize`), and on
-CUDA each weight in one fused Triton kernel, in place (:meth:`RTN.fused_quantize`).
+CUDA a run of same-shaped weights in one fused Triton kernel launch, in place (:meth:`RTN.fused_quantize`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -32,11 +34,12 @@ class RTN(CompressConfig):
         assert W_hat is not None
         return qw.split(), W_hat
 
-    def fused_quantize(self, W: Tensor) -> tuple[QuantizedWeight, Tensor]:
-        """The layer's own weight ``W`` [out, in] (float32, bfloat16 or float16, contiguous, on a CUDA device)
-        in one Triton kernel that overwrites it with ``Ŵ`` (compress/_rtn_triton.py): the result, with codes,
-        scales, zeros and ``Ŵ`` bit-identical to :meth:`batched_quantize`, and ``‖W − Ŵ‖_F / ‖W‖_F`` as a
-        0-d tensor (the data-free path's choice on CUDA, compress/_datafree.py)."""
+    def fused_quantize(self, Ws: Sequence[Tensor]) -> tuple[list[QuantizedWeight], Tensor]:
+        """The layers' own weights ``Ws`` (one shape; each [out, in], float32, bfloat16 or float16,
+        contiguous, on a CUDA device) in one Triton kernel launch that overwrites each with its ``Ŵ``
+        (compress/_rtn_triton.py): one result each, with codes, scales, zeros and ``Ŵ`` bit-identical to
+        :meth:`batched_quantize`, and their ``‖W − Ŵ‖_F / ‖W‖_F`` as a tensor [L] (the data-free path's
+        choice on CUDA, compress/_datafree.py)."""
         from ._rtn_triton import rtn_fused  # imports Triton: only when used
 
-        return rtn_fused(W, self.bits, self.group_size, self.symmetric)
+        return rtn_fused(Ws, self.bits, self.group_size, self.symmetric)
