@@ -5,9 +5,12 @@ On the CPU: (1) the new paths equal the previous ones (PST's fixed-size mask aga
 hand and on sparse updates), forward and every gradient; (2) a dispatch-level watch finds no
 host-synchronising op in a step's forward, regularizer and backward (two steps, AdamW between them),
 and does find the previous paths' ones; (3) on fake CUDA tensors (shapes only, no GPU) the forward
-makes no host-to-device copy, which the previous PST mask did; (4) PST's captured path has the same
-ops and shapes at every sparsity level, its level living in a device counter written in place. On a
-GPU (skipped here): graphed steps equal eager ones.
+gives no op a host tensor (a host-to-device copy), with or without CUDA on the machine; (4) PST's path
+has the same ops and shapes at every sparsity level, its level living in a device counter written in
+place; (5) a CPU model of a CUDA graph (record the ATen ops of one captured step, replay exactly those
+ops on exactly the tensors they touched: Python does not run again) gives the same training run as
+eager steps while PST's level rises and SaRA re-selects its support. On a GPU: the same with real
+graphs.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from weightsmith import adapters
-from weightsmith.adapters import pst_adapter
+from weightsmith.adapters import pst_adapter, sara
 from weightsmith.adapters.pst_adapter import PST, straight_through
 from weightsmith.adapters.sara import SaRA, nuclear_norm
 from weightsmith.compress._sparse import unstructured_mask
 from weightsmith.errors import WeightsmithError
 from weightsmith.linalg import polar_nuclear
+from weightsmith.train.cuda_graph import GraphedStep, prepare_optimizer, unpacked_sequences
 
 torch.set_num_threads(1)
 CUDA = torch.cuda.is_available()
@@ -116,16 +121,49 @@ def fake_cuda(net: nn.Module) -> FakeTensorMode:
     return mode
 
 
+class HostCopy(AssertionError):
+    pass
+
+
+class HostCopyWatch(TorchDispatchMode):
+    """Raises ``HostCopy`` at an op that takes a host tensor into a CUDA one (mixed devices among its
+    tensors, a copy to CUDA of a host tensor): a host-to-device copy, which a CUDA graph refuses to
+    capture. Entered inside a ``FakeTensorMode``, it sees the op before the fake mode runs it, so it
+    decides the same with CUDA on the machine (where fake CUDA ops accept a host 0-dim tensor) or without
+    (where they fail for want of CUDA)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        devices = {t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        to = kwargs.get("device")
+        if "cpu" in devices and ("cuda" in devices or (to is not None and torch.device(to).type == "cuda")):
+            raise HostCopy(f"{func}: a host tensor goes to the GPU")
+        return func(*args, **kwargs)
+
+
 @pytest.mark.parametrize("name", sorted(CAPTURABLE))
 def test_forward_on_fake_cuda_copies_nothing_from_the_host(name, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     net = step_model(CAPTURABLE[name])
     mode = fake_cuda(net)
-    with mode, torch.no_grad():
+    with mode, torch.no_grad(), HostCopyWatch():
         y = net(torch.randn(3, 24, device="cuda")).sum() + adapters.adapter_regularization(net)
     assert y.device.type == "cuda"
-    with mode, pytest.raises(RuntimeError, match="cuda"):  # the previous mask's host scalar
-        unstructured_mask(torch.randn(6, 8, device="cuda"), 0.5, "layer")
+
+
+def test_the_host_copy_watch_finds_host_tensors_on_fake_cuda():
+    """``keep[idx] = False`` (the previous mask) on a CUDA tensor hands ``index_put_`` a host 0-dim tensor
+    (without CUDA the fake mode fails before that, inside the C++ setitem: written out here instead)."""
+    mode = FakeTensorMode()
+    with mode:
+        keep = torch.ones(6, 8, dtype=torch.bool, device="cuda").view(-1)
+        idx = torch.arange(4, device="cuda")
+    with mode, HostCopyWatch(), pytest.raises(HostCopy, match="index_put"):
+        keep.index_put_((idx,), torch.tensor(False))
+    with mode, HostCopyWatch(), pytest.raises(HostCopy, match="_to_copy"):  # t.to("cuda") of a host t
+        torch.ops.aten._to_copy.default(torch.ones(2), device=torch.device("cuda"))
+    with mode, HostCopyWatch():
+        keep.index_fill_(0, idx, False)  # the scalar as a kernel argument: no copy
 
 
 @pytest.mark.parametrize("capturing", [False, True])
@@ -152,10 +190,9 @@ def test_sara_svd_solver_is_refused_while_capturing(monkeypatch):
 
 
 def previous_pruned(a: pst_adapter.PSTAdapter, W0: torch.Tensor, level: float) -> torch.Tensor:
-    """The previous implementation: ``unstructured_mask`` (a ``topk`` of the level's count)."""
+    """The previous implementation (``unstructured_mask``: a ``topk`` of the level's count), taking the
+    masked path at level 0 too (an all-ones mask: the straight-through gradient reaches the scores)."""
     W = a.updated(W0)
-    if level <= 0:
-        return W
     S = a.importance(W, W0)
     return straight_through(unstructured_mask(S.detach(), level, a.scope), S) * W
 
@@ -196,10 +233,27 @@ def test_pst_level_is_a_device_counter_written_in_place():
         a.level = 0.7  # above the final sparsity: the fixed-size top-k would be too short
 
 
-def test_pst_captured_path_has_the_same_ops_at_every_level(monkeypatch):
-    """While capturing, the forward and backward launch the same ops with the same shapes at level 0,
-    on the ramp and at the end (a replay reads the new level from ``drop``), and compute that level."""
-    monkeypatch.setattr(pst_adapter, "capturing", lambda t: True)
+def test_pst_level_zero_is_the_unpruned_weight_and_trains_the_scores():
+    """At level 0 the forward value is ``W0 + s B A`` exactly and the scores get ``∂L/∂W' ⊙ W`` (the
+    eager step takes the masked path a replayed one takes: the same gradients, the same AdamW state)."""
+    net = step_model(PST(sparsity=0.5, rank=2, score_rank=2, ramp=0.5))
+    ((_, layer), _) = adapters.adapted_layers(net)
+    a = layer.adapters["default"]
+    W0 = layer.base.weight.detach()
+    assert a.level == 0.0
+    W = a.updated(W0)
+    torch.testing.assert_close(a.pruned(W0), W, rtol=0, atol=0)
+    G = torch.randn(W.shape)
+    (a.pruned(W0) * G).sum().backward()
+    dS = G * W.detach()  # ∂L/∂M with M = 1
+    torch.testing.assert_close(a.score_R.grad, dS.sum(1))
+    torch.testing.assert_close(a.score_C.grad, dS.sum(0))
+    torch.testing.assert_close(a.score_B.grad, dS @ a.score_A.detach().T)
+
+
+def test_pst_path_has_the_same_ops_at_every_level():
+    """The forward and backward launch the same ops with the same shapes at level 0, on the ramp and at
+    the end (a replay reads the new level from ``drop``), and compute that level."""
     net = step_model(PST(sparsity=0.5, rank=2, score_rank=2, ramp=0.5))
     ((_, layer), _) = adapters.adapted_layers(net)
     a = layer.adapters["default"]
@@ -271,6 +325,26 @@ def test_qdwh_with_empty_rows_agrees_on_the_support():
     assert not a1.grad[[3, 17]].any()
 
 
+@pytest.mark.parametrize("solver", ["svd", "qdwh"])
+def test_rank_deficient_subgradient_is_the_minimum_norm_one(solver):
+    """A sparse ΔW of exact rank 2 of 3 with no empty row or column (SaRA's supports are like this):
+
+        A = [[1, 1, 0], [1, 1, 0], [0, 0, 2], [0, 0, 2]],   σ = (2√2, 2, 0),   ‖A‖_* = 2 + 2√2,
+        ∂‖A‖_* = U Vᵀ = [[½, ½, 0], [½, ½, 0], [0, 0, 1/√2], [0, 0, 1/√2]]   (nothing on the null pair),
+
+    by hand, from both solvers: the SVD's own null vectors are arbitrary (cut at the numerical rank), so an
+    eager SVD step and a captured QDWH step of a rank-deficient SaRA update agree."""
+    A = torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 2], [0, 0, 2]])
+    r = 2**-0.5
+    P = torch.tensor([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, r], [0, 0, r]])
+    for M, want in ((A, P), (A.T, P.T)):  # both orientations
+        a = M.clone().requires_grad_()
+        value = nuclear_norm(a, solver)
+        value.backward()
+        assert float(value.detach()) == pytest.approx(2 + 2 * 2**0.5, rel=1e-6)
+        torch.testing.assert_close(a.grad, want, rtol=0, atol=1e-6)
+
+
 def test_qdwh_on_an_ill_conditioned_matrix():
     g = torch.Generator().manual_seed(0)
     U = torch.linalg.qr(torch.randn(60, 40, generator=g, dtype=torch.float64))[0]
@@ -294,13 +368,15 @@ def test_sara_penalty_with_qdwh_equals_the_svd_penalty():
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-7)
 
 
-def test_sara_reselection_zeroes_moments_at_once_for_a_seen_optimizer():
+@pytest.mark.parametrize("copied", [False, True], ids=["built", "deepcopied"])
+def test_sara_reselection_zeroes_moments_at_once_for_a_seen_optimizer(copied):
     """With the optimizer step inside a CUDA graph no optimizer hook runs at replay: re-selection (eager,
     between replays) zeroes the entering slots' moments in place itself, once an eager step has shown
-    which optimizer holds the values; nothing is left queued for a hook."""
-    from weightsmith.adapters import sara
-
+    which optimizer holds the values; nothing is left queued for a hook. A deep copy of the model (whose
+    adapters ``__init__`` never built) is watched too."""
     net = step_model(SaRA(density=0.25, nuclear=0.0, reselect_every=1))
+    if copied:
+        net = copy.deepcopy(net)
     ((_, layer), _) = adapters.adapted_layers(net)
     a = layer.adapters["default"]
     opt = torch.optim.AdamW(adapters.adapter_parameters(net), lr=1e-2)
@@ -328,44 +404,136 @@ def test_sara_bad_nuclear_solver_names_the_option():
         nuclear_norm(torch.ones(3, 2), "eigh")
 
 
-# ----------------------------------------------------------------------------------- on a GPU
+# ------------------------------------------------------------- graphed against eager (CPU model, GPU)
 
 
-def tiny_llama_adapted(cfg: Any) -> nn.Module:
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, Any, Any, Any]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+class _RecordedStep:
+    """The ATen ops of one step with the very tensors they read and wrote (kept alive, as a graph's pool
+    keeps its memory). ``replay`` runs each op again on those tensors and writes its result into the
+    tensor the op wrote at capture (in-place ops and views write there already): Python scalars, branches
+    and attribute look-ups are those of the capture. The first replay is the capture's own step, which
+    ran while recording (a CUDA capture runs nothing; ``GraphedStep`` replays right after it)."""
+
+    def __init__(self, ops: list[tuple[Any, Any, Any, Any]]) -> None:
+        self.ops, self.replays = ops, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        if self.replays == 1:
+            return
+        with torch.no_grad():
+            for func, args, kwargs, out in self.ops:
+                new = func(*args, **kwargs)
+                if func.__name__.startswith(("empty", "new_empty")):
+                    continue  # no kernel: memory as it is
+                for was, now in zip(tree_leaves(out), tree_leaves(new), strict=True):
+                    if not isinstance(was, torch.Tensor):
+                        continue
+                    if was.untyped_storage().data_ptr() != now.untyped_storage().data_ptr():
+                        assert was.shape == now.shape, f"{func}: data-dependent shape"
+                        was.copy_(now)
+
+
+class CpuGraphs:
+    """A ``GraphBackend`` for :class:`GraphedStep` on the CPU that replays like a CUDA graph: the same
+    kernels on the same addresses, no Python. ``recording`` is what ``capturing()`` says meanwhile."""
+
+    def __init__(self) -> None:
+        self.recording = False
+
+    def check(self, device: torch.device) -> None:
+        pass
+
+    def prepare(self, optimizer: torch.optim.Optimizer) -> None:
+        prepare_optimizer(optimizer)  # capturable: AdamW's step count and bias correction as tensors
+
+    def eager(self, fn: Any, watch: bool = False) -> Any:
+        return fn()
+
+    def capture(self, fn: Any) -> _RecordedStep:
+        recorder, self.recording = _Recorder(), True
+        try:
+            with recorder:
+                fn()
+        finally:
+            self.recording = False
+        return _RecordedStep(recorder.ops)
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> CpuGraphs:
+    import importlib
+
+    backend = CpuGraphs()
+    monkeypatch.setattr(sara, "capturing", lambda t: backend.recording)
+    adam = importlib.import_module("torch.optim.adam")  # capturable AdamW on CPU tensors (as on CUDA)
+    monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda *a, **k: ["cpu", "cuda"])
+    return backend
+
+
+def test_the_cpu_graph_replays_kernels_not_python(cpu_graphs):
+    """The model can fail: after capture an in-place write is followed, a new Python float or a rebound
+    buffer is not (the graph keeps the captured ones), exactly as with a CUDA graph."""
+
+    class Toy(nn.Module):
+        shift: torch.Tensor
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+            self.scale = 1.0
+            self.register_buffer("shift", torch.zeros(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return ((self.w * self.scale + self.shift) * x).sum()
+
+    toy, x = Toy(), {"x": torch.tensor([1.0, 2.0, 3.0])}
+    step = GraphedStep(toy, None, lambda m, b: m(b["x"]), x, warmup=1, backend=cpu_graphs)
+    assert [float(step(x)) for _ in range(3)] == [6.0, 6.0, 6.0]  # eager, capture, replay
+    toy.shift.fill_(1.0)
+    assert float(step(x)) == 12.0 and float(toy(x["x"]).detach()) == 12.0
+    toy.scale = 2.0
+    assert float(step(x)) == 12.0 and float(toy(x["x"]).detach()) == 18.0
+    toy.shift = torch.full((3,), 5.0)
+    assert float(step(x)) == 12.0 and float(toy(x["x"]).detach()) == 42.0
+
+
+def tiny_llama_adapted(cfg: Any, device: str, layers: int) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    conf = LlamaConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+    conf = LlamaConfig(hidden_size=32, num_hidden_layers=layers, intermediate_size=64, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)  # fmt: skip
     conf._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = nn.Module.to(LlamaForCausalLM(conf), "cuda")
+    model = nn.Module.to(LlamaForCausalLM(conf), device)
     adapters.adapt(model, cfg, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad and n.endswith((".B", ".values")):
-                p.normal_(0, 0.02, generator=torch.Generator("cuda").manual_seed(1))
+                p.normal_(0, 0.02, generator=torch.Generator(device).manual_seed(1))
     return model.train()
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        PST(sparsity=0.5, rank=4, score_rank=2, ramp=0.5),
-        SaRA(density=0.1, nuclear=1e-2),
-        SaRA(density=0.1, nuclear=1e-2, reselect_every=2),
-    ],
-    ids=["pst-ramp", "sara-auto", "sara-reselect"],
-)
-def test_graphed_step_equals_eager_on_a_gpu(cfg):
-    """The whole step captured once and replayed follows the eager run while PST's level rises and while
-    SaRA re-selects its support between replays (fresh moments without an optimizer hook)."""
-    from weightsmith.train.cuda_graph import GraphedStep, unpacked_sequences
-
-    ref = tiny_llama_adapted(cfg)
+def graphed_equals_eager(cfg: Any, device: str, backend: Any = None, layers: int = 2) -> None:
+    """Five AdamW steps of a tiny adapted Llama, eager against one graph captured at the second step and
+    replayed after it, ``adapter_step`` between steps (PST's level rises, SaRA re-selects at steps 2, 4).
+    The graphed model is a ``deepcopy`` of the eager one, as a user's copy would be."""
+    ref = tiny_llama_adapted(cfg, device, layers)
     model = copy.deepcopy(ref)
     g = torch.Generator().manual_seed(3)
-    data = [{"input_ids": torch.randint(0, 64, (2, 8), generator=g).cuda()} for _ in range(5)]
+    data = [{"input_ids": torch.randint(0, 64, (2, 8), generator=g).to(device)} for _ in range(5)]
 
     def loss_of(m: nn.Module, b: dict[str, Any]) -> torch.Tensor:
         with unpacked_sequences():
@@ -383,11 +551,34 @@ def test_graphed_step_equals_eager_on_a_gpu(cfg):
         adapters.adapter_step(ref, i, 10)
         opt.zero_grad(set_to_none=True)
     gopt = torch.optim.AdamW(params(model), lr=1e-2, capturable=True)
-    step = GraphedStep(model, gopt, loss_of, data[0], warmup=1)
+    step = GraphedStep(model, gopt, loss_of, data[0], warmup=1, backend=backend)
     for i, b in enumerate(data):
         step(b)
         adapters.adapter_step(model, i, 10)
         gopt.zero_grad(set_to_none=True)
     assert step.captured == 1
-    for a, b in zip(params(ref), params(model), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for want, got in zip(params(ref), params(model), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+GRAPHED = {
+    "pst-ramp": PST(sparsity=0.5, rank=4, score_rank=2, ramp=0.5),
+    "sara-auto": SaRA(density=0.1, nuclear=1e-2),
+    "sara-reselect": SaRA(density=0.1, nuclear=1e-2, reselect_every=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHED))
+def test_graphed_step_equals_eager_on_the_cpu_graph_model(name, cpu_graphs):
+    """Before the fixes this failed as the H200 did: PST's eager level-0 step gave the scores no gradient,
+    so AdamW built their state inside the capture, whose zero-fill every replay repeats (max 0.043); a
+    deep-copied SaRA adapter was not watched for its optimizer, so re-selection left its moments (0.022)."""
+    graphed_equals_eager(GRAPHED[name], "cpu", cpu_graphs, layers=1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(GRAPHED))
+def test_graphed_step_equals_eager_on_a_gpu(name):
+    """The whole step captured once and replayed follows the eager run while PST's level rises and while
+    SaRA re-selects its support between replays (fresh moments without an optimizer hook)."""
+    graphed_equals_eager(GRAPHED[name], "cuda")

@@ -35,7 +35,11 @@ schedule moves: the number of dropped entries ``d_t = ⌊level_t · n⌋`` (``n`
 device counter that ``on_train_step`` overwrites in place, and the mask has one shape at every level. The
 ``d_max = ⌊sparsity · n⌋`` lowest scores of each group are found by one fixed-size ``topk`` (ascending), and
 the first ``d_t`` of them are dropped (``rank < d_t``, compared on the device): the same entries as a
-``topk`` of ``d_t`` (ties at the cut aside), since ``d_t ≤ d_max``.
+``topk`` of ``d_t`` (ties at the cut aside), since ``d_t ≤ d_max``. A training forward takes this masked
+path at every level, level 0 included (``d_0 = 0``: every entry kept, ``M = 1``), so eager and replayed
+steps run the same ops and the scores get their straight-through gradient ``∂L/∂W' ⊙ W`` from the first
+step, before the ramp prunes anything (as movement pruning's scores do during its warm-up); the forward value
+at level 0 is ``W`` exactly.
 """
 
 from __future__ import annotations
@@ -84,11 +88,6 @@ def ranked_mask(score: Tensor, most: int, drop: Tensor | int, scope: str) -> Ten
         return keep.scatter_(1, low, kept.expand_as(low))
     low = score.flatten().topk(most, largest=False).indices
     return keep.view(-1).scatter_(0, low, kept).view(score.shape)
-
-
-def capturing(t: Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of ``t``'s device."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def straight_through(mask: Tensor, score: Tensor) -> Tensor:
@@ -155,13 +154,13 @@ class PSTAdapter(Adapter):
 
     def pruned(self, W0: Tensor, sparsity: float | None = None) -> Tensor:
         """``M ⊙ (W0 + s B A)`` at ``sparsity`` (None: the current level, counted on the device) with the
-        straight-through gradient to the scores."""
+        straight-through gradient to the scores, at level 0 too (no host branch on the level: a CUDA graph
+        captured at one level replays every other, and eager steps take the same path)."""
         if sparsity is not None and not 0.0 <= sparsity <= self.sparsity:
             raise WeightsmithError(f"pst: pruned at sparsity={sparsity}, outside [0, {self.sparsity}]")
         W = self.updated(W0)
-        level = self.level if sparsity is None else sparsity
-        if self.sparsity <= 0 or (level <= 0 and not capturing(W)):
-            return W  # (a capture always takes the masked path: the level may rise between replays)
+        if self.sparsity <= 0:
+            return W
         drop = self.drop if sparsity is None else dropped(tuple(W.shape), sparsity, self.scope)
         S = self.importance(W, W0)
         return straight_through(ranked_mask(S.detach(), self.most, drop, self.scope), S) * W

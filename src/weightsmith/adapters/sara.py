@@ -28,9 +28,9 @@ scaled by k: the same total penalty gradient over k steps (for plain SGD, the sa
 synchronisation that a CUDA graph cannot capture); ``"qdwh"`` is ``linalg.polar_nuclear``, the QDWH
 polar iteration (Nakatsukasa, Bai & Gygi, 2010) with fixed weights, in float64, which never reads the
 device: ``‖ΔW‖_* = tr((U Vᵀ)ᵀ ΔW)`` from the same polar factor, equal to the SVD's to float32 round-off
-(zero singular values get zero, as on CUDA). ``"auto"`` (the default): ``qdwh`` while a CUDA graph is
-being captured, ``svd`` otherwise (eager steps keep the decomposition; on a 2-core CPU QDWH is 3-6x
-slower than LAPACK's SVD).
+(zero singular values get zero, as in ``svd``, which cuts at the numerical rank). ``"auto"`` (the
+default): ``qdwh`` while a CUDA graph is being captured, ``svd`` otherwise (eager steps keep the
+decomposition; on a 2-core CPU QDWH is 3-6x slower than LAPACK's SVD).
 
 Progressive re-selection (``reselect_every`` = T > 0; the paper's progressive parameter adjustment):
 after every T-th optimizer step within the first ``reselect_until`` fraction of training, with
@@ -69,6 +69,11 @@ from ..linalg import economy_svd, polar_nuclear
 from ._core import Adapter, AdapterConfig, AdapterContext
 
 
+def capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def ineffective_support(W0: Tensor, k: int) -> Tensor:
     """Flat indices of the ``k`` entries of smallest |W0| (ties broken by position), sorted."""
     order = torch.argsort(W0.detach().abs().flatten().float(), stable=True)
@@ -93,7 +98,7 @@ _HOOK: list[RemovableHandle] = []
 
 
 def _fresh_moments(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if any(capturing(adapter.values) for adapter in list(_PENDING)):
         return  # a reset recorded into a CUDA graph would repeat at every replay: at the next eager step
     for adapter, slots in list(_PENDING.items()):
         if reset_moments(optimizer, adapter.values, slots):
@@ -149,7 +154,8 @@ class _NuclearNorm(torch.autograd.Function):
             return value
         tall = A.shape[0] >= A.shape[1]
         U, S, Vh = economy_svd(A if tall else A.mT)
-        polar = U @ Vh
+        cut = S.amax() * max(A.shape) * torch.finfo(S.dtype).eps  # the numerical rank's (as matrix_rank)
+        polar = (U * S.gt(cut)) @ Vh  # null directions get zero: the minimum-norm subgradient, QDWH's
         ctx.save_for_backward(polar if tall else polar.mT)
         return S.sum()
 
@@ -164,16 +170,19 @@ def nuclear_norm(A: Tensor, solver: str = "svd") -> Tensor:
 
     The SVD is of the tall orientation (``Aᵀ`` when A is wide: the same σ, LAPACK's gesdd is faster);
     equal to ``torch.linalg.svdvals(A).sum()`` in value and gradient (to float32 round-off where the
-    σ_i are non-zero; where some σ_i = 0 the subgradient's part in those directions is whatever the
-    decomposition returns, on CUDA zero). ``solver="qdwh"``: the polar factor from the synchronisation-free
-    QDWH iteration (``linalg.polar_nuclear``; zero where σ_i = 0); ``"auto"``: ``qdwh`` while a CUDA
-    graph is being captured, ``svd`` otherwise."""
+    σ_i are non-zero). Directions of zero singular value (σ_i ≤ σ_max · max(out, in) · eps, the
+    numerical rank's cut) get zero: the minimum-norm subgradient, the same as QDWH's, so eager and
+    captured steps of a rank-deficient ΔW agree (an SVD's own null directions are arbitrary, and
+    SaRA's re-selection with Adam turns that into lr-sized differences). ``solver="qdwh"``: the polar
+    factor from the synchronisation-free QDWH iteration (``linalg.polar_nuclear``; zero where σ_i = 0
+    exactly, as on SaRA's sparse supports); ``"auto"``: ``qdwh`` while a CUDA graph is being captured,
+    ``svd`` otherwise."""
     if solver not in SOLVERS:
         raise WeightsmithError(f"SaRA nuclear_solver={solver!r}: use one of {', '.join(SOLVERS)}")
-    capturing = A.is_cuda and torch.cuda.is_current_stream_capturing()
+    recording = capturing(A)
     if solver == "auto":
-        solver = "qdwh" if capturing else "svd"
-    if solver == "svd" and capturing:
+        solver = "qdwh" if recording else "svd"
+    if solver == "svd" and recording:
         raise WeightsmithError(
             "SaRA nuclear_solver='svd' synchronises with the host (the eigensolver checks its status) and "
             "cannot be captured in a CUDA graph: use nuclear_solver='qdwh' or 'auto'"
@@ -215,6 +224,13 @@ class SaRAAdapter(Adapter):
             self.hold(flat=flat)
             self.fixed = None
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy``, unpickling) re-selects too: watch which optimizer holds its values
+        (``__init__`` does not run for it), else its entering slots would keep their moments."""
+        super().__setstate__(state)
+        if self.reselect_every:
+            _watch_holders(self)
+
     def _dense(self, dtype: torch.dtype) -> Tensor:
         if self.fixed is None:
             dW = torch.zeros(self.shape[0] * self.shape[1], dtype=dtype, device=self.values.device)
@@ -235,7 +251,7 @@ class SaRAAdapter(Adapter):
             return None
         k = self.nuclear_every
         if k > 1:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if capturing(self.values):
                 raise WeightsmithError(
                     "SaRA nuclear_every > 1 changes the step's graph every step; train without --cuda-graphs"
                 )
