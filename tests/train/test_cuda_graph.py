@@ -160,6 +160,31 @@ def test_graphed_step_equals_eager_with_a_fake_graph(method):
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable(model))
 
 
+def test_a_parameter_first_trained_inside_the_capture_is_refused():
+    """An optimizer that creates a parameter's state inside the capture would reset it at every replay (PST's
+    scores before they trained at level 0): refused, naming the parameter."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    calls = []
+
+    def loss_of(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls.append(1)
+        h = m[0](b["x"])
+        return (
+            m[1](h) if len(calls) > 1 else h.detach() @ m[1].weight.detach().t() + m[0](b["x"]).sum()
+        ).sum()
+
+    class Recording(FakeGraphs):  # as torch.cuda.graph, capture runs the step once while recording it
+        def capture(self, fn: Callable[[], Any]) -> _Replay:
+            fn()
+            return super().capture(fn)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = GraphedStep(model, opt, loss_of, {"x": torch.randn(2, 4)}, backend=Recording(), warmup=1)
+    step({"x": torch.randn(2, 4)})
+    with pytest.raises(WeightsmithError, match=r"parameter '1\.weight' got its first gradient inside"):
+        step({"x": torch.randn(2, 4)})
+
+
 def test_eager_hook_between_replays_sees_the_step_gradients():
     """AdaLoRA's budget hook reads every gradient after the step and masks Λ in place: allowed."""
     data = batches(5)

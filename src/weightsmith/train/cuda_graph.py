@@ -318,6 +318,7 @@ class GraphedStep:
         def record() -> None:
             entry.outputs = self._body(entry.static)
 
+        known = self._stateful()
         try:
             graph = self.backend.capture(record)
         except RuntimeError as exc:
@@ -330,9 +331,22 @@ class GraphedStep:
                 "a shape that depends on data, an attention mask checked on the host) or is otherwise not "
                 "capturable; train without CUDA graphs"
             ) from exc
+        fresh = [name for name, p in self.named if id(p) in self._stateful() - known]
+        if fresh:
+            raise WeightsmithError(
+                f"CUDA graphs: parameter '{fresh[0]}' got its first gradient inside the captured step, so "
+                "the optimizer created its state there and every replay would reset it; give it a gradient "
+                f"in the eager warm-up steps (it had none in {self.warmup}) or train without CUDA graphs"
+            )
         entry.params = [(p.data_ptr(), p.shape) for p in self.params]
         entry.lrs = self._lrs()
         return graph
+
+    def _stateful(self) -> set[int]:
+        """Identities of the parameters the optimizer holds state for (moments, step counts)."""
+        if self.optimizer is None:
+            return set()
+        return {id(p) for p, st in self.optimizer.state.items() if st}
 
     def _lrs(self) -> list[Any]:
         if self.optimizer is None:
