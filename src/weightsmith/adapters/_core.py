@@ -406,6 +406,30 @@ def check_path(path: str, method: str) -> None:
         raise WeightsmithError(f"{method} path must be one of {', '.join(PATHS)}, got {path!r}")
 
 
+def cheaper_path(
+    path: str,
+    x: Tensor,
+    W0: Tensor,
+    base_out: Tensor | None,
+    trains: bool,
+    costs: Callable[[int, bool, bool], tuple[int, int]],
+) -> str:
+    """``"weight"`` or ``"activation"`` for one call of a method with both exact paths, from shapes and
+    autograd flags only (never from values: a CUDA graph or ``torch.compile`` sees one path per shape).
+    ``path`` other than ``"auto"`` is obeyed; a given ``base_out`` (several adapters on the layer) or a
+    trainable ``W0`` always takes the activation path; else ``costs(tokens, train, input_grad)`` gives the
+    multiply-adds of (activation, weight) and the fewer wins, the activation path on a tie. ``trains``:
+    whether any of the method's parameters require a gradient."""
+    if base_out is not None or W0.requires_grad:
+        return "activation"
+    if path != "auto":
+        return path
+    grad = torch.is_grad_enabled()
+    tokens = x.numel() // max(x.shape[-1], 1)
+    act, weight = costs(tokens, grad and trains, grad and x.requires_grad)
+    return "weight" if weight < act else "activation"
+
+
 def check_dropouts(peft_config: Mapping[str, Any], keys: tuple[str, ...], method: str) -> None:
     """Dropouts are training-time only: importing weights trained with them is exact. Reject bad values."""
     for key in keys:

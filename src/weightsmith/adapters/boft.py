@@ -47,6 +47,7 @@ from ._core import (
     AdapterConfig,
     AdapterContext,
     amp_dtype,
+    cheaper_path,
     check_dropouts,
     check_path,
     load_peft_tensors,
@@ -195,19 +196,13 @@ class BOFTAdapter(Adapter):
         return self.merge(W0) - W0
 
     def choose_path(self, x: Tensor, W0: Tensor) -> str:
-        """``"weight"`` or ``"activation"`` for this call, from shapes and autograd flags only (one path per
-        shape under CUDA graphs and ``torch.compile``): the one with fewer multiply-adds
-        (:func:`boft_costs`), the activation path on a tie or when ``W0`` itself is trained."""
-        if W0.requires_grad:
-            return "activation"
-        if self.path != "auto":
-            return self.path
+        """This call's path (:func:`~._core.cheaper_path` over :func:`boft_costs`)."""
         m, k, b, _ = self.boft_R.shape
-        grad = torch.is_grad_enabled()
-        train = grad and (self.boft_R.requires_grad or self.boft_s.requires_grad)
-        tokens = x.numel() // max(x.shape[-1], 1)
-        act, weight = boft_costs(tokens, W0.shape[0], W0.shape[1], b, m, train, grad and x.requires_grad)
-        return "weight" if weight < act else "activation"
+        trains = self.boft_R.requires_grad or self.boft_s.requires_grad
+        out_f, in_f = W0.shape
+        return cheaper_path(
+            self.path, x, W0, None, trains, lambda n, t, g: boft_costs(n, out_f, in_f, b, m, t, g)
+        )
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         if self.choose_path(x, W0) == "weight":  # x (diag(s) W0 Rᵀ)ᵀ; autograd keeps W0 Rᵀ and W'

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._core import amp_dtype, autocast_off, shared_cast
+from ._core import amp_dtype, autocast_off, cheaper_path, shared_cast
 from .lora import _mm_to, lora_forward
 from .lora_group import GroupTerms
 
@@ -95,22 +95,13 @@ class _FrozenAWeight(torch.autograd.Function):
 
 
 def choose_frozen_a_path(path: str, x: Tensor, W0: Tensor, base_out: Tensor | None, B: Tensor) -> str:
-    """``"weight"`` or ``"activation"`` for this call of ``ΔW = B A`` (``A`` frozen, ``B`` [out, k]), from
-    shapes and autograd flags only (never from values: CUDA graphs and ``torch.compile`` see one path per
-    shape). ``auto`` takes the path with fewer multiply-adds (:func:`frozen_a_costs`), the activation path
-    on a tie; a given ``base_out`` (several adapters on the layer) or a trainable ``W0`` always takes the
-    activation path."""
-    if base_out is not None or W0.requires_grad:
-        return "activation"
-    if path != "auto":
-        return path
-    grad = torch.is_grad_enabled()
+    """``"weight"`` or ``"activation"`` for this call of ``ΔW = B A`` (``A`` frozen, ``B`` [out, k]):
+    :func:`~._core.cheaper_path` over :func:`frozen_a_costs`."""
     out_f, in_f = W0.shape
-    tokens = x.numel() // max(x.shape[-1], 1)
-    act, weight = frozen_a_costs(
-        tokens, out_f, in_f, B.shape[1], grad and B.requires_grad, grad and x.requires_grad
+    k = B.shape[1]
+    return cheaper_path(
+        path, x, W0, base_out, B.requires_grad, lambda n, t, g: frozen_a_costs(n, out_f, in_f, k, t, g)
     )
-    return "weight" if weight < act else "activation"
 
 
 def frozen_a_cast(A: Tensor, x: Tensor, W0: Tensor, B: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ from ._core import (
     AdapterContext,
     amp_apply,
     autocast_off,
+    cheaper_path,
     check_dropouts,
     check_path,
     load_peft_tensors,
@@ -371,19 +372,11 @@ class LoKrAdapter(Adapter):
         return torch.kron(self.w1(), self.w2()) * self.scaling
 
     def choose_path(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> str:
-        """``"weight"`` or ``"activation"`` for this call, from shapes and autograd flags only (never from
-        values: CUDA graphs and ``torch.compile`` see one path per shape). ``auto`` picks the path with
-        fewer multiply-adds (:func:`lokr_costs`), the activation path on a tie; a given ``base_out``
-        (several adapters on the layer) or a trainable ``W0`` always takes the activation path."""
-        if base_out is not None or W0.requires_grad:
-            return "activation"
-        if self.path != "auto":
-            return self.path
-        grad = torch.is_grad_enabled()
-        train = grad and any(p.requires_grad for p in self.parameters())
-        tokens = x.numel() // max(x.shape[-1], 1)
-        act, weight = lokr_costs(tokens, self.shapes, train, grad and x.requires_grad)
-        return "weight" if weight < act else "activation"
+        """This call's path (:func:`~._core.cheaper_path` over :func:`lokr_costs`)."""
+        trains = any(p.requires_grad for p in self.parameters())
+        return cheaper_path(
+            self.path, x, W0, base_out, trains, lambda n, t, g: lokr_costs(n, self.shapes, t, g)
+        )
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         (w1a, w1b), (w2a, w2b) = self.factors(1), self.factors(2)

@@ -56,6 +56,7 @@ from ._core import (
     amp_apply,
     amp_dtype,
     autocast_off,
+    cheaper_path,
     check_path,
     check_rank,
     copy_peft,
@@ -284,21 +285,12 @@ class RandLoRAAdapter(Adapter):
         self.peft_bases = True  # not regenerable from our seed any more
 
     def choose_path(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> str:
-        """``"weight"`` or ``"activation"`` for this call, from shapes and autograd flags only (never from
-        values: CUDA graphs and ``torch.compile`` see one path per shape). ``auto`` picks the path with
-        fewer multiply-adds (:func:`randlora_costs`), the activation path on a tie; a given ``base_out``
-        (several adapters on the layer) or a trainable ``W0`` always takes the activation path."""
-        if base_out is not None or W0.requires_grad:
-            return "activation"
-        if self.path != "auto":
-            return self.path
-        grad = torch.is_grad_enabled()
-        train = grad and (self.randlora_lambda.requires_grad or self.randlora_gamma.requires_grad)
-        tokens = x.numel() // max(x.shape[-1], 1)
-        act, weight = randlora_costs(
-            tokens, self.out_f, self.in_f, self.n * self.rank, train, grad and x.requires_grad
+        """This call's path (:func:`~._core.cheaper_path` over :func:`randlora_costs`)."""
+        trains = self.randlora_lambda.requires_grad or self.randlora_gamma.requires_grad
+        out_f, in_f, k = self.out_f, self.in_f, self.n * self.rank
+        return cheaper_path(
+            self.path, x, W0, base_out, trains, lambda n, t, g: randlora_costs(n, out_f, in_f, k, t, g)
         )
-        return "weight" if weight < act else "activation"
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         d, D = min(self.out_f, self.in_f), max(self.out_f, self.in_f)
