@@ -22,16 +22,20 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
+from . import _dora_triton
 from ._core import Adapter, AdapterConfig, AdapterContext, autocast_off, check_rank, copy_peft
 from .lora import _mm_to, lora_forward, lora_init, lora_scaling
 from .lora_group import GroupTerms
+
+FUSED = True  # set False to run the row scale's backward as torch ops on CUDA too
 
 
 class _RowScale(torch.autograd.Function):
     """``y = z ⊙ c``, ``c = m / n`` per output feature (last axis), with the norm ``n`` a constant.
 
     ``c`` is divided straight into ``z``'s dtype (one kernel); backward gives ``dz = g ⊙ c`` and
-    ``dm = Σ_t g_t ⊙ z_t / n`` summed in float32, in ``m``'s dtype.
+    ``dm = Σ_t g_t ⊙ z_t / n`` summed in float32, in ``m``'s dtype: on CUDA with Triton in one pass over
+    ``g`` and ``z`` (:mod:`._dora_triton`), else three torch passes.
     """
 
     @staticmethod
@@ -46,6 +50,9 @@ class _RowScale(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         z, c, n = ctx.saved_tensors
         dm = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and FUSED and _dora_triton.usable(g, z, c):
+            dz, gz = _dora_triton.row_scale_backward(g, z, c)
+            return dz, gz.div_(n).to(ctx.m_dtype), None
         if ctx.needs_input_grad[1]:
             dm = (g * z).reshape(-1, z.shape[-1]).sum(0, dtype=n.dtype).div_(n).to(ctx.m_dtype)
         return g * c if ctx.needs_input_grad[0] else None, dm, None
