@@ -64,10 +64,12 @@ def _kernel() -> Any:
 
 
 def usable(g: Tensor, z: Tensor, c: Tensor) -> bool:
-    """Whether :func:`row_scale_backward` takes these: Triton present, CUDA tensors of one supported
-    dtype, ``g`` and ``z`` contiguous with the same shape, ``c`` one value a column."""
+    """Whether :func:`row_scale_backward` takes these: not inside ``torch.compile``, Triton present, CUDA
+    tensors of one supported dtype, ``g`` and ``z`` contiguous with the same shape, ``c`` one value a
+    column."""
     return (
-        g.is_cuda
+        not torch.compiler.is_compiling()  # the compiler fuses the torch ops itself: no raw launch
+        and g.is_cuda
         and g.dtype in DTYPES
         and z.dtype == g.dtype
         and c.dtype == g.dtype
