@@ -104,9 +104,13 @@ def test_a_whole_step_has_no_host_sync_candidate(name):
 
 def test_the_watch_finds_the_previous_paths_syncs():
     score = torch.randn(6, 8)
-    with HostSyncWatch() as watch:
-        unstructured_mask(score, 0.5, "layer")  # keep[idx] = False: a host scalar copied in
+    with HostSyncWatch() as watch:  # the mask as unstructured_mask built it before: keep[idx] = False, a
+        keep = torch.ones(score.numel(), dtype=torch.bool)  # host scalar copied in
+        keep[score.flatten().topk(24, largest=False).indices] = False
     assert watch.found == ["index_put_ of a scalar"]
+    with HostSyncWatch() as watch:
+        unstructured_mask(score, 0.5, "layer")  # now one fixed-shape scatter (compress/_sparse.ranked_mask)
+    assert watch.found == []
     net = step_model(SaRA(density=0.2, nuclear=1e-2, nuclear_solver="svd"))
     with HostSyncWatch() as watch:
         adapters.adapter_regularization(net)

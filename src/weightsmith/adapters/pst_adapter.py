@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compress._sparse import check_scope, check_sparsity
+from ..compress._sparse import check_scope, check_sparsity, dropped, ranked_mask
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..linalg import seeded_generator
@@ -65,29 +65,6 @@ def cubic_level(sparsity: float, step: int, total: int, ramp: float) -> float:
         return sparsity
     done = min(1.0, (step + 1) / (ramp * total))
     return sparsity * (1.0 - (1.0 - done) ** 3)
-
-
-def dropped(shape: tuple[int, ...], sparsity: float, scope: str) -> int:
-    """Entries dropped per group at ``sparsity``: ``⌊sparsity · in⌋`` per row (``scope="row"``) or
-    ``⌊sparsity · out · in⌋`` per matrix (``compress._sparse.unstructured_mask``'s count)."""
-    return int(shape[1] * sparsity) if scope == "row" else int(shape[0] * shape[1] * sparsity)
-
-
-def ranked_mask(score: Tensor, most: int, drop: Tensor | int, scope: str) -> Tensor:
-    """Keep-mask of ``score`` [out, in] without its ``drop`` lowest entries per group (row or matrix).
-
-    ``drop`` ≤ ``most`` may be a device tensor: one ``topk`` of fixed size ``most`` (ascending) finds the
-    candidates and a device comparison ``rank >= drop`` keeps all but the first ``drop``, so nothing is
-    read on the host and every level has the same shapes (a CUDA graph replays it with a new ``drop``)."""
-    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
-    if most == 0:
-        return keep
-    kept = torch.arange(most, device=score.device) >= drop
-    if scope == "row":
-        low = score.topk(most, dim=1, largest=False).indices
-        return keep.scatter_(1, low, kept.expand_as(low))
-    low = score.flatten().topk(most, largest=False).indices
-    return keep.view(-1).scatter_(0, low, kept).view(score.shape)
 
 
 def straight_through(mask: Tensor, score: Tensor) -> Tensor:

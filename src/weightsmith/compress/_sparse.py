@@ -60,24 +60,36 @@ def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
     return keep.reshape(out_f, in_f)
 
 
-def unstructured_mask(score: Tensor, sparsity: float, scope: str = "row") -> Tensor:
-    """Keep-mask [out, in] dropping the ``sparsity`` fraction of lowest scores per row or per matrix.
+def dropped(shape: tuple[int, ...], sparsity: float, scope: str) -> int:
+    """Entries dropped per group at ``sparsity``: ``⌊sparsity · in⌋`` per row (``scope="row"``) or
+    ``⌊sparsity · out · in⌋`` per matrix."""
+    return int(shape[1] * sparsity) if scope == "row" else int(shape[0] * shape[1] * sparsity)
 
-    Exactly ``floor(sparsity · size)`` entries of each group are dropped (ties broken by position).
-    """
-    out_f, in_f = score.shape
-    if scope == "row":
-        k = int(in_f * sparsity)
-        keep = torch.ones_like(score, dtype=torch.bool)
-        if k:
-            low = score.topk(k, dim=1, largest=False).indices
-            keep.scatter_(1, low, False)
+
+def ranked_mask(score: Tensor, most: int, drop: Tensor | int, scope: str) -> Tensor:
+    """Keep-mask of ``score`` [out, in] without its ``drop`` lowest entries per group (row or matrix).
+
+    ``drop`` ≤ ``most`` may be a device tensor: one ``topk`` of fixed size ``most`` (ascending) finds the
+    candidates and a device comparison ``rank >= drop`` keeps all but the first ``drop``, so nothing is
+    read on the host and every ``drop`` has the same shapes (a CUDA graph replays it with a new ``drop``:
+    PST's ramp, adapters/pst_adapter.py)."""
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    if most == 0:
         return keep
-    k = int(score.numel() * sparsity)
-    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        keep[score.flatten().topk(k, largest=False).indices] = False
-    return keep.view(out_f, in_f)
+    kept = torch.arange(most, device=score.device) >= drop
+    if scope == "row":
+        low = score.topk(most, dim=1, largest=False).indices
+        return keep.scatter_(1, low, kept.expand_as(low))
+    low = score.flatten().topk(most, largest=False).indices
+    return keep.view(-1).scatter_(0, low, kept).view(score.shape)
+
+
+def unstructured_mask(score: Tensor, sparsity: float, scope: str = "row") -> Tensor:
+    """Keep-mask [out, in] dropping the ``sparsity`` fraction of lowest scores per row or per matrix:
+    exactly ``floor(sparsity · size)`` entries of each group (:func:`ranked_mask`; ties at the cut as
+    ``topk`` leaves them)."""
+    k = dropped(tuple(score.shape), sparsity, scope)
+    return ranked_mask(score, k, k, scope)
 
 
 def select_mask(score: Tensor, sparsity: float, n: int, m: int, scope: str = "row") -> Tensor:
