@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 from typing import Any
 
 import torch
 from torch import Tensor
 
-tl: Any = None  # triton.language, bound on first use (importing Triton costs ~0.15 s: not at import time)
+try:  # this module is imported on the first CUDA backward only (dora.py): importing Triton costs ~0.15 s
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CI has no triton
+    triton = None
 
 BLOCK_T = 32  # rows (tokens) a program
 BLOCK_O = 256  # output features a program
@@ -48,18 +51,7 @@ def _row_scale_bwd(G, Z, C, DZ, P, rows, cols, BLOCK_T: tl.constexpr, BLOCK_O: t
 
 
 @functools.cache
-def available() -> bool:
-    """Whether Triton is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
 def _kernel() -> Any:
-    global tl
-    import triton
-    import triton.language
-
-    tl = triton.language  # the kernel's source names ``tl``: Triton resolves it in this module's globals
     return triton.jit(_row_scale_bwd, do_not_specialize=["rows"])
 
 
@@ -78,7 +70,7 @@ def usable(g: Tensor, z: Tensor, c: Tensor) -> bool:
         and z.is_contiguous()
         and c.is_contiguous()
         and c.numel() == g.shape[-1]
-        and available()
+        and triton is not None
     )
 
 

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from ..config import register_config
-from . import _dora_triton
 from ._core import Adapter, AdapterConfig, AdapterContext, autocast_off, check_rank, copy_peft
 from .lora import _mm_to, lora_forward, lora_init, lora_scaling
 from .lora_group import GroupTerms
@@ -50,9 +49,12 @@ class _RowScale(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         z, c, n = ctx.saved_tensors
         dm = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and FUSED and _dora_triton.usable(g, z, c):
-            dz, gz = _dora_triton.row_scale_backward(g, z, c)
-            return dz, gz.div_(n).to(ctx.m_dtype), None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and FUSED and g.is_cuda:
+            from . import _dora_triton  # imports Triton: only on a GPU
+
+            if _dora_triton.usable(g, z, c):
+                dz, gz = _dora_triton.row_scale_backward(g, z, c)
+                return dz, gz.div_(n).to(ctx.m_dtype), None
         if ctx.needs_input_grad[1]:
             dm = (g * z).reshape(-1, z.shape[-1]).sum(0, dtype=n.dtype).div_(n).to(ctx.m_dtype)
         return g * c if ctx.needs_input_grad[0] else None, dm, None
