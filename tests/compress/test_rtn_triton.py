@@ -37,7 +37,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 runs_kernels = pytest.mark.skipif(
     DEV == "cpu" and not INTERPRETED, reason="runs in test_kernels_under_the_interpreter's child process"
 )
-KERNEL_TESTS = 15  # the tests marked runs_kernels, parameters counted
+KERNEL_TESTS = 20  # the tests marked runs_kernels, parameters counted
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +87,10 @@ def check_against_torch(W0: torch.Tensor, bits: int, group: int, sym: bool) -> N
         a, b = getattr(got, t), getattr(want, t)
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (case, t)
     assert (got.bits, got.group_size, got.symmetric) == (bits, group, sym)
+    # no codes kept but where bfloat16 cannot give them back exactly (compress/_grid.py, exact_dtype); a
+    # symmetric grid's zeros are one element
+    assert got.holds_codes == (W0.dtype == torch.bfloat16 and bits == 8 and not sym), case
+    assert (got.zero.untyped_storage().nbytes() == 4) == sym, case
     assert W.data_ptr() == ptr and torch.equal(W, W_hat.to(W0.dtype)), case
     assert torch.equal(got.dequantize(), W_hat), case
     assert rel.shape == () and rel.dtype == torch.float32 and rel.device == W0.device
@@ -159,16 +163,34 @@ def test_the_reciprocal_branch_is_torchs_cuda_division(monkeypatch):
         assert torch.equal(W.cpu(), ((c - zero[..., None]) * scale[..., None]).reshape(W0.shape))
 
 
+class KernelSpy:
+    """Stands for the jitted kernel: records the number of elements of each launch's codes argument ``Q``."""
+
+    def __init__(self, real) -> None:
+        self.real, self.codes = real, []
+
+    def __getitem__(self, grid):
+        launch = self.real[grid]
+
+        def run(*args, **kwargs):
+            self.codes.append(args[1].numel())
+            return launch(*args, **kwargs)
+
+        return run
+
+
 @runs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_a_run_of_weights_is_one_launch_each_weight_as_alone(monkeypatch, dtype):
+@pytest.mark.parametrize("keep", [True, False], ids=["codes", "no-codes"])
+def test_a_run_of_weights_is_one_launch_each_weight_as_alone(monkeypatch, dtype, keep):
     """Five separate weights (parameters of their own, one of them starting 2 bytes off a 16-byte boundary,
     so the run takes the unaligned branch) quantised by one launch of a (programs, 5) grid: each weight's
     codes, scales, zeros, Ŵ and error as when quantised alone; scales and zeros each in storage of its
-    own, the codes views of one [5, out, in] allocation."""
-    launches = []
-    real = rt._kernel()
-    monkeypatch.setattr(rt, "_kernel", lambda: launches.append(1) or real)
+    own; with ``codes=True`` the codes views of one [5, out, in] allocation, with ``codes=False`` no codes
+    tensor at all (a 1-element placeholder for the kernel's unused argument) and each result's codes
+    recovered from its own weight."""
+    spy = KernelSpy(rt._kernel())
+    monkeypatch.setattr(rt, "_kernel", lambda: spy)
     for aligned in (True, False):
         W0s = [weight((12, 64), dtype, seed) for seed in range(5)]
         Ws = [W.clone() for W in W0s]
@@ -176,9 +198,10 @@ def test_a_run_of_weights_is_one_launch_each_weight_as_alone(monkeypatch, dtype)
             buf = torch.empty(1 + Ws[2].numel(), dtype=dtype, device=DEV)
             Ws[2] = buf[1:].view(12, 64).copy_(Ws[2])
         assert (Ws[2].data_ptr() % 16 == 0) == aligned
-        launches.clear()
-        got, rel = rt.rtn_fused(Ws, 4, 16, False)
-        assert launches == [1] and rel.shape == (5,) and rel.dtype == torch.float32
+        spy.codes.clear()
+        got, rel = rt.rtn_fused(Ws, 4, 16, False, codes=keep)
+        assert spy.codes == [5 * 12 * 64 if keep else 1] and rel.shape == (5,) and rel.dtype == torch.float32
+        assert all(qw.holds_codes == keep for qw in got)
         for W0, W, qw, e in zip(W0s, Ws, got, rel, strict=True):
             one = W0.clone()
             want, e1 = fused_one(one, 4, 16, False)
@@ -187,7 +210,36 @@ def test_a_run_of_weights_is_one_launch_each_weight_as_alone(monkeypatch, dtype)
             assert torch.equal(W, one) and float(e) == float(e1)
             check_against_torch(W0, 4, 16, False)
         storages = {t.untyped_storage().data_ptr() for qw in got for t in (qw.scale, qw.zero)}
-        assert len(storages) == 10 and len({qw.q.untyped_storage().data_ptr() for qw in got}) == 1
+        assert len(storages) == 10
+        if keep:
+            assert len({qw.q.untyped_storage().data_ptr() for qw in got}) == 1
+
+
+@runs_kernels
+def test_codes_are_written_only_where_the_weight_cannot_give_them_back(monkeypatch):
+    """``codes=None`` (the default): the kernel writes codes only for bfloat16 at 8 bits asymmetric, the one
+    case of these where ``Ŵ`` cannot give them back exactly (compress/_grid.py, exact_dtype); elsewhere its
+    codes argument is a 1-element placeholder, and the codes read back from ``Ŵ`` equal the torch path's.
+    ``codes=False`` where the rule fails is refused; a weight changed after the kernel wrote it is refused
+    when its codes are read, naming it."""
+    spy = KernelSpy(rt._kernel())
+    monkeypatch.setattr(rt, "_kernel", lambda: spy)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for bits, sym in ((8, False), (8, True), (7, False), (2, True)):
+            W0 = weight((8, 64), dtype, bits)
+            want = rtn_with_dequant(W0, bits, 32, sym, dequant=False)[0]
+            spy.codes.clear()
+            got, _ = fused_one(W0.clone(), bits, 32, sym)
+            exact = not (dtype == torch.bfloat16 and bits == 8 and not sym)
+            assert spy.codes == [1 if exact else W0.numel()], (dtype, bits, sym)
+            assert got.holds_codes != exact and torch.equal(got.q, want.q), (dtype, bits, sym)
+    W = weight((8, 64), torch.bfloat16)
+    with pytest.raises(WeightsmithError, match="8-bit asymmetric codes cannot be recovered exactly from"):
+        rt.rtn_fused([W], 8, 32, False, codes=False)
+    got, _ = fused_one(W, 4, 32, True)
+    W[3, 5] += 0.25
+    with pytest.raises(WeightsmithError, match="'weight 0 of a fused RTN run': the weight no longer holds"):
+        got.q  # noqa: B018 (the read is the test)
 
 
 @runs_kernels
@@ -266,6 +318,40 @@ def test_data_free_path_runs_the_kernel_in_place(monkeypatch, dtype):
     assert watch.seen == [] or INTERPRETED  # the interpreter itself copies a kernel's tensors in and out
     assert [ly.weight().data_ptr() for ly in layers] == ptrs
     assert_same_but_error_order(stacks, (layers, got))
+    for r in got + stacks[1]:  # the codes kept by neither path: read from the layer itself when needed
+        qw = r.compressed
+        assert not qw.holds_codes and qw.written is not None and qw.written.name == r.layer.name
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_checkpoints_from_the_kernel_are_the_batches_bytes(tmp_path, monkeypatch, dtype):
+    """``compress`` through the kernel (no codes kept, a symmetric grid's zeros one element) and through
+    the batches, saved in both formats, symmetric and asymmetric: every saved tensor equal."""
+    from safetensors.torch import load_file
+
+    from weightsmith.compress import compress, save_compressed
+    from weightsmith.compress._format import WEIGHTS
+
+    monkeypatch.setattr(df, "BATCH_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setenv("WEIGHTSMITH_RTN_KERNEL", "triton")  # the kernel even where its start-up would not pay
+    calls = []
+    real = rt.rtn_fused
+    monkeypatch.setattr(rt, "rtn_fused", lambda Ws, *a: calls.append(len(Ws)) or real(Ws, *a))
+    for sym in (True, False):
+        cfg = RTN(bits=4, group_size=16, symmetric=sym)
+        saved = []
+        for fused in (False, True):
+            monkeypatch.setattr(df, "FUSED_DEVICES", ("cpu", "cuda") if fused else ())
+            calls.clear()
+            model, report = compress(tiny_llama().to(dtype).to(DEV), cfg, device=DEV)
+            assert sum(calls) == (len(report.weights) if fused else 0)
+            assert not any(w.holds_codes for w in report.weights.values())  # type: ignore[attr-defined]
+            for fmt in ("compressed-tensors", "weightsmith"):
+                save_compressed(model, report, tmp_path / f"{sym}{fused}{fmt}", format=fmt)
+                saved.append(load_file(str(tmp_path / f"{sym}{fused}{fmt}" / WEIGHTS)))
+        for a, b in zip(saved[:2], saved[2:], strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sym
 
 
 @runs_kernels
@@ -303,20 +389,26 @@ def hopper_ptx_specialised(const: dict[str, object]) -> str:
 @pytest.mark.skipif(INTERPRETED, reason="compiles: not under the interpreter")
 def test_compiled_for_hopper_with_exact_division_and_no_fma():
     """The kernel as the GPU runs it (PTX for sm_90, compiled here without a GPU): IEEE divisions only, no
-    fused multiply-add, the rounding additions in place, 16-byte loads of the weights when they are aligned.
-    Includes float32 asymmetric per channel in chunks of 2048, which Triton 3.6 refused
+    fused multiply-add, no flush of subnormals, the rounding additions in place, 16-byte loads of the
+    weights when they are aligned, no code stores without ``CODES``. Includes float32 asymmetric per
+    channel in chunks of 2048, which Triton 3.6 refused
     ("loopResult.hasOneUse()" in TritonGPUOptimizeThreadLocality) while an accumulator had two uses after
     its loop."""
     tl = pytest.importorskip("triton.language")
-    cases = ((tl.bfloat16, True, True, 32, 128), (tl.float32, False, True, 2, 2048),
-             (tl.float16, False, False, 4, 1024))  # fmt: skip
-    for elt, sym, aligned, block_r, chunk in cases:
-        const = {"ELT": elt, "SYM": sym, "RCP": True, "ALIGNED": aligned, "BLOCK_R": block_r, "CHUNK": chunk}
+    cases = ((tl.bfloat16, True, True, 32, 128, True), (tl.float32, False, True, 2, 2048, False),
+             (tl.float16, False, False, 4, 1024, False),
+             (tl.bfloat16, True, True, 32, 128, False))  # fmt: skip
+    stores = []
+    for elt, sym, aligned, block_r, chunk, keep in cases:
+        const = {"ELT": elt, "CODES": keep, "SYM": sym, "RCP": True, "ALIGNED": aligned, "BLOCK_R": block_r,
+                 "CHUNK": chunk}  # fmt: skip
         ptx = hopper_ptx_specialised(const)
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
-        assert "fma." not in ptx and "mul.rn.f32" in ptx
+        assert "fma." not in ptx and "mul.rn.f32" in ptx and ".ftz" not in ptx  # subnormals kept, as torch
         assert "0f4B400000" in ptx  # 1.5 * 2^23, the round-half-to-even addition
         assert ("ld.global.v4.b32" in ptx) == aligned, const
+        stores.append(len(re.findall(r"st\.global\.v4", ptx)))
+    assert stores[3] == stores[0] - 2  # the same kernel without CODES: its two 16-byte code stores gone
 
 
 @needs_cuda

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..config import parse_opts
+from ..errors import WeightsmithError
 from ._app import app
+
+if TYPE_CHECKING:
+    import torch
 
 _HELP = """Compress the weights of MODEL (a packaged name such as smollm2, or a Hugging Face model directory)
 and write a complete model directory to OUT. Calibrated methods run on --samples windows of --seq-len
@@ -58,6 +62,36 @@ def _opts(items: list[str]) -> dict[str, Any]:
     return {k: v for k, (_, v) in parse_opts(items, "damp=0.01").items()}
 
 
+RESIDENT = ("auto", "host", "device")
+FREE_FRACTION = 0.9  # of the device's free memory the model and its codes may take under --resident auto
+
+
+def _resident_wanted(config: object, dev: torch.device, world_size: int, resident: str) -> bool:
+    """Whether the model should be moved to ``dev`` whole before a data-free quantisation: for a method with
+    a batch path on the GPU (``batched_quantize``: RTN) on one CUDA device, unless ``--resident host``."""
+    from ..compress._datafree import batch_quantizer
+
+    if resident not in RESIDENT:
+        raise WeightsmithError(f"--resident {resident}: use {', '.join(RESIDENT)}")
+    return (
+        resident != "host" and dev.type == "cuda" and world_size == 1 and batch_quantizer(config) is not None
+    )
+
+
+def _fits(net: torch.nn.Module, config: Any, dev: torch.device) -> bool:
+    """Whether ``net`` (its parameters and buffers) and a byte a weight of codes for its target layers fit
+    in :data:`FREE_FRACTION` of ``dev``'s free memory."""
+    import torch
+
+    from ..compress._core import target_layers
+
+    tensors = [*net.parameters(), *net.buffers()]
+    need = sum(t.numel() * t.element_size() for t in tensors if t.device != dev)
+    need += sum(ly.weight().numel() for ly in target_layers(net, config))
+    free, _ = torch.cuda.mem_get_info(dev)
+    return need <= FREE_FRACTION * free
+
+
 @app.command("compress", help=HELP)
 def compress_cmd(
     model: str = typer.Argument(
@@ -92,12 +126,23 @@ def compress_cmd(
         help="CUDA, float32 models: calibration forward passes and Gram matrices with TF32 matrix products "
         "(faster; inputs rounded to 10 significand bits, float32 sums); the method's solve stays float32",
     ),
+    resident: str = typer.Option(
+        "auto",
+        "--resident",
+        help="where the model lives while a data-free quantiser with a GPU batch path (rtn) runs on one "
+        "CUDA device: device (moved there whole after loading; RTN then runs as one fused Triton kernel "
+        "launch a run of same-shaped weights, warmed up in the background while the model loads, or as "
+        "torch batches, whichever is faster), host (streamed to the GPU a weight at a time), auto (device "
+        "when the model and its codes fit in the GPU's free memory)",
+    ),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
 ) -> None:
+    import torch
     from rich.console import Console
 
     from .. import distributed
     from ..compress._core import check_tf32
+    from ..compress._rtn_choice import prime
     from ..compress.step import CompressStep, summary
     from ..models import load_model
 
@@ -109,7 +154,17 @@ def compress_cmd(
     )
     world, dev = distributed.init(device)
     check_tf32(step.config, dev)  # before the model loads
+    on_device = _resident_wanted(step.config, dev, world.size, resident)
+    if on_device:  # the kernel's start-up (about 0.45 s) hides behind the load (load_model's float32)
+        prime(step.config, dev, (torch.float32,))
     net, tokenizer = load_model(model)
+    if on_device and (resident == "device" or _fits(net, step.config, dev)):
+        try:
+            net.to(dev)
+        except torch.OutOfMemoryError as exc:
+            raise WeightsmithError(
+                f"--resident device: the model does not fit on {dev}; use --resident host"
+            ) from exc
     report, path = step.execute(net, tokenizer, dev, world)
     if world.main:
         Console().print(summary(report, path, step.format))

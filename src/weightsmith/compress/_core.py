@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -260,9 +260,11 @@ def _record(
 def _at_home(c: Compressed, home: torch.device) -> Compressed:
     """A quantised weight's codes and grid moved to where the model lives: with the model in host memory
     the codes of every layer (a byte a weight: a gigabyte for a 1.1B model) must not pile up on the GPU."""
-    if not isinstance(c, QuantizedWeight) or c.q.device == home:
+    if not isinstance(c, QuantizedWeight):
         return c
-    return replace(c, q=c.q.to(home), scale=c.scale.to(home), zero=c.zero.to(home))
+    if c.scale.device == home and (not c.holds_codes or c.q.device == home):
+        return c
+    return c.to(home)
 
 
 def _record_one(report: CompressReport, ly: Layer, err: float, compressed: Compressed) -> str:

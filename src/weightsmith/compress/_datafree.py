@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..layers import Layer
+from ._grid import written
 
 if TYPE_CHECKING:
     from ._core import Compressed
@@ -115,25 +116,35 @@ class _Errors:
 def _one(ly: Layer, quantize: Quantize, dev: torch.device) -> tuple[Compressed, Tensor]:
     """One layer through ``quantize``: the parameter itself when already float32 on ``dev`` (an alias: the
     error is taken before ``Ŵ`` overwrites it), else a copy on ``dev``; Conv1D's transposed weight is made
-    contiguous (one copy on ``dev``) so that every path sums the error in the same order."""
+    contiguous (one copy on ``dev``) so that every path sums the error in the same order. A quantised result
+    then drops its codes where they are recoverable from the written ``Ŵ`` (compress/_grid.py ``written``;
+    its scales' check is one device sync)."""
     W = ly.weight().detach().to(dev, torch.float32).contiguous()
     qw = quantize(W)
     W_hat = qw.dequantize()
     err = relative_error(W, W_hat)
     ly.write(W_hat)
-    return qw, err
+    return written([qw], [(ly.weight, ly.name)])[0], err
 
 
 def _resident(
     layers: Sequence[Layer], quantize: Quantize, dev: torch.device, batched: BatchQuantize | None = None
 ) -> Iterator[DataFreeResult]:
     """Layer by layer on ``dev`` (:func:`_one`). With ``batched``, on a device of :data:`BATCH_DEVICES`: the
-    method's fused kernel where it has one and it runs here (:func:`fused_quantizer`, :func:`_fused`), else
-    same-shaped weights in stacks (:func:`_batched`)."""
+    method's fused kernel where it has one, it runs here and it is chosen (by cost, given what its start-up
+    still costs in this process: :func:`fused_quantizer`, :func:`_fused`), else same-shaped weights in
+    stacks (:func:`_batched`)."""
     runs = _looped(layers, quantize, dev)
     if batched is not None and dev.type in BATCH_DEVICES:
-        fused = fused_quantizer(batched, dev)
-        runs = _batched(layers, batched, dev) if fused is None else _fused(layers, fused, quantize, dev)
+        from ._rtn_choice import launched, primed_after
+
+        weights = [ly.weight() for ly in layers]
+        fused = fused_quantizer(batched, dev, weights)
+        config = getattr(batched, "__self__", None)
+        if fused is None:  # then the kernel, if it was only cold, is primed for a later call
+            runs = primed_after(_batched(layers, batched, dev), weights, config, dev)
+        else:  # the kernel's variants are warm once it has run (a later call pays no start-up)
+            runs = launched(_fused(layers, fused, quantize, dev), weights, config, dev)
     return _in_order(layers, runs)
 
 
@@ -174,7 +185,9 @@ def _looped(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> I
 
 def _batched(layers: Sequence[Layer], quantize: BatchQuantize, dev: torch.device) -> Iterator[Run]:
     """The weights in runs of :func:`batches`: each run stacked, quantised in one go, its errors taken with
-    one reduction each way and every ``Ŵ`` written back."""
+    one reduction each way and every ``Ŵ`` written back; then each result reads its codes from its layer
+    (RTN's batches make none; where the layer's dtype cannot give them back exactly they are recovered now
+    from the float32 ``Ŵ`` and kept: compress/_grid.py ``written``, one device sync a run)."""
     for run in batches(layers, BATCH_BYTES):
         Ws = _stack([layers[i] for i in run], dev)
         results, W_hat = quantize(Ws)
@@ -182,7 +195,7 @@ def _batched(layers: Sequence[Layer], quantize: BatchQuantize, dev: torch.device
         errs = _ratio(frobenius(Ws.sub_(W_hat)), den)  # the stack is ours: W − Ŵ in place
         for j, i in enumerate(run):
             layers[i].write(W_hat[j])
-        yield run, results, errs
+        yield run, written(results, [(layers[i].weight, layers[i].name) for i in run]), errs
 
 
 def _fused(
@@ -191,12 +204,14 @@ def _fused(
     """The weights in runs of :func:`batches`, each run quantised in place by one call of the method's fused
     kernel; a run the kernel cannot take in place (Conv1D's transposed weights, another dtype or device)
     goes through :func:`_one`, a layer at a time. A run is every weight of a shape (up to :data:`MAX_RUN`):
-    the kernel makes no temporaries to bound."""
+    the kernel makes no temporaries to bound. The kernel keeps no codes where they are recoverable; each
+    result then reads them from its layer (their scales are checked at that read: no sync here)."""
     runs = batches(layers, 1 << 62)
     for run in (r[k : k + MAX_RUN] for r in runs for k in range(0, len(r), MAX_RUN)):
         Ws = [layers[i].weight().detach() for i in run]
         if all(_fusable(W, dev) for W in Ws):
-            yield run, *fused(Ws)
+            results, errs = fused(Ws)
+            yield run, written(results, [(layers[i].weight, layers[i].name) for i in run], check=False), errs
         else:
             done = [_one(layers[i], quantize, dev) for i in run]
             yield run, [qw for qw, _ in done], [e for _, e in done]
@@ -299,6 +314,9 @@ class _HostPipeline:
             W = W_dev.float().contiguous()  # as in _resident (a Conv1D weight may arrive transposed)
             qw = self.quantize(W)
             W_hat = qw.dequantize()
+            # the codes are read back from the landed Ŵ when saved (none pile up on the device); the
+            # scales are checked at that first read, as no host sync may stall this pipeline
+            (qw,) = written([qw], [(ly.weight, ly.name)], check=False)
             errors.add(ly, qw, relative_error(W, W_hat))
             out_dev = W_hat.to(W_dev.dtype)
             if i + 1 < len(self.layers):
@@ -325,16 +343,22 @@ def batch_quantizer(config: object) -> BatchQuantize | None:
     return fn if callable(fn) else None
 
 
-def fused_quantizer(batched: BatchQuantize, dev: torch.device) -> FusedQuantize | None:
+def fused_quantizer(
+    batched: BatchQuantize, dev: torch.device, weights: Sequence[Tensor] | None = None
+) -> FusedQuantize | None:
     """The in-place one-kernel quantiser of the method whose ``batched_quantize`` is ``batched`` (the
-    method's ``fused_quantize``: RTN's), where it runs: on a device of :data:`FUSED_DEVICES`, with Triton
-    installed. None otherwise (the batches run)."""
-    fn = getattr(getattr(batched, "__self__", None), "fused_quantize", None)
+    method's ``fused_quantize``: RTN's), where it runs and is chosen: on a device of :data:`FUSED_DEVICES`,
+    with Triton installed, unless ``$WEIGHTSMITH_RTN_KERNEL`` forces the batches, and, given the
+    ``weights`` it would quantise, only where it beats the batches with the start-up it still has to pay
+    in this process (:func:`._rtn_choice.choose`; Triton is not imported when it does not). None otherwise
+    (the batches run)."""
+    config = getattr(batched, "__self__", None)
+    fn = getattr(config, "fused_quantize", None)
     if not callable(fn) or dev.type not in FUSED_DEVICES:
         return None
-    from ._rtn_triton import available  # imports Triton (a quarter of a second): only here
+    from ._rtn_choice import choose, serialised
 
-    return fn if available() else None
+    return serialised(fn) if choose(config, dev, weights) else None
 
 
 def _fusable(W: Tensor, dev: torch.device) -> bool:

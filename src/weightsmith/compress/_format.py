@@ -165,11 +165,12 @@ def quantization_config(model: nn.Module, report: CompressReport) -> dict[str, A
 def _quantized_tensors(
     path: str, qw: QuantizedWeight, dtype: torch.dtype, real_zero: bool
 ) -> dict[str, Tensor]:
-    # packed where the codes live (the GPU after a GPU compress): a half to a quarter of the bytes cross
+    # packed where the codes live (the GPU after a GPU compress): a half to a quarter of the bytes cross. A
+    # result that keeps no codes recovers them here, once, from the model's Ŵ (verified; compress/_grid.py)
     out = {
         f"{path}.weight_packed": pack_codes(qw.q, qw.bits).cpu(),
         f"{path}.weight_scale": qw.scale.cpu().to(dtype).contiguous(),
-        f"{path}.weight_shape": torch.tensor(list(qw.q.shape), dtype=torch.int64),
+        f"{path}.weight_shape": torch.tensor(list(qw.shape), dtype=torch.int64),
     }
     if real_zero:
         out[f"{path}.weight_zero_point"] = qw.zero.cpu().float().contiguous()

@@ -1,5 +1,6 @@
-"""RTN fused into one Triton kernel a run of same-shaped weights: read each ``W`` once, write its codes,
-scales, zeros and ``Ŵ`` once.
+"""RTN fused into one Triton kernel a run of same-shaped weights: read each ``W`` once, write its scales,
+zeros and ``Ŵ`` once, and its codes only where they cannot be recovered from ``Ŵ`` later (``CODES``: see
+compress/_grid.py, "Codes recovered from the written weight"; otherwise no codes tensor exists at all).
 
 The arithmetic is RTN on the min-max grid of :mod:`._grid` ("Quantizing deep convolutional networks for
 efficient inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4), step for step as
@@ -30,8 +31,9 @@ over them twice in chunks of at most :data:`MAX_CHUNK` columns (min/max, then co
 read comes from cache), so a per-channel group of any length fits. The weights of a run are separate
 parameters: the grid is (programs a weight, weights), and each program reads its weight's address (and those
 of the weight's scales and zeros) from an int64 table and turns it into a pointer, as Triton's grouped-GEMM
-tutorial does; so a run of ``L`` weights is one launch, one table copied to the device and four allocations
-(codes, partial sums, table; scales and zeros are one small allocation each a weight), with no host sync.
+tutorial does; so a run of ``L`` weights is one launch, one table copied to the device and a few
+allocations (partial sums, table, codes where kept; scales and zeros are one small allocation each a
+weight), with no host sync.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from torch import Tensor
 
 from ..errors import WeightsmithError
 from ._datafree import MAX_RUN
-from ._grid import QuantizedWeight, check_bits, grouped, qmax
+from ._grid import QuantizedWeight, WrittenAt, check_bits, exact_dtype, grouped, qmax
 
 # rint(x) = (x + 1.5·2^23) − 1.5·2^23 for |x| < 2^22 in float32 round-to-nearest-even arithmetic: the sum lies
 # in [2^23, 2^24), where the spacing is 1, so the addition itself rounds x half to even (1.5·2^23 is even).
@@ -80,7 +82,7 @@ def available() -> bool:
 
 def _rtn_kernel(  # type: ignore[no-untyped-def]
     T,  # [L, 3] int64 addresses of each weight's W [rows, g] (read, then overwritten with Ŵ), scales, zeros
-    Q,  # [L, rows, g] uint8 codes
+    Q,  # [L, rows, g] uint8 codes (unused without CODES)
     P,  # [L, programs, 2] float32 partial sums of w² and (w − ŵ)²
     rows,
     g,
@@ -88,6 +90,7 @@ def _rtn_kernel(  # type: ignore[no-untyped-def]
     top,  # 2^b − 1
     zsym,  # 2^(b−1), the symmetric zero
     ELT: tl.constexpr,  # the weights' dtype
+    CODES: tl.constexpr,  # write the codes (else they are recovered from Ŵ when saved: none are kept)
     SYM: tl.constexpr,
     RCP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every weight starts on 16 bytes (so its rows' loads vectorise)
@@ -101,7 +104,8 @@ def _rtn_kernel(  # type: ignore[no-untyped-def]
     Z = tl.load(T + 3 * j + 2).to(tl.pointer_type(tl.float32))
     if ALIGNED:
         W = tl.multiple_of(W, 16)
-    Q += j.to(tl.int64) * rows * g
+    if CODES:
+        Q += j.to(tl.int64) * rows * g
     P += (j.to(tl.int64) * tl.num_programs(0) + pid) * 2
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < rows
@@ -132,7 +136,8 @@ def _rtn_kernel(  # type: ignore[no-untyped-def]
         zero = tl.math.div_rn(nlo, scale)  # in [0, 2^b − 1]: −lo ≤ hi − lo
         zero = tl.minimum(tl.maximum((zero + RINT) - RINT, 0.0), top)
     tl.store(S + r, scale, mask=rmask)
-    tl.store(Z + r, zero, mask=rmask)
+    if not SYM:  # a symmetric grid's zero is one constant: the caller keeps it as such
+        tl.store(Z + r, zero, mask=rmask)
     sw = tl.zeros([BLOCK_R], tl.float32)
     se = tl.zeros([BLOCK_R], tl.float32)
     for c in range(0, g, CHUNK):
@@ -141,7 +146,8 @@ def _rtn_kernel(  # type: ignore[no-untyped-def]
         w = tl.load(W + off, mask=m, other=0.0).to(tl.float32)
         q = tl.math.div_rn(w, scale[:, None]) + zero[:, None]  # |q| < 2^9 (w / s is within the grid)
         q = tl.minimum(tl.maximum((q + RINT) - RINT, 0.0), top)
-        tl.store(Q + off, q.to(tl.uint8), mask=m)
+        if CODES:
+            tl.store(Q + off, q.to(tl.uint8), mask=m)
         w_hat = (q - zero[:, None]) * scale[:, None]
         if ELT == tl.bfloat16:  # noqa: SIM300 (ELT is the argument) round to nearest even by hand
             b = w_hat.to(tl.uint32, bitcast=True)
@@ -217,43 +223,63 @@ def _addresses(rows: list[list[int]], dev: torch.device) -> Tensor:
 
 
 def rtn_fused(
-    Ws: Sequence[Tensor], bits: int, group_size: int, symmetric: bool
+    Ws: Sequence[Tensor], bits: int, group_size: int, symmetric: bool, codes: bool | None = None
 ) -> tuple[list[QuantizedWeight], Tensor]:
     """RTN of the same-shaped weights ``Ws`` (each [out, in], float32, bfloat16 or float16, contiguous) in
     one launch: returns one quantised weight each and ``‖W − Ŵ‖_F / ‖W‖_F`` of each as a float32 tensor [L]
-    on their device (no host sync), and overwrites every ``W`` with its ``Ŵ`` in its dtype. The codes of the
-    run are one allocation [L, out, in] (each result holds a view); each weight's scales and zeros are its
-    own (a checkpoint writer refuses tensors that share storage). ``group_size = 0``: per channel."""
+    on their device (no host sync), and overwrites every ``W`` with its ``Ŵ`` in its dtype. Each weight's
+    scales (and an asymmetric grid's zeros) are its own (a checkpoint writer refuses tensors that share
+    storage); a symmetric grid's zeros are the constant ``2^(b−1)``, one element seen as [out, groups] by
+    every result (no writer stores them as they are: compressed-tensors has none for a symmetric grid, the
+    weightsmith format copies them). ``group_size = 0``: per channel.
+
+    ``codes``: whether the kernel writes the codes (one allocation [L, out, in], each result holding a
+    view). Default: only where they cannot be recovered from ``Ŵ`` in the weights' dtype
+    (:func:`~._grid.exact_dtype`: bfloat16 at 8 bits asymmetric); otherwise no codes tensor is allocated
+    and each result recovers its codes from its ``W`` when they are read (:class:`~._grid.WrittenAt`; the
+    scales' range, :func:`~._grid.exact_scales`, is checked then: here it would cost a host sync)."""
     if triton is None:
         raise WeightsmithError("the fused RTN kernel needs triton (pip install triton)")
     check_bits(bits)
     _check(Ws)
+    if codes is None:
+        codes = not exact_dtype(bits, symmetric, Ws[0].dtype)
+    elif not codes and not exact_dtype(bits, symmetric, Ws[0].dtype):
+        raise WeightsmithError(
+            f"fused RTN codes=False: {bits}-bit {'symmetric' if symmetric else 'asymmetric'} codes cannot be "
+            f"recovered exactly from {Ws[0].dtype} weights; keep them (codes=True or None)"
+        )
     W0 = Ws[0]
     out_f, in_f = W0.shape
     g = grouped(W0, group_size).shape[-1]  # checks that the group size divides the input size
     rows = W0.numel() // g
     block_r, chunk, programs = launch_shape(rows, g)
     dev, n = W0.device, len(Ws)
-    q = torch.empty((n, out_f, in_f), dtype=torch.uint8, device=dev)
-    scales = [torch.empty((out_f, in_f // g), dtype=torch.float32, device=dev) for _ in range(2 * n)]
+    q = torch.empty((n, out_f, in_f) if codes else (1,), dtype=torch.uint8, device=dev)
+    grid = (out_f, in_f // g)
+    scales = [torch.empty(grid, dtype=torch.float32, device=dev) for _ in range(n)]
+    if symmetric:  # 2^(b−1) everywhere: one element, seen as [out, groups] by every result
+        zeros = [torch.full((1, 1), float(1 << (bits - 1)), device=dev).expand(grid)] * n
+    else:
+        zeros = [torch.empty(grid, dtype=torch.float32, device=dev) for _ in range(n)]
     part = torch.empty((n, programs, 2), dtype=torch.float32, device=dev)
-    table = [
-        [W.data_ptr(), s.data_ptr(), z.data_ptr()] for W, s, z in zip(Ws, scales[:n], scales[n:], strict=True)
-    ]
+    table = [[W.data_ptr(), s.data_ptr(), z.data_ptr()] for W, s, z in zip(Ws, scales, zeros, strict=True)]
     aligned = all(a % 16 == 0 for a, _, _ in table)
     rcp = dev.type in RECIPROCAL_DEVICES
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         _kernel()[(programs, n)](
             _addresses(table, dev), q, part, rows, g,
             _divisor(bits, symmetric, rcp), float(qmax(bits)), float(1 << (bits - 1)),
-            ELT=_ELT[W0.dtype], SYM=symmetric, RCP=rcp, ALIGNED=aligned, BLOCK_R=block_r, CHUNK=chunk,
-            num_warps=NUM_WARPS, enable_fp_fusion=False,
+            ELT=_ELT[W0.dtype], CODES=codes, SYM=symmetric, RCP=rcp, ALIGNED=aligned, BLOCK_R=block_r,
+            CHUNK=chunk, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
     sums = part.double().sum(1)  # [L, 2]: Σ w², Σ (w − ŵ)² in float64
     rel = sums[:, 1].div_(sums[:, 0].clamp_min(1e-60)).sqrt_().float()
     keep = (bits, group_size, symmetric)
-    results = [QuantizedWeight(c, s, z, *keep) for c, s, z in zip(q, scales[:n], scales[n:], strict=True)]
-    return results, rel
+    if codes:
+        return [QuantizedWeight(c, s, z, *keep) for c, s, z in zip(q, scales, zeros, strict=True)], rel
+    at = [WrittenAt(W, W.dtype, f"weight {j} of a fused RTN run") for j, W in enumerate(Ws)]
+    return [QuantizedWeight(None, s, z, *keep, a) for s, z, a in zip(scales, zeros, at, strict=True)], rel
 
 
 def fusable(W: Tensor, dev: torch.device) -> bool:

@@ -5,6 +5,8 @@ its min-max grid and read back as ``ŵ = s (q − z)`` ("Quantizing deep convolu
 inference: A whitepaper", Krishnamoorthi, 2018, eq. 2-4); symmetric grids fix ``z = 2^(b−1)``. Every step is
 per group, so a stack of same-shaped weights is quantised in one go (:meth:`RTN.batched_quantize`), and on
 CUDA a run of same-shaped weights in one fused Triton kernel launch, in place (:meth:`RTN.fused_quantize`).
+Those two keep no codes: they are recovered from the written ``Ŵ`` when saved (compress/_grid.py, "Codes
+recovered from the written weight", and docs/compress-rtn-memory.md).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ class RTN(CompressConfig):
     def batched_quantize(self, W: Tensor) -> tuple[list[QuantizedWeight], Tensor]:
         """A stack ``[L, out, in]`` of float32 weights at once: one result a weight (bit-identical to
         :meth:`quantize` on each) and the stacked ``Ŵ`` (the data-free path's batches,
-        compress/_datafree.py)."""
-        qw, W_hat = rtn_with_dequant(W, self.bits, self.group_size, self.symmetric)
+        compress/_datafree.py). No uint8 codes are made: each result recovers its codes from its part of
+        the float32 ``Ŵ`` until the caller writes it and points the result at the layer
+        (:meth:`~._grid.QuantizedWeight.written_to`)."""
+        qw, W_hat = rtn_with_dequant(W, self.bits, self.group_size, self.symmetric, keep_codes=False)
         assert W_hat is not None
         return qw.split(), W_hat
 
@@ -39,7 +43,8 @@ class RTN(CompressConfig):
         contiguous, on a CUDA device) in one Triton kernel launch that overwrites each with its ``Ŵ``
         (compress/_rtn_triton.py): one result each, with codes, scales, zeros and ``Ŵ`` bit-identical to
         :meth:`batched_quantize`, and their ``‖W − Ŵ‖_F / ‖W‖_F`` as a tensor [L] (the data-free path's
-        choice on CUDA, compress/_datafree.py)."""
+        choice on CUDA, compress/_datafree.py). The kernel writes no codes where they are recoverable from
+        ``Ŵ`` in the weights' dtype (:func:`~._grid.exact_dtype`): the results then read them from ``Ws``."""
         from ._rtn_triton import rtn_fused  # imports Triton: only when used
 
         return rtn_fused(Ws, self.bits, self.group_size, self.symmetric)
