@@ -30,19 +30,12 @@ import torch
 from torch import nn
 
 from weightsmith import adapters
-from weightsmith.adapters import boft as boft_module
 from weightsmith.adapters.boft import BOFT, boft_costs
 from weightsmith.adapters.lora import LoRA
 from weightsmith.adapters.randlora import RandLoRA, randlora_costs
 from weightsmith.staging import write_text
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)}
-
-
-def einsum_block_product(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The block product before grouping (one [rows, b] x [b, b] product per block), for the "before" rows."""
-    k, b, _ = blocks.shape
-    return torch.einsum("...kc,kcd->...kd", z.reshape(*z.shape[:-1], k, b), blocks).reshape(z.shape)
 
 
 def clock(device: str) -> float:
@@ -161,19 +154,12 @@ def main() -> None:
             cases.append(("randlora r32", path, RandLoRA(rank=32, path=path), rl_w if use_w else rl_act))
         for b in (4, 256) if "boft" in args.methods else ():
             b_act, b_w = boft_costs(N, out_f, in_f, b, 1, True, True)
-            if b == 4:
-                cases.append(("boft b4 before", "activation", BOFT(block_size=b, path="activation"), None))
             for path in ("activation", "weight", "auto"):
                 use_w = path == "weight" or (path == "auto" and b_w < b_act)
                 cases.append((f"boft b{b}", path, BOFT(block_size=b, path=path), b_w if use_w else b_act))
         lora_ms = None
         for name, path, cfg, macs in cases:
-            before = name.endswith("before")
-            if before:  # the per-block einsum this file's BOFT rows replaced
-                boft_module.block_product, grouped = einsum_block_product, boft_module.block_product
             ms = time_layer(cfg, (out_f, in_f), N, args.device, dtype, args.repeat)
-            if before:
-                boft_module.block_product = grouped
             lora_ms = ms if name.startswith("lora") else lora_ms
             ratio = f"{ms / lora_ms:.2f}" if lora_ms else "-"
             gmacs = f"{macs / 1e9:.1f}" if macs else "-"

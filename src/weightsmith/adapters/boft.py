@@ -24,11 +24,14 @@ dense block groups, again for each gradient), then the frozen product; or rotate
 (``W0 Rᵀ``: m out·in·G, independent of N) and
 run one product with ``W' = diag(s) W0 Rᵀ``, whose backward adds the weight gradient ``gᵀ x``
 (N·out·in). ``R`` is never built densely (in·in·out): the m·k Cayley solves are one batched call
-and each factor is one gather, one batched block product and one gather. The weight path is the
-cheaper one only for outputs narrower than about ``3 m G`` (:func:`block_product`; large blocks, small
-heads) or where the input needs no gradient. Its autograd
+(:class:`_Butterfly`, with a hand-written gradient) and each factor becomes dense [G, G] diagonal groups
+with its permutation folded in where a chunk of it fits in a group (:func:`butterfly_plan`; else the
+rows are copied into block order and back), applied by one batched product that reads the rows in
+place. The weight path is the cheaper one only for outputs narrower than about ``3 m G``
+(:func:`block_product`; large blocks, small heads) or where the input needs no gradient. Its autograd
 keeps ``W0 Rᵀ`` and ``W'`` (two [out, in] tensors in the compute dtype) per layer until backward; the
-activation path keeps ``x R`` and ``x R W0ᵀ`` (N-sized).
+activation path (:class:`_ButterflyLinear`, one node) keeps x, each later factor's input and
+``x R W0ᵀ`` (N-sized).
 """
 
 from __future__ import annotations
@@ -46,13 +49,14 @@ from ._core import (
     Adapter,
     AdapterConfig,
     AdapterContext,
+    amp_apply,
     amp_dtype,
+    autocast_off,
     cheaper_path,
     check_dropouts,
     check_path,
     load_peft_tensors,
 )
-from .oft import cayley
 
 
 def butterfly_perm(n: int, chunks: int, half: int) -> Tensor:
@@ -106,6 +110,70 @@ def group_size(k: int, b: int) -> int:
     return max(g for g in range(1, min(k, top) + 1) if k % g == 0)
 
 
+def factor_shape(i: int, b: int) -> tuple[int, int, int]:
+    """Factor i (0-based; ``B_{i+1}``) as a view: each chunk of ``b 2^i`` inputs is ``[P, r, h]`` and block
+    j of the chunk holds the runs ``(p, j, :)``, p < P, of h inputs: two half-blocks ``2^i`` half-blocks
+    apart (``(P, r, h) = (2, 2^i, b/2)``); ``(1, 1, b)`` for ``B_1 = P_1 D_1 P_1ᵀ = D_1``. This is
+    ``x P_i`` of :func:`butterfly_perm` (``(x P_i)_j = x[p⁻¹_j]``) as a reshape and a transpose."""
+    return (1, 1, b) if i == 0 else (2, 2**i, b // 2)
+
+
+Plan = tuple[tuple[bool, tuple[int, int, int]], ...]
+
+
+def butterfly_plan(m: int, k: int, b: int) -> Plan:
+    """Per factor ``(folded, (P, r, h))``: folded when a chunk (``P r h`` inputs) lies inside one dense
+    group (``g b``, :func:`group_size`): the permutation then goes into the group's dense matrix and the
+    factor multiplies the inputs in place; else the inputs are transposed into block order and back."""
+    G = group_size(k, b) * b
+    shapes = [factor_shape(i, b) for i in range(m)]
+    return tuple((G % (P * r * h) == 0, (P, r, h)) for P, r, h in shapes)
+
+
+def to_blocks(z: Tensor, shape: tuple[int, int, int], inverse: bool = False) -> Tensor:
+    """Rows z [rows, n] in a factor's block order (``[.., P, r, h]`` chunks read as ``[.., r, P, h]``), or
+    back with ``inverse``: one copy."""
+    P, r, h = shape
+    a, c = (r, P) if inverse else (P, r)
+    return z.view(z.shape[0], -1, a, c, h).transpose(2, 3).reshape(z.shape)
+
+
+def group_product(z: Tensor, E: Tensor, out: Tensor | None = None) -> Tensor:
+    """Rows z [rows, n] times the block-diagonal matrix of dense groups E [n / G, G, G]: one batched
+    product that reads z in place (strided) and writes into ``out`` [rows, n] through its group view
+    (no copy where the GEMM takes the strides, as on CUDA); not differentiable with ``out``."""
+    q, G = E.shape[0], E.shape[-1]
+    zb = z.view(z.shape[0], q, G).transpose(0, 1)
+    if out is None:
+        return torch.bmm(zb, E).transpose(0, 1).reshape(z.shape)
+    torch.bmm(zb, E, out=out.view(z.shape[0], q, G).transpose(0, 1))
+    return out
+
+
+def _dense_view(t: Tensor, g: int, shape: tuple[int, int, int]) -> Tensor:
+    """Dense groups t [k / g, G, G] as ``[q, γ, P, r, h, γ', P', r', h']`` (γ: chunk of the group)."""
+    P, r, h = shape
+    c = g // r
+    return t.view(t.shape[0], c, P, r, h, c, P, r, h)
+
+
+def dense_factor(R: Tensor, eye_g: Tensor, shape: tuple[int, int, int], out: Tensor) -> Tensor:
+    """The blocks R [k, b, b] of one factor as dense groups ``out`` [k / g, G, G] (any dtype: one kernel
+    writes and casts): entry ``((γ, p, j, e), (γ', p', j', e')) = δ_γγ' δ_jj' R_γj[(p, e), (p', e')]`` in
+    the factor's input order (:func:`factor_shape`), so ``group_product(x, out) = x P D Pᵀ``."""
+    P, r, h = shape
+    g = eye_g.shape[0]
+    c = g // r
+    Rv = R.view(-1, c, r, P, h, P, h).permute(0, 1, 3, 2, 4, 5, 6)[:, :, :, :, :, None, :, None]
+    mask = eye_g.view(c, r, c, r)[None, :, None, :, None, :, None, :, None]
+    target = _dense_view(out, g, shape)
+    if torch.compiler.is_compiling():  # traced: no out= into a view of another layout (functionalisation)
+        target.copy_(Rv * mask)
+    else:
+        torch.mul(Rv, mask, out=target)
+    return out
+
+
 def block_product(z: Tensor, blocks: Tensor) -> Tensor:
     """``z diag(blocks)`` for rows z [..., k b] and blocks [k, b, b] (block j of each row times block j).
 
@@ -116,13 +184,9 @@ def block_product(z: Tensor, blocks: Tensor) -> Tensor:
     """
     k, b, _ = blocks.shape
     g = group_size(k, b)
-    if g > 1:
-        eye = torch.eye(g, device=blocks.device, dtype=blocks.dtype)
-        blocks = torch.einsum("qjcd,jl->qjcld", blocks.reshape(k // g, g, b, b), eye)
-        blocks = blocks.reshape(k // g, g * b, g * b)
-    rows = z.shape[:-1]
-    out = torch.bmm(z.reshape(-1, k // g, g * b).transpose(0, 1), blocks)  # [k / g, rows, g b]
-    return out.transpose(0, 1).reshape(*rows, z.shape[-1])
+    eye = torch.eye(g, device=blocks.device, dtype=blocks.dtype)
+    E = dense_factor(blocks, eye, (1, 1, b), blocks.new_empty(k // g, g * b, g * b))
+    return group_product(z.reshape(-1, z.shape[-1]), E).view(z.shape)
 
 
 def boft_costs(
@@ -152,12 +216,141 @@ def boft_costs(
     return act, weight
 
 
+def column_dots(a: Tensor, b: Tensor, batched: bool) -> Tensor:
+    """``Σ_n a[n, o] b[n, o]`` [out] in float32 (or wider). ``batched``: the diagonals of the c x c blocks
+    of ``aᵀ b`` (c <= 64 divides out), one batched product that reads a and b once, strided, and
+    accumulates in float32 (on a GPU a product of N-long columns costs a read, not the out·N product
+    written then summed; on a CPU the c-fold multiply-adds cost more than that pass)."""
+    rows, out = a.shape
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    c = max(d for d in range(1, min(out, 64) + 1) if out % d == 0)
+    if not batched or c < 8:
+        return torch.mul(a, b).sum(0, dtype=dt)
+    ab = a.view(rows, out // c, c).permute(1, 2, 0)  # [out / c, c, rows]
+    bb = b.view(rows, out // c, c).transpose(0, 1)  # [out / c, rows, c]
+    return torch.bmm(ab, bb).diagonal(dim1=1, dim2=2).to(dt).reshape(out)
+
+
+class _Butterfly(torch.autograd.Function):
+    """Stored ``S`` [m, k, b, b] -> every factor's dense groups E [m, k / g, G, G] in ``dtype``.
+
+    Forward: ``Q = (S - Sᵀ)/2``, ``R = (I - Q)(I + Q)⁻¹`` (one batched solve for all m k blocks, in
+    float32 or wider), then one kernel per factor writes R into its groups and casts. Backward, from
+    ``R = 2 (I + Q)⁻¹ - I``: with ``H = (I + Q)⁻¹ = (R + I)/2`` and ``Γ = dL/dR`` (the E gradient's
+    diagonal blocks), ``dL/dQ = -2 Hᵀ Γ Hᵀ`` and ``dL/dS = (dQ - dQᵀ)/2 = Mᵀ - M``, ``M = Hᵀ Γ Hᵀ``: two
+    batched products and one subtraction instead of autograd through the LU solve.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, S: Tensor, eye_b: Tensor, eye_g: Tensor, plan: Plan, dtype: torch.dtype) -> Tensor:
+        dt = S.dtype if S.dtype in (torch.float32, torch.float64) else torch.float32
+        m, k, b, _ = S.shape
+        S3 = S.reshape(m * k, b, b).to(dt)
+        eye = eye_b.to(dt)
+        D = S3 - S3.transpose(1, 2)
+        A, B = torch.add(eye, D, alpha=0.5), torch.add(eye, D, alpha=-0.5)  # I + Q, I - Q
+        # solve_ex: I + Q is invertible for any skew-symmetric Q; `solve` checks on the host (no CUDA graph)
+        R = torch.linalg.solve_ex(A, B, left=False).result
+        g = eye_g.shape[0]
+        E = torch.empty(m, k // g, g * b, g * b, dtype=dtype, device=S.device)
+        mask = eye_g.to(dt)
+        for i, (folded, shape) in enumerate(plan):
+            dense_factor(R.view(m, k, b, b)[i], mask, shape if folded else (1, 1, b), E[i])
+        ctx.save_for_backward(R, eye)
+        ctx.plan, ctx.g, ctx.S_dtype = plan, g, S.dtype
+        return E
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx: Any, dE: Tensor) -> tuple[Tensor | None, ...]:
+        R, eye = ctx.saved_tensors
+        m = len(ctx.plan)
+        k, b = R.shape[0] // m, R.shape[-1]
+        gam = torch.empty(m, k, b, b, dtype=R.dtype, device=R.device)
+        for i, (folded, shape) in enumerate(ctx.plan):
+            P, r, h = shape if folded else (1, 1, b)
+            blocks = _dense_view(dE[i], ctx.g, (P, r, h)).diagonal(dim1=1, dim2=5).diagonal(dim1=2, dim2=5)
+            gam[i].view(-1, ctx.g // r, r, P, h, P, h).copy_(blocks.permute(0, 5, 6, 1, 2, 3, 4))
+        H = torch.lerp(R, eye, 0.5)  # (R + I) / 2 = (I + Q)⁻¹
+        M = torch.bmm(torch.bmm(H.transpose(1, 2), gam.view(m * k, b, b)), H.transpose(1, 2))
+        dS = (M.transpose(1, 2) - M).view(m, k, b, b).to(ctx.S_dtype)
+        return dS, None, None, None, None
+
+
+class _ButterflyLinear(torch.autograd.Function):
+    """``y = (x R W0ᵀ) diag(s)`` with R the butterfly of dense groups E [m, k / g, G, G] (``x R`` applies
+    ``B_m`` first), for :func:`~._core.amp_apply` (x in the compute dtype, E already in it).
+
+    Each factor is one batched product of the rows read in place and written into a [N, in] buffer
+    through its group view (a factor not folded into its groups is copied into block order and back);
+    then one GEMM and the scaling ``y = y0 s`` (s in float32, one pass). Saved: each factor's input, and
+    ``y0`` when s trains (as autograd kept them). Backward: ``ds = Σ_n g y0`` (:func:`column_dots`),
+    ``g' = g diag(s) W0`` scaling whichever of g [N, out] and W0 [out, in] is smaller, then per factor
+    ``dE = zᵀ g'`` and ``g' ← g' Eᵀ`` (one batched product each).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, base_out: None, x: Tensor, W0: Tensor, s: Tensor, E: Tensor, plan: Plan) -> Tensor:
+        dt, n = x.dtype, x.shape[-1]
+        z = x.reshape(-1, n).contiguous()
+        inputs = []
+        for i in range(len(plan) - 1, -1, -1):  # x R = x B_m ⋯ B_1
+            folded, shape = plan[i]
+            u = z if folded else to_blocks(z, shape)
+            inputs.append(u)
+            z = group_product(u, E[i], torch.empty_like(u))
+            z = z if folded else to_blocks(z, shape, inverse=True)
+        W = W0.to(dt)
+        y0 = torch.mm(z, W.t())
+        y = torch.mul(y0, s.view(-1), out=torch.empty_like(y0))  # in float32, rounded once
+        need_W, need_s = ctx.needs_input_grad[2:4]
+        ctx.save_for_backward(W, s, E, y0 if need_s else None, z if need_W else None, *inputs[::-1])
+        ctx.plan, ctx.x_shape, ctx.W_dtype = plan, x.shape, W0.dtype
+        return y.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        W, s, E, y0, x_rot, *inputs = ctx.saved_tensors
+        need_x, need_W, need_s, need_E = ctx.needs_input_grad[1:5]
+        g2 = g.reshape(-1, W.shape[0]).contiguous()
+        dx = dW = ds = dE = None
+        if need_s:
+            ds = column_dots(g2, y0, g2.is_cuda).view_as(s).to(s.dtype)
+        if need_x or need_E or need_W:
+            sv = s.view(-1)
+            gs = None
+            if need_W or g2.shape[0] <= W.shape[1]:  # scale g [N, out], else W0 [out, in]
+                gs = torch.mul(g2, sv, out=torch.empty_like(g2))
+                gr = torch.mm(gs, W)
+            else:
+                gr = torch.mm(g2, torch.mul(W, s, out=torch.empty_like(W)))
+            if gs is not None and need_W:
+                dW = torch.mm(gs.t(), x_rot).to(ctx.W_dtype)
+            dE = torch.empty_like(E) if need_E else None
+            m = len(ctx.plan)
+            for i in range(m):  # B_1 was applied last
+                folded, shape = ctx.plan[i]
+                gv = gr if folded else to_blocks(gr, shape)
+                if dE is not None:
+                    q, G = E.shape[1], E.shape[-1]
+                    u = inputs[i].view(-1, q, G).transpose(0, 1)
+                    torch.bmm(u.transpose(1, 2), gv.view(-1, q, G).transpose(0, 1), out=dE[i])
+                if i < m - 1 or need_x:
+                    gr = group_product(gv, E[i].transpose(1, 2), torch.empty_like(gv))
+                    gr = gr if folded else to_blocks(gr, shape, inverse=True)
+            dx = gr.view(ctx.x_shape) if need_x else None
+        return None, dx, dW, ds, dE, None
+
+
 class BOFTAdapter(Adapter):
-    """Trainable ``boft_R`` [m, k, b, b] and ``boft_s`` [out, 1]; permutations are non-saved buffers."""
+    """Trainable ``boft_R`` [m, k, b, b] and ``boft_s`` [out, 1]; ``perms`` (the permutations ``P_i`` as
+    indices, for reference) and two identities are non-saved buffers."""
 
     needs_base_out: ClassVar[bool] = False  # rotates x, then applies W0
     perms: Tensor
-    inv_perms: Tensor
+    eye_b: Tensor
+    eye_g: Tensor
 
     def __init__(self, R: Tensor, s: Tensor, path: str = "auto") -> None:
         super().__init__()
@@ -168,29 +361,30 @@ class BOFTAdapter(Adapter):
         m, k, b, _ = R.shape
         n = k * b
         perms = [torch.arange(n)] + [butterfly_perm(n, k >> i, b // 2) for i in range(1, m)]
-        P = torch.stack(perms).to(R.device)
-        self.hold(perms=P, inv_perms=torch.argsort(P, dim=1))
+        self.plan = butterfly_plan(m, k, b)
+        self.hold(
+            perms=torch.stack(perms).to(R.device),
+            eye_b=torch.eye(b, device=R.device),
+            eye_g=torch.eye(group_size(k, b), device=R.device),
+        )
 
-    def blocks(self) -> Tensor:
-        """Cayley rotations [m, k, b, b] (float32 or wider)."""
-        S = self.boft_R if self.boft_R.dtype in (torch.float32, torch.float64) else self.boft_R.float()
-        m, k, b, _ = S.shape
-        Q = 0.5 * (S - S.transpose(-1, -2))
-        return cayley(Q.reshape(m * k, b, b)).reshape(m, k, b, b)
+    def factors(self, dtype: torch.dtype) -> Tensor:
+        """Every factor's dense groups E [m, k / g, G, G] in ``dtype`` (:class:`_Butterfly`)."""
+        with torch.autocast(self.boft_R.device.type, enabled=False):
+            E: Tensor = _Butterfly.apply(self.boft_R, self.eye_b, self.eye_g, self.plan, dtype)
+        return E
 
-    def rotate_rows(self, M: Tensor, R: Tensor, transpose: bool) -> Tensor:
-        """``M R`` (transpose=False) or ``M Rᵀ`` for rows M [..., in], ``R = B_m ⋯ B_1`` given its blocks.
-
-        ``x B_i = ((x P_i) D_i) P_iᵀ`` with ``(x P)_j = x[p⁻¹_j]`` and ``(x Pᵀ)_j = x[p_j]``.
-        """
-        m = R.shape[0]
-        R = R.to(M.dtype)
-        order = range(m) if transpose else range(m - 1, -1, -1)
-        for i in order:
-            z = M if i == 0 else M[..., self.inv_perms[i]]  # P_1 = I
-            z = block_product(z, R[i].transpose(-1, -2) if transpose else R[i])
-            M = z if i == 0 else z[..., self.perms[i]]
-        return M
+    def rotate_rows(self, M: Tensor, E: Tensor, transpose: bool) -> Tensor:
+        """``M R`` (transpose=False) or ``M Rᵀ`` for rows M [..., in], ``R = B_m ⋯ B_1`` given its dense
+        groups E (:meth:`factors`); differentiable."""
+        m = E.shape[0]
+        z = M.reshape(-1, M.shape[-1])
+        for i in range(m) if transpose else range(m - 1, -1, -1):
+            folded, shape = self.plan[i]
+            u = z if folded else to_blocks(z, shape)
+            u = group_product(u, E[i].transpose(1, 2) if transpose else E[i])
+            z = u if folded else to_blocks(u, shape, inverse=True)
+        return z.view(M.shape)
 
     def delta(self, W0: Tensor) -> Tensor:
         return self.merge(W0) - W0
@@ -205,21 +399,20 @@ class BOFTAdapter(Adapter):
         )
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
+        E = self.factors(amp_dtype(x))
         if self.choose_path(x, W0) == "weight":  # x (diag(s) W0 Rᵀ)ᵀ; autograd keeps W0 Rᵀ and W'
-            W_rot = self.rotate_rows(W0.to(amp_dtype(x)), self.blocks(), transpose=True)
+            W_rot = self.rotate_rows(W0.to(E.dtype), E, transpose=True)
             return F.linear(x, W_rot * self.boft_s.to(W_rot.dtype))
-        x_rot = self.rotate_rows(x, self.blocks(), transpose=False)
-        y = F.linear(x_rot, W0.to(x_rot.dtype))
-        return y * self.boft_s.view(-1).to(y.dtype)  # y is bf16 under autocast, x may not be
+        return amp_apply(_ButterflyLinear, None, x, W0, self.boft_s, E, self.plan)
 
     def merge(self, W0: Tensor) -> Tensor:
-        return self.rotate_rows(W0, self.blocks(), transpose=True) * self.boft_s
+        return self.rotate_rows(W0, self.factors(W0.dtype), transpose=True) * self.boft_s
 
     def unmerge(self, W_merged: Tensor) -> Tensor:
         if bool((self.boft_s == 0).any()):
             raise WeightsmithError("BOFT unmerge: a scale in boft_s is exactly 0, the merge cannot be undone")
         # R is orthogonal: (W0 Rᵀ) R = W0
-        return self.rotate_rows(W_merged / self.boft_s, self.blocks(), transpose=False)
+        return self.rotate_rows(W_merged / self.boft_s, self.factors(W_merged.dtype), transpose=False)
 
     def peft_state(self) -> dict[str, Tensor]:
         return {"boft_R": self.boft_R.detach(), "boft_s": self.boft_s.detach()}
