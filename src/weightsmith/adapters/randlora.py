@@ -30,7 +30,11 @@ builds ``W = W0 + ΔW`` once (``D k d``, independent of N), runs the base GEMM w
 the cheaper one (training batches); for a few tokens (generation) the activation path is. Memory of the
 weight path: it keeps only ``x`` for backward (the activation path also keeps ``Af`` [n r, d]) and
 rebuilds ``W0 + ΔW`` there; while a layer runs it holds one [out, in] temporary (``W0 + ΔW``, then
-``∂W``) in the compute dtype. In bf16 the weight path's forward sees ``W0 + ΔW`` rounded to bf16, as a
+``∂W``) in the compute dtype. ``keep_weight=True`` keeps forward's ``W0 + ΔW`` for backward instead (one
+``D k d`` product and two [n r, d] passes fewer a layer and step, one [out, in] tensor more per layer
+from forward to backward). Beyond the products, a layer's step makes five [n r, d] elementwise passes
+(``Af`` twice in two, :func:`scaled_rows`; ``∂Af ⊙ s A`` once, :func:`scalings_grad`), three with
+``keep_weight``. In bf16 the weight path's forward sees ``W0 + ΔW`` rounded to bf16, as a
 merged bf16 model would: an entry of ΔW below half a bf16 step of its ``W0`` entry does not reach the
 output until it grows (the activation path adds ``x ΔWᵀ`` to the rounded output instead); gradients are
 unaffected, and at ``λ = 0`` both paths are exactly ``W0``.
@@ -82,14 +86,15 @@ class ScaledBasis(torch.autograd.Function):
 
 
 def randlora_costs(
-    tokens: int, out_f: int, in_f: int, k: int, train: bool, input_grad: bool
+    tokens: int, out_f: int, in_f: int, k: int, train: bool, input_grad: bool, keep: bool = False
 ) -> tuple[int, int]:
     """Multiply-adds of one call (forward, and backward when ``train``), the base product included, of the
     activation path and of the weight path, for ``tokens`` rows, a [out_f, in_f] weight and rank ``k = n r``.
 
     Activation path: ``x W0ᵀ``, ``x Afᵀ`` [N, k], ``· Bfᵀ``; backward ``g Bf``, ``∂Af``, and with an input
     gradient ``g W0`` and ``· Af``. Weight path: ``W = W0 + Bf Af`` (k D d, independent of N), ``x Wᵀ``;
-    backward ``∂W = gᵀ x``, ``∂Af = Bfᵀ ∂W`` and with an input gradient ``W`` again and ``g W``.
+    backward ``∂W = gᵀ x``, ``∂Af = Bfᵀ ∂W`` and with an input gradient ``W`` again (not when ``keep``:
+    forward's is kept) and ``g W``.
     """
     N, d, D = tokens, min(out_f, in_f), max(out_f, in_f)
     act, weight = N * D * d + N * k * (d + D), D * k * d + N * D * d
@@ -98,20 +103,31 @@ def randlora_costs(
         weight += N * D * d + D * k * d
     if input_grad:
         act += N * D * d + N * k * d
-        weight += D * k * d + N * D * d
+        weight += (0 if keep else D * k * d) + N * D * d
     return act, weight
 
 
 def scaled_rows(lam: Tensor, gamma: Tensor, A: Tensor, s: float, dtype: torch.dtype) -> Tensor:
-    """``Af`` [n r, d]: row ``i r + k`` = ``s λ_ik A[k] Γ_i`` (computed in the parameters' dtype)."""
+    """``Af`` [n r, d]: row ``i r + k`` = ``s λ_ik A[k] Γ_i``, computed in the parameters' dtype and rounded
+    once to ``dtype``.
+
+    Two weight-sized passes: ``(s λ) ⊙ A`` [n, r, d], then ``⊙ γ`` written straight into the ``dtype``
+    result (the cast rides on the second product's store; the same products in the same order as
+    ``(s λ ⊙ A ⊙ γ).to(dtype)``, so the values are bit for bit those of three passes)."""
     n, r = lam.shape
-    return (lam[:, :, None] * s * A[None].to(lam.dtype) * gamma[:, None, :]).reshape(n * r, -1).to(dtype)
+    lam_A = torch.mul(lam.unsqueeze(2) * s, A.to(lam.dtype))  # [n, r, d]
+    out = lam_A if lam_A.dtype == dtype else torch.empty(lam_A.shape, dtype=dtype, device=lam_A.device)
+    return torch.mul(lam_A, gamma.unsqueeze(1), out=out).view(n * r, -1)
 
 
 def scalings_grad(dAf: Tensor, A: Tensor, lam: Tensor, gamma: Tensor, s: float) -> tuple[Tensor, Tensor]:
-    """``(∂λ, ∂γ)`` from ``∂Af`` [n r, d]: ``P = ∂Af ⊙ s A``, ``∂λ = P γ``, ``∂γ = λ P`` per basis."""
+    """``(∂λ, ∂γ)`` from ``∂Af`` [n r, d]: ``P = ∂Af ⊙ s A`` per basis, ``∂λ = P γ``, ``∂γ = λ P``.
+
+    One weight-sized pass (``P``, in the parameters' dtype: the cast of ``∂Af`` rides on the product; ``s``
+    scales the [r, d] basis, not ``P``) and two batched products that read it."""
     n, r = lam.shape
-    P = dAf.view(n, r, -1).to(lam.dtype).mul_(A.to(lam.dtype)).mul_(s)
+    P = torch.empty((n, r, dAf.shape[-1]), dtype=lam.dtype, device=dAf.device)
+    torch.mul(dAf.view(n, r, -1), A.to(lam.dtype) * s, out=P)
     return torch.bmm(P, gamma.unsqueeze(2)).view(n, r), torch.bmm(lam.unsqueeze(1), P).view(n, -1)
 
 
@@ -124,33 +140,47 @@ def merged_weight(W0: Tensor, Af: Tensor, Bf: Tensor) -> Tensor:
 class _RandLoRAWeight(torch.autograd.Function):
     """``x (W0 + ΔW)ᵀ`` with ``ΔW`` built once per call: the weight-space path (replaces the base product).
 
-    Forward keeps only ``x`` (and the frozen ``W0``, the bases and the scalings, no copies); backward
-    rebuilds ``W0 + ΔW`` for the input gradient rather than keeping a [out, in] tensor per layer alive.
+    Forward keeps ``x`` (and the frozen ``W0``, the bases and the scalings, no copies); backward rebuilds
+    ``W0 + ΔW`` for the input gradient rather than keeping a [out, in] tensor per layer alive, unless
+    ``keep``: then forward's ``W0 + ΔW`` stays for backward (one ``D k d`` product and the two passes of
+    ``Af`` fewer, one [out, in] tensor in the compute dtype more until backward). Nothing is built for
+    a gradient nobody asked for (``∂x``; ``∂λ``, ``∂γ`` of frozen scalings).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, W0: Tensor, lam: Tensor, gamma: Tensor, A: Tensor, Bf: Tensor, s: float
+        ctx: Any,
+        x: Tensor,
+        W0: Tensor,
+        lam: Tensor,
+        gamma: Tensor,
+        A: Tensor,
+        Bf: Tensor,
+        s: float,
+        keep: bool = False,
     ) -> Tensor:
         W = merged_weight(W0, scaled_rows(lam, gamma, A, s, x.dtype), Bf)
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, W0, lam, gamma, A, Bf)
-        ctx.s, ctx.x_shape = s, x.shape
+        ctx.kept = keep and ctx.needs_input_grad[0]
+        ctx.save_for_backward(x2, W if ctx.kept else W0, lam, gamma, A, Bf)
+        ctx.s, ctx.x_shape, ctx.wide = s, x.shape, W0.shape[0] >= W0.shape[1]
         return torch.mm(x2, W.t()).view(*x.shape[:-1], W.shape[0])
 
     @staticmethod
     @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x2, W0, lam, gamma, A, Bf = ctx.saved_tensors
+        x2, W, lam, gamma, A, Bf = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        Af = scaled_rows(lam, gamma, A, ctx.s, x2.dtype)
-        dx = None
+        dx = d_lam = d_gamma = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(g2, merged_weight(W0, Af, Bf)).view(ctx.x_shape)
-        dW = torch.mm(g2.t(), x2)  # [out, in]
-        dAf = torch.mm(Bf.t(), dW) if W0.shape[0] >= W0.shape[1] else torch.mm(Bf.t(), dW.t())
-        d_lam, d_gamma = scalings_grad(dAf, A, lam, gamma, ctx.s)
-        return dx, None, d_lam, d_gamma, None, None, None
+            if not ctx.kept:  # W is W0 here
+                W = merged_weight(W, scaled_rows(lam, gamma, A, ctx.s, x2.dtype), Bf)
+            dx = torch.mm(g2, W).view(ctx.x_shape)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dW = torch.mm(g2.t(), x2)  # [out, in]
+            dAf = torch.mm(Bf.t(), dW if ctx.wide else dW.t())  # [n r, d]
+            d_lam, d_gamma = scalings_grad(dAf, A, lam, gamma, ctx.s)
+        return dx, None, d_lam, d_gamma, None, None, None, None
 
 
 class _RandLoRALinear(torch.autograd.Function):
@@ -215,10 +245,11 @@ class RandLoRAAdapter(Adapter):
         n: int,
         scaling: float,
         path: str = "auto",
+        keep_weight: bool = False,
     ) -> None:
         super().__init__()
         check_path(path, "RandLoRA")
-        self.path = path
+        self.path, self.keep_weight = path, keep_weight
         self.hold(
             randlora_A=A,  # [r, d_max]
             randlora_B=B,  # [D_max, n_max, r]
@@ -287,9 +318,9 @@ class RandLoRAAdapter(Adapter):
     def choose_path(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> str:
         """This call's path (:func:`~._core.cheaper_path` over :func:`randlora_costs`)."""
         trains = self.randlora_lambda.requires_grad or self.randlora_gamma.requires_grad
-        out_f, in_f, k = self.out_f, self.in_f, self.n * self.rank
+        out_f, in_f, k, keep = self.out_f, self.in_f, self.n * self.rank, self.keep_weight
         return cheaper_path(
-            self.path, x, W0, base_out, trains, lambda n, t, g: randlora_costs(n, out_f, in_f, k, t, g)
+            self.path, x, W0, base_out, trains, lambda n, t, g: randlora_costs(n, out_f, in_f, k, t, g, keep)
         )
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
@@ -300,7 +331,9 @@ class RandLoRAAdapter(Adapter):
         lam, gamma = self.randlora_lambda, self.randlora_gamma
         if self.choose_path(x, W0, base_out) == "weight":
             with torch.autocast(x.device.type, enabled=False):  # as amp_apply; W0 is cast inside
-                y: Tensor = _RandLoRAWeight.apply(x.to(dt), W0, lam, gamma, A, Bf, self.scaling)
+                y: Tensor = _RandLoRAWeight.apply(
+                    x.to(dt), W0, lam, gamma, A, Bf, self.scaling, self.keep_weight
+                )
             return y
         if base_out is None:
             base_out = F.linear(x, W0)  # what the core computes for methods that read base_out
@@ -312,7 +345,10 @@ class RandLoRA(AdapterConfig):
     """``rank`` r of each random basis (PEFT default 32); scaling ``alpha / rank`` (PEFT's alpha: 640);
     ``basis``: "random" (unit-variance uniform, PEFT's) or "orthogonal" (``_bases``). ``path``: "auto"
     (per call, the cheaper of the two exact computations below by multiply-adds), "activation" (a LoRA of
-    rank n r on the activations) or "weight" (``x (W0 + ΔW)ᵀ`` with ΔW built once per call)."""
+    rank n r on the activations) or "weight" (``x (W0 + ΔW)ᵀ`` with ΔW built once per call).
+    ``keep_weight``: the weight path keeps forward's ``W0 + ΔW`` for backward instead of rebuilding it
+    (one ``D k d`` product fewer a layer and step, for one [out, in] tensor per adapted layer in the
+    compute dtype alive from forward to backward: a second copy of the adapted weights at the peak)."""
 
     default_lr: ClassVar[float] = 5e-4
     example_opts: ClassVar[dict[str, Any]] = dict(rank=8, alpha=16.0)
@@ -323,10 +359,15 @@ class RandLoRA(AdapterConfig):
     basis: str = "random"
     seed: int = 0
     path: str = "auto"
+    keep_weight: bool = False
 
     def __post_init__(self) -> None:
         check_basis(self.basis, "randlora")
         check_path(self.path, "RandLoRA")
+        if not isinstance(self.keep_weight, bool):
+            raise WeightsmithError(
+                f"RandLoRA option 'keep_weight' must be true or false, got {self.keep_weight!r}"
+            )
 
     @classmethod
     def from_peft(cls, peft_config: Mapping[str, Any], module: str) -> RandLoRA:
@@ -347,4 +388,4 @@ class RandLoRA(AdapterConfig):
             ctx.shared, "randlora.B", self.basis, (D_max, n_max, r), 1.0, unit_uniform((D_max, n_max, r))
         )
         n = math.ceil(min(out_f, in_f) / r)
-        return RandLoRAAdapter(A, B, out_f, in_f, r, n, self.alpha / r, self.path)
+        return RandLoRAAdapter(A, B, out_f, in_f, r, n, self.alpha / r, self.path, self.keep_weight)
