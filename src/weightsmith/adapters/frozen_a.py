@@ -10,7 +10,10 @@ weight-sized product; autograd reduces ``∂B`` to them). Per call, from the sha
   ``B`` and ``s = 1``, the base product ``x W0ᵀ`` in the same node;
 - the weight path: :class:`_FrozenAWeight`, ``W = W0 + B A`` once per call (``out k in`` multiply-adds,
   independent of the N rows), ``y = x Wᵀ``; backward ``∂x = g W`` and ``∂B = (gᵀ x) Aᵀ`` or, when fewer
-  multiply-adds, ``∂B = gᵀ (x Aᵀ)``.
+  multiply-adds, ``∂B = gᵀ (x Aᵀ)``. Where ``B = L diag(c)`` scales the columns of a frozen ``L`` (SVFit,
+  LoLDU: :func:`frozen_diag_forward`), :class:`_FrozenDiagWeight` takes the same products without forming
+  ``B`` or ``∂B``: the narrower of ``L``, ``A`` is scaled by ``c`` for the build and ``∂c`` is the diagonal
+  of ``Lᵀ (gᵀ x) Aᵀ``, one dot per column of the last product (docs/adapters-frozen-a-step.md).
 
 At full rank (SVFit's and LoLDU's default) with N rows the activation path costs about seven N·out·in
 products per training step and the weight path four (the frozen layer: two); at rank 16 the weight path also
@@ -94,13 +97,90 @@ class _FrozenAWeight(torch.autograd.Function):
         return dx, None, dB, None
 
 
+class _FrozenDiagWeight(torch.autograd.Function):
+    """``x (W0 + L diag(c) R)ᵀ``, the weight path of :func:`frozen_diag_forward`: ``L`` [out, k] and ``R``
+    [k, in] frozen, ``c`` [k] with a gradient; ``L_c`` / ``R_c`` their compute-dtype casts (None: unused, or
+    the factor itself; ``torch.compile`` takes no tensor twice).
+
+    Forward: the narrower factor (``L`` when ``out <= in``) is scaled by ``c`` and written in the compute
+    dtype in one pass, and ``W = W0 + (L ⊙ c) R_c`` (or ``W0 + L_c (c ⊙ R)``) is one GEMM with ``W0`` in
+    its epilogue. Backward: ``∂x = g W`` and ``∂c_i = (Lᵀ (gᵀ x) Rᵀ)_ii = Σ_n (g L)_ni (x Rᵀ)_ni`` with
+    the products of :func:`frozen_a_route` (the multiply-adds ``∂B`` took), the last one written in
+    ``c``'s dtype on the narrower side and dotted with the narrower factor: [out, k] (``(gᵀ x) R_cᵀ`` or
+    ``gᵀ (x R_cᵀ)``, column dots with ``L``) or [k, in] (``L_cᵀ (gᵀ x)`` or ``(g L_c)ᵀ x``, row dots with
+    ``R``); with fewer rows than either side (:func:`_rows_dot`), ``(g L_c) ⊙ (x R_cᵀ)`` summed over the
+    rows. No tensor of the wider side in ``c``'s dtype. Saves ``x`` and ``W``; the factors are held.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        W0: Tensor,
+        c: Tensor,
+        L: Tensor,
+        R: Tensor,
+        L_c: Tensor | None,
+        R_c: Tensor | None,
+    ) -> Tensor:
+        dt = x.dtype
+        L_c, R_c = L if L_c is None else L_c, R if R_c is None else R_c
+        scale_L = L.shape[0] <= R.shape[1]
+        if scale_L:
+            W = torch.addmm(W0.to(dt), _mul_to(L, c.unsqueeze(0), dt), R_c)
+        else:
+            W = torch.addmm(W0.to(dt), L_c, _mul_to(R, c.unsqueeze(1), dt))
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, W, L, R, L_c, R_c)
+        ctx.x_shape, ctx.c_dtype, ctx.scale_L = x.shape, c.dtype, scale_L
+        return torch.mm(x2, W.t()).view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x2, W, L, R, L_c, R_c = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = dc = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g2, W).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            (out_f, k), in_f, N, dt = L.shape, R.shape[1], x2.shape[0], ctx.c_dtype
+            route = frozen_a_route(N, out_f, in_f, k)
+            if _rows_dot(N, out_f, in_f, k):  # Σ_n (g L)_ni (x Rᵀ)_ni: [N, k] < either factor
+                dc = _mm_to(g2, L_c, dt).mul_(torch.mm(x2, R_c.t())).sum(0)
+            elif ctx.scale_L:  # [out, k]: (gᵀ x) R_cᵀ or gᵀ (x R_cᵀ), dotted with L's columns
+                G = torch.mm(g2.t(), x2) if route == "G" else None
+                T = _mm_to(G, R_c.t(), dt) if G is not None else _mm_to(g2.t(), torch.mm(x2, R_c.t()), dt)
+                dc = T.mul_(L).sum(0)
+            else:  # [k, in]: L_cᵀ (gᵀ x) or (g L_c)ᵀ x, dotted with R's rows
+                G = torch.mm(g2.t(), x2) if route == "G" else None
+                T = _mm_to(L_c.t(), G, dt) if G is not None else _mm_to(torch.mm(g2, L_c).t(), x2, dt)
+                dc = T.mul_(R).sum(1)
+        return dx, None, dc, None, None, None, None
+
+
+def _rows_dot(tokens: int, out_f: int, in_f: int, k: int) -> bool:
+    """Whether :class:`_FrozenDiagWeight` takes ``∂c`` as a row sum of ``(g L) ⊙ (x Rᵀ)`` ([N, k], both
+    factors cast): on the ``"rows"`` route with fewer rows than either side of ``W``; else the products end
+    in an [out, k] or [k, in] tensor dotted with the narrower factor (the same multiply-adds)."""
+    return frozen_a_route(tokens, out_f, in_f, k) == "rows" and tokens < min(out_f, in_f)
+
+
+def _mul_to(F: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
+    """``F ⊙ c`` (``c`` broadcast) written in ``dtype``: one pass, no product in ``F``'s dtype."""
+    return torch.mul(F, c, out=torch.empty(F.shape, dtype=dtype, device=F.device))
+
+
 def choose_frozen_a_path(path: str, x: Tensor, W0: Tensor, base_out: Tensor | None, B: Tensor) -> str:
     """``"weight"`` or ``"activation"`` for this call of ``ΔW = B A`` (``A`` frozen, ``B`` [out, k]):
     :func:`~._core.cheaper_path` over :func:`frozen_a_costs`."""
+    return _choose(path, x, W0, base_out, B.shape[1], B.requires_grad)
+
+
+def _choose(path: str, x: Tensor, W0: Tensor, base_out: Tensor | None, k: int, trains: bool) -> str:
     out_f, in_f = W0.shape
-    k = B.shape[1]
     return cheaper_path(
-        path, x, W0, base_out, B.requires_grad, lambda n, t, g: frozen_a_costs(n, out_f, in_f, k, t, g)
+        path, x, W0, base_out, trains, lambda n, t, g: frozen_a_costs(n, out_f, in_f, k, t, g)
     )
 
 
@@ -129,3 +209,35 @@ def frozen_a_group_terms(path: str, x: Tensor, W0: Tensor, B: Tensor, A: Tensor)
     if choose_frozen_a_path(path, x, W0, None, B) == "weight":
         return None
     return GroupTerms(frozen_a_cast(A, x, W0, B), B, 1.0)
+
+
+def frozen_diag_forward(
+    x: Tensor, W0: Tensor, base_out: Tensor | None, L: Tensor, c: Tensor, R: Tensor, path: str
+) -> Tensor:
+    """``x W0ᵀ + x (L diag(c) R)ᵀ`` (``base_out + …`` when given): :func:`frozen_a_forward` for ``B = L
+    diag(c)`` with ``L`` [out, k] and ``A = R`` [k, in] frozen and ``c`` [k] (SVFit, LoLDU). On the weight
+    path ``B`` is never formed (:class:`_FrozenDiagWeight`); on the activation path it is LoRA's node with
+    ``B = L ⊙ c``."""
+    dt = amp_dtype(x)
+    k = c.shape[0]
+    if _choose(path, x, W0, base_out, k, c.requires_grad) == "activation":
+        return lora_forward(base_out, x, shared_cast(R, dt), L * c, 1.0, W0)
+    out_f, in_f = W0.shape
+    tokens = x.numel() // max(x.shape[-1], 1)
+    rows = torch.is_grad_enabled() and c.requires_grad and _rows_dot(tokens, out_f, in_f, k)
+    # the wider factor multiplies the scaled narrower one (and G, or the rows); a row dot needs both
+    L_c = shared_cast(L, dt) if (rows or out_f > in_f) and L.dtype != dt else None
+    R_c = shared_cast(R, dt) if (rows or out_f <= in_f) and R.dtype != dt else None
+    with torch.autocast(x.device.type, enabled=False):  # as amp_apply; W0 is cast inside
+        y: Tensor = _FrozenDiagWeight.apply(x.to(dt), W0, c, L, R, L_c, R_c)
+    return y
+
+
+def frozen_diag_group_terms(
+    path: str, x: Tensor, W0: Tensor, L: Tensor, c: Tensor, R: Tensor
+) -> GroupTerms | None:
+    """:func:`frozen_a_group_terms` for ``B = L diag(c)``, ``A = R``: ``B`` formed only on the activation
+    path."""
+    if _choose(path, x, W0, None, c.shape[0], c.requires_grad) == "weight":
+        return None
+    return GroupTerms(shared_cast(R, amp_dtype(x)), L * c, 1.0)

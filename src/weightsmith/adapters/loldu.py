@@ -16,10 +16,11 @@ into ``L`` as a row permutation (``P L_r``) instead of a dense ``[out, out]`` ma
 code; the factors are rebuilt from W0 on load (not saved). A zero pivot keeps ``z0 = 0`` for that row;
 the residual absorbs whatever the truncated product does not represent, so ΔW stays exact.
 
-``ΔW = B A`` with ``A = U_r`` frozen and ``B = P L_r diag(c)``, ``c = σ z - σ0 z0`` (autograd carries
-``∂B`` to ``z`` and ``σ``): the same two exact paths as SVFit, chosen per call by counted multiply-adds
-(``path``, :func:`~weightsmith.adapters.frozen_a.frozen_a_forward`): LoRA's fused node with these ``A``,
-``B``, or ``x (W0 + ΔW)ᵀ`` with ΔW built once per call.
+``ΔW = B A`` with ``A = U_r`` frozen and ``B = P L_r diag(c)``, ``c = σ z - σ0 z0`` (one node,
+:class:`_Coefficients`, carries ``∂c`` to ``z`` and ``σ``): the same two exact paths as SVFit, chosen per
+call by counted multiply-adds (``path``, :func:`~weightsmith.adapters.frozen_a.frozen_diag_forward`):
+LoRA's fused node with these ``A``, ``B``, or ``x (W0 + ΔW)ᵀ`` with ΔW built once per call (``B`` not
+formed there).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext, check_path, check_rank
-from .frozen_a import frozen_a_forward, frozen_a_group_terms
+from .frozen_a import frozen_diag_forward, frozen_diag_group_terms
 from .lora_group import GroupTerms
 
 
@@ -41,6 +42,24 @@ def ldu(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     z = torch.diagonal(U)
     U1 = U / torch.where(z == 0, torch.ones_like(z), z)[:, None]
     return (P @ L).float(), z.float(), U1.float()
+
+
+class _Coefficients(torch.autograd.Function):
+    """``c = σ z - σ0 z0`` (``σ`` a 0-dim parameter, ``σ0`` a number): one product and one fused
+    subtraction; backward ``∂z = σ ∂c`` and ``∂σ = z · ∂c``, one kernel each (autograd's product rule
+    takes three, and a separate ``σ0 z0``: the small kernels a CUDA-graphed step pays per layer)."""
+
+    @staticmethod
+    def forward(ctx: Any, sigma: Tensor, z: Tensor, z0: Tensor, sigma0: float) -> Tensor:
+        ctx.save_for_backward(sigma, z)
+        return torch.sub(z * sigma, z0, alpha=sigma0)
+
+    @staticmethod
+    def backward(ctx: Any, dc: Tensor) -> tuple[Tensor | None, ...]:
+        sigma, z = ctx.saved_tensors
+        dsigma = torch.dot(z, dc) if ctx.needs_input_grad[0] else None
+        dz = dc * sigma if ctx.needs_input_grad[1] else None
+        return dsigma, dz, None, None
 
 
 class LoLDUAdapter(Adapter):
@@ -62,7 +81,9 @@ class LoLDUAdapter(Adapter):
         self.sigma = nn.Parameter(torch.tensor(float(sigma_init), device=z0.device))
 
     def diag(self) -> Tensor:
-        return self.sigma * self.z - self.sigma0 * self.z0
+        """``c = σ z - σ0 z0``."""
+        c: Tensor = _Coefficients.apply(self.sigma, self.z, self.z0, self.sigma0)
+        return c
 
     def delta(self, W0: Tensor) -> Tensor:
         return (self.PL * self.diag()) @ self.U
@@ -71,10 +92,10 @@ class LoLDUAdapter(Adapter):
         return self.PL * self.diag(), self.U
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
-        return frozen_a_forward(x, W0, base_out, self.PL * self.diag(), self.U, self.path)
+        return frozen_diag_forward(x, W0, base_out, self.PL, self.diag(), self.U, self.path)
 
     def group_terms(self, x: Tensor, W0: Tensor) -> GroupTerms | None:
-        return frozen_a_group_terms(self.path, x, W0, self.PL * self.diag(), self.U)
+        return frozen_diag_group_terms(self.path, x, W0, self.PL, self.diag(), self.U)
 
 
 @register_config("loldu", kind="adapter")

@@ -15,8 +15,9 @@ SVD's sign choices. The paper has no public code; this follows the equations abo
 
 The update is ``ΔW = B A`` with ``A = V_rᵀ`` [k, in] frozen and ``B = U_r diag(σ - σ_r)`` [out, k]
 computed from the trainable vector; like LoLDU and VeRA it runs on the cheaper of two exact paths, LoRA's
-fused node or the weight-space node (:mod:`weightsmith.adapters.frozen_a`). At ``σ = σ_r`` both give exactly
-``x W0ᵀ``.
+fused node or the weight-space node (:mod:`weightsmith.adapters.frozen_a`; there ``B`` is never formed:
+the narrower factor is scaled for the build and ``∂σ`` is ``diag(U_rᵀ (gᵀ x) V_r)``,
+:func:`~weightsmith.adapters.frozen_a.frozen_diag_forward`). At ``σ = σ_r`` both give exactly ``x W0ᵀ``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..linalg import svd
 from ._core import Adapter, AdapterConfig, AdapterContext, check_path, check_rank
-from .frozen_a import frozen_a_forward, frozen_a_group_terms
+from .frozen_a import frozen_diag_forward, frozen_diag_group_terms
 from .lora_group import GroupTerms
 
 
@@ -56,10 +57,10 @@ class SVFitAdapter(Adapter):
         return self.U * (self.sigma - self.sigma0), self.Vh
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
-        return frozen_a_forward(x, W0, base_out, self.U * (self.sigma - self.sigma0), self.Vh, self.path)
+        return frozen_diag_forward(x, W0, base_out, self.U, self.sigma - self.sigma0, self.Vh, self.path)
 
     def group_terms(self, x: Tensor, W0: Tensor) -> GroupTerms | None:
-        return frozen_a_group_terms(self.path, x, W0, self.U * (self.sigma - self.sigma0), self.Vh)
+        return frozen_diag_group_terms(self.path, x, W0, self.U, self.sigma - self.sigma0, self.Vh)
 
 
 def energy_rank(S: Tensor, energy: float) -> int:

@@ -1,0 +1,354 @@
+"""SVFit's and LoLDU's weight path: ``ΔW = L diag(c) R`` without forming ``B = L diag(c)`` (issue 14).
+
+The node (:class:`weightsmith.adapters.frozen_a._FrozenDiagWeight`) is checked against the previous
+node's math written out here with autograd ops (``B = L ⊙ c``, ``W = W0 + B R``, ``y = x Wᵀ``): output
+and every gradient, in float64 (to rounding) and bfloat16 (no further from float64 truth than the
+previous math), on each way of taking ``∂c`` (``G`` route; ``rows`` route ending in [out, k] or [k, in];
+the row dot over [N, k]) and with either factor scaled. At the benchmark's shapes (a 1.1B Llama block,
+4096 tokens, on fake tensors: shapes only) it counts the GEMMs (the same five) and the memory traffic of
+everything else (less than half). Capture safety with tests/adapters/test_capture_safe.py's tools: no
+host read in a step, no host tensor in a forward on fake CUDA, and a whole graphed step equal to eager
+steps on its CPU model of a CUDA graph. Also: ``torch.compile(fullgraph=True)``, LoLDU's coefficient
+node against the product rule, VeRA still on its own node.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import pytest
+import torch
+from test_capture_safe import HostSyncWatch, cpu_graphs, graphed_equals_eager  # noqa: F401 (fixture)
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from weightsmith.adapters import _core, frozen_a
+from weightsmith.adapters.frozen_a import _rows_dot, frozen_a_route, frozen_diag_forward
+from weightsmith.adapters.loldu import LoLDU, LoLDUAdapter
+from weightsmith.adapters.svfit import SVFit, SVFitAdapter
+from weightsmith.adapters.vera import VeRA
+
+torch.set_num_threads(1)
+
+
+def previous(x: Tensor, W0: Tensor, L: Tensor, c: Tensor, R: Tensor) -> Tensor:
+    """The previous weight path, written out: ``B = L ⊙ c`` in the parameters' dtype, cast to the
+    activations' dtype, ``W = W0 + B R``, ``y = x Wᵀ`` (autograd takes ``∂B`` back to ``c``)."""
+    dt = x.dtype
+    B = L * c
+    return x @ torch.addmm(W0.to(dt), B.to(dt), R.to(dt)).T
+
+
+def factors(shape: tuple[int, int], k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    out_f, in_f = shape
+    W0 = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    L = torch.randn(out_f, k, generator=g, dtype=torch.float64) / k**0.5
+    R = torch.randn(k, in_f, generator=g, dtype=torch.float64) / in_f**0.5
+    c = torch.randn(k, generator=g, dtype=torch.float64)
+    return W0, L, R, c
+
+
+def run(fn: Any, x: Tensor, W0: Tensor, L: Tensor, c: Tensor, R: Tensor) -> list[Tensor]:
+    x, c = x.detach().requires_grad_(True), c.detach().requires_grad_(True)
+    y = fn(x, W0, L, c, R)
+    y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float64)).view(y.shape).to(y.dtype))
+    assert x.grad is not None and c.grad is not None
+    return [y.detach(), x.grad, c.grad]
+
+
+def rel(got: Tensor, want: Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def new(x: Tensor, W0: Tensor, L: Tensor, c: Tensor, R: Tensor) -> Tensor:
+    return frozen_diag_forward(x, W0, None, L, c, R, "weight")
+
+
+# (shape, k, rows): the G route, the rows route ending in [out, k] / [k, in], and the row dot over [N, k]
+CASES = {
+    "G, L scaled": ((12, 20), 12, 30),
+    "G, R scaled": ((20, 12), 12, 30),
+    "G, square": ((16, 16), 16, 40),
+    "rows [out, k]": ((12, 20), 3, 30),
+    "rows [k, in]": ((20, 12), 3, 30),
+    "row dot [N, k]": ((20, 12), 3, 6),
+    "row dot, L scaled": ((12, 20), 3, 6),
+}
+
+
+def test_cases_take_the_ways_they_name() -> None:
+    for name, ((out_f, in_f), k, n) in CASES.items():
+        route = frozen_a_route(n, out_f, in_f, k)
+        assert route == ("G" if name.startswith("G") else "rows"), name
+        assert _rows_dot(n, out_f, in_f, k) == name.startswith("row dot"), name
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_float64_equals_the_previous_math(case: str) -> None:
+    shape, k, n = CASES[case]
+    W0, L, R, c = factors(shape, k, torch.float64)
+    x = torch.randn(n // 2, 2, shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    want = run(previous, x, W0, L, c, R)
+    for u, v in zip(run(new, x, W0, L, c, R), want, strict=True):
+        assert rel(u, v) < 1e-12
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bfloat16_is_as_close_to_float64_as_the_previous_math(case: str) -> None:
+    """bf16 activations and frozen weight, float32 factors and ``c`` (the benchmark's setting): each output
+    and gradient is as far from the float64 result as the previous math's, up to rounding (which operand
+    of a GEMM is rounded to bf16 differs: 1.5x + 2e-3 at these tiny sizes; equal at [200, 120]), and
+    within 2%."""
+    shape, k, n = CASES[case]
+    W0, L, R, c = factors(shape, k, torch.float64)
+    W0 = W0.to(torch.bfloat16)
+    L, R, c = L.float(), R.float(), c.float()
+    x = torch.randn(n, shape[1], generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    truth = run(previous, x.double(), W0.double(), L.double(), c.double(), R.double())
+    old = run(previous, x, W0, L, c, R)
+    got = run(new, x, W0, L, c, R)
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    for i, (u, v, t) in enumerate(zip(got, old, truth, strict=True)):
+        assert rel(u, t) <= 1.5 * rel(v, t) + 2e-3 and rel(u, t) < 2e-2, (i, rel(u, t), rel(v, t))
+
+
+@pytest.mark.parametrize("method", ["svfit", "loldu"])
+def test_adapter_under_autocast_equals_the_previous_math(method: str) -> None:
+    """Through the adapter (float32 parameters, ``x`` float32 under bf16 autocast, cast once inside)
+    against the previous math on the bf16 casts; ``c`` is SVFit's ``σ - σ_r`` / LoLDU's ``σ z - σ0 z0``."""
+    W0, L, R, _ = factors((20, 12), 12, torch.float64)
+    L, R, W0 = L.float(), R.float(), W0.float()
+    a: Any
+    if method == "svfit":
+        a = SVFitAdapter(L, torch.rand(12) + 0.5, R, path="weight")
+        with torch.no_grad():
+            a.sigma.mul_(1.3)
+    else:
+        a = LoLDUAdapter(L, torch.rand(12) + 0.5, R, 0.7, path="weight")
+        with torch.no_grad():
+            a.z.mul_(1.3)
+            a.sigma.fill_(0.9)
+    x = torch.randn(3, 10, 12, requires_grad=True)
+
+    def adapter() -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return a(x, W0, None)  # type: ignore[no-any-return]
+
+    def written_out() -> Tensor:
+        c = a.sigma - a.sigma0 if method == "svfit" else a.sigma * a.z - a.sigma0 * a.z0
+        return previous(x.to(torch.bfloat16), W0.to(torch.bfloat16), L, c, R)
+
+    results = []
+    for fn in (adapter, written_out):
+        for p in (x, *a.parameters()):
+            p.grad = None
+        y = fn()
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        results.append([y.detach(), x.grad, *(p.grad for p in a.parameters())])
+    assert len(results[0]) == (3 if method == "svfit" else 4)
+    for u, v in zip(*results, strict=True):
+        assert u.dtype == v.dtype and rel(u, v) < 1e-2
+
+
+# ------------------------------------------------------------- the benchmark's shapes, on fake tensors
+
+# a block of the 1.1B Llama of benchmarks/bench_adapters.py (hidden 2048, MLP 5632, 4 KV heads of 64)
+BLOCK = {"q": (2048, 2048), "k": (256, 2048), "v": (256, 2048), "o": (2048, 2048)}
+BLOCK |= {"gate": (5632, 2048), "up": (5632, 2048), "down": (2048, 5632)}
+GEMMS = ("mm", "addmm")
+VIEWS = {"view", "t", "_unsafe_view", "reshape", "transpose", "slice", "expand", "unsqueeze", "alias",
+         "detach", "as_strided", "empty", "ones_like", "select", "squeeze", "sym_size"}  # fmt: skip
+
+
+class Passes(TorchDispatchMode):
+    """GEMMs (count, multiply-adds) and the bytes every other op reads and writes. A float32 copy of a
+    bf16 GEMM's output is the CPU's stand-in for a GEMM that writes float32 on CUDA (``mm_float32``): not
+    counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gemms: collections.Counter[str] = collections.Counter()
+        self.macs = self.bytes = 0
+        self.outputs: list[tuple[str, torch.dtype, int]] = []
+        self._gemm_out: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, Tensor)]
+        if name in GEMMS:
+            a, b = args[-2:]
+            self.gemms[name] += 1
+            self.macs += a.shape[0] * a.shape[1] * b.shape[1]
+            self._gemm_out.add(id(out))
+        elif name == "_to_copy" and id(args[0]) in self._gemm_out:
+            pass
+        elif name not in VIEWS and isinstance(out, Tensor):
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+            self.outputs.append((name, out.dtype, out.numel()))
+        return out
+
+
+def block_step(node: Any, tokens: int = 4096) -> list[Passes]:
+    """One forward and backward of ``node(x, W0, L, c, R)`` per layer of :data:`BLOCK` (full rank: SVFit's
+    and LoLDU's default), bf16 activations and weights, float32 factors and ``c``: shapes only."""
+    found = []
+    with FakeTensorMode():
+        for out_f, in_f in BLOCK.values():
+            k = min(out_f, in_f)
+            L, R, c = torch.empty(out_f, k), torch.empty(k, in_f), torch.empty(k, requires_grad=True)
+            W0 = torch.empty(out_f, in_f, dtype=torch.bfloat16)
+            x = torch.empty(tokens, in_f, dtype=torch.bfloat16, requires_grad=True)
+            node(x, W0, L, c, R).sum().backward()  # the casts of the frozen factors, made once
+            g = torch.empty(tokens, out_f, dtype=torch.bfloat16)
+            x.grad = c.grad = None
+            with Passes() as p:
+                node(x, W0, L, c, R).backward(g)
+            found.append(p)
+    return found
+
+
+def previous_node(x: Tensor, W0: Tensor, L: Tensor, c: Tensor, R: Tensor) -> Tensor:
+    """The node SVFit and LoLDU took before (VeRA's still): ``B = L ⊙ c`` formed, then ``W0 + B A``."""
+    return frozen_a.frozen_a_forward(x, W0, None, L * c, R, "weight")
+
+
+def test_benchmark_block_same_gemms_and_under_half_the_other_traffic() -> None:
+    before, after = block_step(previous_node), block_step(new)
+    for (name, (out_f, in_f)), b, a in zip(BLOCK.items(), before, after, strict=True):
+        k = min(out_f, in_f)
+        # W = W0 + ΔW (W0 in the epilogue), x Wᵀ, g W and two products for ∂c: the same multiply-adds
+        assert a.gemms == b.gemms == {"addmm": 1, "mm": 4}, name
+        assert a.macs == b.macs, name
+        # weight-sized: the scaled narrower factor (bf16) and one float32 dot; no float32 wider factor
+        big = [(op, dt) for op, dt, n in a.outputs if n >= k * min(out_f, in_f)]
+        assert sorted(big, key=str) == [("mul", torch.bfloat16), ("mul_", torch.float32)], (name, big)
+        assert not [o for o in a.outputs if o[1] == torch.float32 and o[2] > k * min(out_f, in_f, 4096)]
+        assert a.bytes < b.bytes, name
+    total_before, total_after = sum(p.bytes for p in before), sum(p.bytes for p in after)
+    assert total_after < 0.5 * total_before, (total_before, total_after)
+
+
+def test_only_the_wider_factor_is_cast_at_the_benchmark_shapes() -> None:
+    """4096 rows of gate [5632, 2048]: ``L`` (U) cast once for the GEMMs, ``R`` read in float32 only; with
+    fewer rows than either side the row dot casts both."""
+    for tokens, cast_R in ((4096, False), (64, True)):
+        with FakeTensorMode():
+            L, R, c = torch.empty(5632, 2048), torch.empty(2048, 2048), torch.empty(2048, requires_grad=True)
+            x = torch.empty(tokens, 2048, dtype=torch.bfloat16)
+            new(x, torch.empty(5632, 2048, dtype=torch.bfloat16), L, c, R).sum().backward()
+            assert (L in _core._CASTS) and ((R in _core._CASTS) == cast_R)
+
+
+# ------------------------------------------------------------------------------ capture safety, VeRA
+
+WEIGHT_PATH = {"svfit": SVFit(path="weight"), "loldu": LoLDU(path="weight")}
+BLOCK_TOY = ((16, 24), (20, 16))  # test_capture_safe.step_model's layers
+
+
+@pytest.mark.parametrize("method", sorted(WEIGHT_PATH))
+@pytest.mark.parametrize("rows", [5, 20, 40])  # [16, 24] and [20, 16] at full rank: row dot, rows, G
+def test_step_reads_nothing_back_to_the_host(method: str, rows: int) -> None:
+    from test_capture_safe import forward_backward, step_model
+
+    assert [
+        (frozen_a_route(rows, o, i, min(o, i)), _rows_dot(rows, o, i, min(o, i))) for o, i in BLOCK_TOY
+    ] == [[("rows", True), ("rows", False), ("G", False)][[5, 20, 40].index(rows)]] * 2
+    net = step_model(WEIGHT_PATH[method])
+    with HostSyncWatch() as watch:
+        forward_backward(net, torch.randn(rows, 24))
+    assert watch.found == []
+    assert any(name == "addmm" for name, _ in watch.ops)  # the weight path ran
+
+
+@pytest.mark.parametrize("method", sorted(WEIGHT_PATH))
+def test_forward_on_fake_cuda_copies_nothing_from_the_host(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_capture_safe import HostCopyWatch, fake_cuda, step_model
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    net = step_model(WEIGHT_PATH[method])
+    mode = fake_cuda(net)
+    with mode, torch.no_grad(), HostCopyWatch():
+        y = net(torch.randn(40, 24, device="cuda"))
+    assert y.device.type == "cuda"
+
+
+@pytest.mark.parametrize("method", sorted(WEIGHT_PATH))
+def test_graphed_step_equals_eager_on_the_cpu_graph_model(method: str, cpu_graphs: Any) -> None:  # noqa: F811
+    """Five AdamW steps of a tiny adapted Llama (16 rows: the row dot for q/o/gate/up/down, the rows route
+    for k/v), one captured step replayed kernel by kernel against eager steps."""
+    graphed_equals_eager(WEIGHT_PATH[method], "cpu", cpu_graphs, layers=1)
+
+
+def test_vera_keeps_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VeRA's ``B = Λ_b B Λ_d`` is not a column scaling of one frozen factor: it stays on the generic node."""
+    calls = collections.Counter[str]()
+    for cls in (frozen_a._FrozenAWeight, frozen_a._FrozenDiagWeight):
+        original = cls.forward
+
+        def spy(*args: Any, _name: str = cls.__name__, _f: Any = original) -> Any:
+            calls[_name] += 1
+            return _f(*args)
+
+        monkeypatch.setattr(cls, "forward", staticmethod(spy))
+    from test_capture_safe import step_model
+
+    for cfg in (VeRA(rank=4, path="weight"), SVFit(path="weight")):
+        step_model(cfg)(torch.randn(5, 24)).sum().backward()
+    assert calls == {"_FrozenAWeight": 2, "_FrozenDiagWeight": 2}
+
+
+def test_loldu_coefficients_equal_the_product_rule() -> None:
+    """``c = σ z - σ0 z0`` in one node: value and ``∂σ = z · ∂c``, ``∂z = σ ∂c`` against autograd's."""
+    from weightsmith.adapters.loldu import _Coefficients
+
+    g = torch.Generator().manual_seed(4)
+    sigma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    z, z0, dc = (torch.randn(7, dtype=torch.float64, generator=g) for _ in range(3))
+    z.requires_grad_(True)
+    got = _Coefficients.apply(sigma, z, z0, 1.5)
+    (got * dc).sum().backward()
+    mine = [got.detach(), sigma.grad, z.grad]
+    sigma.grad = z.grad = None
+    want = sigma * z - 1.5 * z0
+    (want * dc).sum().backward()
+    for u, v in zip(mine, [want.detach(), sigma.grad, z.grad], strict=True):
+        assert u is not None and v is not None
+        torch.testing.assert_close(u, v, rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda s, t: _Coefficients.apply(s, t, z0, 1.5), (sigma, z))
+
+
+@pytest.mark.parametrize("config", [SVFit(path="weight"), LoLDU(path="weight")])
+def test_weight_path_compiles_whole_to_the_eager_result(config: Any) -> None:
+    """``torch.compile(fullgraph=True)`` (AOT autograd, no code generation) on each way of taking ``∂c``:
+    15 rows of [48, 32] at full rank take the row dot, 40 the rows route, 200 the G route."""
+    from test_lowrank_nodes import one_layer
+
+    m = one_layer(config)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
+    assert [frozen_a_route(n, 48, 32, 32) + str(_rows_dot(n, 48, 32, 32)) for n in (15, 40, 200)] == [
+        "rowsTrue", "rowsFalse", "GFalse"
+    ]  # fmt: skip
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    for n in (15, 40, 200):
+        x = torch.randn(n, 32, generator=torch.Generator().manual_seed(n))
+        results = []
+        for net in (m, compiled):
+            m.zero_grad(set_to_none=True)
+            y = net(x)
+            y.square().mean().backward()
+            results.append([y.detach(), *(p.grad for p in m.parameters() if p.grad is not None)])
+        assert len(results[1]) == 1 + sum(p.requires_grad for p in m.parameters())
+        for u, v in zip(*results, strict=True):
+            assert rel(u, v) < 1e-6
