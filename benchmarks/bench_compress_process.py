@@ -56,8 +56,9 @@ GIL_LOADS = ("safetensors", "from_pretrained", "small_ops")
 ROOT = HERE.parent
 
 
-def make_checkpoint(where: Path, size: str, dtype: str) -> None:
-    """A random-init Llama-shaped model and its tokenizer written to ``where``."""
+def make_checkpoint(where: Path, size: str, dtype: str, text: Path | None = None) -> None:
+    """A random-init Llama-shaped model and its tokenizer (trained on ``text``, default the packaged
+    Hamlet) written to ``where``."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -65,7 +66,7 @@ def make_checkpoint(where: Path, size: str, dtype: str) -> None:
 
     from weightsmith.assets import load_text
 
-    model, tok = random_llama(size, load_text("hamlet"))
+    model, tok = random_llama(size, text.read_text(encoding="utf-8") if text else load_text("hamlet"))
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     model.config.architectures = ["LlamaForCausalLM"]
     model.save_pretrained(where)
@@ -217,6 +218,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--make", type=Path, help="write a random Llama checkpoint here and stop")
     ap.add_argument("--size", default="1b", choices=["1b", "tiny"])
+    ap.add_argument("--text", type=Path, default=None, help="--make: a text file for the tokenizer")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the checkpoint's dtype")
     ap.add_argument("--model", help="the local checkpoint directory")
     ap.add_argument("--device", default="cuda")
@@ -237,7 +239,7 @@ def main() -> None:
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:
-        return make_checkpoint(args.make, args.size, args.dtype)
+        return make_checkpoint(args.make, args.size, args.dtype, args.text)
     if not args.model:
         ap.error("--model DIR is needed (write one with --make DIR)")
     if args.llmc_child:

@@ -198,7 +198,7 @@ def test_cuda_resident_and_host_resident_agree_to_the_bit_and_the_model_stays_pu
     assert all(p.device.type == "cpu" for p in on_host.parameters())
     assert [r.rel_error for r in rep_d.layers] == pytest.approx([r.rel_error for r in rep_h.layers], rel=1e-6)
     for name, w in rep_h.weights.items():
-        assert torch.equal(w.q, rep_d.weights[name].q), name  # type: ignore[attr-defined]
+        assert torch.equal(w.q.cpu(), rep_d.weights[name].q.cpu()), name  # type: ignore[attr-defined]
     for (k, v), (_, w) in zip(on_host.state_dict().items(), on_dev.state_dict().items(), strict=True):
         assert torch.equal(v, w.cpu()), k
 

@@ -255,6 +255,7 @@ print("choice", rc.choose(cfg, cpu, [real]), rc.choose(RTN(group_size=64), cpu, 
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real kernel primes: next test")
 def test_real_kernel_primes_under_the_interpreter():
     """The real kernel, primed on its tiny probe (drawn without touching the caller's random state): the
     variant a real weight of that group size gets is then warm (so the next compress runs the kernel),
@@ -263,6 +264,23 @@ def test_real_kernel_primes_under_the_interpreter():
     src = Path(rc.__file__).parents[2]
     lines = run_under_triton_interpreter(CHILD, Path(__file__).parent, src)
     assert lines == ["rng untouched True", "warm True True True False", "choice True False"], lines
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_kernel_primes_on_the_gpu():
+    """Primed on the GPU in its side thread, the variants of a real weight's dtypes are warm and the cost
+    model then picks the kernel at any size; a group size not primed stays cold."""
+    pytest.importorskip("triton")
+    cfg, dev = RTN(bits=4, group_size=32, symmetric=False), torch.device("cuda")
+    thread = rc.prime(cfg, dev, (torch.float32, torch.bfloat16))
+    if thread is not None:  # None: primed already in this process
+        thread.join()
+    real = torch.randn(64, 128, device=dev)
+    assert rc._hot.is_set()
+    assert rc.is_warm(rc.variant(real, 32, False, 4))
+    assert rc.is_warm(rc.variant(real.bfloat16(), 32, False, 4))
+    assert not rc.is_warm(rc.variant(real, 64, False, 4))
+    assert rc.choose(cfg, dev, [real])
 
 
 def test_cli_resident_option_is_checked_and_off_cuda_changes_nothing(tiny_dir, tmp_path, capsys):

@@ -24,6 +24,7 @@ from test_rtn_batched import gpt2
 
 from weightsmith.compress import RTN
 from weightsmith.compress import _datafree as df
+from weightsmith.compress import _rtn_choice as rc
 from weightsmith.compress import _rtn_triton as rt
 from weightsmith.compress._core import target_layers
 from weightsmith.compress._grid import QuantizedWeight, codes, grouped, qmax, rtn_with_dequant
@@ -42,7 +43,9 @@ KERNEL_TESTS = 20  # the tests marked runs_kernels, parameters counted
 
 @pytest.fixture(autouse=True)
 def fused_on_the_cpu(monkeypatch):
-    """Under the interpreter the CPU stands for the GPU."""
+    """Under the interpreter the CPU stands for the GPU; on a GPU the kernel runs where these tests make it
+    eligible, whatever its start-up costs (compress/_rtn_choice.py would pick the batches while cold)."""
+    monkeypatch.setenv(rc.ENV, "triton")
     if INTERPRETED:
         monkeypatch.setattr(df, "FUSED_DEVICES", ("cpu", "cuda"))
 
@@ -207,7 +210,8 @@ def test_a_run_of_weights_is_one_launch_each_weight_as_alone(monkeypatch, dtype,
             want, e1 = fused_one(one, 4, 16, False)
             for t in ("q", "scale", "zero"):
                 assert torch.equal(getattr(qw, t), getattr(want, t)), (aligned, t)
-            assert torch.equal(W, one) and float(e) == float(e1)
+            # the run's launch may take the unaligned branch, compiled with another summation order
+            assert torch.equal(W, one) and float(e) == pytest.approx(float(e1), rel=1e-6)
             check_against_torch(W0, 4, 16, False)
         storages = {t.untyped_storage().data_ptr() for qw in got for t in (qw.scale, qw.zero)}
         assert len(storages) == 10

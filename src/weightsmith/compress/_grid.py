@@ -254,8 +254,9 @@ def recover_codes(W_hat: Tensor, grid: _Fields, dtype: torch.dtype, name: str) -
     *lead, out_f, in_f = Wd.shape
     g = grid.group_size or in_f
     rows = Wd.reshape(-1, in_f)
-    scale = grid.scale.reshape(-1, in_f // g, 1)
-    zero = grid.zero.reshape(-1, in_f // g, 1)
+    # the grid may live elsewhere than Ŵ (a host model quantised on a GPU): recovered where Ŵ is
+    scale = grid.scale.to(Wd.device).reshape(-1, in_f // g, 1)
+    zero = grid.zero.to(Wd.device).reshape(-1, in_f // g, 1)
     if scale.shape[0] != rows.shape[0]:
         raise WeightsmithError(f"'{name}': the weight {tuple(Wd.shape)} does not match its scales")
     q = torch.empty(rows.shape, dtype=torch.uint8, device=Wd.device)
