@@ -19,6 +19,7 @@ from ._core import (
 )
 from ._format import FORMATS, load_compressed, save_compressed, stack_sizes
 from ._lowrank import LowRankConfig, LowRankLinear, LowRankWeight, compress_lowrank, thin_linears
+from ._rtn_choice import prime
 from ._sparse import PruneConfig, SparseWeight
 from .armor import ARMOR
 from .asvd import ASVD
@@ -48,6 +49,6 @@ __all__ = [
     "DSnoT", "FORMATS", "FWSVD", "GPTQ", "HQQ", "LowRankConfig", "LowRankLinear", "LowRankWeight", "MASA",
     "Magnitude", "MonarchCompress", "PST", "PruneConfig", "RTN", "SVD", "SparseGPT", "SparseWeight", "UDFC",
     "Wanda", "WeLore", "calibration_batches", "check_group_size", "compress", "compress_lowrank",
-    "dpruner_compress", "heldout_text", "load_compressed", "lrc_task", "save_compressed", "stack_sizes",
-    "thin_linears",
+    "dpruner_compress", "heldout_text", "load_compressed", "lrc_task", "prime", "save_compressed",
+    "stack_sizes", "thin_linears",
 ]  # fmt: skip
