@@ -306,14 +306,15 @@ def test_vera_keeps_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_loldu_coefficients_equal_the_product_rule() -> None:
-    """``c = σ z - σ0 z0`` in one node: value and ``∂σ = z · ∂c``, ``∂z = σ ∂c`` against autograd's."""
+    """``c = σ z - σ0 z0`` in one node (``addcmul(-σ0 z0, z, σ)``): value and ``∂σ = z · ∂c``, ``∂z = σ ∂c``
+    against the previous math (``σ z - σ0 z0`` with autograd's product rule)."""
     from weightsmith.adapters.loldu import _Coefficients
 
     g = torch.Generator().manual_seed(4)
     sigma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
     z, z0, dc = (torch.randn(7, dtype=torch.float64, generator=g) for _ in range(3))
     z.requires_grad_(True)
-    got = _Coefficients.apply(sigma, z, z0, 1.5)
+    got = _Coefficients.apply(sigma, z, z0 * -1.5)
     (got * dc).sum().backward()
     mine = [got.detach(), sigma.grad, z.grad]
     sigma.grad = z.grad = None
@@ -322,7 +323,82 @@ def test_loldu_coefficients_equal_the_product_rule() -> None:
     for u, v in zip(mine, [want.detach(), sigma.grad, z.grad], strict=True):
         assert u is not None and v is not None
         torch.testing.assert_close(u, v, rtol=1e-14, atol=1e-14)
-    assert torch.autograd.gradcheck(lambda s, t: _Coefficients.apply(s, t, z0, 1.5), (sigma, z))
+    assert torch.autograd.gradcheck(lambda s, t: _Coefficients.apply(s, t, z0 * -1.5), (sigma, z))
+
+
+def loldu_layer(shape: tuple[int, int], k: int, path: str, dtype: torch.dtype) -> tuple[LoLDUAdapter, Tensor]:
+    """A LoLDU adapter with random factors, ``σ0 = 0.7`` and ``z``, ``σ`` moved off their start."""
+    W0, L, R, _ = factors(shape, k, torch.float64)
+    z0 = torch.rand(k, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    a = LoLDUAdapter(L.float(), z0.float(), R.float(), 0.7, path=path).to(dtype)
+    with torch.no_grad():
+        a.z.mul_(torch.linspace(0.7, 1.3, k, dtype=dtype))
+        a.sigma.fill_(0.9)
+    return a, W0.to(dtype)
+
+
+@pytest.mark.parametrize("path", ["weight", "activation"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_loldu_float64_equals_the_previous_coefficients(case: str, path: str) -> None:
+    """The adapter (held ``-σ0 z0``, one-kernel coefficients) against the previous math written out:
+    ``c = σ z - σ0 z0`` by autograd's product rule, ``B = PL ⊙ c``, ``W0 + B U``; output and the gradients
+    of ``x``, ``z`` and ``σ`` to 1e-12 in float64, on each way of taking ``∂c`` and on both paths."""
+    shape, k, n = CASES[case]
+    a, W0 = loldu_layer(shape, k, path, torch.float64)
+    assert a.m0.dtype == torch.float64 and torch.equal(a.m0, a.z0 * -0.7)  # re-made from z0 on the move
+    x = torch.randn(n, shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    g = torch.cos(torch.arange(n * shape[0], dtype=torch.float64)).view(n, shape[0])
+    results = []
+    for fn in (
+        lambda x: a(x, W0, None),
+        lambda x: previous(x, W0, a.PL, a.sigma * a.z - a.sigma0 * a.z0, a.U),
+    ):
+        xr = x.clone().requires_grad_(True)
+        a.zero_grad(set_to_none=True)
+        fn(xr).backward(g)
+        results.append([xr.grad, a.z.grad, a.sigma.grad])
+    for u, v in zip(*results, strict=True):
+        assert u is not None and v is not None and rel(u, v) < 1e-12
+    with torch.no_grad():
+        assert rel(a(x, W0, None), previous(x, W0, a.PL, a.sigma * a.z - a.sigma0 * a.z0, a.U)) < 1e-12
+
+
+def layer_step_kernels(adapter: Any, shape: tuple[int, int], tokens: int) -> list[str]:
+    """The ops one training step of one adapted layer dispatches (bf16 activations and weight, float32
+    factors and parameters, gradients already allocated as in a graphed step), views and the CPU's float32
+    copies of GEMM outputs (CUDA's GEMM writes float32 itself) left out."""
+    ops: list[str] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    out_f, in_f = shape
+    W0 = torch.empty(out_f, in_f, dtype=torch.bfloat16)
+    x = torch.empty(tokens, in_f, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.empty(tokens, out_f, dtype=torch.bfloat16)
+    adapter(x, W0, None).backward(g)  # allocates the gradients and the factors' casts
+    with Ops():
+        adapter(x, W0, None).backward(g)
+    return [op for op in ops if op not in VIEWS | {"device", "_to_copy"}]  # _to_copy: the GEMM's float32
+
+
+@pytest.mark.parametrize("tokens", [64, 4096])  # the row dot; the benchmark's G / rows routes
+def test_loldu_layer_step_is_svfits_plus_the_product_rule(tokens: int) -> None:
+    """At the benchmark's shapes (one block), one LoLDU layer step dispatches SVFit's ops with ``σ - σ0``
+    replaced by the one ``addcmul`` (previously a product and a subtraction), plus what its second
+    parameter needs: ``∂z = σ ∂c`` (mul), ``∂σ = z · ∂c`` (dot) and the accumulation of ``∂σ`` (add_)."""
+    with FakeTensorMode():
+        for out_f, in_f in BLOCK.values():
+            k = min(out_f, in_f)
+            L, R, s = torch.empty(out_f, k), torch.empty(k, in_f), torch.empty(k)
+            sv = layer_step_kernels(SVFitAdapter(L, s, R, path="weight"), (out_f, in_f), tokens)
+            ld = layer_step_kernels(LoLDUAdapter(L, s, R, 1.0, path="weight"), (out_f, in_f), tokens)
+            assert sv[0] == "sub" and ld[0] == "addcmul", (sv, ld)
+            extra = collections.Counter(ld[1:]) - collections.Counter(sv[1:])
+            assert extra == {"dot": 1, "mul": 1, "add_": 1} and len(ld) == len(sv) + 3, (sv, ld)
+            assert not collections.Counter(sv[1:]) - collections.Counter(ld[1:])
 
 
 @pytest.mark.parametrize("config", [SVFit(path="weight"), LoLDU(path="weight")])

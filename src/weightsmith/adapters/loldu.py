@@ -16,15 +16,16 @@ into ``L`` as a row permutation (``P L_r``) instead of a dense ``[out, out]`` ma
 code; the factors are rebuilt from W0 on load (not saved). A zero pivot keeps ``z0 = 0`` for that row;
 the residual absorbs whatever the truncated product does not represent, so ΔW stays exact.
 
-``ΔW = B A`` with ``A = U_r`` frozen and ``B = P L_r diag(c)``, ``c = σ z - σ0 z0`` (one node,
-:class:`_Coefficients`, carries ``∂c`` to ``z`` and ``σ``): the same two exact paths as SVFit, chosen per
-call by counted multiply-adds (``path``, :func:`~weightsmith.adapters.frozen_a.frozen_diag_forward`):
-LoRA's fused node with these ``A``, ``B``, or ``x (W0 + ΔW)ᵀ`` with ΔW built once per call (``B`` not
-formed there).
+``ΔW = B A`` with ``A = U_r`` frozen and ``B = P L_r diag(c)``, ``c = σ z - σ0 z0`` (one node and one
+kernel, :class:`_Coefficients`, with ``-σ0 z0`` held; it carries ``∂c`` to ``z`` and ``σ``): the same two
+exact paths as SVFit, chosen per call by counted multiply-adds (``path``,
+:func:`~weightsmith.adapters.frozen_a.frozen_diag_forward`): LoRA's fused node with these ``A``, ``B``, or
+``x (W0 + ΔW)ᵀ`` with ΔW built once per call (``B`` not formed there; docs/adapters-frozen-a-step.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -45,29 +46,32 @@ def ldu(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class _Coefficients(torch.autograd.Function):
-    """``c = σ z - σ0 z0`` (``σ`` a 0-dim parameter, ``σ0`` a number): one product and one fused
-    subtraction; backward ``∂z = σ ∂c`` and ``∂σ = z · ∂c``, one kernel each (autograd's product rule
-    takes three, and a separate ``σ0 z0``: the small kernels a CUDA-graphed step pays per layer)."""
+    """``c = σ z - σ0 z0`` (``σ`` a 0-dim parameter) as one kernel, ``addcmul(m0, z, σ)`` with the frozen
+    ``m0 = -σ0 z0`` held by the adapter; backward ``∂z = σ ∂c`` and ``∂σ = z · ∂c``, one kernel each
+    (autograd's product rule takes three, and ``σ0 z0`` another: the small kernels a CUDA-graphed step pays
+    per layer)."""
 
     @staticmethod
-    def forward(ctx: Any, sigma: Tensor, z: Tensor, z0: Tensor, sigma0: float) -> Tensor:
+    def forward(ctx: Any, sigma: Tensor, z: Tensor, m0: Tensor) -> Tensor:
         ctx.save_for_backward(sigma, z)
-        return torch.sub(z * sigma, z0, alpha=sigma0)
+        return torch.addcmul(m0, z, sigma)
 
     @staticmethod
     def backward(ctx: Any, dc: Tensor) -> tuple[Tensor | None, ...]:
         sigma, z = ctx.saved_tensors
         dsigma = torch.dot(z, dc) if ctx.needs_input_grad[0] else None
         dz = dc * sigma if ctx.needs_input_grad[1] else None
-        return dsigma, dz, None, None
+        return dsigma, dz, None
 
 
 class LoLDUAdapter(Adapter):
-    """Trainable ``z`` [r] and ``sigma`` (scalar); frozen ``PL`` [out, r], ``U`` [r, in], ``z0``."""
+    """Trainable ``z`` [r] and ``sigma`` (scalar); frozen ``PL`` [out, r], ``U`` [r, in], ``z0`` and
+    ``m0 = -σ0 z0`` (re-made from ``z0`` whenever the module moves, so it is ``z0``'s in every dtype)."""
 
     PL: Tensor
     U: Tensor
     z0: Tensor
+    m0: Tensor
 
     needs_base_out: ClassVar[bool] = False  # both paths compute x W0ᵀ themselves
 
@@ -75,14 +79,19 @@ class LoLDUAdapter(Adapter):
         super().__init__()
         check_path(path, "LoLDU")
         self.path = path
-        self.hold(PL=PL, U=U, z0=z0.clone())
         self.sigma0 = float(sigma_init)
+        self.hold(PL=PL, U=U, z0=z0.clone(), m0=z0 * -self.sigma0)
         self.z = nn.Parameter(z0.clone())
         self.sigma = nn.Parameter(torch.tensor(float(sigma_init), device=z0.device))
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoLDUAdapter:  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self.m0 = self.z0 * -self.sigma0  # from the moved z0: no float32 rounding carried into float64
+        return self
+
     def diag(self) -> Tensor:
         """``c = σ z - σ0 z0``."""
-        c: Tensor = _Coefficients.apply(self.sigma, self.z, self.z0, self.sigma0)
+        c: Tensor = _Coefficients.apply(self.sigma, self.z, self.m0)
         return c
 
     def delta(self, W0: Tensor) -> Tensor:
