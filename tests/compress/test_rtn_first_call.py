@@ -138,6 +138,22 @@ def test_forced_modes_and_bad_values_name_the_option(monkeypatch):
 
 
 @pytest.mark.usefixtures("fake_kernel")
+def test_rtn_kernel_option_forces_a_path_and_auto_defers_to_the_variable(monkeypatch, tmp_path, capsys):
+    """``RTN(kernel=...)`` (``--opt kernel=...``): ``torch``/``triton`` win over the variable, ``auto`` (the
+    default) defers to it; an unknown value is refused when the config is made, naming the option."""
+    small = [torch.randn(8, 32)]
+    monkeypatch.setenv(rc.ENV, "triton")
+    assert rc.choose(RTN(), CPU, small) and not rc.choose(RTN(kernel="torch"), CPU, small)
+    monkeypatch.setenv(rc.ENV, "torch")
+    assert not rc.choose(RTN(), CPU, small) and rc.choose(RTN(kernel="triton"), CPU, small)
+    with pytest.raises(WeightsmithError, match="RTN option kernel='gpu': use one of auto, triton, torch"):
+        RTN(kernel="gpu")
+    out = tmp_path / "q"
+    args = ["compress", "smollm2", "--method", "rtn", "--opt", "kernel=gpu", "--out", str(out)]
+    assert _run(args) == 2 and "kernel='gpu'" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.usefixtures("fake_kernel")
 def test_the_cost_model_only_where_it_was_measured(monkeypatch):
     """Off COSTED_DEVICES (the CPU under Triton's interpreter) and with no weights given, auto is the kernel
     wherever it runs (the old rule, which test_rtn_triton.py relies on)."""

@@ -75,15 +75,21 @@ _launch = threading.Lock()  # held by a priming thread around its launches (see 
 _primers: list[threading.Thread] = []
 
 
+def _given(config: object | None) -> object | None:
+    """The config's ``kernel`` option where it sets one (``auto`` defers to the variable)."""
+    given = getattr(config, "kernel", None)
+    return None if given is None or str(given).strip().lower() == "auto" else given
+
+
 def _option(config: object | None) -> str:
     """Where the mode comes from, as the user set it: the config's ``kernel`` option, else the variable."""
-    return "option kernel" if getattr(config, "kernel", None) is not None else ENV
+    return "option kernel" if _given(config) is not None else ENV
 
 
 def kernel_mode(config: object | None = None) -> str:
-    """``auto``, ``triton`` or ``torch``: the config's ``kernel`` field where it has one, else
+    """``auto``, ``triton`` or ``torch``: the config's ``kernel`` field where it sets one, else
     ``$WEIGHTSMITH_RTN_KERNEL``, else ``auto``."""
-    given = getattr(config, "kernel", None)
+    given = _given(config)
     raw = given if given is not None else os.environ.get(ENV, "auto")
     mode = str(raw).strip().lower()
     if mode not in MODES:

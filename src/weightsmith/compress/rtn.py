@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..config import register_config
+from ..errors import WeightsmithError
 from ..layers import InputStats
 from ._core import CompressConfig
 from ._grid import QuantizedWeight, quantize_rtn, rtn_with_dequant
@@ -23,7 +24,19 @@ from ._grid import QuantizedWeight, quantize_rtn, rtn_with_dequant
 
 @register_config("rtn", kind="compress")
 class RTN(CompressConfig):
-    """Round-to-nearest on the min-max grid (symmetric or asymmetric, per-channel or group-wise)."""
+    """Round-to-nearest on the min-max grid (symmetric or asymmetric, per-channel or group-wise).
+    ``kernel``: on CUDA, "auto" (the fused kernel where it pays its start-up, else the torch batches:
+    compress/_rtn_choice.py), "triton" (the kernel) or "torch" (the batches); the results are the same bits
+    either way. ``triton`` or ``torch`` here overrides ``$WEIGHTSMITH_RTN_KERNEL``."""
+
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ._rtn_choice import MODES
+
+        if self.kernel not in MODES:
+            raise WeightsmithError(f"RTN option kernel={self.kernel!r}: use one of {', '.join(MODES)}")
 
     def quantize(self, W: Tensor, stats: InputStats | None) -> QuantizedWeight:
         return quantize_rtn(W, self.bits, self.group_size, self.symmetric)
