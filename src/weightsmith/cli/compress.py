@@ -157,6 +157,8 @@ def compress_cmd(
     on_device = _resident_wanted(step.config, dev, world.size, resident)
     if on_device:  # the kernel's start-up (about 0.45 s) hides behind the load (load_model's float32)
         prime(step.config, dev, (torch.float32,))
+    elif callable(warm_up := getattr(step.config, "warm_up", None)):
+        warm_up(dev)  # the method's own start-up (GPTQ: Triton, cuSOLVER), also behind the load
     net, tokenizer = load_model(model)
     if on_device and (resident == "device" or _fits(net, step.config, dev)):
         try:

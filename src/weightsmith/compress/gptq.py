@@ -26,7 +26,9 @@ when its first column comes up, so a block runs in segments that start at group 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -40,6 +42,7 @@ from ..layers import InputStats, Layer, StatsSpec
 from ..progress import log
 from ._core import CompressConfig, Compressed
 from ._grid import QuantizedWeight, grouped, minmax_params, qmax
+from ._warmup import WarmUp
 
 
 def inverse_hessian_factor(H: Tensor, damp: float, reversed_factor: bool | None = None) -> Tensor:
@@ -135,6 +138,10 @@ def _block_steps(W: Tensor, fused: bool | None) -> Steps:
     return _fused_steps if use_fused(W, fused, "gptq", triton_available) else _eager_steps
 
 
+WARM_UP = WarmUp("gptq")
+WARM_ROWS = 16  # rows of the warm-up's weight: a launch of the real kernel variant, nothing more
+
+
 def gptq_quantize(
     W: Tensor,
     H: Tensor,
@@ -150,6 +157,7 @@ def gptq_quantize(
 
     ``fused``: run each block's column steps as one Triton kernel (:mod:`._gptq_kernel`, same codes) instead
     of the eager loop; None picks it for a CUDA weight when Triton is installed."""
+    WARM_UP.wait()  # never beside a warm-up still compiling the same kernel
     W = W.float().clone()
     H = H.float().clone()
     out_f, in_f = W.shape
@@ -219,6 +227,25 @@ class GPTQ(CompressConfig):
 
     def stats_spec(self) -> StatsSpec:
         return StatsSpec(gram=True, channels=False)
+
+    def warm_up(self, device: torch.device) -> threading.Thread | None:
+        """On CUDA, run GPTQ once on a tiny weight in a side thread (:mod:`._warmup`): Triton's import, its
+        cache key and the block kernel's load, and cuSOLVER's Cholesky, paid while the model loads instead
+        of in the first layer. Elsewhere nothing (None)."""
+        if device.type != "cuda":
+            return None
+        width = math.lcm(self.group_size or self.block_size, self.block_size)
+        fused = None if self.fused else False
+
+        def once() -> None:
+            gen = torch.Generator(device=device).manual_seed(0)  # the caller's random state is untouched
+            X = torch.randn(4 * width, width, generator=gen, device=device)
+            W = torch.randn(WARM_ROWS, width, generator=gen, device=device)
+            grid = (self.bits, self.group_size, self.symmetric, self.damp, self.block_size, self.act_order)
+            gptq_quantize(W, X.T @ X, *grid, fused=fused)
+            torch.cuda.synchronize(device)
+
+        return WARM_UP.start(once)
 
     def quantize(self, W: Tensor, stats: InputStats | None) -> QuantizedWeight:
         if stats is None:
