@@ -62,3 +62,19 @@ def test_gptq_warm_up_on_the_gpu_runs_the_real_kernel(caplog):
     fused = gptq_quantize(W, X.T @ X, 4, 128)
     eager = gptq_quantize(W, X.T @ X, 4, 128, fused=False)
     assert torch.equal(fused.q, eager.q)
+
+
+def test_warm_up_dispatches_to_the_methods_own(monkeypatch):
+    """``weightsmith.compress.warm_up``: RTN through its kernel's priming, GPTQ through ``GPTQ.warm_up``,
+    nothing for a method without a start-up or off CUDA."""
+    from weightsmith.compress import HQQ, RTN, _rtn_choice, warm_up
+
+    seen = []
+    monkeypatch.setattr(_rtn_choice, "prime", lambda cfg, dev: seen.append(("rtn", dev.type)))
+    monkeypatch.setattr(GPTQ, "warm_up", lambda self, dev: seen.append(("gptq", dev.type)))
+    warm_up(RTN(), "cuda")
+    warm_up(GPTQ(), "cuda:0")
+    assert seen == [("rtn", "cuda"), ("gptq", "cuda")]
+    assert warm_up(HQQ(), "cuda") is None and seen == [("rtn", "cuda"), ("gptq", "cuda")]
+    monkeypatch.undo()
+    assert warm_up(RTN(), "cpu") is None and warm_up(GPTQ(), "cpu") is None

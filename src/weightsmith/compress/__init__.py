@@ -21,6 +21,7 @@ from ._format import FORMATS, load_compressed, save_compressed, stack_sizes
 from ._lowrank import LowRankConfig, LowRankLinear, LowRankWeight, compress_lowrank, thin_linears
 from ._rtn_choice import prime
 from ._sparse import PruneConfig, SparseWeight
+from ._warmup import warm_up
 from .armor import ARMOR
 from .asvd import ASVD
 from .awq import AWQ
@@ -50,5 +51,5 @@ __all__ = [
     "Magnitude", "MonarchCompress", "PST", "PruneConfig", "RTN", "SVD", "SparseGPT", "SparseWeight", "UDFC",
     "Wanda", "WeLore", "calibration_batches", "check_group_size", "compress", "compress_lowrank",
     "dpruner_compress", "heldout_text", "load_compressed", "lrc_task", "prime", "save_compressed",
-    "stack_sizes", "thin_linears",
+    "stack_sizes", "thin_linears", "warm_up",
 ]  # fmt: skip

@@ -14,6 +14,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+import torch
+
 log = logging.getLogger(__name__)
 WAIT_S = 60.0  # the longest a real call waits for a warm-up still running (an empty Triton cache compiles)
 
@@ -47,3 +49,17 @@ class WarmUp:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread() and thread.is_alive():
             thread.join(WAIT_S)
+
+
+def warm_up(config: object, device: str | torch.device) -> threading.Thread | None:
+    """Start ``config``'s one-time start-up on ``device`` in a side thread; call it before loading the model,
+    as ``weightsmith compress`` does. RTN: its fused kernel (:func:`._rtn_choice.prime`); GPTQ: its block
+    kernel and cuSOLVER (``GPTQ.warm_up``). Returns the thread, or None where the method has no start-up to
+    warm there (another method, a device that is not CUDA, Triton missing)."""
+    dev = torch.device(device)
+    if callable(getattr(config, "fused_quantize", None)):
+        from ._rtn_choice import prime
+
+        return prime(config, dev)
+    method_warm_up = getattr(config, "warm_up", None)
+    return method_warm_up(dev) if callable(method_warm_up) else None
