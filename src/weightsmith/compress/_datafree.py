@@ -124,7 +124,15 @@ def _one(ly: Layer, quantize: Quantize, dev: torch.device) -> tuple[Compressed, 
     W_hat = qw.dequantize()
     err = relative_error(W, W_hat)
     ly.write(W_hat)
-    return written([qw], [(ly.weight, ly.name)])[0], err
+    return _written_at([ly], [qw])[0], err
+
+
+def _written_at(
+    layers: Sequence[Layer], results: Sequence[Compressed], check: bool = True
+) -> list[Compressed]:
+    """``results`` once each one's ``Ŵ`` is written into its layer of ``layers`` (compress/_grid.py
+    ``written``: codes dropped where they are recoverable from the layer's weight)."""
+    return written(results, [(ly.weight, ly.name) for ly in layers], check)
 
 
 def _resident(
@@ -195,7 +203,7 @@ def _batched(layers: Sequence[Layer], quantize: BatchQuantize, dev: torch.device
         errs = _ratio(frobenius(Ws.sub_(W_hat)), den)  # the stack is ours: W − Ŵ in place
         for j, i in enumerate(run):
             layers[i].write(W_hat[j])
-        yield run, written(results, [(layers[i].weight, layers[i].name) for i in run]), errs
+        yield run, _written_at([layers[i] for i in run], results), errs
 
 
 def _fused(
@@ -211,7 +219,7 @@ def _fused(
         Ws = [layers[i].weight().detach() for i in run]
         if all(_fusable(W, dev) for W in Ws):
             results, errs = fused(Ws)
-            yield run, written(results, [(layers[i].weight, layers[i].name) for i in run], check=False), errs
+            yield run, _written_at([layers[i] for i in run], results, check=False), errs
         else:
             done = [_one(layers[i], quantize, dev) for i in run]
             yield run, [qw for qw, _ in done], [e for _, e in done]
@@ -316,7 +324,7 @@ class _HostPipeline:
             W_hat = qw.dequantize()
             # the codes are read back from the landed Ŵ when saved (none pile up on the device); the
             # scales are checked at that first read, as no host sync may stall this pipeline
-            (qw,) = written([qw], [(ly.weight, ly.name)], check=False)
+            (qw,) = _written_at([ly], [qw], check=False)
             errors.add(ly, qw, relative_error(W, W_hat))
             out_dev = W_hat.to(W_dev.dtype)
             if i + 1 < len(self.layers):
