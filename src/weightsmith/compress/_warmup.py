@@ -10,6 +10,7 @@ as before.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections.abc import Callable
@@ -27,6 +28,9 @@ class WarmUp:
         self.name = name
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # at exit, a warm-up still in Triton's compiler (C++, outside the GIL) finishes first: tearing the
+        # interpreter and the CUDA context down under it could crash the process after its work is done
+        atexit.register(self.wait)
 
     def start(self, fn: Callable[[], object]) -> threading.Thread | None:
         """Run ``fn`` in a daemon thread; None when one is running already."""
