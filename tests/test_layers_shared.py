@@ -59,7 +59,9 @@ def test_one_gram_accumulation_per_distinct_input(monkeypatch):
     )
     assert seen == [4, 4]
     assert len(adds) == 2 * 2 * 4  # blocks x batches x distinct inputs
-    assert calls == [2 * 2, 2]  # block 0: statistics + outputs; block 1 (the last): statistics only
+    # block 0: statistics (batch 2 stops at down_proj's input: the block's forward never ends) + outputs;
+    # block 1 (the last): statistics only
+    assert calls == [1 + 2, 1]
 
 
 class _Fork(nn.Module):
@@ -207,3 +209,50 @@ def test_a_freed_shared_input_whose_id_is_reused_stays_shared():
     assert stats["a.weight"] is stats["b.weight"] is not stats["c.weight"]
     X = 2 * torch.cat(xs)
     torch.testing.assert_close(stats["b.weight"].gram, X.T @ X)
+
+
+def test_a_statistics_pass_stops_after_the_last_layers_input_and_loses_nothing():
+    """From batch 2 on, the statistics pass stops once down_proj (the last layer the first batch called) has
+    its input: its product and whatever follows are never computed; the statistics equal the inputs."""
+    torch.set_num_threads(1)
+    m = tiny_llama()
+    down = m.model.layers[0].mlp.down_proj
+    ran = [0]
+    down.register_forward_hook(lambda *_a: ran.__setitem__(0, ran[0] + 1))
+    batches = calib() + calib()  # 4 batches
+    stats = collect_stats(m, find_layers(m, select="layers.0"), batches, StatsSpec(max_rows=1000))
+    assert ran == [1]  # batch 1 only
+    X = _inputs_by_hand(m, down, batches)
+    gram = stats["model.layers.0.mlp.down_proj.weight"].gram
+    torch.testing.assert_close(gram, X.T @ X, rtol=1e-5, atol=1e-5)
+
+
+class _Experts(nn.Module):
+    """A router-like block: which experts it calls, and in which order, depends on the batch (``x[0, 0]``)."""
+
+    ORDERS = {1: [0, 1, 2], 2: [2, 0, 1], 3: [0, 2]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in self.ORDERS[int(x[0, 0])]:
+            x = x + self.e[i](x)
+        return x
+
+
+def test_a_batch_whose_control_flow_differs_runs_to_the_end():
+    """Batch 1 calls e.2 last; batch 2 calls e.2 first (no stop there: e.0 and e.1 are still to come); batch
+    3 never calls e.1. Every expert's statistics hold every input it read."""
+    torch.set_num_threads(1)
+    m = _Experts()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    for k, x in enumerate(xs, start=1):
+        x[0, 0] = float(k)
+    stats = collect_stats(m, find_layers(m), xs, StatsSpec(channels=False))
+    for j, e in enumerate(m.e):
+        X = _inputs_by_hand(m, e, xs)
+        assert stats[f"e.{j}.weight"].n == X.shape[0]
+        torch.testing.assert_close(stats[f"e.{j}.weight"].gram, X.T @ X)

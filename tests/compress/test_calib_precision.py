@@ -61,6 +61,29 @@ def test_gram_of_float32_inputs_is_the_float32_gemm_bit_for_bit():
     assert torch.equal(L.accumulate_gram(L.accumulate_gram(None, a), b), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_wide_gram_multiplies_its_lower_triangle_only_and_is_symmetric(monkeypatch, dtype):
+    """Inputs of TRIANGLE_MIN columns or more: one GEMM per lower row block, the upper triangle copied;
+    the same sums of the same products, so within float32 rounding of the float64 Gram, batch by batch."""
+    monkeypatch.setattr(L, "TRIANGLE_MIN", 256)
+    monkeypatch.setattr(L, "TRIANGLE_ROWS", 100)
+    x = _rows(dtype, n=384, d=400)
+    assert L.row_blocks(400) == [(0, 128), (128, 256), (256, 384), (384, 400)]
+    products: list[tuple[int, ...]] = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(
+        torch.Tensor, "addmm_", lambda g, a, b: (products.append((*a.shape, b.shape[1])), real(g, a, b))[1]
+    )
+    gram = None
+    for part in x.split(128):
+        gram = L.accumulate_gram(gram, part)
+    assert gram is not None and torch.equal(gram, gram.T)
+    _within_fp32_rounding(gram, x)
+    # per batch: rows 128 x 128, 128 x 256, 128 x 384, 16 x 400 (float32 inputs; bf16 ones upcast first)
+    assert products[:4] == [(128, 128, 128), (128, 128, 256), (128, 128, 384), (16, 128, 400)]
+    assert sum(a * c for a, _, c in products[:4]) == 104_704 < 0.66 * 400 * 400  # vs 400 x 400
+
+
 def test_gram_in_float64_stats_upcasts_bf16_inputs():
     x = _rows(torch.bfloat16)
     gram = L.accumulate_gram(None, x, torch.float64)

@@ -246,8 +246,8 @@ def _record(
     """Report each layer's relative error (one host sync for all) and keep its result in ``home``."""
     errs: list[Tensor] = []
     for ly in layers:
-        W = originals[ly.name]
-        errs.append(relative_error(W, done[ly.name].dequantize().to(W.device)))
+        W = originals[ly.name]  # codes (a byte a weight) go to W's device, not Ŵ (four) to theirs
+        errs.append(relative_error(W, _at_home(done[ly.name], W.device).dequantize().to(W.device)))
     dev = errs[0].device if errs else None
     values = torch.stack([e.to(dev) for e in errs]).tolist() if errs else []  # one host sync, not one a layer
     lines = [_record_one(report, ly, err, done[ly.name]) for ly, err in zip(layers, values, strict=True)]
