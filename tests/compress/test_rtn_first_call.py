@@ -1,5 +1,6 @@
 """RTN's first call in a process (compress/_rtn_choice.py): the cost-based choice between the fused Triton
-kernel and the torch batches, the forced modes, and the priming thread.
+kernel and the torch batches, the forced modes, and the priming thread (on compress's one warm-up mechanism,
+compress/_warmup.py ``WarmUp``).
 
 The choice and the thread are tested with the kernel replaced by a fake (a torch RTN that overwrites each
 weight with its Ŵ, as the kernel does), so they run where Triton is missing (CI). One test runs the real
@@ -8,6 +9,7 @@ kernel's priming under Triton's interpreter in a child process (skipped without 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from weightsmith.compress import _rtn_choice as rc
 from weightsmith.compress import _rtn_triton as rt
 from weightsmith.compress._core import target_layers
 from weightsmith.compress._grid import rtn_with_dequant
+from weightsmith.compress._warmup import WarmUp
 from weightsmith.errors import WeightsmithError
 
 torch.set_num_threads(1)
@@ -73,9 +76,7 @@ def fake_kernel(monkeypatch):
     monkeypatch.setattr(rc, "variant", lambda W, g, sym, bits: (W.dtype, g, sym))  # a variant a dtype
     monkeypatch.setattr(rc, "_probe", lambda g, dtype, dev: torch.randn(4, 32).to(dev, dtype))
     monkeypatch.delenv(rc.ENV, raising=False)
-    monkeypatch.setattr(rc, "_warm", set())
-    monkeypatch.setattr(rc, "_hot", threading.Event())
-    monkeypatch.setattr(rc, "_primers", [])
+    monkeypatch.setattr(rc, "WARM_UP", WarmUp("rtn"))
 
 
 def huge(n: int) -> torch.Tensor:
@@ -101,7 +102,7 @@ def test_warm_runs_the_kernel_and_a_cold_variant_costs_its_load():
     cfg = FakeRTN()
     small = [torch.randn(8, 32), torch.randn(8, 32).bfloat16()]
     assert not rc.choose(cfg, CPU, small)  # cold and small: the batches
-    rc.mark_warm([(torch.float32, 16, False)])
+    rc.WARM_UP.mark_warm([(torch.float32, 16, False)])
     assert rc.start_seconds(small, cfg) == rc.VARIANT_START_S  # Triton warm, the bf16 variant not yet
     assert not rc.choose(cfg, CPU, small)
     assert rc.choose(cfg, CPU, small[:1])  # every variant warm: the kernel at any size
@@ -119,7 +120,7 @@ def test_forced_modes_and_bad_values_name_the_option(monkeypatch):
     monkeypatch.setenv(rc.ENV, "triton")
     assert rc.choose(cfg, CPU, small)
     monkeypatch.setenv(rc.ENV, " Torch ")
-    rc.mark_warm([(torch.float32, 16, False)])
+    rc.WARM_UP.mark_warm([(torch.float32, 16, False)])
     assert not rc.choose(cfg, CPU, small) and not rc.choose(cfg, CPU, [huge(1 << 34)])
     monkeypatch.setenv(rc.ENV, "cuda")
     with pytest.raises(
@@ -170,7 +171,7 @@ def quantise(model, cfg):
 
 
 @pytest.mark.usefixtures("fake_kernel")
-def test_data_free_path_takes_the_batches_cold_and_the_kernel_once_warm():
+def test_data_free_path_takes_the_batches_cold_and_the_kernel_once_warm(monkeypatch):
     """A tiny model in a cold process: the batches (the fake kernel is not called during them), then the
     kernel primed in the background, after the batches; primed: the kernel, with the same Ŵ; once the
     kernel has run, its variants are warm (a later call skips the start-up)."""
@@ -178,66 +179,106 @@ def test_data_free_path_takes_the_batches_cold_and_the_kernel_once_warm():
     cfg = FakeRTN()
     layers_b, res_b = quantise(copy.deepcopy(base), cfg)
     assert cfg.during and set(cfg.during) == {0}  # no kernel call (nor priming) beside the batches
-    assert len(rc._primers) == 1  # started once they were done
-    rc._primers[0].join()
-    assert cfg.calls == 1 and rc.is_warm((torch.float32, 16, False))
+    primers = rc.WARM_UP.threads()
+    assert len(primers) == 1  # started once they were done
+    primers[0].join()
+    assert cfg.calls == 1 and rc.WARM_UP.is_warm((torch.float32, 16, False))
     layers_k, res_k = quantise(copy.deepcopy(base), cfg)
-    assert (
-        cfg.calls == 1 + 4 and len(rc._primers) == 1
-    )  # a launch a run of one shape (q/o, k/v, gate/up, down)
+    # a launch a run of one shape (q/o, k/v, gate/up, down), and no second priming
+    assert cfg.calls == 1 + 4 and rc.WARM_UP.threads() == primers
     for a, b, p, q in zip(layers_b, layers_k, res_b, res_k, strict=True):
         assert torch.equal(a.weight(), b.weight()) and p.rel_error == pytest.approx(q.rel_error, rel=1e-6)
-    rc._warm.clear()
-    rc._hot.clear()
+    monkeypatch.setattr(rc, "WARM_UP", WarmUp("rtn"))  # cold again
     quantise(copy.deepcopy(base), FakeRTN(kernel="triton"))  # forced: the kernel, and then it is warm
-    assert rc.is_warm((torch.float32, 16, False))
+    assert rc.WARM_UP.is_warm((torch.float32, 16, False)) and rc.WARM_UP.threads() == []
 
 
 @pytest.mark.usefixtures("fake_kernel")
-def test_priming_never_raises_and_sets_warm_only_on_success(monkeypatch):
+def test_priming_never_raises_and_sets_warm_only_on_success(monkeypatch, caplog):
     seen: list[object] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
     for cfg in (FakeRTN(broken=True), FakeRTN(wrong=True)):
         thread = rc.prime(cfg, CPU, (torch.float32, torch.bfloat16))
         assert thread is not None and thread.daemon
         thread.join()
-        assert cfg.calls == 1 and not rc._hot.is_set() and not rc._warm
+        assert cfg.calls == 1 and not rc.WARM_UP.any_warm()
     monkeypatch.setattr(rc, "_probe", lambda g, dtype, dev: 1 / 0)  # fails before any launch
-    thread = rc.prime(FakeRTN(), CPU)
-    assert thread is not None
-    thread.join()
-    assert not rc._hot.is_set() and seen == []
+    with caplog.at_level(logging.DEBUG, logger="weightsmith.compress._warmup"):
+        thread = rc.prime(FakeRTN(), CPU)
+        assert thread is not None
+        thread.join()
+    assert "rtn warm-up failed: division by zero" in caplog.text
+    assert not rc.WARM_UP.any_warm() and seen == []
     monkeypatch.setattr(rc, "_probe", lambda g, dtype, dev: torch.randn(4, 32).to(dev, dtype))
     cfg = FakeRTN()
     thread = rc.prime(cfg, CPU, (torch.float32, torch.bfloat16))
     assert thread is not None
     thread.join()
-    assert cfg.calls == 2 and rc._hot.is_set() and len(rc._warm) == 2 and seen == []
-    assert rc._primers and thread in rc._primers  # joined at exit (bounded) if still compiling
+    assert cfg.calls == 2 and seen == []
+    assert rc.WARM_UP.is_warm((torch.float32, 16, False)) and rc.WARM_UP.is_warm((torch.bfloat16, 16, False))
+    assert not rc.WARM_UP.is_warm((torch.float16, 16, False))
+    assert thread in rc.WARM_UP.threads()  # joined at exit (bounded) if still compiling
 
 
 @pytest.mark.usefixtures("fake_kernel")
-def test_launches_take_turns_with_a_running_prime(monkeypatch):
+def test_launches_take_turns_with_a_running_prime():
+    """The prime launches holding the warm-up's turn; while it runs, the main thread's kernel entry
+    (``serialised``, what ``_datafree.fused_quantizer`` returns) waits for that launch; with no priming
+    alive it is the kernel itself (the generic turn-taking: test_warmup.py)."""
+
     def kernel(Ws):
         return len(Ws)
 
     assert rc.serialised(kernel) is kernel  # no priming thread: called as it is
-    go = threading.Event()
-    primer = threading.Thread(target=go.wait, daemon=True)
-    monkeypatch.setattr(rc, "_primers", [primer])
-    primer.start()
+    launching, go = threading.Event(), threading.Event()
+    cfg = FakeRTN()
+    fake = cfg.fused_quantize
+
+    def slow_launch(Ws):
+        launching.set()
+        go.wait(5)
+        return fake(Ws)
+
+    cfg.fused_quantize = slow_launch
+    primer = rc.prime(cfg, CPU, (torch.float32,))
+    assert primer is not None and launching.wait(5) and rc.WARM_UP.turn.locked()  # inside its launch
     turned = rc.serialised(kernel)
-    assert turned is not kernel and turned([1, 2]) == 2
     got: list[int] = []
-    with rc._launch:  # the prime is launching: the main thread's call waits for it
-        caller = threading.Thread(target=lambda: got.append(turned([1])))
-        caller.start()
-        caller.join(0.2)
-        assert caller.is_alive() and got == []
-    caller.join()
+    caller = threading.Thread(target=lambda: got.append(turned([1])))
+    caller.start()
+    caller.join(0.2)
+    assert turned is not kernel and caller.is_alive() and got == []  # waits for the prime's launch
     go.set()
+    caller.join()
     primer.join()
-    assert got == [1] and rc.serialised(kernel) is kernel
+    assert got == [1] and not rc.WARM_UP.turn.locked() and rc.serialised(kernel) is kernel
+
+
+@pytest.mark.usefixtures("fake_kernel")
+def test_priming_is_keyed_by_grid_device_and_dtypes_and_never_beside_a_priming(monkeypatch):
+    """One priming a (method, device, grid, dtypes) at a time, others beside it; a call that ran the
+    batches cold primes nothing while a priming runs (it would run beside it), and once none runs it does."""
+    go = threading.Event()
+    probe = rc._probe
+    monkeypatch.setattr(rc, "_probe", lambda g, dtype, dev: go.wait(5) and probe(g, dtype, dev))
+    first = rc.prime(FakeRTN(), CPU, (torch.float32,))
+    assert first is not None and first.is_alive()
+    assert rc.prime(FakeRTN(), CPU, (torch.float32,)) is None  # the same priming is running
+    others = [rc.prime(FakeRTN(group_size=32), CPU, (torch.float32,)), rc.prime(FakeRTN(), CPU)]
+    assert all(t is not None for t in others) and len(rc.WARM_UP.threads()) == 3
+    assert list(rc.primed_after(iter([1, 2]), [torch.randn(8, 32)], FakeRTN(), CPU)) == [1, 2]
+    assert len(rc.WARM_UP.threads()) == 3  # busy: nothing started after the batches
+    go.set()
+    rc.WARM_UP.wait()
+    assert not rc.WARM_UP.running() and rc.WARM_UP.is_warm((torch.bfloat16, 16, False))
+    assert rc.WARM_UP.is_warm((torch.float32, 32, False))
+    cfg = FakeRTN(group_size=8)
+    assert list(rc.primed_after(iter([3]), [torch.randn(8, 32).bfloat16()], cfg, CPU)) == [3]
+    last = rc.WARM_UP.threads()[-1]
+    assert len(rc.WARM_UP.threads()) == 4 and last not in (first, *others)
+    last.join()
+    assert rc.WARM_UP.is_warm((torch.bfloat16, 8, False))  # the dtypes the batches took
+    assert not rc.WARM_UP.is_warm((torch.float32, 8, False))
 
 
 @pytest.mark.usefixtures("fake_kernel")
@@ -264,8 +305,9 @@ t = rc.prime(cfg, "cpu", (torch.float32, torch.bfloat16))
 t.join()
 print("rng untouched", torch.equal(state, torch.get_rng_state()))
 real = torch.randn(64, 128)
-print("warm", rc._hot.is_set(), rc.is_warm(rc.variant(real, 32, False, 4)),
-      rc.is_warm(rc.variant(real.bfloat16(), 32, False, 4)), rc.is_warm(rc.variant(real, 64, False, 4)))
+w = rc.WARM_UP
+print("warm", w.any_warm(), w.is_warm(rc.variant(real, 32, False, 4)),
+      w.is_warm(rc.variant(real.bfloat16(), 32, False, 4)), w.is_warm(rc.variant(real, 64, False, 4)))
 cpu = torch.device("cpu")
 print("choice", rc.choose(cfg, cpu, [real]), rc.choose(RTN(group_size=64), cpu, [real]))
 """
@@ -292,10 +334,10 @@ def test_real_kernel_primes_on_the_gpu():
     if thread is not None:  # None: primed already in this process
         thread.join()
     real = torch.randn(64, 128, device=dev)
-    assert rc._hot.is_set()
-    assert rc.is_warm(rc.variant(real, 32, False, 4))
-    assert rc.is_warm(rc.variant(real.bfloat16(), 32, False, 4))
-    assert not rc.is_warm(rc.variant(real, 64, False, 4))
+    assert rc.WARM_UP.any_warm()
+    assert rc.WARM_UP.is_warm(rc.variant(real, 32, False, 4))
+    assert rc.WARM_UP.is_warm(rc.variant(real.bfloat16(), 32, False, 4))
+    assert not rc.WARM_UP.is_warm(rc.variant(real, 64, False, 4))
     assert rc.choose(cfg, dev, [real])
 
 

@@ -20,27 +20,29 @@ rates the kernel pays a cold start back from about 16 G weights; warm, it wins a
 :func:`prime` starts that start-up in a daemon thread before the model loads (a load takes seconds; the
 start-up about half a second), so that by the time the weights are quantised the kernel is warm; a call that
 ran the batches because the kernel was cold primes it after them (:func:`primed_after`), for the next call.
-The main thread never waits for it: it only looks (:func:`start_seconds`).
+The thread, the warm variants and the launches' turns are the one warm-up mechanism of compress
+(:class:`._warmup.WarmUp`, :data:`WARM_UP`): the main thread never waits for a priming, it only looks
+(:func:`start_seconds`), and a priming still compiling at exit is joined, bounded, by it.
 ``WEIGHTSMITH_RTN_KERNEL=auto|triton|torch`` (or a config's ``kernel`` field, where the method has one)
 forces either path.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
+from ._warmup import WarmUp
 
 ENV = "WEIGHTSMITH_RTN_KERNEL"
 MODES = ("auto", "triton", "torch")
@@ -62,17 +64,15 @@ VARIANT_START_S = 0.11
 # Where the rates above were measured: elsewhere (the CPU under Triton's interpreter, which the tests use)
 # ``auto`` runs the kernel wherever it can
 COSTED_DEVICES = ("cuda",)
-PRIME_JOIN_S = 60.0  # at exit, how long a priming thread still compiling is waited for (see _join_primers)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-_hot = threading.Event()  # Triton imported, its cache key computed and one launch checked in this process
-_warm: set[tuple[object, ...]] = set()  # the kernel variants launched in this process (see variant)
-_lock = threading.Lock()  # guards _warm and _primers
-_launch = threading.Lock()  # held by a priming thread around its launches (see serialised)
-_primers: list[threading.Thread] = []
+# RTN's priming threads (keyed by method, device, grid and dtypes), the kernel variants launched in this
+# process (keyed by :func:`variant`; any marked: Triton imported, its cache key computed and one launch
+# checked) and the lock a priming holds around its launches (:func:`serialised`)
+WARM_UP = WarmUp("rtn")
 
 
 def _given(config: object | None) -> object | None:
@@ -140,26 +140,14 @@ def _grid(config: object) -> tuple[int, bool, int]:
     )
 
 
-def is_warm(key: tuple[object, ...]) -> bool:
-    with _lock:
-        return key in _warm
-
-
-def mark_warm(keys: Iterable[tuple[object, ...]]) -> None:
-    """Record kernel variants as launched in this process (and Triton as warm)."""
-    with _lock:
-        _warm.update(keys)
-    _hot.set()
-
-
 def start_seconds(weights: Sequence[Tensor], config: object) -> float:
     """The kernel's start-up still to pay before it quantises ``weights`` in this process (seconds): 0 when
     every variant they need is warm, :data:`COLD_START_S` when Triton is not warm yet (then nothing here
     imports it), else :data:`VARIANT_START_S` a variant not launched yet."""
-    if not _hot.is_set():
+    if not WARM_UP.any_warm():
         return COLD_START_S
     grid = _grid(config)
-    cold = {k for k in (variant(W, *grid) for W in weights) if not is_warm(k)}
+    cold = {k for k in (variant(W, *grid) for W in weights) if not WARM_UP.is_warm(k)}
     return VARIANT_START_S * len(cold)
 
 
@@ -195,19 +183,9 @@ def choose(config: object, dev: torch.device, weights: Sequence[Tensor] | None =
 
 def serialised(fn: Callable[[T], R]) -> Callable[[T], R]:
     """``fn`` (the kernel's entry) as it is when no priming thread is running, else a version that takes
-    turns with it: Triton's first launch in a process (its jit cache, its lazily built driver) is not
-    meant to run from two threads at once. The main thread then waits for the prime's launch, which only
-    happens where the kernel was forced or the model is large enough to pay a start-up anyway."""
-    with _lock:
-        priming = any(t.is_alive() for t in _primers)
-    if not priming:
-        return fn
-
-    def in_turn(arg: T) -> R:
-        with _launch:
-            return fn(arg)
-
-    return in_turn
+    turns with it (:meth:`._warmup.WarmUp.in_turn`). The main thread then waits for the prime's launch, which
+    only happens where the kernel was forced or the model is large enough to pay a start-up anyway."""
+    return WARM_UP.in_turn(fn)
 
 
 def launched(runs: Iterator[T], weights: Sequence[Tensor], config: object, dev: torch.device) -> Iterator[T]:
@@ -217,7 +195,7 @@ def launched(runs: Iterator[T], weights: Sequence[Tensor], config: object, dev: 
     from ._rtn_triton import fusable
 
     grid = _grid(config)
-    mark_warm(variant(W, *grid) for W in weights if fusable(W, dev))
+    WARM_UP.mark_warm(variant(W, *grid) for W in weights if fusable(W, dev))
 
 
 def primed_after(
@@ -229,9 +207,8 @@ def primed_after(
     the quantisation, never beside it: it would take the GIL from the batches' launches (docs/compress-
     first-call.md)."""
     yield from runs
-    with _lock:
-        busy = any(t.is_alive() for t in _primers)
-    if not busy and dev.type in COSTED_DEVICES:  # prime() checks the rest (a fused kernel, mode, Triton)
+    # prime() checks the rest (a fused kernel, mode, Triton)
+    if not WARM_UP.running() and dev.type in COSTED_DEVICES:
         prime(config, dev, sorted({W.dtype for W in weights if W.device.type == dev.type}, key=str))
 
 
@@ -248,29 +225,25 @@ def _probe(group_size: int, dtype: torch.dtype, dev: torch.device) -> Tensor:
 
 
 def _prime(config: Any, dev: torch.device, dtypes: Sequence[torch.dtype]) -> None:
-    """The priming thread: import Triton, compile and launch the kernel once a dtype on a tiny weight and
-    check its ``Ŵ`` against the torch path's; mark the variant warm only when equal. Never raises: a failure
-    is logged at debug level and leaves the state cold (the torch batches keep running)."""
-    try:
-        from ._rtn_triton import DTYPES
+    """The priming thread's work: import Triton, compile and launch the kernel once a dtype on a tiny weight
+    and check its ``Ŵ`` against the torch path's; mark the variant warm only when equal. A failure (raised:
+    :class:`._warmup.WarmUp` logs it at debug level; or a ``Ŵ`` that differs: logged here) leaves the variant
+    cold (the torch batches keep running)."""
+    from ._rtn_triton import DTYPES
 
-        grid = _grid(config)
-        group_size = grid[0]
-        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-            for dtype in (d for d in dtypes if d in DTYPES):
-                W = _probe(group_size, dtype, dev)
-                key = variant(W, *grid)
-                _, W_hat = config.batched_quantize(W.to(torch.float32, copy=True)[None])  # torch's Ŵ
-                with _launch:
-                    _, err = config.fused_quantize([W])  # overwrites W with its Ŵ in dtype
-                # this thread's own stream (the device's default one here): waits for these launches only
-                ok = torch.equal(W, W_hat[0].to(dtype)) and bool(torch.isfinite(err).all())
-                if not ok:
-                    log.debug("RTN kernel priming on %s, %s: Ŵ differs from the torch path's", dev, dtype)
-                    return
-                mark_warm([key])
-    except Exception as exc:  # noqa: BLE001 - a side thread: the main path must never see it
-        log.debug("RTN kernel priming on %s failed: %r", dev, exc)
+    grid = _grid(config)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for dtype in (d for d in dtypes if d in DTYPES):
+            W = _probe(grid[0], dtype, dev)
+            key = variant(W, *grid)
+            _, W_hat = config.batched_quantize(W.to(torch.float32, copy=True)[None])  # torch's Ŵ
+            with WARM_UP.turn:
+                _, err = config.fused_quantize([W])  # overwrites W with its Ŵ in dtype
+            # this thread's own stream (the device's default one here): waits for these launches only
+            if not (torch.equal(W, W_hat[0].to(dtype)) and bool(torch.isfinite(err).all())):
+                log.debug("RTN kernel priming on %s, %s: Ŵ differs from the torch path's", dev, dtype)
+                return
+            WARM_UP.mark_warm([key])
 
 
 def prime(
@@ -279,11 +252,12 @@ def prime(
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
 ) -> threading.Thread | None:
     """Warm the fused RTN kernel for ``config`` (its bits, group size and grid) on ``device`` in a daemon
-    thread, one tiny launch a dtype of ``dtypes``; return the thread, or None where the kernel would not run
-    (no ``fused_quantize``, a device outside ``_datafree.FUSED_DEVICES``, ``torch`` forced, no Triton). Start
-    it before loading the model: the kernel's start-up (about 0.45 s) then hides behind the load. CUDA work
-    in the thread goes to that thread's current stream of ``device`` (the default stream: the probe touches
-    only its own tensors); errors in it are logged at debug level and leave the kernel cold."""
+    thread of :data:`WARM_UP`, one tiny launch a dtype of ``dtypes``; return the thread, or None where the
+    kernel would not run (no ``fused_quantize``, a device outside ``_datafree.FUSED_DEVICES``, ``torch``
+    forced, no Triton) or the same priming (device, grid, dtypes) is running already. Start it before
+    loading the model: the kernel's start-up (about 0.45 s) then hides behind the load. CUDA work in the
+    thread goes to that thread's current stream of ``device`` (the default stream: the probe touches only
+    its own tensors); errors in it are logged at debug level and leave the kernel cold."""
     from ._datafree import FUSED_DEVICES
 
     dev = torch.device(device)
@@ -292,23 +266,6 @@ def prime(
     )
     if not has or dev.type not in FUSED_DEVICES or kernel_mode(config) == "torch" or not triton_installed():
         return None
-    thread = threading.Thread(
-        target=_prime, args=(config, dev, tuple(dtypes)), name="weightsmith-rtn-prime", daemon=True
-    )
-    with _lock:
-        _primers.append(thread)
-    thread.start()
-    return thread
-
-
-def _join_primers() -> None:
-    """At exit, let a priming thread still in Triton's compiler (C++ code, outside the GIL) finish first,
-    for at most :data:`PRIME_JOIN_S`: tearing the interpreter and the CUDA context down under it could crash
-    the process after its work is done."""
-    with _lock:
-        threads = list(_primers)
-    for t in threads:
-        t.join(PRIME_JOIN_S)
-
-
-atexit.register(_join_primers)
+    dtypes = tuple(dtypes)
+    key = (type(config).__qualname__, str(dev), _grid(config), dtypes)
+    return WARM_UP.start(lambda: _prime(config, dev, dtypes), key)
