@@ -15,6 +15,12 @@ node against the product rule, VeRA still on its own node.
 from __future__ import annotations
 
 import collections
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -308,7 +314,7 @@ def test_vera_keeps_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_loldu_coefficients_equal_the_product_rule() -> None:
     """``c = σ z - σ0 z0`` in one node (``addcmul(-σ0 z0, z, σ)``): value and ``∂σ = z · ∂c``, ``∂z = σ ∂c``
     against the previous math (``σ z - σ0 z0`` with autograd's product rule)."""
-    from weightsmith.adapters.loldu import _Coefficients
+    from weightsmith.adapters.frozen_a import Coefficients as _Coefficients
 
     g = torch.Generator().manual_seed(4)
     sigma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
@@ -326,15 +332,17 @@ def test_loldu_coefficients_equal_the_product_rule() -> None:
     assert torch.autograd.gradcheck(lambda s, t: _Coefficients.apply(s, t, z0 * -1.5), (sigma, z))
 
 
-def loldu_layer(shape: tuple[int, int], k: int, path: str, dtype: torch.dtype) -> tuple[LoLDUAdapter, Tensor]:
+def loldu_layer(
+    shape: tuple[int, int], k: int, path: str, dtype: torch.dtype, device: str = "cpu"
+) -> tuple[LoLDUAdapter, Tensor]:
     """A LoLDU adapter with random factors, ``σ0 = 0.7`` and ``z``, ``σ`` moved off their start."""
     W0, L, R, _ = factors(shape, k, torch.float64)
     z0 = torch.rand(k, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
-    a = LoLDUAdapter(L.float(), z0.float(), R.float(), 0.7, path=path).to(dtype)
+    a = LoLDUAdapter(L.float(), z0.float(), R.float(), 0.7, path=path).to(device, dtype)
     with torch.no_grad():
-        a.z.mul_(torch.linspace(0.7, 1.3, k, dtype=dtype))
+        a.z.mul_(torch.linspace(0.7, 1.3, k, dtype=dtype, device=device))
         a.sigma.fill_(0.9)
-    return a, W0.to(dtype)
+    return a, W0.to(device, dtype)
 
 
 @pytest.mark.parametrize("path", ["weight", "activation"])
@@ -343,11 +351,19 @@ def test_loldu_float64_equals_the_previous_coefficients(case: str, path: str) ->
     """The adapter (held ``-σ0 z0``, one-kernel coefficients) against the previous math written out:
     ``c = σ z - σ0 z0`` by autograd's product rule, ``B = PL ⊙ c``, ``W0 + B U``; output and the gradients
     of ``x``, ``z`` and ``σ`` to 1e-12 in float64, on each way of taking ``∂c`` and on both paths."""
-    shape, k, n = CASES[case]
-    a, W0 = loldu_layer(shape, k, path, torch.float64)
+    a, W0, x = loldu_equals_previous(case, path)
     assert a.m0.dtype == torch.float64 and torch.equal(a.m0, a.z0 * -0.7)  # re-made from z0 on the move
-    x = torch.randn(n, shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    g = torch.cos(torch.arange(n * shape[0], dtype=torch.float64)).view(n, shape[0])
+    with torch.no_grad():
+        assert rel(a(x, W0, None), previous(x, W0, a.PL, a.sigma * a.z - a.sigma0 * a.z0, a.U)) < 1e-12
+
+
+def loldu_equals_previous(case: str, path: str, device: str = "cpu") -> tuple[LoLDUAdapter, Tensor, Tensor]:
+    """One step of :func:`loldu_layer` in float64 against the previous math written out: output and the
+    gradients of ``x``, ``z`` and ``σ`` to 1e-12; the adapter, ``W0`` and ``x`` for more checks."""
+    shape, k, n = CASES[case]
+    a, W0 = loldu_layer(shape, k, path, torch.float64, device)
+    x = torch.randn(n, shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(9)).to(device)
+    g = torch.cos(torch.arange(n * shape[0], dtype=torch.float64)).view(n, shape[0]).to(device)
     results = []
     for fn in (
         lambda x: a(x, W0, None),
@@ -355,18 +371,21 @@ def test_loldu_float64_equals_the_previous_coefficients(case: str, path: str) ->
     ):
         xr = x.clone().requires_grad_(True)
         a.zero_grad(set_to_none=True)
-        fn(xr).backward(g)
-        results.append([xr.grad, a.z.grad, a.sigma.grad])
+        y = fn(xr)
+        y.backward(g)
+        results.append([y.detach(), xr.grad, a.z.grad, a.sigma.grad])
     for u, v in zip(*results, strict=True):
         assert u is not None and v is not None and rel(u, v) < 1e-12
-    with torch.no_grad():
-        assert rel(a(x, W0, None), previous(x, W0, a.PL, a.sigma * a.z - a.sigma0 * a.z0, a.U)) < 1e-12
+    return a, W0, x
 
 
-def layer_step_kernels(adapter: Any, shape: tuple[int, int], tokens: int) -> list[str]:
+def layer_step_kernels(
+    adapter: Any, shape: tuple[int, int], tokens: int, launched: list[str] | None = None
+) -> list[str]:
     """The ops one training step of one adapted layer dispatches (bf16 activations and weight, float32
     factors and parameters, gradients already allocated as in a graphed step), views and the CPU's float32
-    copies of GEMM outputs (CUDA's GEMM writes float32 itself) left out."""
+    copies of GEMM outputs (CUDA's GEMM writes float32 itself) left out; with ``launched`` (the list a
+    recording ``_frozen_diag_triton._launch`` appends to) the Triton kernels of that step appended."""
     ops: list[str] = []
 
     class Ops(TorchDispatchMode):
@@ -379,16 +398,20 @@ def layer_step_kernels(adapter: Any, shape: tuple[int, int], tokens: int) -> lis
     x = torch.empty(tokens, in_f, dtype=torch.bfloat16, requires_grad=True)
     g = torch.empty(tokens, out_f, dtype=torch.bfloat16)
     adapter(x, W0, None).backward(g)  # allocates the gradients and the factors' casts
+    if launched is not None:
+        launched.clear()
     with Ops():
         adapter(x, W0, None).backward(g)
-    return [op for op in ops if op not in VIEWS | {"device", "_to_copy"}]  # _to_copy: the GEMM's float32
+    kernels = [op for op in ops if op not in VIEWS | {"device", "_to_copy"}]  # _to_copy: the GEMM's float32
+    return kernels + [f"triton:{name}" for name in launched or []]
 
 
 @pytest.mark.parametrize("tokens", [64, 4096])  # the row dot; the benchmark's G / rows routes
 def test_loldu_layer_step_is_svfits_plus_the_product_rule(tokens: int) -> None:
-    """At the benchmark's shapes (one block), one LoLDU layer step dispatches SVFit's ops with ``σ - σ0``
-    replaced by the one ``addcmul`` (previously a product and a subtraction), plus what its second
-    parameter needs: ``∂z = σ ∂c`` (mul), ``∂σ = z · ∂c`` (dot) and the accumulation of ``∂σ`` (add_)."""
+    """On the torch path (the CPU; CUDA without Triton or under ``torch.compile``), at the benchmark's
+    shapes (one block), one LoLDU layer step dispatches SVFit's ops with ``σ - σ0`` replaced by the one
+    ``addcmul``, plus what its second parameter needs: ``∂z = σ ∂c`` (mul), ``∂σ = z · ∂c`` (dot) and the
+    accumulation of ``∂σ`` (add_). With Triton: :func:`test_loldu_step_launches_what_svfits_does`."""
     with FakeTensorMode():
         for out_f, in_f in BLOCK.values():
             k = min(out_f, in_f)
@@ -428,3 +451,165 @@ def test_weight_path_compiles_whole_to_the_eager_result(config: Any) -> None:
         assert len(results[1]) == 1 + sum(p.requires_grad for p in m.parameters())
         for u, v in zip(*results, strict=True):
             assert rel(u, v) < 1e-6
+
+
+# ------------------------------------- LoLDU's coefficients inside the node's kernels (Triton on CUDA)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+runs_triton = pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()) or importlib.util.find_spec("triton") is None,
+    reason="Triton kernels: on CUDA, or in test_triton_under_the_interpreter's child process",
+)
+TRITON_CHILD_TESTS = 14  # the runs_triton tests, parameters counted
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the Triton kernels launched (the real launches still run)."""
+    from weightsmith.adapters import _frozen_diag_triton as kernels
+
+    names: list[str] = []
+    real = kernels._launch
+
+    def spy(name: str, *args: Any, **meta: Any) -> None:
+        names.append(name)
+        real(name, *args, **meta)
+
+    monkeypatch.setattr(kernels, "_launch", spy)
+    return names
+
+
+@pytest.mark.skipif(
+    INTERPRETED or torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+    reason="only a GPU-less parent process with Triton spawns the child",
+)
+def test_triton_under_the_interpreter() -> None:
+    """The Triton tests below on CPU tensors under Triton's interpreter (it must be set before Triton is
+    imported: a child process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "triton_and_",
+        __file__,
+    ]
+    run = subprocess.run(
+        cmd, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed and int(passed.group(1)) == TRITON_CHILD_TESTS, run.stdout[-2000:]
+
+
+@runs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(70, 130), (64, 128)], ids=["ragged", "whole-tiles"])
+def test_triton_and_torch_kernels_agree(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """``scale`` against ``addcmul`` and the scaling (by columns and by rows, into bf16 and the parameters'
+    dtype); ``diag_grad`` against ``mul``, ``sum``, ``σ ∂c`` and ``z · ∂c`` (rows and, through transposed
+    views, columns), at several row splits."""
+    from weightsmith.adapters import _frozen_diag_triton as kernels
+    from weightsmith.adapters.frozen_a import _mul_to
+
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(DEV, dtype)  # noqa: E731
+    F, sigma = rnd(*shape), rnd(())
+    for by_col, n in ((True, shape[1]), (False, shape[0])):
+        z, m0 = rnd(n), rnd(n)
+        for out in (dtype, torch.bfloat16):
+            got = kernels.scale(F, z, sigma, m0, by_col, out)
+            want = _mul_to(F, torch.addcmul(m0, z, sigma).unsqueeze(0 if by_col else 1), out)
+            assert got.dtype == out
+            # one bf16 unit: the interpreter truncates its casts to 16 bits (CUDA rounds as torch)
+            tol = 2**-7 if out == torch.bfloat16 else 1e-15 if dtype == torch.float64 else 2e-7
+            torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=1e-6)
+    A, B = rnd(300, shape[1]), rnd(300, shape[1]).to(torch.bfloat16)  # B as the row dot's bf16 x Rᵀ
+    for rows_t, cols_t in ((A, B), (A.t(), B.t())):  # column sums; row sums of the transposes
+        z = rnd(rows_t.shape[1])
+        dz, dsigma = kernels.diag_grad(rows_t, cols_t, z, sigma)
+        dc = (rows_t.double() * cols_t.double()).sum(0)
+        assert dz.dtype == dsigma.dtype == dtype and dsigma.shape == ()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(dz.double(), dc * sigma.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(dsigma.double(), z.double() @ dc, rtol=tol, atol=tol * 100)
+    assert kernels.split_rows(300, 130) == (64, 5) and kernels.split_rows(2048, 2048) == (128, 16)
+
+
+@runs_triton
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_triton_and_float64_loldu_equals_the_previous_math(case: str, launches: list[str]) -> None:
+    """The fused weight path (coefficients formed in the scaling kernel, ``∂z``, ``∂σ`` in the sums'
+    kernels) against the previous math written out (``c = σ z - σ0 z0`` by autograd, ``B = PL ⊙ c``,
+    ``W0 + B U``): output and the gradients of ``x``, ``z``, ``σ`` to 1e-12 in float64, every way of
+    taking ``∂c``."""
+    loldu_equals_previous(case, "weight", DEV)
+    assert launches == ["scale", "partials", "finish"]
+
+
+@runs_triton
+@pytest.mark.parametrize("case", ["G, L scaled", "G, R scaled", "row dot [N, k]"])
+def test_triton_and_bfloat16_loldu_equals_the_torch_ops(case: str, launches: list[str]) -> None:
+    """Under bf16 autocast (float32 parameters): the fused path against the same node with the torch ops
+    (``FUSED`` off), one upstream gradient: output and ``∂x`` (both read ``W``) within bf16 rounding of
+    the scaled factor (the interpreter truncates its casts), ``∂z`` and ``∂σ`` (independent of ``W``) to
+    float32 rounding (sums of exact products against sums of rounded ones)."""
+    shape, k, n = CASES[case]
+    a, W0 = loldu_layer(shape, k, "weight", torch.float32, DEV)
+    x = torch.randn(n, shape[1], generator=torch.Generator().manual_seed(9)).to(DEV)
+    results = []
+    for fused in (True, False):
+        frozen_a.FUSED = fused
+        try:
+            xr = x.clone().requires_grad_(True)
+            a.zero_grad(set_to_none=True)
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                y = a(xr, W0, None)
+            y.backward(torch.cos(torch.arange(y.numel(), device=DEV)).view(y.shape).to(y.dtype))
+            results.append([y.detach(), xr.grad, a.z.grad, a.sigma.grad])
+        finally:
+            frozen_a.FUSED = True
+    assert launches == ["scale", "partials", "finish"]
+    (y, dx, dz, ds), (y0, dx0, dz0, ds0) = results
+    assert y.dtype == torch.bfloat16 and rel(y, y0) < 5e-3 and rel(dx, dx0) < 5e-3  # ~1e-3 measured
+    assert rel(dz, dz0) < 1e-5 and rel(ds, ds0) < 1e-5
+
+
+def test_loldu_step_launches_what_svfits_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the benchmark's shapes (one block, 64 and 4096 tokens: the row dot, the G and rows routes) with
+    the Triton path taken (as on CUDA; launches recorded, not run: fake tensors), one LoLDU layer step
+    launches as many kernels as SVFit's: the scaling kernel for ``sub`` and ``mul``, the two sums' kernels
+    for ``mul_`` and ``sum``, plus the accumulation of the second parameter's gradient (``add_`` for
+    ``σ``) and minus nothing else. SVFit's ops are unchanged (it takes no Triton path)."""
+    from weightsmith.adapters import _frozen_diag_triton as kernels
+
+    launched: list[str] = []
+    monkeypatch.setattr(frozen_a, "_fused", lambda *t: True)
+    monkeypatch.setattr(kernels, "_launch", lambda name, *a, **k: launched.append(name))
+    for tokens in (64, 4096):
+        with FakeTensorMode():
+            for out_f, in_f in BLOCK.values():
+                k = min(out_f, in_f)
+                L, R, s = torch.empty(out_f, k), torch.empty(k, in_f), torch.empty(k)
+                sv = layer_step_kernels(SVFitAdapter(L, s, R, path="weight"), (out_f, in_f), tokens, launched)
+                ld = layer_step_kernels(
+                    LoLDUAdapter(L, s, R, 1.0, path="weight"), (out_f, in_f), tokens, launched
+                )
+                assert len(ld) == len(sv), (sv, ld)
+                fused = {"triton:scale": 1, "triton:partials": 1, "triton:finish": 1, "add_": 1}
+                assert collections.Counter(ld) - collections.Counter(sv) == fused, (sv, ld)
+                assert collections.Counter(sv) - collections.Counter(ld) == {
+                    "sub": 1,
+                    "mul": 1,
+                    "mul_": 1,
+                    "sum": 1,
+                }
+                assert not [op for op in sv if op.startswith("triton")]
+                assert "_local_scalar_dense" not in ld and "item" not in ld  # no host read: capture-safe
+            assert not kernels.usable(L)  # a fake tensor never reaches a real launch

@@ -25,6 +25,7 @@ half a bfloat16 step of its ``W0`` entry does not reach the output until it grow
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from torch import Tensor
 from ._core import amp_dtype, autocast_off, cheaper_path, shared_cast
 from .lora import _mm_to, lora_forward
 from .lora_group import GroupTerms
+
+FUSED = True  # set False to run LoLDU's coefficients in the weight path as torch ops on CUDA too
 
 
 def frozen_a_costs(
@@ -110,6 +113,10 @@ class _FrozenDiagWeight(torch.autograd.Function):
     ``gᵀ (x R_cᵀ)``, column dots with ``L``) or [k, in] (``L_cᵀ (gᵀ x)`` or ``(g L_c)ᵀ x``, row dots with
     ``R``); with fewer rows than either side (:func:`_rows_dot`), ``(g L_c) ⊙ (x R_cᵀ)`` summed over the
     rows. No tensor of the wider side in ``c``'s dtype. Saves ``x`` and ``W``; the factors are held.
+
+    With ``sigma`` (0-dim) and ``m0`` given (LoLDU), ``c`` is ``z`` and the coefficients ``σ z + m0`` are
+    formed in the scaling pass (:func:`_scale_affine`); backward returns ``∂z = σ ∂c`` and ``∂σ = z · ∂c``
+    from the sums of ``∂c`` (:func:`_affine_grad`): on CUDA with Triton the launches SVFit's node makes.
     """
 
     @staticmethod
@@ -122,41 +129,54 @@ class _FrozenDiagWeight(torch.autograd.Function):
         R: Tensor,
         L_c: Tensor | None,
         R_c: Tensor | None,
+        sigma: Tensor | None,
+        m0: Tensor | None,
     ) -> Tensor:
         dt = x.dtype
         L_c, R_c = L if L_c is None else L_c, R if R_c is None else R_c
         scale_L = L.shape[0] <= R.shape[1]
-        if scale_L:
-            W = torch.addmm(W0.to(dt), _mul_to(L, c.unsqueeze(0), dt), R_c)
-        else:
-            W = torch.addmm(W0.to(dt), L_c, _mul_to(R, c.unsqueeze(1), dt))
+        F = L if scale_L else R
+        if sigma is None:  # c itself (SVFit's σ - σ_r)
+            Fc = _mul_to(F, c.unsqueeze(0 if scale_L else 1), dt)
+        else:  # c is LoLDU's z: the coefficients σ z + m0 (m0 frozen) formed in the scaling pass
+            Fc = _scale_affine(F, c, sigma, m0, scale_L, dt)  # type: ignore[arg-type]
+        W = torch.addmm(W0.to(dt), Fc, R_c) if scale_L else torch.addmm(W0.to(dt), L_c, Fc)
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, W, L, R, L_c, R_c)
+        ctx.save_for_backward(x2, W, L, R, L_c, R_c, c, sigma)
         ctx.x_shape, ctx.c_dtype, ctx.scale_L = x.shape, c.dtype, scale_L
         return torch.mm(x2, W.t()).view(*x.shape[:-1], W.shape[0])
 
     @staticmethod
     @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x2, W, L, R, L_c, R_c = ctx.saved_tensors
+        x2, W, L, R, L_c, R_c, c, sigma = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        dx = dc = None
+        dx = dc = dsigma = None
         if ctx.needs_input_grad[0]:
             dx = torch.mm(g2, W).view(ctx.x_shape)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[7]:
             (out_f, k), in_f, N, dt = L.shape, R.shape[1], x2.shape[0], ctx.c_dtype
             route = frozen_a_route(N, out_f, in_f, k)
+            # ∂c_i = Σ (T ⊙ F) over the rows (or the columns) of a product T and the factor F it pairs with
             if _rows_dot(N, out_f, in_f, k):  # Σ_n (g L)_ni (x Rᵀ)_ni: [N, k] < either factor
-                dc = _mm_to(g2, L_c, dt).mul_(torch.mm(x2, R_c.t())).sum(0)
+                T, F, axis = _mm_to(g2, L_c, dt), torch.mm(x2, R_c.t()), 0
             elif ctx.scale_L:  # [out, k]: (gᵀ x) R_cᵀ or gᵀ (x R_cᵀ), dotted with L's columns
                 G = torch.mm(g2.t(), x2) if route == "G" else None
                 T = _mm_to(G, R_c.t(), dt) if G is not None else _mm_to(g2.t(), torch.mm(x2, R_c.t()), dt)
-                dc = T.mul_(L).sum(0)
+                F, axis = L, 0
             else:  # [k, in]: L_cᵀ (gᵀ x) or (g L_c)ᵀ x, dotted with R's rows
                 G = torch.mm(g2.t(), x2) if route == "G" else None
                 T = _mm_to(L_c.t(), G, dt) if G is not None else _mm_to(torch.mm(g2, L_c).t(), x2, dt)
-                dc = T.mul_(R).sum(1)
-        return dx, None, dc, None, None, None, None
+                F, axis = R, 1
+            if sigma is None:
+                dc = T.mul_(F).sum(axis)
+            else:  # both from one pass; only those asked for are returned
+                dz, ds = _affine_grad(T, F, axis, c, sigma)
+                dc, dsigma = (
+                    (dz if ctx.needs_input_grad[2] else None),
+                    (ds if ctx.needs_input_grad[7] else None),
+                )
+        return dx, None, dc, None, None, None, None, dsigma, None
 
 
 def _rows_dot(tokens: int, out_f: int, in_f: int, k: int) -> bool:
@@ -164,6 +184,40 @@ def _rows_dot(tokens: int, out_f: int, in_f: int, k: int) -> bool:
     factors cast): on the ``"rows"`` route with fewer rows than either side of ``W``; else the products end
     in an [out, k] or [k, in] tensor dotted with the narrower factor (the same multiply-adds)."""
     return frozen_a_route(tokens, out_f, in_f, k) == "rows" and tokens < min(out_f, in_f)
+
+
+def _scale_affine(
+    F: Tensor, z: Tensor, sigma: Tensor, m0: Tensor, by_col: bool, dtype: torch.dtype
+) -> Tensor:
+    """``F ⊙ (σ z + m0)`` (by columns or rows) in ``dtype``: one Triton pass where it runs
+    (:mod:`._frozen_diag_triton`), else ``addcmul`` for the coefficients and :func:`_mul_to`."""
+    if _fused(F, z, sigma, m0):
+        from . import _frozen_diag_triton as kernels
+
+        return kernels.scale(F, z, sigma, m0, by_col, dtype)
+    return _mul_to(F, torch.addcmul(m0, z, sigma).unsqueeze(0 if by_col else 1), dtype)
+
+
+def _affine_grad(T: Tensor, F: Tensor, axis: int, z: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """``(∂z, ∂σ) = (σ ∂c, z · ∂c)`` for ``c = σ z + m0`` with ``∂c = Σ_axis T ⊙ F``: two Triton kernels where
+    they run (``T ⊙ F`` never written), else ``mul_``, ``sum``, ``mul`` and ``dot``."""
+    if _fused(T, F, z, sigma):
+        from . import _frozen_diag_triton as kernels
+
+        return kernels.diag_grad(T.t() if axis else T, F.t() if axis else F, z, sigma)
+    dc = T.mul_(F).sum(axis)
+    return dc * sigma, torch.dot(z, dc)
+
+
+def _fused(*tensors: Tensor) -> bool:
+    """Whether :mod:`._frozen_diag_triton` takes these (CUDA and Triton; imported only then)."""
+    if torch.compiler.is_compiling() or not FUSED:  # the compiler fuses the torch ops itself
+        return False
+    if not (all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    from . import _frozen_diag_triton as kernels
+
+    return kernels.usable(*tensors)
 
 
 def _mul_to(F: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
@@ -211,25 +265,55 @@ def frozen_a_group_terms(path: str, x: Tensor, W0: Tensor, B: Tensor, A: Tensor)
     return GroupTerms(frozen_a_cast(A, x, W0, B), B, 1.0)
 
 
+class Coefficients(torch.autograd.Function):
+    """``c = σ z + m0`` (``σ`` 0-dim, ``m0`` frozen: LoLDU's ``-σ0 z0``) as one kernel, ``addcmul(m0, z, σ)``;
+    backward ``∂z = σ ∂c`` and ``∂σ = z · ∂c``, one kernel each (autograd's product rule takes three). The
+    weight path forms ``c`` inside its own passes instead (:func:`frozen_diag_forward` with ``sigma``)."""
+
+    @staticmethod
+    def forward(ctx: Any, sigma: Tensor, z: Tensor, m0: Tensor) -> Tensor:
+        ctx.save_for_backward(sigma, z)
+        return torch.addcmul(m0, z, sigma)
+
+    @staticmethod
+    def backward(ctx: Any, dc: Tensor) -> tuple[Tensor | None, ...]:
+        sigma, z = ctx.saved_tensors
+        dsigma = torch.dot(z, dc) if ctx.needs_input_grad[0] else None
+        dz = dc * sigma if ctx.needs_input_grad[1] else None
+        return dsigma, dz, None
+
+
 def frozen_diag_forward(
-    x: Tensor, W0: Tensor, base_out: Tensor | None, L: Tensor, c: Tensor, R: Tensor, path: str
+    x: Tensor,
+    W0: Tensor,
+    base_out: Tensor | None,
+    L: Tensor,
+    c: Tensor,
+    R: Tensor,
+    path: str,
+    sigma: Tensor | None = None,
+    m0: Tensor | None = None,
 ) -> Tensor:
     """``x W0ᵀ + x (L diag(c) R)ᵀ`` (``base_out + …`` when given): :func:`frozen_a_forward` for ``B = L
     diag(c)`` with ``L`` [out, k] and ``A = R`` [k, in] frozen and ``c`` [k] (SVFit, LoLDU). On the weight
     path ``B`` is never formed (:class:`_FrozenDiagWeight`); on the activation path it is LoRA's node with
-    ``B = L ⊙ c``."""
+    ``B = L ⊙ c``. With ``sigma`` (0-dim) and ``m0`` [k] (LoLDU), ``c`` is ``z`` and the coefficients are
+    ``σ z + m0``: formed inside the weight path's scaling pass and their gradients where ``∂c`` is
+    summed (:func:`_scale_affine`, :func:`_affine_grad`), by :class:`Coefficients` on the activation path."""
     dt = amp_dtype(x)
     k = c.shape[0]
-    if _choose(path, x, W0, base_out, k, c.requires_grad) == "activation":
-        return lora_forward(base_out, x, shared_cast(R, dt), L * c, 1.0, W0)
+    trains = c.requires_grad or (sigma is not None and sigma.requires_grad)
+    if _choose(path, x, W0, base_out, k, trains) == "activation":
+        coef = c if sigma is None else Coefficients.apply(sigma, c, m0)
+        return lora_forward(base_out, x, shared_cast(R, dt), L * coef, 1.0, W0)
     out_f, in_f = W0.shape
     tokens = x.numel() // max(x.shape[-1], 1)
-    rows = torch.is_grad_enabled() and c.requires_grad and _rows_dot(tokens, out_f, in_f, k)
+    rows = torch.is_grad_enabled() and trains and _rows_dot(tokens, out_f, in_f, k)
     # the wider factor multiplies the scaled narrower one (and G, or the rows); a row dot needs both
     L_c = shared_cast(L, dt) if (rows or out_f > in_f) and L.dtype != dt else None
     R_c = shared_cast(R, dt) if (rows or out_f <= in_f) and R.dtype != dt else None
     with torch.autocast(x.device.type, enabled=False):  # as amp_apply; W0 is cast inside
-        y: Tensor = _FrozenDiagWeight.apply(x.to(dt), W0, c, L, R, L_c, R_c)
+        y: Tensor = _FrozenDiagWeight.apply(x.to(dt), W0, c, L, R, L_c, R_c, sigma, m0)
     return y
 
 

@@ -16,11 +16,13 @@ into ``L`` as a row permutation (``P L_r``) instead of a dense ``[out, out]`` ma
 code; the factors are rebuilt from W0 on load (not saved). A zero pivot keeps ``z0 = 0`` for that row;
 the residual absorbs whatever the truncated product does not represent, so ΔW stays exact.
 
-``ΔW = B A`` with ``A = U_r`` frozen and ``B = P L_r diag(c)``, ``c = σ z - σ0 z0`` (one node and one
-kernel, :class:`_Coefficients`, with ``-σ0 z0`` held; it carries ``∂c`` to ``z`` and ``σ``): the same two
-exact paths as SVFit, chosen per call by counted multiply-adds (``path``,
-:func:`~weightsmith.adapters.frozen_a.frozen_diag_forward`): LoRA's fused node with these ``A``, ``B``, or
-``x (W0 + ΔW)ᵀ`` with ΔW built once per call (``B`` not formed there; docs/adapters-frozen-a-step.md).
+``ΔW = B A`` with ``A = U_r`` frozen and ``B = P L_r diag(c)``, ``c = σ z - σ0 z0`` (``-σ0 z0`` held): the
+same two exact paths as SVFit, chosen per call by counted multiply-adds (``path``,
+:func:`~weightsmith.adapters.frozen_a.frozen_diag_forward`): LoRA's fused node with these ``A``, ``B``
+(``c`` from :class:`~weightsmith.adapters.frozen_a.Coefficients`, one kernel), or ``x (W0 + ΔW)ᵀ`` with ΔW
+built once per call, ``B`` not formed and ``c`` formed inside the node's own passes, ``∂z = σ ∂c`` and
+``∂σ = z · ∂c`` where ``∂c`` is summed (on CUDA with Triton: the launches of SVFit's node;
+docs/adapters-frozen-a-step.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 
 from ..config import register_config
 from ._core import Adapter, AdapterConfig, AdapterContext, check_path, check_rank
-from .frozen_a import frozen_diag_forward, frozen_diag_group_terms
+from .frozen_a import Coefficients, frozen_diag_forward, frozen_diag_group_terms
 from .lora_group import GroupTerms
 
 
@@ -43,25 +45,6 @@ def ldu(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     z = torch.diagonal(U)
     U1 = U / torch.where(z == 0, torch.ones_like(z), z)[:, None]
     return (P @ L).float(), z.float(), U1.float()
-
-
-class _Coefficients(torch.autograd.Function):
-    """``c = σ z - σ0 z0`` (``σ`` a 0-dim parameter) as one kernel, ``addcmul(m0, z, σ)`` with the frozen
-    ``m0 = -σ0 z0`` held by the adapter; backward ``∂z = σ ∂c`` and ``∂σ = z · ∂c``, one kernel each
-    (autograd's product rule takes three, and ``σ0 z0`` another: the small kernels a CUDA-graphed step pays
-    per layer)."""
-
-    @staticmethod
-    def forward(ctx: Any, sigma: Tensor, z: Tensor, m0: Tensor) -> Tensor:
-        ctx.save_for_backward(sigma, z)
-        return torch.addcmul(m0, z, sigma)
-
-    @staticmethod
-    def backward(ctx: Any, dc: Tensor) -> tuple[Tensor | None, ...]:
-        sigma, z = ctx.saved_tensors
-        dsigma = torch.dot(z, dc) if ctx.needs_input_grad[0] else None
-        dz = dc * sigma if ctx.needs_input_grad[1] else None
-        return dsigma, dz, None
 
 
 class LoLDUAdapter(Adapter):
@@ -91,7 +74,7 @@ class LoLDUAdapter(Adapter):
 
     def diag(self) -> Tensor:
         """``c = σ z - σ0 z0``."""
-        c: Tensor = _Coefficients.apply(self.sigma, self.z, self.m0)
+        c: Tensor = Coefficients.apply(self.sigma, self.z, self.m0)
         return c
 
     def delta(self, W0: Tensor) -> Tensor:
@@ -101,7 +84,7 @@ class LoLDUAdapter(Adapter):
         return self.PL * self.diag(), self.U
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
-        return frozen_diag_forward(x, W0, base_out, self.PL, self.diag(), self.U, self.path)
+        return frozen_diag_forward(x, W0, base_out, self.PL, self.z, self.U, self.path, self.sigma, self.m0)
 
     def group_terms(self, x: Tensor, W0: Tensor) -> GroupTerms | None:
         return frozen_diag_group_terms(self.path, x, W0, self.PL, self.diag(), self.U)
