@@ -25,17 +25,20 @@ Two exact paths, chosen per call from the shapes (``path="auto"``, :func:`randlo
 rows, the activation path above costs ``N k (d + D)`` multiply-adds forward and about as much again
 twice in backward (k = n r >= d: five products of the base GEMM's size), while the weight path
 builds ``W = W0 + ΔW`` once (``D k d``, independent of N), runs the base GEMM with it (replacing
-``x W0ᵀ``) and backward ``g W`` (replacing the base input gradient), ``∂W = gᵀ x`` and
-``∂Af = Bfᵀ ∂W``: one N-sized product more than the frozen layer instead of five. For N > d it is
-the cheaper one (training batches); for a few tokens (generation) the activation path is. Memory of the
-weight path: it keeps only ``x`` for backward (the activation path also keeps ``Af`` [n r, d]) and
-rebuilds ``W0 + ΔW`` there; while a layer runs it holds one [out, in] temporary (``W0 + ΔW``, then
-``∂W``) in the compute dtype. ``keep_weight=True`` keeps forward's ``W0 + ΔW`` for backward instead (one
-``D k d`` product and two [n r, d] passes fewer a layer and step, one [out, in] tensor more per layer
-from forward to backward). Beyond the products, a layer's step makes five [n r, d] elementwise passes
-(``Af`` twice in two, :func:`scaled_rows`; ``∂Af ⊙ s A`` once, :func:`scalings_grad`), three with
-``keep_weight``. In bf16 the weight path's forward sees ``W0 + ΔW`` rounded to bf16, as a
-merged bf16 model would: an entry of ΔW below half a bf16 step of its ``W0`` entry does not reach the
+``x W0ᵀ``) and backward ``g W`` (replacing the base input gradient) and ``∂Af = Bfᵀ gᵀ x``, as
+``Bfᵀ (gᵀ x)`` or, with fewer multiply-adds when N < D, ``(g Bf)ᵀ x`` (:func:`weight_grad_rows`): one
+N-sized product more than the frozen layer instead of five. For N > d it is the cheaper one (training
+batches); for a few tokens (generation) the activation path is. Memory of the weight path: it keeps only
+``x`` for backward (the activation path also keeps ``Af`` [n r, d]) and rebuilds ``W0 + ΔW`` there;
+while a layer runs it holds one [out, in] temporary (``W0 + ΔW``, then ``∂W`` where that order runs) in
+the compute dtype. ``keep_weight=True`` keeps forward's ``W0 + ΔW`` for backward instead (one ``D k d``
+product and two [n r, d] passes fewer a layer and step, one [out, in] tensor more per layer from forward
+to backward). Beyond the products, a layer's step makes five [n r, d] elementwise passes (``Af`` twice
+in two, :func:`scaled_rows`; ``∂Af ⊙ s A`` once and two reads of it, :func:`scalings_grad`), seven
+without ``keep_weight``; on a GPU with Triton one fused kernel each (``_randlora_triton``) writes ``Af``
+once and reads ``∂Af`` once. ``s A`` is made once for all layers (:func:`scaled_basis`). In bf16 the
+weight path's forward sees ``W0 + ΔW`` rounded to bf16, as a merged bf16 model would: an entry of ΔW
+below half a bf16 step of its ``W0`` entry does not reach the
 output until it grows (the activation path adds ``x ΔWᵀ`` to the rounded output instead); gradients are
 unaffected, and at ``λ = 0`` both paths are exactly ``W0``.
 """
@@ -43,13 +46,16 @@ unaffected, and at ``λ = 0`` both paths are exactly ``W0``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
+from ..compress._rtn_choice import triton_installed
 from ..config import register_config
 from ..errors import WeightsmithError
 from ._bases import check_basis, draw_basis, refuse_unsaved_projection
@@ -85,6 +91,14 @@ class ScaledBasis(torch.autograd.Function):
         return None, grad_lam, grad_gamma
 
 
+def grad_through_tokens(tokens: int, D: int, d: int, k: int) -> bool:
+    """Whether the weight path's ``∂Af = Bfᵀ gᵀ x`` (wide; ``Bfᵀ xᵀ g`` tall) is cheaper as ``(g Bf)ᵀ x``
+    (``N k (D + d)`` multiply-adds, no [out, in] ``∂W``) than as ``Bfᵀ (gᵀ x)`` (``N D d + D k d``). With
+    ``k = d`` that is ``N < D``: at 4096 tokens the 5632-wide MLP weights of the issue's benchmark, not the
+    2048-wide attention ones. Shapes only, so a CUDA graph or a compiled trace sees one order per shape."""
+    return tokens * k * (D + d) < tokens * D * d + D * k * d
+
+
 def randlora_costs(
     tokens: int, out_f: int, in_f: int, k: int, train: bool, input_grad: bool, keep: bool = False
 ) -> tuple[int, int]:
@@ -93,18 +107,70 @@ def randlora_costs(
 
     Activation path: ``x W0ᵀ``, ``x Afᵀ`` [N, k], ``· Bfᵀ``; backward ``g Bf``, ``∂Af``, and with an input
     gradient ``g W0`` and ``· Af``. Weight path: ``W = W0 + Bf Af`` (k D d, independent of N), ``x Wᵀ``;
-    backward ``∂W = gᵀ x``, ``∂Af = Bfᵀ ∂W`` and with an input gradient ``W`` again (not when ``keep``:
-    forward's is kept) and ``g W``.
+    backward ``∂Af = Bfᵀ gᵀ x`` in the cheaper order (:func:`grad_through_tokens`) and with an input
+    gradient ``W`` again (not when ``keep``: forward's is kept) and ``g W``.
     """
     N, d, D = tokens, min(out_f, in_f), max(out_f, in_f)
     act, weight = N * D * d + N * k * (d + D), D * k * d + N * D * d
     if train:
         act += N * k * D + N * k * d
-        weight += N * D * d + D * k * d
+        weight += min(N * D * d + D * k * d, N * k * (D + d))
     if input_grad:
         act += N * D * d + N * k * d
         weight += (0 if keep else D * k * d) + N * D * d
     return act, weight
+
+
+def times(t: Tensor, s: float) -> Tensor:
+    """``s t``; ``t`` itself (no kernel) when ``s`` is 1, as for a basis that already carries the scaling."""
+    return t if s == 1.0 else t * s
+
+
+_SCALED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def scaled_basis(A: Tensor, s: float, dtype: torch.dtype) -> Tensor:
+    """``s A`` in ``dtype`` for the frozen basis ``A`` that all layers share: made once (again when ``A`` is
+    changed in place), so no layer spends two [r, d] kernels a step on scaling it (``s λ`` in forward,
+    ``s A`` in backward). Under ``torch.compile`` it is computed inline (the compiler hoists it; a cache
+    lookup there would break the graph)."""
+    if torch.compiler.is_compiling():
+        return A.detach().to(dtype) * s
+    slot = _SCALED.setdefault(A, {})
+    hit = slot.get((s, dtype))
+    if hit is None or hit[0] != A._version:
+        hit = slot[(s, dtype)] = (A._version, A.detach().to(dtype) * s)
+    return hit[1]  # type: ignore[no-any-return]
+
+
+KERNEL_ENV = "WEIGHTSMITH_RANDLORA_KERNEL"  # "auto" (the fused kernels where they apply) or "torch"
+KERNEL_DEVICES: tuple[str, ...] = ("cuda",)  # where they apply (tests add "cpu" under Triton's interpreter)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of Af and ∂Af there
+
+
+def kernel_ok(lam: Tensor, gamma: Tensor, sA: Tensor, s: float, *more: Tensor) -> bool:
+    """Whether :mod:`._randlora_triton`'s fused kernels run this step: on a device of
+    :data:`KERNEL_DEVICES` with Triton installed, outside ``torch.compile`` (which fuses the torch ops
+    itself), for float32 scalings and a float32 basis that carries the scaling (``s = 1``: the adapter's
+    :func:`scaled_basis`), contiguous rows (and ``more``: ``∂Af``, contiguous, in :data:`KERNEL_DTYPES`),
+    unless ``WEIGHTSMITH_RANDLORA_KERNEL=torch``."""
+    mode = os.environ.get(KERNEL_ENV, "auto")
+    if mode not in ("auto", "torch"):
+        raise WeightsmithError(f"{KERNEL_ENV}={mode!r}: use auto or torch")
+    tensors = (lam, gamma, sA, *more)
+    return (
+        mode == "auto"
+        and s == 1.0
+        and lam.device.type in KERNEL_DEVICES
+        and not torch.compiler.is_compiling()
+        and lam.dtype == gamma.dtype == sA.dtype == torch.float32
+        and lam.is_contiguous()
+        and gamma.is_contiguous()
+        and sA.stride(1) == 1
+        and all(t.is_contiguous() and t.dtype in KERNEL_DTYPES for t in more)
+        and all(t.device == lam.device for t in tensors)
+        and triton_installed()
+    )
 
 
 def scaled_rows(lam: Tensor, gamma: Tensor, A: Tensor, s: float, dtype: torch.dtype) -> Tensor:
@@ -113,9 +179,16 @@ def scaled_rows(lam: Tensor, gamma: Tensor, A: Tensor, s: float, dtype: torch.dt
 
     Two weight-sized passes: ``(s λ) ⊙ A`` [n, r, d], then ``⊙ γ`` written straight into the ``dtype``
     result (the cast rides on the second product's store; the same products in the same order as
-    ``(s λ ⊙ A ⊙ γ).to(dtype)``, so the values are bit for bit those of three passes)."""
+    ``(s λ ⊙ A ⊙ γ).to(dtype)``, so the values are bit for bit those of three passes). Given ``s A``
+    (:func:`scaled_basis`) and ``s = 1`` it is ``λ ⊙ (s A) ⊙ γ``: no [n, r] kernel, and ``s`` meets ``A``
+    before ``λ`` (float rounding apart). Where :func:`kernel_ok`, one fused kernel writes it (bit for bit
+    the same)."""
+    if dtype in KERNEL_DTYPES and kernel_ok(lam, gamma, A, s):
+        from . import _randlora_triton
+
+        return _randlora_triton.scaled_rows(lam, gamma, A, dtype)
     n, r = lam.shape
-    lam_A = torch.mul(lam.unsqueeze(2) * s, A.to(lam.dtype))  # [n, r, d]
+    lam_A = torch.mul(times(lam.unsqueeze(2), s), A.to(lam.dtype))  # [n, r, d]
     out = lam_A if lam_A.dtype == dtype else torch.empty(lam_A.shape, dtype=dtype, device=lam_A.device)
     return torch.mul(lam_A, gamma.unsqueeze(1), out=out).view(n * r, -1)
 
@@ -124,10 +197,16 @@ def scalings_grad(dAf: Tensor, A: Tensor, lam: Tensor, gamma: Tensor, s: float) 
     """``(∂λ, ∂γ)`` from ``∂Af`` [n r, d]: ``P = ∂Af ⊙ s A`` per basis, ``∂λ = P γ``, ``∂γ = λ P``.
 
     One weight-sized pass (``P``, in the parameters' dtype: the cast of ``∂Af`` rides on the product; ``s``
-    scales the [r, d] basis, not ``P``) and two batched products that read it."""
+    scales the [r, d] basis, not ``P``, and not at all when ``A`` already carries it and ``s = 1``) and two
+    batched products that read it. Where :func:`kernel_ok`, one fused kernel reads ``∂Af`` once instead
+    (float32 summation order apart)."""
+    if kernel_ok(lam, gamma, A, s, dAf):
+        from . import _randlora_triton
+
+        return _randlora_triton.scalings_grad(dAf, A, lam, gamma)
     n, r = lam.shape
     P = torch.empty((n, r, dAf.shape[-1]), dtype=lam.dtype, device=dAf.device)
-    torch.mul(dAf.view(n, r, -1), A.to(lam.dtype) * s, out=P)
+    torch.mul(dAf.view(n, r, -1), times(A.to(lam.dtype), s), out=P)
     return torch.bmm(P, gamma.unsqueeze(2)).view(n, r), torch.bmm(lam.unsqueeze(1), P).view(n, -1)
 
 
@@ -135,6 +214,16 @@ def merged_weight(W0: Tensor, Af: Tensor, Bf: Tensor) -> Tensor:
     """``W0 + ΔW`` [out, in] in ``Af``'s dtype: ``Bf Af`` when out >= in, else ``Afᵀ Bfᵀ``."""
     W0 = W0.to(Af.dtype)
     return torch.addmm(W0, Bf, Af) if W0.shape[0] >= W0.shape[1] else torch.addmm(W0, Af.t(), Bf.t())
+
+
+def weight_grad_rows(g2: Tensor, x2: Tensor, Bf: Tensor, wide: bool) -> Tensor:
+    """``∂Af = Bfᵀ ∂W`` [n r, d] of the weight path (``∂W = gᵀ x``; its transpose when the layer is tall),
+    in the order with fewer multiply-adds (:func:`grad_through_tokens`): through the tokens, ``(g Bf)ᵀ x``
+    (tall: ``(x Bf)ᵀ g``), never building the [out, in] ``∂W``, or through the weight, ``Bfᵀ (gᵀ x)``."""
+    big, small = (g2, x2) if wide else (x2, g2)  # the D-wide and the d-wide side of the tokens
+    if grad_through_tokens(big.shape[0], big.shape[1], small.shape[1], Bf.shape[1]):
+        return torch.mm(torch.mm(big, Bf).t(), small)
+    return torch.mm(Bf.t(), torch.mm(big.t(), small))
 
 
 class _RandLoRAWeight(torch.autograd.Function):
@@ -177,8 +266,7 @@ class _RandLoRAWeight(torch.autograd.Function):
                 W = merged_weight(W, scaled_rows(lam, gamma, A, ctx.s, x2.dtype), Bf)
             dx = torch.mm(g2, W).view(ctx.x_shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dW = torch.mm(g2.t(), x2)  # [out, in]
-            dAf = torch.mm(Bf.t(), dW if ctx.wide else dW.t())  # [n r, d]
+            dAf = weight_grad_rows(g2, x2, Bf, ctx.wide)
             d_lam, d_gamma = scalings_grad(dAf, A, lam, gamma, ctx.s)
         return dx, None, d_lam, d_gamma, None, None, None, None
 
@@ -325,19 +413,17 @@ class RandLoRAAdapter(Adapter):
 
     def forward(self, x: Tensor, W0: Tensor, base_out: Tensor | None) -> Tensor:
         d, D = min(self.out_f, self.in_f), max(self.out_f, self.in_f)
-        A = self.randlora_A[: self.rank, :d]
+        lam, gamma = self.randlora_lambda, self.randlora_gamma
+        sA = scaled_basis(self.randlora_A, self.scaling, lam.dtype)[: self.rank, :d]  # s A, so s = 1 below
         dt = amp_dtype(x)
         Bf = shared_cast(self.randlora_B, dt)[:D, : self.n, : self.rank].reshape(D, self.n * self.rank)
-        lam, gamma = self.randlora_lambda, self.randlora_gamma
         if self.choose_path(x, W0, base_out) == "weight":
             with torch.autocast(x.device.type, enabled=False):  # as amp_apply; W0 is cast inside
-                y: Tensor = _RandLoRAWeight.apply(
-                    x.to(dt), W0, lam, gamma, A, Bf, self.scaling, self.keep_weight
-                )
+                y: Tensor = _RandLoRAWeight.apply(x.to(dt), W0, lam, gamma, sA, Bf, 1.0, self.keep_weight)
             return y
         if base_out is None:
             base_out = F.linear(x, W0)  # what the core computes for methods that read base_out
-        return amp_apply(_RandLoRALinear, base_out, x, lam, gamma, A, Bf, self.scaling)
+        return amp_apply(_RandLoRALinear, base_out, x, lam, gamma, sA, Bf, 1.0)
 
 
 @register_config("randlora", kind="adapter")
