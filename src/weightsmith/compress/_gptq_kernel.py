@@ -28,7 +28,7 @@ from torch import Tensor
 
 # rows per program and warps: an [8, 128] float32 tile in one warp (32 registers a thread); a block's passes
 # (a 1.1B Llama's q/k/v, o, gate/up, down) took 5.9 + 5.9 + 8.1 + 24.1 ms on an H200 against 8.0 + 6.8 +
-# 17.8 + 27.4 ms at 16 rows and 4 warps (gpu_data/gptq_kernel_tune.py, 2026-12-01); the codes do not depend
+# 17.8 + 27.4 ms at 16 rows and 4 warps (benchmarks/gptq_kernel_tune.py, 2026-12-01); the codes do not depend
 # on it (each row's steps are its own)
 BLOCK_ROWS = 8
 NUM_WARPS = 1
