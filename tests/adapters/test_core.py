@@ -421,3 +421,17 @@ def test_rank_checks_share_one_message(method, label, limit):
     want = rf"block\.q_proj\.weight.*16, 16.*{label} rank 99 is not in 1\.\.{limit}"
     with pytest.raises(WeightsmithError, match=want):
         adapters.adapt(Net(), cls(rank=99), targets="block.q_proj")
+
+
+def test_shared_cast_is_traced_whole_under_torch_compile():
+    """A frozen shared basis cast once per dtype in eager mode (the same tensor on every call), and traced
+    without a graph break under torch.compile (fullgraph raises on one)."""
+    from weightsmith.adapters._core import shared_cast
+
+    basis = torch.randn(4, 3)
+    assert shared_cast(basis, torch.bfloat16) is shared_cast(basis, torch.bfloat16)
+    basis.mul_(2.0)  # modified in place: cast again
+    assert torch.equal(shared_cast(basis, torch.bfloat16), basis.bfloat16())
+    f = torch.compile(lambda x: x @ shared_cast(basis, torch.bfloat16), backend="eager", fullgraph=True)
+    x = torch.randn(2, 4).bfloat16()
+    assert torch.equal(f(x), x @ basis.bfloat16())

@@ -362,10 +362,14 @@ _CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def shared_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` for a frozen basis shared by many layers, cast once instead of once per layer call.
 
-    Keyed by the tensor object (entries vanish with it) and re-cast when ``t`` is modified in place.
+    Keyed by the tensor object (entries vanish with it) and re-cast when ``t`` is modified in place. Under
+    ``torch.compile`` the cast is traced (a dictionary lookup keyed by a tensor would break the graph at
+    every layer; the compiler folds a cast of a frozen tensor anyway).
     """
     if t.dtype == dtype:
         return t
+    if torch.compiler.is_compiling():
+        return t.detach().to(dtype)
     slot = _CASTS.setdefault(t, {})
     hit = slot.get(dtype)
     if hit is None or hit[0] != t._version:
