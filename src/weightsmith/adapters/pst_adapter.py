@@ -52,7 +52,6 @@ sums riding in the ``B_s``/``A_s`` products (a column of ones). See docs/adapter
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, ClassVar
 
@@ -64,7 +63,7 @@ from ..compress._sparse import check_scope, check_sparsity, dropped, ranked_mask
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..linalg import seeded_generator
-from ._core import Adapter, AdapterConfig, AdapterContext, check_rank
+from ._core import Adapter, AdapterConfig, AdapterContext, autocast_off, check_rank
 from .lora import lora_init, lora_scaling
 
 
@@ -87,19 +86,11 @@ def _with_ones(M: Tensor, dim: int) -> Tensor:
     return torch.cat([M, M.new_ones(shape)], dim)
 
 
-def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off where it is on (the step chooses its float32 and output dtypes itself), else nothing."""
-    kind = device.type
-    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
-
-
 def plus_lowrank(W0: Tensor, B: Tensor, A: Tensor, scaling: float) -> Tensor:
     """``W0 + s B A`` in float32, contiguous, as one ``addmm`` (``W0.float()`` of a float32 ``W0`` is ``W0``
     itself, so it is never written in place)."""
     Bf, Af = B.float(), A.float()
-    with no_autocast(W0.device):
+    with torch.autocast(W0.device.type, enabled=False):  # the step chooses its dtypes itself
         if W0.dtype == torch.float32:
             return torch.addmm(W0, Bf, Af, alpha=scaling)
         return W0.to(torch.float32, memory_format=torch.contiguous_format).addmm_(Bf, Af, alpha=scaling)
@@ -146,13 +137,9 @@ class PrunedWeight(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        with no_autocast(g.device):
-            return PrunedWeight.gradients(ctx, g)
-
-    @staticmethod
-    def gradients(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        """The backward's products, in float32."""
+        """The products, in float32."""
         W, keep, A, B, score_A, score_B = ctx.saved_tensors
         need = ctx.needs_input_grad
         gW0 = gA = gB = gsA = gsB = gR = gC = None
@@ -251,7 +238,7 @@ class PSTAdapter(Adapter):
             drop = torch.full(
                 (), dropped(self.shape, sparsity, self.scope), dtype=torch.long, device=W0.device
             )
-        with no_autocast(W0.device):
+        with torch.autocast(W0.device.type, enabled=False):
             out: Tensor = PrunedWeight.apply(
                 W0, self.A, self.B, self.score_A, self.score_B, self.score_R, self.score_C,
                 self.free_scale(W0), drop, dropped(self.shape, self.sparsity, self.scope), self.scaling,
