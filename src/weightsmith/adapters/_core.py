@@ -359,22 +359,29 @@ def autocast_off(backward: F_) -> F_:
 _CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def shared_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)`` for a frozen basis shared by many layers, cast once instead of once per layer call.
+def shared_cast(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """``t.to(dtype)`` (times ``scale``) for a frozen basis shared by many layers, made once instead of once
+    per layer call.
 
-    Keyed by the tensor object (entries vanish with it) and re-cast when ``t`` is modified in place. Under
-    ``torch.compile`` the cast is traced (a dictionary lookup keyed by a tensor would break the graph at
-    every layer; the compiler folds a cast of a frozen tensor anyway).
+    Keyed by the tensor object (entries vanish with it) and remade when ``t`` is modified in place. Under
+    ``torch.compile`` it is traced (a dictionary lookup keyed by a tensor would break the graph at every
+    layer; the compiler folds a cast of a frozen tensor anyway).
     """
-    if t.dtype == dtype:
+    if t.dtype == dtype and scale == 1.0:
         return t
     if torch.compiler.is_compiling():
-        return t.detach().to(dtype)
+        return _cast(t, dtype, scale)
     slot = _CASTS.setdefault(t, {})
-    hit = slot.get(dtype)
+    key = (dtype, scale)
+    hit = slot.get(key)
     if hit is None or hit[0] != t._version:
-        hit = slot[dtype] = (t._version, t.detach().to(dtype))
+        hit = slot[key] = (t._version, _cast(t, dtype, scale))
     return hit[1]  # type: ignore[no-any-return]
+
+
+def _cast(t: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
+    out = t.detach().to(dtype)
+    return out if scale == 1.0 else out * scale
 
 
 def load_peft_tensors(adapter: nn.Module, state: Mapping[str, Tensor], names: Mapping[str, str]) -> None:

@@ -53,7 +53,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..compress._rtn_choice import triton_installed
 from ..config import register_config
@@ -126,21 +125,11 @@ def times(t: Tensor, s: float) -> Tensor:
     return t if s == 1.0 else t * s
 
 
-_SCALED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
 def scaled_basis(A: Tensor, s: float, dtype: torch.dtype) -> Tensor:
     """``s A`` in ``dtype`` for the frozen basis ``A`` that all layers share: made once (again when ``A`` is
-    changed in place), so no layer spends two [r, d] kernels a step on scaling it (``s λ`` in forward,
-    ``s A`` in backward). Under ``torch.compile`` it is computed inline (the compiler hoists it; a cache
-    lookup there would break the graph)."""
-    if torch.compiler.is_compiling():
-        return A.detach().to(dtype) * s
-    slot = _SCALED.setdefault(A, {})
-    hit = slot.get((s, dtype))
-    if hit is None or hit[0] != A._version:
-        hit = slot[(s, dtype)] = (A._version, A.detach().to(dtype) * s)
-    return hit[1]  # type: ignore[no-any-return]
+    changed in place; :func:`._core.shared_cast`), so no layer spends two [r, d] kernels a step on scaling
+    it (``s λ`` in forward, ``s A`` in backward)."""
+    return shared_cast(A, dtype, s)
 
 
 KERNEL_ENV = "WEIGHTSMITH_RANDLORA_KERNEL"  # "auto" (the fused kernels where they apply) or "torch"
