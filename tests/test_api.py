@@ -40,3 +40,18 @@ def test_unknown_method_and_option_are_named():
         ws.config_from_dict({"method": "lorra"}, "adapter")
     with pytest.raises(WeightsmithError, match="no option 'rnak'.*rank"):
         ws.config_from_dict({"method": "lora", "rnak": 4}, "adapter")
+
+
+def test_config_options_are_checked_against_their_field_types():
+    """Every config built from a mapping (CLI --opt, recipe YAML) gets each value checked against its field's
+    type: a number where a number goes, read from text where YAML left it text, else a message naming the
+    method, the option, the type and the value."""
+    from weightsmith.config import config_from_dict
+    from weightsmith.errors import WeightsmithError
+
+    cfg = config_from_dict({"method": "gptq", "damp": "1e-3", "bits": 3}, "compress")
+    assert cfg.damp == 0.001 and cfg.bits == 3
+    with pytest.raises(WeightsmithError, match=r"'gptq': option 'damp' takes a number, not 'abc'"):
+        config_from_dict({"method": "gptq", "damp": "abc"}, "compress")
+    with pytest.raises(WeightsmithError, match=r"option 'act_order' takes true or false"):
+        config_from_dict({"method": "gptq", "act_order": "maybe"}, "compress")

@@ -8,11 +8,15 @@ registered type, so the CLI, a YAML recipe and Python build the very same object
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
+import math
 import pkgutil
 import re
+import types
+import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, dataclass_transform
@@ -83,6 +87,57 @@ def parse_opts(items: list[str], example: str = "dropout=0.1") -> dict[str, tupl
     return out
 
 
+def type_name(tp: Any) -> str:
+    """How an option's type reads in a message: "a number", "an integer or null", ..."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join([*(type_name(a) for a in args), "null"])
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {type_name(args[0])}" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+NOT_VALID = object()  # what coerce returns for a value its type does not take
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (a config field's annotation), or ``NOT_VALID``. Strings holding numbers are
+    read as numbers (YAML reads ``1e-3`` as a string)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in typing.get_args(tp) else NOT_VALID
+        for arg in typing.get_args(tp):
+            if arg is not type(None) and (got := coerce(value, arg)) is not NOT_VALID:
+                return got
+        return NOT_VALID
+    if origin is typing.Literal:
+        return value if value in typing.get_args(tp) else NOT_VALID
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        got = [coerce(v, inner) for v in items]
+        return NOT_VALID if any(g is NOT_VALID for g in got) else tuple(got)
+    if tp is bool:
+        return value if isinstance(value, bool) else NOT_VALID
+    if tp is int:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = int(value)
+        return value if isinstance(value, int) and not isinstance(value, bool) else NOT_VALID
+    if tp is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else NOT_VALID
+    if tp is str:
+        return value if isinstance(value, str) else NOT_VALID
+    return value
+
+
 def registered(kind: str) -> dict[str, type]:
     """All configs registered under ``kind`` (imports the method packages first)."""
     return dict(_REGISTRY.get(kind, {}))
@@ -112,10 +167,25 @@ def config_from_dict(data: dict[str, Any], kind: str) -> Any:
             f"{kind} method '{name}' has no option '{unknown[0]}'; "
             f"options: {close_names(unknown[0], list(fields))}"
         )
+    hints = _hints(cls)
     for key, value in list(data.items()):
-        if isinstance(value, list):
-            data[key] = tuple(value)
+        if key in hints:
+            got = coerce(value, hints[key])
+            if got is NOT_VALID:
+                raise WeightsmithError(
+                    f"{kind} method '{name}': option '{key}' takes {type_name(hints[key])}, not {value!r}"
+                )
+            value = got
+        data[key] = tuple(value) if isinstance(value, list) else value
     return cls(**data)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """A config's field types; none where an annotation does not resolve at run time (then unchecked)."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # a name imported for type checking only
+        return {}
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import sys
 import textwrap
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -40,56 +37,6 @@ def _methods() -> dict[str, type]:
     from .. import adapters  # noqa: F401  (imports every method file, which registers its config)
 
     return cfg.registered("adapter")
-
-
-def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join([*(_type_name(a) for a in args), "null"])
-    if typing.get_origin(tp) is typing.Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is tuple:
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-_NO = object()
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """``value`` as type ``tp`` (a config field's annotation), or ``_NO``. Strings holding numbers are read
-    as numbers (YAML reads ``1e-3`` as a string)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None if type(None) in typing.get_args(tp) else _NO
-        for arg in typing.get_args(tp):
-            if arg is not type(None) and (got := _coerce(value, arg)) is not _NO:
-                return got
-        return _NO
-    if origin is typing.Literal:
-        return value if value in typing.get_args(tp) else _NO
-    if origin is tuple:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        inner = typing.get_args(tp)[0] if typing.get_args(tp) else Any
-        got = [_coerce(v, inner) for v in items]
-        return _NO if any(g is _NO for g in got) else tuple(got)
-    if tp is bool:
-        return value if isinstance(value, bool) else _NO
-    if tp is int:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = int(value)
-        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
-    if tp is float:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return float(value) if ok else _NO
-    if tp is str:
-        return value if isinstance(value, str) else _NO
-    return value
 
 
 def _options(cls: type) -> str:
@@ -126,10 +73,10 @@ def build_adapter(method: str, rank: int | None, alpha: float | None, opts: list
         if key not in fields:
             options = _options(cls)
             raise WeightsmithError(f"{where}: method '{method}' has no option '{key}'; options: {options}")
-        got = _coerce(value, hints[key])
-        if got is _NO:
+        got = cfg.coerce(value, hints[key])
+        if got is cfg.NOT_VALID:
             raise WeightsmithError(
-                f"{where}: option '{key}' of method '{method}' takes {_type_name(hints[key])}; "
+                f"{where}: option '{key}' of method '{method}' takes {cfg.type_name(hints[key])}; "
                 f"options: {_options(cls)}"
             )
         if (key == "rank" or key.endswith("_rank")) and isinstance(got, int) and got < 1:
