@@ -175,7 +175,8 @@ def config_from_dict(data: dict[str, Any], kind: str) -> Any:
                 raise WeightsmithError(
                     f"{kind} method '{name}': option '{key}' takes {type_name(hints[key])}, not {value!r}"
                 )
-            value = got
+            if isinstance(value, str):  # text read as the number it holds; other values stay as given
+                value = got
         data[key] = tuple(value) if isinstance(value, list) else value
     return cls(**data)
 
