@@ -367,6 +367,13 @@ def top_k_mask(x: Tensor, k: int) -> Tensor:
 # --------------------------------------------------------------------------- 16-bit products, float32 results
 
 
+def on_device(where: Tensor | torch.device) -> contextlib.AbstractContextManager[object]:
+    """Make ``where``'s GPU the current one (a Triton launch or cuSOLVER call goes to the current GPU,
+    not the tensor's); on the CPU nothing (Triton's interpreter, for tests)."""
+    device = where.device if isinstance(where, Tensor) else where
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def tf32_matmul(enabled: bool = True) -> Iterator[None]:
     """float32 matrix products on CUDA in TF32 (inputs rounded to a 10-bit significand, float32

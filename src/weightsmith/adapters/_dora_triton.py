@@ -16,12 +16,13 @@ dtype, so ∂m differs from the torch path by that rounding (about 2⁻⁹ relat
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..linalg import on_device
 
 try:  # this module is imported on the first CUDA backward only (dora.py): importing Triton costs ~0.15 s
     import triton
@@ -82,7 +83,7 @@ def row_scale_backward(g: Tensor, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]
     dz = torch.empty_like(g)
     tiles = -(-rows // BLOCK_T)
     part = torch.empty((tiles, cols), dtype=torch.float32, device=g.device)
-    with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
+    with on_device(g):
         _kernel()[(tiles, -(-cols // BLOCK_O))](
             g, z, c, dz, part, rows, cols, BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, num_warps=NUM_WARPS
         )

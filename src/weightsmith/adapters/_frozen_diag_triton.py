@@ -19,13 +19,14 @@ products (the torch path rounds ``T ⊙ F`` to the parameters' dtype first): equ
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..linalg import on_device
 
 try:  # imported on the first CUDA (or interpreted) call only: importing Triton costs ~0.15 s
     import triton
@@ -116,7 +117,7 @@ def _kernels() -> dict[str, Any]:
 
 def _launch(name: str, grid: tuple[int, ...], device: torch.device, *args: Any, **meta: Any) -> None:
     """One kernel launch on ``device`` (tests replace this to count launches on fake tensors)."""
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with on_device(device):
         _kernels()[name][grid](*args, num_warps=NUM_WARPS, **meta)
 
 

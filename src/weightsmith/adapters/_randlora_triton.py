@@ -22,13 +22,14 @@ Grid: one program a basis and block of :data:`BLOCK_D` columns (512 programs for
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..linalg import on_device
 
 BLOCK_D = 256  # columns a program; with r = 32: an 8192-element tile, 16 KB of bf16
 
@@ -69,18 +70,13 @@ def _launch(r: int, d: int, n: int) -> tuple[tuple[int, int], dict[str, Any]]:
     return (n, blocks), {"BLOCK_R": max(2, triton.next_power_of_2(r)), "BLOCK_C": BLOCK_D}
 
 
-def _on(t: Tensor) -> contextlib.AbstractContextManager[Any]:
-    """Launch on ``t``'s GPU whatever the current one is (the CPU: Triton's interpreter, for tests)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def scaled_rows(lam: Tensor, gamma: Tensor, sA: Tensor, dtype: torch.dtype) -> Tensor:
     """``Af`` [n r, d] in ``dtype``: row ``i r + k`` = ``λ_ik sA[k] ⊙ γ_i``, one kernel."""
     n, r = lam.shape
     d = sA.shape[1]
     out = torch.empty((n * r, d), dtype=dtype, device=lam.device)
     grid, meta = _launch(r, d, n)
-    with _on(lam):
+    with on_device(lam):
         _rows_kernel[grid](lam, sA, gamma, out, r, d, sA.stride(0), **meta)
     return out
 
@@ -92,6 +88,6 @@ def scalings_grad(dAf: Tensor, sA: Tensor, lam: Tensor, gamma: Tensor) -> tuple[
     grid, meta = _launch(r, d, n)
     part = torch.empty((n, grid[1], r), dtype=lam.dtype, device=lam.device)
     d_gamma = torch.empty((n, d), dtype=lam.dtype, device=lam.device)
-    with _on(lam):
+    with on_device(lam):
         _grad_kernel[grid](dAf, sA, lam, gamma, part, d_gamma, r, d, sA.stride(0), grid[1], **meta)
     return part.sum(1), d_gamma

@@ -29,7 +29,6 @@ forces either path.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
+from ..linalg import on_device
 from ._warmup import WarmUp
 
 ENV = "WEIGHTSMITH_RTN_KERNEL"
@@ -232,7 +232,7 @@ def _prime(config: Any, dev: torch.device, dtypes: Sequence[torch.dtype]) -> Non
     from ._rtn_triton import DTYPES
 
     grid = _grid(config)
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with on_device(dev):
         for dtype in (d for d in dtypes if d in DTYPES):
             W = _probe(grid[0], dtype, dev)
             key = variant(W, *grid)

@@ -38,7 +38,6 @@ weight), with no host sync.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsmithError
+from ..linalg import on_device
 from ._datafree import MAX_RUN
 from ._grid import QuantizedWeight, WrittenAt, check_bits, exact_dtype, grouped, qmax
 
@@ -266,7 +266,7 @@ def rtn_fused(
     table = [[W.data_ptr(), s.data_ptr(), z.data_ptr()] for W, s, z in zip(Ws, scales, zeros, strict=True)]
     aligned = all(a % 16 == 0 for a, _, _ in table)
     rcp = dev.type in RECIPROCAL_DEVICES
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with on_device(dev):
         _kernel()[(programs, n)](
             _addresses(table, dev), q, part, rows, g,
             _divisor(bits, symmetric, rcp), float(qmax(bits)), float(1 << (bits - 1)),

@@ -25,7 +25,6 @@ when its first column comes up, so a block runs in segments that start at group 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, Layer, StatsSpec
+from ..linalg import on_device
 from ..progress import log
 from ._core import CompressConfig, Compressed
 from ._grid import QuantizedWeight, grouped, minmax_params, qmax
@@ -107,7 +107,7 @@ def _fused_steps(blk: _Block, a: int, b: int, bits: int) -> None:
     """The same columns in one Triton launch (:func:`._gptq_kernel.run_block`)."""
     from ._gptq_kernel import run_block
 
-    with torch.cuda.device(blk.W1.device) if blk.W1.is_cuda else contextlib.nullcontext():
+    with on_device(blk.W1):
         run_block(blk.W1, blk.U1.contiguous(), blk.scale, blk.zero, blk.gidx, blk.Q1, blk.Err1, (a, b), bits)
 
 

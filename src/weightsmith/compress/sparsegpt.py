@@ -23,7 +23,6 @@ small kernels per column; the lazy update of the later columns stays one matrix 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from ..config import register_config
 from ..errors import WeightsmithError
 from ..layers import InputStats, Layer, StatsSpec
+from ..linalg import on_device
 from ._core import Compressed
 from ._sparse import PruneConfig, SparseWeight, check_nm, nm_mask, unstructured_mask
 from .gptq import inverse_hessian_factor, stacked_passes, triton_available, use_fused
@@ -58,7 +58,7 @@ def _fused_steps(W1: Tensor, U1: Tensor, keep1: Tensor, Err1: Tensor, n: int, m:
     """The same columns in one Triton launch (:func:`._sparsegpt_kernel.run_block`)."""
     from ._sparsegpt_kernel import run_block
 
-    with torch.cuda.device(W1.device) if W1.is_cuda else contextlib.nullcontext():
+    with on_device(W1):
         run_block(W1, U1.contiguous(), keep1.view(torch.uint8), Err1, n, m)
 
 
