@@ -63,12 +63,12 @@ def test_gram_of_float32_inputs_is_the_float32_gemm_bit_for_bit():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_wide_gram_multiplies_its_lower_triangle_only_and_is_symmetric(monkeypatch, dtype):
-    """Inputs of TRIANGLE_MIN columns or more: one GEMM per lower row block, the upper triangle copied;
+    """Inputs of TRIANGLE_MIN(_CPU) columns or more: one GEMM per lower row block, the upper triangle copied;
     the same sums of the same products, so within float32 rounding of the float64 Gram, batch by batch."""
-    monkeypatch.setattr(L, "TRIANGLE_MIN", 256)
-    monkeypatch.setattr(L, "TRIANGLE_ROWS", 100)
+    monkeypatch.setattr(L, "TRIANGLE_MIN_CPU", 256)
+    monkeypatch.setattr(L, "TRIANGLE_ROWS_CPU", 100)
     x = _rows(dtype, n=384, d=400)
-    assert L.row_blocks(400) == [(0, 128), (128, 256), (256, 384), (384, 400)]
+    assert L.row_blocks(400, 100, 64) == [(0, 128), (128, 256), (256, 384), (384, 400)]
     products: list[tuple[int, ...]] = []
     real = torch.Tensor.addmm_
     monkeypatch.setattr(

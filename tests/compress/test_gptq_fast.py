@@ -44,6 +44,34 @@ def test_layers_reading_one_input_are_grouped():
     assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
 
+def _column_loop(blk, a, b, bits):  # type: ignore[no-untyped-def]
+    """GPTQ's column steps as Algorithm 1 writes them, on the block's strided columns (the loop the eager
+    steps replaced): the eager steps must give its bits."""
+    top = (1 << bits) - 1
+    for i in range(a, b):
+        grp = blk.groups[i]
+        w = blk.W1[:, i]
+        q = (w / blk.scale[:, grp] + blk.zero[:, grp]).round().clamp(0, top)
+        blk.Q1[:, i] = q
+        err = (w - (q - blk.zero[:, grp]) * blk.scale[:, grp]) / blk.U1[i, i]
+        blk.W1[:, i:] -= err.unsqueeze(1) * blk.U1[i, i:].unsqueeze(0)
+        blk.Err1[:, i] = err
+
+
+@pytest.mark.parametrize(
+    "group, act_order, sym, block", [(16, True, True, 32), (16, False, False, 24), (0, False, True, 32)]
+)
+def test_eager_steps_give_the_column_loops_bits(monkeypatch, group, act_order, sym, block):
+    """The eager steps run on a transposed copy of the block: codes, scales and zeros (static groups, and
+    dynamic ones whose grids come from updated weights mid-block) equal the strided loop's bit for bit."""
+    torch.set_num_threads(1)
+    W, H = _problem(40, 96, seed=3)
+    fast = gptq_quantize(W, H, 3, group, sym, 0.01, block, act_order, fused=False)
+    monkeypatch.setattr(gptq_module, "_eager_steps", _column_loop)
+    ref = gptq_quantize(W, H, 3, group, sym, 0.01, block, act_order, fused=False)
+    assert _same(fast, ref)
+
+
 @pytest.mark.parametrize(
     "opts",
     [

@@ -35,6 +35,34 @@ def _same(a, b) -> bool:  # type: ignore[no-untyped-def]
     return torch.equal(a.W, b.W) and torch.equal(a.mask, b.mask)
 
 
+def _column_loop(W1, U1, keep1, Err1, n, m):  # type: ignore[no-untyped-def]
+    """SparseGPT's column steps on the block's strided columns (the loop the eager steps replaced)."""
+    from weightsmith.compress._sparse import nm_mask
+
+    d = U1.diagonal()
+    for i in range(W1.shape[1]):
+        if m and i % m == 0:
+            keep1[:, i : i + m] = nm_mask(W1[:, i : i + m].square() / d[i : i + m].square(), n, m)
+        w = W1[:, i]
+        q = torch.where(keep1[:, i], w, torch.zeros_like(w))
+        err = (w - q) / d[i]
+        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+        W1[:, i] = q
+        Err1[:, i] = err
+
+
+@pytest.mark.parametrize("n, m, block", [(0, 0, 24), (2, 4, 16), (1, 4, 32)])
+def test_eager_steps_give_the_column_loops_bits(monkeypatch, n, m, block):
+    """The eager steps run on a transposed copy of the block: weights and masks (unstructured and N:M,
+    whose masks are chosen from updated weights mid-block) equal the strided loop's bit for bit."""
+    torch.set_num_threads(1)
+    W, H = _problem(40, 96, seed=4)
+    fast = sparsegpt_prune(W, H, 0.55, n, m, 0.01, block, fused=False)
+    monkeypatch.setattr(sparsegpt_module, "_eager_steps", _column_loop)
+    ref = sparsegpt_prune(W, H, 0.55, n, m, 0.01, block, fused=False)
+    assert _same(fast, ref)
+
+
 @pytest.mark.parametrize("opts", [{"sparsity": 0.6, "block_size": 24}, {"n": 2, "m": 4, "block_size": 16}])
 def test_stacked_rows_give_the_layer_by_layer_weights_bit_for_bit(opts):
     torch.set_num_threads(1)

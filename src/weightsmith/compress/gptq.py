@@ -90,17 +90,24 @@ Steps = Callable[[_Block, int, int, int], None]
 
 
 def _eager_steps(blk: _Block, a: int, b: int, bits: int) -> None:
-    """Columns ``a`` to ``b`` of a block, one after another (Algorithm 1, lines 5-8): the reference."""
-    W1, U1, scale, zero = blk.W1, blk.U1, blk.scale, blk.zero
-    for i in range(a, b):
-        grp = blk.groups[i]
-        w = W1[:, i]
-        q = (w / scale[:, grp] + zero[:, grp]).round().clamp(0, qmax(bits))
-        blk.Q1[:, i] = q
-        wq = (q - zero[:, grp]) * scale[:, grp]
-        err = (w - wq) / U1[i, i]
-        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-        blk.Err1[:, i] = err
+    """Columns ``a`` to ``b`` of a block, one after another (Algorithm 1, lines 5-8): the reference.
+
+    The loop runs on a transposed copy of the block's columns ``a:`` (each weight column a contiguous row)
+    and copies back at the end: the same elementwise operations in the same order, so the same bits, at
+    about half the time of strided columns on a CPU."""
+    W1T = blk.W1[:, a:].T.contiguous()
+    scale, zero = blk.scale.T.contiguous(), blk.zero.T.contiguous()  # [groups, rows]: a group's row
+    QT, ET = torch.empty_like(W1T[: b - a]), torch.empty_like(W1T[: b - a])
+    U1, top = blk.U1, qmax(bits)
+    for j in range(b - a):
+        i, grp = a + j, blk.groups[a + j]
+        w, s, z = W1T[j], scale[grp], zero[grp]
+        q = torch.div(w, s, out=QT[j]).add_(z).round_().clamp_(0, top)
+        err = torch.sub(w, (q - z).mul_(s), out=ET[j]).div_(U1[i, i])
+        W1T[j:].sub_(U1[i, i:].unsqueeze(1) * err.unsqueeze(0))
+    blk.W1[:, a:] = W1T.T
+    blk.Q1[:, a:b] = QT.T
+    blk.Err1[:, a:b] = ET.T
 
 
 def _fused_steps(blk: _Block, a: int, b: int, bits: int) -> None:

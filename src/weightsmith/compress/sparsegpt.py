@@ -41,17 +41,21 @@ Steps = Callable[[Tensor, Tensor, Tensor, Tensor, int, int], None]
 
 
 def _eager_steps(W1: Tensor, U1: Tensor, keep1: Tensor, Err1: Tensor, n: int, m: int) -> None:
-    """The block's columns one after another (Algorithm 1): the reference."""
+    """The block's columns one after another (Algorithm 1): the reference. It runs on a transposed copy of
+    the block (each weight column a contiguous row; the same elementwise operations in the same order, so
+    the same bits) and copies back at the end."""
     d = U1.diagonal()
-    for i in range(W1.shape[1]):
+    WT, ET = W1.T.contiguous(), torch.empty_like(Err1.T)
+    for i in range(WT.shape[0]):
         if m and i % m == 0:
-            keep1[:, i : i + m] = nm_mask(W1[:, i : i + m].square() / d[i : i + m].square(), n, m)
-        w = W1[:, i]
+            keep1[:, i : i + m] = nm_mask(WT[i : i + m].T.square() / d[i : i + m].square(), n, m)
+        w = WT[i]
         q = torch.where(keep1[:, i], w, torch.zeros_like(w))
-        err = (w - q) / d[i]
-        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-        W1[:, i] = q
-        Err1[:, i] = err
+        err = torch.sub(w, q, out=ET[i]).div_(d[i])
+        WT[i:].sub_(U1[i, i:].unsqueeze(1) * err.unsqueeze(0))
+        WT[i] = q
+    W1.copy_(WT.T)
+    Err1.copy_(ET.T)
 
 
 def _fused_steps(W1: Tensor, U1: Tensor, keep1: Tensor, Err1: Tensor, n: int, m: int) -> None:
