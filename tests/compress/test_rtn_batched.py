@@ -112,22 +112,47 @@ def test_a_batch_reads_each_weight_once_and_writes_it_once_in_place(monkeypatch)
 
 
 def test_batching_is_only_used_where_it_pays(monkeypatch):
-    """On the CPU (not in BATCH_DEVICES) ``batched`` is ignored: the loop runs (checked by a quantiser that
-    would fail), and batch_quantizer finds the opt-in only on methods that have it."""
+    """On the CPU (not in BATCH_DEVICES) no stack is made: ``batched`` gets one weight a run (checked by a
+    quantiser that records its stacks), and batch_quantizer finds the opt-in only on methods that have it."""
     from weightsmith.compress import HQQ
 
     assert df.BATCH_DEVICES == ("cuda",)
     model = tiny_llama()
     cfg = RTN(bits=4, group_size=32)
+    sizes: list[int] = []
 
-    def refuse(W: torch.Tensor) -> tuple[list[QuantizedWeight], torch.Tensor]:
-        raise AssertionError("batched on the CPU")
+    def record(W: torch.Tensor) -> tuple[list[QuantizedWeight], torch.Tensor]:
+        sizes.append(W.shape[0])
+        return cfg.batched_quantize(W)
 
     got = list(df.compress_data_free(target_layers(model, cfg), lambda W: cfg.quantize(W, None),
-                                     torch.device("cpu"), batched=refuse))  # fmt: skip
-    assert len(got) == 14
+                                     torch.device("cpu"), batched=record))  # fmt: skip
+    assert len(got) == 14 and sizes == [1] * 14
     assert df.batch_quantizer(cfg) == cfg.batched_quantize
     assert df.batch_quantizer(HQQ(bits=4, group_size=32)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_on_the_cpu_a_weight_a_run_equals_the_loop_and_reads_float32_in_place(dtype):
+    """The CPU's runs of one weight give the loop's weights, codes, scales and errors to the bit; a float32
+    weight is read through an alias (no copy of it is made) and keeps its storage."""
+    torch.set_num_threads(1)
+    base = tiny_llama().to(dtype)
+    cfg = RTN(bits=3, group_size=16, symmetric=False)
+    out = []
+    for batched in (None, cfg.batched_quantize):
+        model = copy.deepcopy(base)
+        layers = target_layers(model, cfg)
+        ptrs = [ly.weight().data_ptr() for ly in layers]
+        watch = CopiesOf([ly.weight() for ly in layers])
+        with watch:
+            got = list(df.compress_data_free(layers, lambda W: cfg.quantize(W, None), torch.device("cpu"),
+                                             batched=batched))  # fmt: skip
+        if batched is not None and dtype == torch.float32:
+            assert watch.seen == []
+        assert [ly.weight().data_ptr() for ly in layers] == ptrs
+        out.append((layers, got))
+    assert_same(*out)
 
 
 def test_batches_respect_the_budget_and_group_by_shape_and_dtype():
