@@ -132,12 +132,14 @@ def test_batching_is_only_used_where_it_pays(monkeypatch):
     assert df.batch_quantizer(HQQ(bits=4, group_size=32)) is None
 
 
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_on_the_cpu_a_weight_a_run_equals_the_loop_and_reads_float32_in_place(dtype):
+def test_on_the_cpu_a_weight_a_run_equals_the_loop_and_reads_float32_in_place(dtype, model):
     """The CPU's runs of one weight give the loop's weights, codes, scales and errors to the bit; a float32
-    weight is read through an alias (no copy of it is made) and keeps its storage."""
+    Linear weight is read through an alias (no copy of it is made); GPT-2's Conv1D weights (stored
+    transposed) are copied contiguous first, as the loop does; every weight keeps its storage."""
     torch.set_num_threads(1)
-    base = tiny_llama().to(dtype)
+    base = (tiny_llama() if model == "llama" else gpt2()).to(dtype)
     cfg = RTN(bits=3, group_size=16, symmetric=False)
     out = []
     for batched in (None, cfg.batched_quantize):
@@ -148,7 +150,7 @@ def test_on_the_cpu_a_weight_a_run_equals_the_loop_and_reads_float32_in_place(dt
         with watch:
             got = list(df.compress_data_free(layers, lambda W: cfg.quantize(W, None), torch.device("cpu"),
                                              batched=batched))  # fmt: skip
-        if batched is not None and dtype == torch.float32:
+        if batched is not None and dtype == torch.float32 and model == "llama":
             assert watch.seen == []
         assert [ly.weight().data_ptr() for ly in layers] == ptrs
         out.append((layers, got))
