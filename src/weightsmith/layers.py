@@ -200,9 +200,8 @@ def accumulate_gram(gram: Tensor | None, x: Tensor, dtype: torch.dtype = torch.f
     ``gram`` itself, ``beta = 1``). Inputs of ``d ≥ TRIANGLE_MIN`` columns (``TRIANGLE_MIN_CPU`` on a CPU):
     ``xᵀx`` is symmetric, so only its lower triangle is multiplied, one GEMM per row block ``i``
     (``G[i, :i1] += x_iᵀ x[:, :i1]``, the diagonal block whole), and the strict upper triangle is copied
-    from it: ``(nb + 1) / 2nb`` of the
-    products (60 % for a 5632-wide input in 5 blocks) for the same sums of the same products, each entry
-    from one GEMM; the result is exactly symmetric."""
+    from it: ``(nb + 1) / 2nb`` of the products (60 % for a 5632-wide input in 5 blocks) for the same sums
+    of the same products, each entry from one GEMM; the result is exactly symmetric."""
     d = x.shape[-1]
     reduced = _reduced(x, dtype)
     xs = x if reduced else x.to(dtype)

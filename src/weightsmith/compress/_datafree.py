@@ -175,13 +175,10 @@ def batches(layers: Sequence[Layer], budget: int) -> list[list[int]]:
     return sorted(runs)
 
 
-def _stack(layers: Sequence[Layer], dev: torch.device, alias: bool = False) -> Tensor:
+def _stack(layers: Sequence[Layer], dev: torch.device) -> Tensor:
     """The weights of ``layers`` (one shape) as one float32 [L, out, in] on ``dev``, one copy kernel (a cast
-    and, for Conv1D, a transpose on the way); with ``alias``, a single contiguous float32 weight already on
-    ``dev`` is read through an alias, no copy."""
+    and, for Conv1D, a transpose on the way)."""
     Ws = [ly.weight().detach() for ly in layers]
-    if alias and len(Ws) == 1 and _aliasable(Ws[0], dev):
-        return Ws[0].unsqueeze(0)
     if Ws[0].device != dev:
         Ws = [W.to(dev) for W in Ws]
     return torch.stack(Ws, out=torch.empty((len(Ws), *Ws[0].shape), dtype=torch.float32, device=dev))
@@ -199,10 +196,6 @@ def _looped(layers: Sequence[Layer], quantize: Quantize, dev: torch.device) -> I
         yield [i], [qw], [err]
 
 
-def _aliasable(W: Tensor, dev: torch.device) -> bool:
-    return W.dtype == torch.float32 and W.device == dev and W.is_contiguous()
-
-
 def _batched(
     layers: Sequence[Layer], quantize: BatchQuantize, dev: torch.device, budget: int = BATCH_BYTES
 ) -> Iterator[Run]:
@@ -212,11 +205,12 @@ def _batched(
     none; where the layer's dtype cannot give them back exactly they are recovered now from the float32
     ``Ŵ`` and kept: compress/_grid.py ``written``, one device sync a run)."""
     for run in batches(layers, budget):
-        Ws = _stack([layers[i] for i in run], dev, alias=budget == 0)
+        W0 = layers[run[0]].weight().detach()
+        in_place = budget == 0 and W0.dtype == torch.float32 and W0.device == dev and W0.is_contiguous()
+        Ws = W0.unsqueeze(0) if in_place else _stack([layers[i] for i in run], dev)
         results, W_hat = quantize(Ws)
         den = frobenius(Ws)
-        aliased = budget == 0 and Ws.data_ptr() == layers[run[0]].weight().data_ptr()
-        diff = Ws - W_hat if aliased else Ws.sub_(W_hat)  # a copied stack is ours: W − Ŵ in place
+        diff = Ws - W_hat if in_place else Ws.sub_(W_hat)  # a copied stack is ours: W − Ŵ in place
         errs = _ratio(frobenius(diff), den)
         for j, i in enumerate(run):
             layers[i].write(W_hat[j])
